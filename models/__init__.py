@@ -1,0 +1,1 @@
+"""Model folders and the offline builders that make them (``python -m models --help``)."""

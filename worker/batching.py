@@ -1,0 +1,115 @@
+"""The micro-batcher: size/time triggers per shape bucket, pure asyncio, no Kafka inside.
+
+``BatchQueue`` is the pure state (testable with plain numbers for time); ``MicroBatcher``
+is the thin async shell that waits until the queue has a batch ready. A batch is ready
+when its bucket holds ``max_batch_size`` items or its oldest item has waited ``max_wait``
+seconds, whichever comes first; on close every queued item is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Queued(Generic[T]):
+    item: T
+    since: float
+
+
+class BatchQueue(Generic[K, T]):
+    """Per-key FIFO queues and the size/time trigger; time is passed in, never read."""
+
+    def __init__(self, max_batch_size: int, max_wait: float) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0")
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self._queues: OrderedDict[K, deque[_Queued[T]]] = OrderedDict()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, key: K, item: T, now: float) -> None:
+        """Queue ``item`` in bucket ``key``."""
+        self._queues.setdefault(key, deque()).append(_Queued(item, now))
+        self._count += 1
+
+    def pop_ready(self, now: float, *, flush: bool = False) -> tuple[K, list[T]] | None:
+        """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready."""
+        best: K | None = None
+        best_since = float("inf")
+        for key, queue in self._queues.items():
+            head = queue[0].since
+            full = len(queue) >= self.max_batch_size
+            if (flush or full or now - head >= self.max_wait) and head < best_since:
+                best, best_since = key, head
+        if best is None:
+            return None
+        queue = self._queues[best]
+        batch = [queue.popleft().item for _ in range(min(self.max_batch_size, len(queue)))]
+        if not queue:
+            del self._queues[best]
+        self._count -= len(batch)
+        return best, batch
+
+    def next_deadline(self) -> float | None:
+        """When the oldest queued item's wait runs out (None when empty)."""
+        heads = [queue[0].since for queue in self._queues.values()]
+        return min(heads) + self.max_wait if heads else None
+
+
+class BatcherClosed(Exception):
+    """Raised by ``MicroBatcher.get`` once it is closed and empty."""
+
+
+class MicroBatcher(Generic[K, T]):
+    """Async shell over ``BatchQueue``: ``put`` never blocks, ``get`` waits for a ready batch."""
+
+    def __init__(
+        self, max_batch_size: int, max_wait: float, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait)
+        self._clock = clock or asyncio.get_running_loop().time
+        self._wakeup = asyncio.Event()
+        self._closing = False
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def put(self, key: K, item: T) -> None:
+        """Queue one item; wakes the consumer of ``get``."""
+        if self._closing:
+            raise BatcherClosed("the batcher is closed")
+        self.queue.add(key, item, self._clock())
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Stop accepting items; ``get`` flushes what is queued, then raises BatcherClosed."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def get(self) -> tuple[K, list[T]]:
+        """The next ready batch (by size, by time, or by flush on close)."""
+        while True:
+            ready = self.queue.pop_ready(self._clock(), flush=self._closing)
+            if ready is not None:
+                return ready
+            if self._closing:
+                raise BatcherClosed("the batcher is closed and empty")
+            deadline = self.queue.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)

@@ -1,0 +1,110 @@
+"""Model folders -> ready-to-serve models (metadata, shared processor, engine, task head)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.engine import Engine, EngineOptions
+from worker.metadata import MetadataError, ModelMetadata, iter_model_folders
+from worker.processors import ModelInput, Prepared, Preprocessor, ProcessorFactory, processor_factory
+from worker.tasks import Head, Outputs, head_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model ready to answer: each stage is a separate call so the worker can batch."""
+
+    metadata: ModelMetadata
+    preprocessor: Preprocessor
+    engine: Engine
+    head: Head
+
+    @property
+    def name(self) -> str:
+        """The name requests use (the folder name)."""
+        return self.metadata.name
+
+    def prepare(self, item: ModelInput) -> Prepared:
+        """Decoded input -> arrays at a bucket shape."""
+        return self.preprocessor.prepare(item)
+
+    def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
+        """Blocking: one engine call for the batch (split if larger than the largest bucket)."""
+        return self.engine.run(batch)
+
+    def postprocess(self, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]) -> Any:
+        """Raw outputs of one request -> pipeline-shaped result."""
+        return self.head(self.metadata, outputs, prepared, parameters)
+
+    def infer(self, items: Sequence[ModelInput], parameters: Mapping[str, Any] | None = None) -> list[Any]:
+        """Synchronous convenience path: prepare, batch by shape, run, post-process."""
+        prepared = [self.prepare(item) for item in items]
+        results: list[Any] = [None] * len(prepared)
+        groups: dict[Any, list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.shape_key, []).append(index)
+        for indices in groups.values():
+            outputs = self.run([prepared[i] for i in indices])
+            for i, out in zip(indices, outputs, strict=True):
+                results[i] = self.postprocess(out, prepared[i], parameters or {})
+        return results
+
+
+def load_model(
+    path: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    engine_options: EngineOptions | None = None,
+    factory: ProcessorFactory = processor_factory,
+) -> ServedModel:
+    """Load one model folder; raises MetadataError naming the folder on any problem."""
+    metadata = ModelMetadata.load(path, overrides)
+    head = head_for(metadata)
+    preprocessor = factory.get(metadata)
+    engine = Engine(metadata, engine_options)
+    log.info(
+        "loaded model %s: %s, %s, task %s, %d sessions on %s",
+        metadata.name,
+        metadata.modality.value,
+        metadata.processor.value,
+        metadata.task,
+        engine.session_count,
+        engine.provider,
+    )
+    return ServedModel(metadata, preprocessor, engine, head)
+
+
+def load_models(
+    models_dir: str | Path,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    engine_options: EngineOptions | None = None,
+    skip_bad: bool = False,
+) -> dict[str, ServedModel]:
+    """Every model folder under ``models_dir``; a bad folder fails fast, or is skipped with a warning."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise MetadataError(f"{root}: no such models directory")
+    models: dict[str, ServedModel] = {}
+    for folder in iter_model_folders(root):
+        try:
+            model = load_model(
+                folder, overrides=(overrides or {}).get(folder.name), engine_options=engine_options
+            )
+        except MetadataError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipping model folder %s: %s", folder, exc)
+            continue
+        models[model.name] = model
+    if not models:
+        raise MetadataError(f"{root}: no servable model folders")
+    return models
