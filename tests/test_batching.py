@@ -1,0 +1,144 @@
+"""The micro-batcher's size/time triggers (fake time) and the offset tracker (invariant 1)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.batching import BatchQueue, BatcherClosed, MicroBatcher
+from worker.offsets import OffsetTracker
+
+
+def test_a_full_bucket_is_ready_at_once() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=3, max_wait=1.0)
+    for i in range(3):
+        queue.add("a", i, now=0.0)
+    assert queue.pop_ready(now=0.0) == ("a", [0, 1, 2])
+    assert len(queue) == 0
+
+
+def test_a_partial_bucket_waits_for_its_oldest_item() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=8, max_wait=0.5)
+    queue.add("a", 1, now=10.0)
+    queue.add("a", 2, now=10.3)
+    assert queue.pop_ready(now=10.49) is None
+    assert queue.next_deadline() == pytest.approx(10.5)
+    assert queue.pop_ready(now=10.5) == ("a", [1, 2])
+
+
+def test_buckets_never_mix_and_the_oldest_goes_first() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=2, max_wait=1.0)
+    queue.add("short", 1, now=0.0)
+    queue.add("long", 2, now=0.1)
+    queue.add("long", 3, now=0.2)
+    queue.add("short", 4, now=0.3)
+    assert queue.pop_ready(now=0.3) == ("short", [1, 4])
+    assert queue.pop_ready(now=0.3) == ("long", [2, 3])
+
+
+def test_size_trigger_takes_at_most_max_batch_size() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=4, max_wait=1.0)
+    for i in range(10):
+        queue.add("a", i, now=0.0)
+    assert queue.pop_ready(now=0.0) == ("a", [0, 1, 2, 3])
+    assert queue.pop_ready(now=0.0) == ("a", [4, 5, 6, 7])
+    assert queue.pop_ready(now=0.0) is None
+    assert queue.pop_ready(now=0.0, flush=True) == ("a", [8, 9])
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 0.01)), max_size=60), st.integers(1, 9))
+def test_every_item_comes_out_once_in_order(arrivals: list[tuple[str, float]], size: int) -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=size, max_wait=0.05)
+    now = 0.0
+    out: list[tuple[str, int]] = []
+    for index, (key, gap) in enumerate(arrivals):
+        now += gap
+        queue.add(key, index, now)
+        while (ready := queue.pop_ready(now)) is not None:
+            assert len(ready[1]) <= size
+            out += [(ready[0], i) for i in ready[1]]
+    while (ready := queue.pop_ready(now + 1.0)) is not None:
+        out += [(ready[0], i) for i in ready[1]]
+    assert sorted(i for _, i in out) == list(range(len(arrivals)))
+    for key in "abc":
+        mine = [i for k, i in out if k == key]
+        assert mine == sorted(mine), "FIFO within a bucket"
+        assert all(arrivals[i][0] == key for i in mine)
+
+
+async def test_micro_batcher_dispatches_by_time_without_a_full_batch() -> None:
+    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=100, max_wait=0.05)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    batcher.put("a", 1)
+    batcher.put("a", 2)
+    key, batch = await asyncio.wait_for(batcher.get(), 2.0)
+    assert (key, batch) == ("a", [1, 2])
+    assert loop.time() - start >= 0.045
+
+
+async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:
+    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=3, max_wait=60.0)
+    getter = asyncio.create_task(batcher.get())
+    await asyncio.sleep(0)
+    for i in range(3):
+        batcher.put("a", i)
+    assert await asyncio.wait_for(getter, 2.0) == ("a", [0, 1, 2])
+
+
+async def test_micro_batcher_flushes_on_close_then_stops() -> None:
+    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=10, max_wait=60.0)
+    batcher.put("a", 1)
+    batcher.close()
+    assert await asyncio.wait_for(batcher.get(), 2.0) == ("a", [1])
+    with pytest.raises(BatcherClosed):
+        await batcher.get()
+    with pytest.raises(BatcherClosed):
+        batcher.put("a", 2)
+
+
+def test_commits_advance_only_over_a_contiguous_answered_run() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in range(5):
+        tracker.track("p0", offset)
+    tracker.done("p0", 1)
+    tracker.done("p0", 2)
+    assert tracker.take_commits() == {}, "offset 0 is unanswered: nothing may be committed"
+    tracker.done("p0", 0)
+    assert tracker.take_commits() == {"p0": 3}
+    tracker.done("p0", 4)
+    assert tracker.take_commits() == {}
+    tracker.done("p0", 3)
+    assert tracker.take_commits() == {"p0": 5}
+    assert tracker.in_flight == 0
+
+
+def test_partitions_are_tracked_independently() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p0", 10)
+    tracker.track("p1", 7)
+    tracker.done("p1", 7)
+    assert tracker.take_commits() == {"p1": 8}
+    assert tracker.pending(["p0"]) == 1
+    tracker.forget(["p0"])
+    assert tracker.in_flight == 0
+    tracker.done("p0", 10)  # a late answer for a revoked partition changes nothing
+    assert tracker.take_commits() == {}
+
+
+@given(st.permutations(list(range(30))), st.integers(0, 29))
+def test_committed_position_never_passes_an_unanswered_offset(order: list[int], stop: int) -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in range(30):
+        tracker.track("p", offset)
+    answered: set[int] = set()
+    position = 0
+    for offset in order[:stop]:
+        tracker.done("p", offset)
+        answered.add(offset)
+        position = tracker.take_commits().get("p", position)
+        assert all(o in answered for o in range(position))
+        assert position == 30 or position not in answered

@@ -1,0 +1,237 @@
+"""Processor + engine against the PyTorch references, and the batch invariants (3 and 4)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.references import TINY, TINY_MODELS, load_samples, to_model_input
+from worker.errors import InvalidRequest
+from worker.metadata import ModelMetadata
+from worker.processors import (
+    AudioInput,
+    ImageInput,
+    ModelInput,
+    MultimodalInput,
+    Prepared,
+    ProcessorFactory,
+    TextInput,
+    VideoInput,
+    sample_frames,
+)
+from worker.registry import ServedModel, load_model
+
+SENTENCES = [
+    "A short one.",
+    "The cat sat on the mat.",
+    "Rain again today.",
+    "We walked home after dinner.",
+    "Good book.",
+    "It was fine.",
+]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, ServedModel]:
+    return {name: load_model(TINY / name) for name in TINY_MODELS}
+
+
+def _random_image(rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def other_inputs(name: str, count: int, seed: int = 0) -> list[ModelInput]:
+    """Distinct inputs of the same shape class as the model's first reference sample."""
+    rng = np.random.default_rng(seed)
+    makers: dict[str, Callable[[int], ModelInput]] = {
+        "bert": lambda i: TextInput(SENTENCES[i % len(SENTENCES)]),
+        "vit": lambda i: ImageInput(_random_image(rng)),
+        "wav2vec2": lambda i: AudioInput(rng.uniform(-0.5, 0.5, 12_000 + 100 * i).astype(np.float32), 16_000),
+        "whisper-encoder": lambda i: AudioInput(rng.uniform(-0.5, 0.5, 16_000).astype(np.float32), 16_000),
+        "videomae": lambda i: VideoInput([_random_image(rng) for _ in range(4)]),
+        "clip": lambda i: MultimodalInput(_random_image(rng), ("cat", "dog", "car")),
+    }
+    return [makers[name](i) for i in range(count)]
+
+
+def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=atol, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_processor_emits_hf_arrays_padded_to_a_bucket(models: dict[str, ServedModel], name: str) -> None:
+    model = models[name]
+    samples, _ = load_samples(name)
+    for sample in samples:
+        prepared = model.prepare(to_model_input(sample.raw))
+        assert set(prepared.arrays) == {spec.name for spec in model.metadata.inputs}
+        for key, expected in sample.inputs.items():
+            got = prepared.arrays[key]
+            assert got.dtype == expected.dtype
+            real = tuple(slice(0, n) for n in expected.shape)
+            # Whisper's numpy STFT differs from torch's by ~1e-5; everything else is exact.
+            np.testing.assert_allclose(got[real], expected, atol=5e-5, rtol=0, err_msg=key)
+            if got.shape != expected.shape and key == "attention_mask":
+                assert not got[:, expected.shape[1] :].any(), "padding must be masked out"
+        for dim, value in prepared.shape_key:
+            assert value in model.metadata.dims[dim]
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_engine_matches_the_pytorch_model(models: dict[str, ServedModel], name: str) -> None:
+    model = models[name]
+    samples, tolerance = load_samples(name)
+    for sample in samples:
+        [outputs] = model.run([model.prepare(to_model_input(sample.raw))])
+        for key, expected in sample.outputs.items():
+            assert outputs[key].shape == expected.shape, key
+            np.testing.assert_allclose(outputs[key], expected, atol=tolerance, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_a_batch_never_changes_an_answer(models: dict[str, ServedModel], name: str) -> None:
+    model = models[name]
+    samples, _ = load_samples(name)
+    target = model.prepare(to_model_input(samples[0].raw))
+    others = [p for p in map(model.prepare, other_inputs(name, 12)) if p.shape_key == target.shape_key]
+    assert len(others) >= 4, "the fillers should share the target's shape bucket"
+    [alone] = model.run([target])
+    # Position 2 of 5: bucket 8, so three padding rows; and among real neighbours.
+    batch = [*others[:2], target, *others[2:4]]
+    results = model.run(batch)
+    assert len(results) == len(batch)
+    _close(results[2], alone, atol=1e-5)
+    for other, result in zip(batch, results, strict=True):
+        [single] = model.run([other])
+        _close(result, single, atol=1e-5)
+
+
+def test_padding_rows_never_leak(models: dict[str, ServedModel]) -> None:
+    model = models["bert"]
+    prepared = [model.prepare(TextInput(s)) for s in SENTENCES[:3]]
+    assert len({p.shape_key for p in prepared}) == 1
+    results = model.run(prepared)
+    assert [r["logits"].shape for r in results] == [(1, 3)] * 3
+    session = model.engine.sessions[(("batch", 8), *prepared[0].shape_key)]
+    assert session.outputs["logits"].shape == (8, 3), "the run used the padded bucket of 8"
+
+
+def test_an_overfull_batch_is_split_not_truncated(models: dict[str, ServedModel]) -> None:
+    model = models["bert"]
+    inputs = [TextInput(f"{SENTENCES[i % 6]} {i}") for i in range(45)]
+    prepared = [model.prepare(item) for item in inputs]
+    key = prepared[0].shape_key
+    prepared = [p for p in prepared if p.shape_key == key]
+    assert len(prepared) > max(model.metadata.batch_sizes)
+    results = model.run(prepared)
+    assert len(results) == len(prepared)
+    for item, result in zip(prepared, results, strict=True):
+        _close(result, model.run([item])[0], atol=1e-5)
+
+
+def test_multimodal_rows_split_across_runs(models: dict[str, ServedModel]) -> None:
+    model = models["clip"]
+    items = other_inputs("clip", 14, seed=3)  # 14 images x 3 labels = 42 text rows > 32
+    prepared = [model.prepare(item) for item in items]
+    results = model.run(prepared)
+    assert [r["logits_per_image"].shape for r in results] == [(1, 3)] * 14
+    for item, result in zip(prepared, results, strict=True):
+        _close(result, model.run([item])[0], atol=1e-5)
+
+
+def test_a_request_larger_than_the_largest_bucket_is_refused(models: dict[str, ServedModel]) -> None:
+    model = models["clip"]
+    labels = tuple(f"label {i}" for i in range(40))
+    prepared = model.prepare(MultimodalInput(_random_image(np.random.default_rng(1)), labels))
+    with pytest.raises(InvalidRequest, match="rows"):
+        model.run([prepared])
+
+
+def test_input_buffers_are_preallocated_and_reused(models: dict[str, ServedModel]) -> None:
+    model = models["bert"]
+    item = model.prepare(TextInput("Reuse me."))
+    bucket = (("batch", 1), *item.shape_key)
+    session = model.engine.sessions[bucket]
+    before = {name: id(buffer) for name, buffer in session.inputs.items()}
+    first = model.run([item])[0]["logits"].copy()
+    model.run([model.prepare(TextInput("Something else entirely."))])
+    np.testing.assert_array_equal(model.run([item])[0]["logits"], first)
+    assert {name: id(buffer) for name, buffer in session.inputs.items()} == before
+
+
+def test_results_survive_the_next_run(models: dict[str, ServedModel]) -> None:
+    model = models["vit"]
+    a, b = (model.prepare(item) for item in other_inputs("vit", 2, seed=7))
+    first = model.run([a])[0]["logits"]
+    kept = first.copy()
+    model.run([b])
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_long_text_is_truncated_with_a_flag(models: dict[str, ServedModel]) -> None:
+    model = models["bert"]
+    longest = max(model.metadata.sequence_lengths or ())
+    long = model.prepare(TextInput(" ".join(["word"] * (longest + 50))))
+    assert long.truncated
+    assert long.arrays["input_ids"].shape == (1, longest)
+    short = model.prepare(TextInput("short"))
+    assert not short.truncated
+    assert short.arrays["input_ids"].shape[1] == min(model.metadata.sequence_lengths or ())
+
+
+def test_long_audio_is_truncated_with_a_flag(models: dict[str, ServedModel]) -> None:
+    model = models["wav2vec2"]
+    limit = max(model.metadata.audio_samples or ())
+    prepared = model.prepare(AudioInput(np.zeros(limit + 10, dtype=np.float32), 16_000))
+    assert prepared.truncated
+    assert prepared.arrays["input_values"].shape == (1, limit)
+    assert not model.prepare(AudioInput(np.zeros(100, dtype=np.float32), 16_000)).truncated
+
+
+def test_audio_at_the_wrong_rate_is_refused(models: dict[str, ServedModel]) -> None:
+    with pytest.raises(InvalidRequest, match="Hz"):
+        models["wav2vec2"].prepare(AudioInput(np.zeros(800, dtype=np.float32), 8_000))
+
+
+def test_wrong_input_kind_is_refused(models: dict[str, ServedModel]) -> None:
+    with pytest.raises(InvalidRequest, match="takes text"):
+        models["bert"].prepare(ImageInput(Image.new("RGB", (4, 4))))
+
+
+def test_video_clips_are_sampled_or_padded_to_the_frame_count() -> None:
+    frames = [Image.new("RGB", (2, 2), (i, 0, 0)) for i in range(10)]
+    picked = sample_frames(frames, 4)
+    assert [f.getpixel((0, 0))[0] for f in picked] == [0, 3, 6, 9]
+    padded = sample_frames(frames[:2], 4)
+    assert [f.getpixel((0, 0))[0] for f in padded] == [0, 1, 1, 1]
+
+
+def test_the_processor_factory_shares_one_instance_per_folder() -> None:
+    factory = ProcessorFactory()
+    metadata = ModelMetadata.load(TINY / "bert")
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(factory.get(metadata))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(p) for p in got}) == 1
+    assert factory.get(ModelMetadata.load(TINY / "bert")) is got[0]
+
+
+def test_raw_tensors_bypass_the_processor(models: dict[str, ServedModel]) -> None:
+    from worker.processors import TensorInput
+
+    model = models["vit"]
+    samples, tolerance = load_samples("vit")
+    prepared: Prepared = model.prepare(TensorInput(samples[0].inputs))
+    [outputs] = model.run([prepared])
+    np.testing.assert_allclose(outputs["logits"], samples[0].outputs["logits"], atol=tolerance, rtol=0)
+    with pytest.raises(InvalidRequest, match="fixes it at 32"):
+        model.prepare(TensorInput({"pixel_values": np.zeros((1, 3, 16, 16), dtype=np.float32)}))
