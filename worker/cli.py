@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import multiprocessing
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_origin
+
+from pydantic import ValidationError
 
 from worker.metadata import MetadataError, ModelMetadata
+from worker.settings import Settings
+
+log = logging.getLogger("worker")
 
 
 def _format_shape(shape: Sequence[Any]) -> str:
@@ -54,6 +62,122 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per Settings field; unset flags fall back to env vars, then defaults."""
+    group = parser.add_argument_group("settings (each also read from WORKER_<NAME> env vars)")
+    for name, field in Settings.model_fields.items():
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"setting_{name}",
+            metavar=name.upper(),
+            default=None,
+            help=f"{field.description} (default: {field.get_default(call_default_factory=True)!r})",
+        )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from flags over env vars over defaults; exits with a readable message if invalid."""
+    given: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = getattr(args, f"setting_{name}", None)
+        if raw is None:
+            continue
+        given[name] = json.loads(raw) if get_origin(field.annotation) is dict else raw
+    try:
+        return Settings(**given)
+    except (ValidationError, ValueError) as exc:
+        raise SystemExit(f"invalid settings: {exc}") from exc
+
+
+def configure_logging(level: str | int) -> None:
+    """One line per event; Kafka client chatter only from warnings up."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def _serve(models_dir: str, settings: Settings) -> None:
+    """One worker process: load the models, serve until SIGTERM/SIGINT."""
+    # Imported here so `inspect` and `settings` stay free of Kafka and ORT start-up cost.
+    from worker.app import Worker
+    from worker.engine import EngineOptions
+    from worker.registry import load_models
+
+    configure_logging(settings.log_level)
+    models = load_models(
+        models_dir,
+        overrides=settings.metadata_overrides(),
+        engine_options=EngineOptions(intra_op_threads=settings.intra_op_threads, provider=settings.provider),
+        skip_bad=settings.skip_bad_models,
+    )
+
+    async def main() -> None:
+        await Worker(settings, models).serve()
+
+    asyncio.run(main())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Serve every model folder under MODELS_DIR until SIGTERM."""
+    settings = settings_from(args)
+    if not settings.bootstrap_servers:
+        print("error: set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS (or use `demo`)", file=sys.stderr)
+        return 2
+    try:
+        if args.processes <= 1:
+            _serve(args.models_dir, settings)
+            return 0
+        return _run_processes(args.models_dir, settings, args.processes)
+    except MetadataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
+    """N worker processes in one consumer group; SIGTERM/SIGINT is passed on to each."""
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_serve, args=(models_dir, settings), name=f"worker-{i}") for i in range(count)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                child.terminate() if signum == signal.SIGTERM else child.kill()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    for child in children:
+        child.join()
+    return max((child.exitcode or 0) for child in children)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded Kafka-API broker in the foreground."""
+    from worker.embedded_broker import serve_forever
+
+    serve_forever(args.port)
+    return 0
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the Settings class."""
+    rows = ["| setting | env var | default | description |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append(
+            f"| `--{name.replace('_', '-')}` | `WORKER_{name.upper()}` | `{default!r}` | {field.description} |"
+        )
+    return "\n".join(rows)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print the settings table (markdown)."""
+    print(settings_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
@@ -63,15 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="model folder or .onnx file")
     inspect.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     inspect.set_defaults(func=cmd_inspect)
+
+    run = sub.add_parser("run", help="serve every model folder under MODELS_DIR over Kafka")
+    run.add_argument("models_dir", help="folder of model folders; a request's `model` is the folder name")
+    run.add_argument("--processes", type=int, default=1, help="worker processes on this machine (one group)")
+    add_settings_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
+    broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    broker.set_defaults(func=cmd_broker)
+
+    settings = sub.add_parser("settings", help="print the settings table (markdown)")
+    settings.set_defaults(func=cmd_settings)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m worker``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     result: int = args.func(args)
     return result

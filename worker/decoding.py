@@ -1,9 +1,11 @@
-"""Bytes -> images and waveforms, with every size bounded before anything is decompressed."""
+"""Validated requests -> decoded model inputs; every size is bounded before anything is inflated.
+
+schemas/ has already checked structure, base64 and file signatures; this turns the bytes
+into pixels, samples and arrays under the worker's limits (settings).
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import wave
 from dataclasses import dataclass
@@ -11,7 +13,27 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from worker.errors import PayloadTooLarge, UndecodableInput
+from schemas import (
+    AudioArrayInputs,
+    AudioFileInputs,
+    ImageInputs,
+    ImageTextInputs,
+    InferTensor,
+    Request,
+    TextInputs,
+    VideoInputs,
+    ZeroShotImageInputs,
+)
+from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
+from worker.processors import (
+    AudioInput,
+    ImageInput,
+    ModelInput,
+    MultimodalInput,
+    TensorInput,
+    TextInput,
+    VideoInput,
+)
 
 
 @dataclass(frozen=True)
@@ -21,16 +43,7 @@ class MediaLimits:
     max_image_pixels: int = 4096 * 4096
     max_audio_seconds: float = 60.0
     max_video_frames: int = 64
-
-
-def b64decode(data: str, what: str) -> bytes:
-    """Strict base64 (standard alphabet, data: URL prefix allowed)."""
-    if data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise UndecodableInput(f"{what} is not valid base64") from exc
+    max_text_chars: int = 100_000
 
 
 def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.Image:
@@ -106,3 +119,63 @@ def check_waveform(array: np.ndarray, sampling_rate: int, limits: MediaLimits) -
     if not np.all(np.isfinite(array)):
         raise UndecodableInput("audio array holds NaN or infinite values")
     return array.astype(np.float32)
+
+
+_NUMPY_DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+
+def tensor_to_array(tensor: InferTensor) -> np.ndarray:
+    """One Open Inference Protocol tensor as a numpy array of its shape and datatype."""
+    return np.asarray(tensor.data, dtype=_NUMPY_DTYPES[tensor.datatype.value]).reshape(tensor.shape)
+
+
+def _text(value: str, limits: MediaLimits) -> str:
+    if len(value) > limits.max_text_chars:
+        raise PayloadTooLarge(f"text is {len(value)} characters; the limit is {limits.max_text_chars}")
+    return value
+
+
+def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
+    """The request's inputs decoded into what the model's processor takes."""
+    inputs = request.inputs
+    if isinstance(inputs, list):
+        names = [t.name for t in inputs]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tensor names must be unique")
+        return TensorInput({t.name: tensor_to_array(t) for t in inputs})
+    if isinstance(inputs, TextInputs):
+        pair = None if inputs.text_pair is None else _text(inputs.text_pair, limits)
+        return TextInput(_text(inputs.text, limits), pair)
+    if isinstance(inputs, ImageInputs):
+        return ImageInput(decode_image(inputs.image, limits))
+    if isinstance(inputs, AudioFileInputs):
+        array, rate = decode_wav(inputs.audio, limits)
+        return AudioInput(array, rate)
+    if isinstance(inputs, AudioArrayInputs):
+        array = check_waveform(np.asarray(inputs.array, dtype=np.float64), inputs.sampling_rate, limits)
+        return AudioInput(array, inputs.sampling_rate)
+    if isinstance(inputs, VideoInputs):
+        if len(inputs.frames) > limits.max_video_frames:
+            raise PayloadTooLarge(f"{len(inputs.frames)} frames; the limit is {limits.max_video_frames}")
+        return VideoInput([decode_image(f, limits, f"frame {i}") for i, f in enumerate(inputs.frames)])
+    if isinstance(inputs, ZeroShotImageInputs):
+        template = inputs.hypothesis_template or "This is a photo of {}."
+        return MultimodalInput(
+            decode_image(inputs.image, limits), tuple(inputs.candidate_labels), hypothesis_template=template
+        )
+    if isinstance(inputs, ImageTextInputs):
+        return MultimodalInput(decode_image(inputs.image, limits), text=_text(inputs.text, limits))
+    raise InvalidRequest(f"unsupported inputs {type(inputs).__name__}")

@@ -213,9 +213,12 @@ class ModelMetadata:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        """Batch buckets of the (first) batch dim."""
+        """Batch buckets of the (first) batch dim; a graph-fixed batch is its one size."""
         values = self._values_for(DimRole.BATCH)
-        return values if values is not None else (1,)
+        if values is not None:
+            return values
+        first = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
+        return (first if isinstance(first, int) else 1,)
 
     def _values_for(self, role: DimRole) -> tuple[int, ...] | None:
         for dim, dim_role in self.dim_roles.items():
@@ -326,7 +329,7 @@ class HFFiles:
             return _read_json(path) if path.is_file() else {}
 
         tokenizer_files = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
-        return cls(
+        files = cls(
             config=maybe("config.json"),
             preprocessor=maybe("preprocessor_config.json"),
             processor=maybe("processor_config.json"),
@@ -334,6 +337,23 @@ class HFFiles:
             tokenizer=maybe("tokenizer_config.json"),
             has_tokenizer=any((folder / f).is_file() for f in tokenizer_files),
         )
+        files.refuse_remote_code(folder)
+        return files
+
+    def refuse_remote_code(self, folder: Path) -> None:
+        """A folder whose files point at custom code (``auto_map``) would need trust_remote_code."""
+        for name, data in (
+            ("config.json", self.config),
+            ("tokenizer_config.json", self.tokenizer),
+            ("preprocessor_config.json", self.preprocessor),
+            ("processor_config.json", self.processor),
+            ("video_preprocessor_config.json", self.video_preprocessor),
+        ):
+            if "auto_map" in data:
+                raise MetadataError(
+                    f"{folder / name}: 'auto_map' names custom code, which needs trust_remote_code; "
+                    "the worker never runs code from a model folder"
+                )
 
     def text_config(self) -> dict[str, Any]:
         """The config block that describes the text tower (CLIP nests it)."""
@@ -361,7 +381,7 @@ class HFFiles:
         id2label = self.config.get("id2label")
         if isinstance(id2label, dict) and id2label:
             out["labels"] = [id2label[k] for k in sorted(id2label, key=int)]
-        size = _image_size(self.video_preprocessor or self.preprocessor)
+        size = _image_size(self.video_preprocessor or self.preprocessor or self._nested_image_processor())
         if size is not None:
             out["image_size"] = size
         if isinstance(self.preprocessor.get("sampling_rate"), int):
@@ -375,6 +395,11 @@ class HFFiles:
         if task is not None:
             out["task"] = task
         return out
+
+    def _nested_image_processor(self) -> dict[str, Any]:
+        """transformers 5 saves CLIP-style processors as one processor_config.json with a nested block."""
+        nested = self.processor.get("image_processor")
+        return nested if isinstance(nested, dict) else {}
 
     def max_tokens(self) -> int | None:
         """The longest token sequence the tokenizer and position table allow."""

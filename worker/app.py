@@ -1,0 +1,532 @@
+"""The Kafka worker: subscribers per modality, batchers per model, replies, commits, lifecycle.
+
+Life of a message: the batch subscriber hands over raw records; each is tracked by
+partition/offset, parsed (schemas/), decoded and prepared in the executor, and queued in
+its model's micro-batcher. A model loop takes ready batches, runs them in the executor,
+and publishes one reply per request (acks=all). Only then is the message marked done,
+and offsets are committed past contiguous runs of done messages (worker/offsets.py).
+Rejected messages get an error reply and a DLQ copy through the same path.
+
+Lifecycle: ``start()`` -> serve -> ``drain()`` (stop fetching, flush batchers, publish,
+commit) -> ``stop()`` (leave the group). ``serve()`` wires SIGTERM/SIGINT to that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.message import StreamMessage
+
+from schemas import (
+    ErrorCode,
+    ErrorDetail,
+    ErrorReply,
+    Modality,
+    RequestRejected,
+    Result,
+    Timing,
+    parse_request,
+)
+from worker.batching import BatcherClosed, MicroBatcher
+from worker.decoding import MediaLimits, decode_inputs
+from worker.errors import DeadlineExceeded, InferenceError, UnknownModel
+from worker.metadata import Bucket
+from worker.offsets import OffsetTracker
+from worker.processors import Prepared
+from worker.registry import ServedModel
+from worker.settings import Settings
+from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
+
+log = logging.getLogger(__name__)
+
+#: Reply topics a client may name in ``reply_to``: Kafka's legal topic characters only.
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass
+class Origin:
+    """Where a message came from and where its answer goes."""
+
+    modality: Modality
+    tp: TopicPartition
+    offset: int
+    reply_topic: str
+    correlation_id: str
+    raw: bytes
+    timestamp_ms: int
+
+
+@dataclass
+class Job:
+    """A parsed, prepared request waiting for (or inside) a batch."""
+
+    origin: Origin
+    request_id: str
+    model: ServedModel
+    prepared: Prepared
+    parameters: Mapping[str, Any]
+    deadline_ms: int | None
+
+
+@dataclass
+class Outgoing:
+    """One reply to publish, plus a DLQ copy when the request was rejected."""
+
+    origin: Origin
+    request_id: str | None
+    body: bytes
+    error: ErrorDetail | None = None
+
+
+@dataclass
+class _State:
+    """Mutable run state, kept in one place."""
+
+    paused: bool = False
+    draining: bool = False
+    handlers_running: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _raw_records(records: tuple[ConsumerRecord[Any, Any], ...]) -> StreamMessage[Any]:
+    """Hand the records over untouched.
+
+    FastStream's own parser decodes headers as UTF-8 and JSON bodies before the handler
+    runs; a record that fails there is logged and never answered (silent loss, measured
+    in docs/kafka-notes.md). Here schemas/ judges every byte and answers every record.
+    """
+    return StreamMessage(raw_message=records, body=b"")
+
+
+async def _no_decoding(message: StreamMessage[Any]) -> None:
+    """The handler reads ``raw_message``; there is no body to decode."""
+    return None
+
+
+def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name and value is not None:
+            return bytes(value).decode("utf-8", "replace")
+    return None
+
+
+class Worker:
+    """One worker process: a consumer per modality topic, a batcher and loop per model."""
+
+    def __init__(self, settings: Settings, models: Mapping[str, ServedModel]) -> None:
+        if not settings.bootstrap_servers:
+            raise ValueError("no Kafka bootstrap servers configured (WORKER_BOOTSTRAP_SERVERS)")
+        self.settings = settings
+        self.models = dict(models)
+        self.modalities = sorted({Modality(m.metadata.modality.value) for m in self.models.values()})
+        self.limits = MediaLimits(
+            max_image_pixels=settings.max_image_pixels,
+            max_audio_seconds=settings.max_audio_seconds,
+            max_video_frames=settings.max_video_frames,
+            max_text_chars=settings.max_text_chars,
+        )
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")
+        self.broker = KafkaBroker(
+            settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,  # the embedded broker refuses idempotent producers
+            max_batch_size=1024 * 1024,
+            max_request_size=max(settings.max_message_bytes * 2, 1024 * 1024),
+            graceful_timeout=settings.drain_timeout_s,
+            logger=logging.getLogger("worker.kafka"),
+            log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
+        )
+        self.consumer: AIOKafkaConsumer | None = None
+        self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._state = _State()
+        self._commit_lock = asyncio.Lock()
+        self._progress = asyncio.Event()
+        self._subscribe()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create topics, start the batchers' loops, then the broker (which joins the group)."""
+        s = self.settings
+        assert s.bootstrap_servers
+        topics = [requests_topic(m, s.topic_prefix) for m in self.modalities]
+        topics += [results_topic(m, s.topic_prefix) for m in self.modalities]
+        await create_topics(s.bootstrap_servers, [*topics, dlq_topic(s.topic_prefix)], s.partitions)
+        for name, model in self.models.items():
+            batcher: MicroBatcher[Bucket, Job] = MicroBatcher(*s.batching_for(name))
+            self.batchers[name] = batcher
+            self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
+        await self.broker.start()
+        self.consumer = self._subscriber.consumer
+        log.info(
+            "worker started: models %s on %s, group %s",
+            ", ".join(sorted(self.models)),
+            ", ".join(requests_topic(m, s.topic_prefix) for m in self.modalities),
+            s.group_id,
+        )
+
+    async def drain(self) -> None:
+        """Stop fetching, finish and publish everything in flight, commit. Bounded by drain_timeout_s."""
+        self._state.draining = True
+        if self.consumer is not None:
+            self.consumer.pause(*self.consumer.assignment())
+        try:
+            await asyncio.wait_for(self._drain_in_flight(), self.settings.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timed out with %d requests unanswered", self.tracker.in_flight)
+        await self._commit()
+
+    async def _drain_in_flight(self) -> None:
+        await self._wait_until(lambda: self._state.handlers_running == 0)
+        for batcher in self.batchers.values():
+            batcher.close()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        while self._state.tasks:
+            await asyncio.gather(*list(self._state.tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Leave the group and close the broker connection; cancels what drain left behind."""
+        for task in [*self._loops, *self._state.tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._state.tasks, return_exceptions=True)
+        await self.broker.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker stopped")
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and stop."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            log.info("shutdown requested: draining")
+            await self.drain()
+        finally:
+            await self.stop()
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and at least one partition assigned."""
+        return self.consumer is not None and bool(self.consumer.assignment())
+
+    # --- intake ------------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        """One consumer for every modality topic: one group member per worker, one rebalance per join."""
+        s = self.settings
+        self._modality_of = {requests_topic(m, s.topic_prefix): m for m in self.modalities}
+        self._subscriber = self.broker.subscriber(
+            *self._modality_of,
+            group_id=s.group_id,
+            batch=True,
+            max_records=s.fetch_max_records,
+            batch_timeout_ms=s.fetch_timeout_ms,
+            ack_policy=AckPolicy.MANUAL,  # never msg.ack(): it commits past unanswered messages
+            no_reply=True,  # replies are published by the worker, exactly one per request
+            auto_offset_reset="earliest",
+            listener=_Rebalance(self),
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),
+            parser=_raw_records,
+            decoder=_no_decoding,
+        )
+
+        async def on_batch(msg: KafkaMessage) -> None:
+            await self._on_records(msg.raw_message)
+
+        self._subscriber(on_batch)
+
+    async def _on_records(self, records: Iterable[ConsumerRecord[Any, Any]]) -> None:
+        """Track, parse and prepare one fetched batch; errors are answered at once."""
+        records = records if isinstance(records, tuple) else (records,)
+        self._state.handlers_running += 1
+        try:
+            origins = [self._origin(r) for r in records]
+            for origin in origins:
+                self.tracker.track(origin.tp, origin.offset)
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(self.executor, self._prepare_all, origins)
+            rejected: list[Outgoing] = []
+            for outcome in outcomes:
+                if isinstance(outcome, Outgoing):
+                    rejected.append(outcome)
+                else:
+                    self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
+            if rejected:
+                await self._publish(rejected)
+            self._apply_backpressure()
+        finally:
+            self._state.handlers_running -= 1
+            self._progress.set()
+
+    def _origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
+        modality = self._modality_of[record.topic]
+        reply_to = _header(record, "reply_to")
+        if not reply_to or len(reply_to) > 249 or not set(reply_to) <= _TOPIC_CHARS:
+            reply_to = results_topic(modality, self.settings.topic_prefix)
+        key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else None
+        return Origin(
+            modality=modality,
+            tp=TopicPartition(record.topic, record.partition),
+            offset=record.offset,
+            reply_topic=reply_to,
+            correlation_id=_header(record, "correlation_id") or key or f"{record.topic}:{record.offset}",
+            raw=record.value or b"",
+            timestamp_ms=record.timestamp if record.timestamp and record.timestamp > 0 else _now_ms(),
+        )
+
+    def _prepare_all(self, origins: list[Origin]) -> list[Job | Outgoing]:
+        """Executor side: parse, validate, decode and preprocess each message of a fetch."""
+        return [self._prepare(origin) for origin in origins]
+
+    def _prepare(self, origin: Origin) -> Job | Outgoing:
+        modality = origin.modality
+        request_id: str | None = None
+        model_name: str | None = None
+        try:
+            request = parse_request(origin.raw, modality, max_bytes=self.settings.max_message_bytes)
+            request_id, model_name = request.id, request.model
+            model = self.models.get(request.model)
+            if model is None or model.metadata.modality.value != modality.value:
+                raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
+            if request.deadline_ms is not None and request.deadline_ms <= _now_ms():
+                raise DeadlineExceeded("the request's deadline passed before it was read")
+            prepared = model.prepare(decode_inputs(request, self.limits))
+            return Job(origin, request.id, model, prepared, request.parameters, request.deadline_ms)
+        except RequestRejected as exc:
+            return self._error(origin, exc.request_id, exc.model, exc.code, exc.message)
+        except InferenceError as exc:
+            return self._error(origin, request_id, model_name, exc.code, exc.message)
+        except Exception:
+            log.exception("internal error preparing %s offset %d", origin.tp, origin.offset)
+            return self._error(origin, request_id, model_name, ErrorCode.INTERNAL, "internal error")
+
+    def _error(
+        self, origin: Origin, request_id: str | None, model: str | None, code: ErrorCode, message: str
+    ) -> Outgoing:
+        detail = ErrorDetail(code=code, message=message)
+        body = ErrorReply(id=request_id, model=model, error=detail).model_dump_json().encode()
+        return Outgoing(origin, request_id, body, detail)
+
+    # --- batches -----------------------------------------------------------------------
+
+    async def _model_loop(self, model: ServedModel, batcher: MicroBatcher[Bucket, Job]) -> None:
+        """Take ready batches of one model, run them in the executor, hand replies on."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                _, jobs = await batcher.get()
+            except BatcherClosed:
+                return
+            now = _now_ms()
+            expired = [j for j in jobs if j.deadline_ms is not None and j.deadline_ms <= now]
+            jobs = [j for j in jobs if j.deadline_ms is None or j.deadline_ms > now]
+            replies = [
+                self._error(
+                    j.origin,
+                    j.request_id,
+                    model.name,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "deadline passed in the queue",
+                )
+                for j in expired
+            ]
+            if jobs:
+                started = time.perf_counter()
+                replies += await loop.run_in_executor(self.executor, self._run_batch, model, jobs, now)
+                log.debug(
+                    "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
+                )
+            # Publishing runs beside the next batch: the executor stays busy meanwhile.
+            self._spawn(self._publish(replies))
+
+    def _run_batch(self, model: ServedModel, jobs: list[Job], started_ms: int) -> list[Outgoing]:
+        """Executor side: one engine call for the batch, then each request's task head."""
+        begin = time.perf_counter()
+        try:
+            outputs = model.run([j.prepared for j in jobs])
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("internal error running %s", model.name)
+                job = jobs[0]
+                return [
+                    self._error(job.origin, job.request_id, model.name, ErrorCode.INTERNAL, "internal error")
+                ]
+            # One bad request must not fail its neighbours: retry them one by one.
+            return [reply for job in jobs for reply in self._run_batch(model, [job], started_ms)]
+        inference_ms = (time.perf_counter() - begin) * 1000
+        replies = []
+        for job, out in zip(jobs, outputs, strict=True):
+            try:
+                result = Result(
+                    id=job.request_id,
+                    model=model.name,
+                    task=model.metadata.task,
+                    outputs=model.postprocess(out, job.prepared, job.parameters),
+                    truncated=job.prepared.truncated,
+                    timing=Timing(
+                        queue_ms=max(0.0, started_ms - job.origin.timestamp_ms),
+                        inference_ms=inference_ms,
+                        batch_size=len(jobs),
+                    ),
+                )
+                replies.append(Outgoing(job.origin, job.request_id, result.model_dump_json().encode()))
+            except InferenceError as exc:
+                replies.append(self._error(job.origin, job.request_id, model.name, exc.code, exc.message))
+            except Exception:
+                log.exception("internal error post-processing %s", model.name)
+                replies.append(
+                    self._error(job.origin, job.request_id, model.name, ErrorCode.INTERNAL, "internal error")
+                )
+        return replies
+
+    # --- replies and commits -----------------------------------------------------------
+
+    async def _publish(self, replies: list[Outgoing]) -> None:
+        """Send replies (and DLQ copies), wait for the broker's acks, mark done, commit."""
+        if not replies:
+            return
+        prefix = self.settings.topic_prefix
+        acks: list[Awaitable[Any]] = []
+        for reply in replies:
+            origin = reply.origin
+            acks.append(
+                await self.broker.publish(
+                    reply.body,
+                    origin.reply_topic,
+                    key=(reply.request_id or "").encode() or None,
+                    headers={"content-type": "application/json"},
+                    correlation_id=origin.correlation_id,
+                    no_confirm=True,
+                )
+            )
+            if reply.error is not None:
+                acks.append(
+                    await self.broker.publish(
+                        origin.raw,
+                        dlq_topic(prefix),
+                        key=(reply.request_id or "").encode() or None,
+                        headers={
+                            "error_code": reply.error.code.value,
+                            "error_message": reply.error.message[:1000],
+                            "source_topic": origin.tp.topic,
+                            "source_partition": str(origin.tp.partition),
+                            "source_offset": str(origin.offset),
+                        },
+                        correlation_id=origin.correlation_id,
+                        no_confirm=True,
+                    )
+                )
+        try:
+            await asyncio.gather(*acks)
+        except KafkaError:
+            # Not acknowledged: leave these offsets uncommitted; a restart or rebalance redelivers.
+            log.exception("publishing %d replies failed; their messages stay uncommitted", len(replies))
+            return
+        for reply in replies:
+            self.tracker.done(reply.origin.tp, reply.origin.offset)
+        self._progress.set()
+        await self._commit()
+        self._apply_backpressure()
+
+    async def _commit(self) -> None:
+        """Commit every partition position that advanced (explicit offsets, never ``ack()``)."""
+        async with self._commit_lock:
+            commits = self.tracker.take_commits()
+            consumer = self.consumer
+            if consumer is None or not commits:
+                return
+            owned = {tp: offset for tp, offset in commits.items() if tp in consumer.assignment()}
+            if not owned:
+                return
+            try:
+                await consumer.commit(owned)
+            except KafkaError as exc:
+                # Lost partitions or a rebalance in progress: the messages come back, as duplicates at worst.
+                log.warning("commit of %s failed: %s", owned, exc)
+
+    def _apply_backpressure(self) -> None:
+        """Pause every partition above max_in_flight; resume below half of it."""
+        in_flight = self.tracker.in_flight
+        limit = self.settings.max_in_flight
+        if not self._state.paused and in_flight >= limit:
+            self._state.paused = True
+            if self.consumer is not None:
+                self.consumer.pause(*self.consumer.assignment())
+            log.info("backpressure: %d requests in flight, partitions paused", in_flight)
+        elif self._state.paused and in_flight <= limit // 2 and not self._state.draining:
+            self._state.paused = False
+            if self.consumer is not None:
+                self.consumer.resume(*self.consumer.assignment())
+            log.info("backpressure: %d requests in flight, partitions resumed", in_flight)
+
+    @property
+    def paused(self) -> bool:
+        """True while backpressure holds the partitions paused."""
+        return self._state.paused
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._state.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._state.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def _wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate`` holds, re-checking whenever requests make progress."""
+        while not predicate():
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def wait_answered(self, partitions: Collection[TopicPartition]) -> None:
+        """Wait until nothing fetched from ``partitions`` is unanswered."""
+        await self._wait_until(lambda: not self.tracker.pending(partitions))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Before partitions move away: answer what was fetched from them, commit, forget them."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        if not revoked:
+            return
+        # Bounded well below the session timeout so the group is not held up for long.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.worker.settings.session_timeout_ms / 2000):
+                await self.worker.wait_answered(revoked)
+        await self.worker._commit()
+        self.worker.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        consumer = self.worker.consumer
+        if self.worker.paused and assigned and consumer is not None:
+            consumer.pause(*assigned)

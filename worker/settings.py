@@ -1,0 +1,102 @@
+"""Every knob of the worker: one typed field, one default, one line of description.
+
+Read from environment variables prefixed ``WORKER_`` (``WORKER_MAX_BATCH_SIZE=16``), from
+CLI flags of ``python -m worker run`` (``--max-batch-size 16``), or from arguments. The
+README's settings table is generated from this class (``python -m worker settings``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Worker configuration, validated once at start-up and trusted inside."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="forbid", frozen=True)
+
+    bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "bootstrap_servers", "WORKER_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"
+        ),
+        description="Kafka bootstrap servers (host:port,...); also read from KAFKA_BOOTSTRAP_SERVERS. "
+        "Unset: `demo` starts the embedded broker, `run` refuses to start.",
+    )
+    topic_prefix: str = Field(
+        "inference", description="Topics are <prefix>.<modality>.requests/results and <prefix>.dlq."
+    )
+    group_id: str = Field(
+        "inference-workers", description="Consumer group; workers with the same id share partitions."
+    )
+    partitions: int = Field(
+        4, ge=1, description="Partitions per topic when the worker creates missing topics."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Dispatch a batch once a model's bucket holds this many requests."
+    )
+    max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
+    model_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-model overrides as JSON: max_batch_size, max_wait_ms, or any metadata key, "
+        'e.g. {"bert": {"max_batch_size": 8, "sequence_lengths": [32, 64]}}.',
+    )
+    executor_threads: int = Field(
+        2, ge=1, description="Threads of the one executor that runs preprocessing and ONNX Runtime."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
+    )
+    provider: str = Field(
+        "auto", pattern="^(auto|cuda|cpu)$", description="auto (CUDA when it loads, else CPU) | cuda | cpu."
+    )
+    max_in_flight: int = Field(
+        1024, ge=1, description="Unanswered requests per worker before it pauses its partitions."
+    )
+    fetch_max_records: int = Field(256, ge=1, description="Most records taken from Kafka in one fetch.")
+    fetch_timeout_ms: int = Field(
+        20, ge=1, description="How long one fetch waits for records before returning."
+    )
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        description="Kafka consumer session timeout; a dead worker's partitions move after this.",
+    )
+    heartbeat_interval_ms: int = Field(1_000, ge=100, description="Kafka consumer heartbeat interval.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long to finish in-flight batches before giving up."
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request message accepted (payload_too_large above)."
+    )
+    max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest image accepted (width x height), checked before decoding."
+    )
+    max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted, in seconds.")
+    max_video_frames: int = Field(64, ge=1, description="Most video frames accepted in one request.")
+    skip_bad_models: bool = Field(
+        False, description="Skip model folders that fail to load (with a warning) instead of exiting."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    def batching_for(self, model: str) -> tuple[int, float]:
+        """(max batch size, max wait in seconds) for one model, overrides applied."""
+        override = self.model_overrides.get(model, {})
+        size = int(override.get("max_batch_size", self.max_batch_size))
+        wait_ms = float(override.get("max_wait_ms", self.max_wait_ms))
+        return size, wait_ms / 1000
+
+    def metadata_overrides(self) -> dict[str, dict[str, Any]]:
+        """The per-model overrides that are metadata keys (everything but batching knobs)."""
+        return {
+            model: {k: v for k, v in override.items() if k not in BATCHING_KEYS}
+            for model, override in self.model_overrides.items()
+        }
+
+
+#: Per-model override keys that tune the batcher rather than the model's metadata.
+BATCHING_KEYS = frozenset({"max_batch_size", "max_wait_ms"})
