@@ -12,7 +12,4 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNDECODABLE_INPUT = "undecodable_input"
     DEADLINE_EXCEEDED = "deadline_exceeded"
-    # A well-formed request the chosen model cannot serve (a text pair for a
-    # single-sequence model, tensor inputs where only named inputs are wired, ...).
-    UNSUPPORTED = "unsupported"
     INTERNAL = "internal"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from schemas.codes import ErrorCode
-from schemas.requests import RequestRejected
 
 
 class InferenceError(Exception):
@@ -16,16 +15,6 @@ class InferenceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-    @staticmethod
-    def for_code(code: ErrorCode, message: str) -> InferenceError:
-        """The subclass instance for ``code``: turns an error value back into an exception."""
-        return _BY_CODE[code](message)
-
-    @staticmethod
-    def from_rejection(rejection: RequestRejected) -> InferenceError:
-        """The exception for a message that `schemas.parse_request` refused."""
-        return InferenceError.for_code(rejection.code, rejection.message)
 
 
 class InvalidJSON(InferenceError):
@@ -64,28 +53,7 @@ class DeadlineExceeded(InferenceError):
     code = ErrorCode.DEADLINE_EXCEEDED
 
 
-class Unsupported(InferenceError):
-    """A valid request the chosen model cannot serve (e.g. a text pair for a single-text model)."""
-
-    code = ErrorCode.UNSUPPORTED
-
-
 class Internal(InferenceError):
     """A fault on our side; logged with its traceback."""
 
     code = ErrorCode.INTERNAL
-
-
-_BY_CODE: dict[ErrorCode, type[InferenceError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidJSON,
-        InvalidRequest,
-        UnknownModel,
-        PayloadTooLarge,
-        UndecodableInput,
-        DeadlineExceeded,
-        Unsupported,
-        Internal,
-    )
-}
