@@ -235,14 +235,11 @@ def build_bert(folder: Path) -> Built:
     model = seeded_model(BertForSequenceClassification, config)
     signature = Signature(
         inputs={
-            name: {0: "batch", 1: "sequence"}
-            for name in ("input_ids", "attention_mask", "token_type_ids")
+            name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "token_type_ids")
         },
         outputs={"logits": {0: "batch"}},
     )
-    samples = [
-        Sample(request, tokenizer(**request, return_tensors="np")) for request in TEXT_REQUESTS
-    ]
+    samples = [Sample(request, tokenizer(**request, return_tensors="np")) for request in TEXT_REQUESTS]
     texts = [request["text"] for request in TEXT_REQUESTS[:2]]
     export_inputs = tokenizer(texts, padding=True, return_tensors="np")
     return Built(model, tokenizer, "text-classification", signature, samples, export_inputs)
@@ -262,9 +259,7 @@ def build_vit(folder: Path) -> Built:
     signature = Signature(inputs={"pixel_values": {0: "batch"}}, outputs={"logits": {0: "batch"}})
     encoded = processor(read_image(IMAGE_PATH), return_tensors="np")
     sample = Sample({"image": relative(IMAGE_PATH)}, encoded)
-    return Built(
-        model, processor, "image-classification", signature, [sample], batch_of_two(encoded)
-    )
+    return Built(model, processor, "image-classification", signature, [sample], batch_of_two(encoded))
 
 
 def build_wav2vec2(folder: Path) -> Built:
@@ -331,16 +326,12 @@ def build_whisper_encoder(folder: Path) -> Built:
     # without torch gives features within 1e-5 of these (measured 8e-6).
     encoded = processor(read_wav(AUDIO_PATH), sampling_rate=SAMPLING_RATE, return_tensors="np")
     sample = Sample({"audio": relative(AUDIO_PATH)}, encoded)
-    return Built(
-        model, processor, "audio-classification", signature, [sample], batch_of_two(encoded)
-    )
+    return Built(model, processor, "audio-classification", signature, [sample], batch_of_two(encoded))
 
 
 def build_videomae(folder: Path) -> Built:
     """Video classification: VideoMAE over 4 frames of 32x32 in 2x8x8 tubelets."""
-    processor = VideoMAEImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
+    processor = VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     config = VideoMAEConfig(
         image_size=32,
         patch_size=8,
@@ -355,9 +346,7 @@ def build_videomae(folder: Path) -> Built:
     frames = [read_image(path) for path in FRAME_PATHS]
     encoded = processor(frames, return_tensors="np")
     sample = Sample({"frames": [relative(path) for path in FRAME_PATHS]}, encoded)
-    return Built(
-        model, processor, "video-classification", signature, [sample], batch_of_two(encoded)
-    )
+    return Built(model, processor, "video-classification", signature, [sample], batch_of_two(encoded))
 
 
 def build_clip(folder: Path) -> Built:
@@ -366,13 +355,9 @@ def build_clip(folder: Path) -> Built:
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5 ignores vocab_file=/merges_file=; the files go in positionally.
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32
-    )
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
     )
     special_ids = {
@@ -381,9 +366,7 @@ def build_clip(folder: Path) -> Built:
         "pad_token_id": tokenizer.pad_token_id,
     }
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32}
-        | TOWER
-        | special_ids,
+        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32} | TOWER | special_ids,
         vision_config={"image_size": 32, "patch_size": 8} | TOWER,
         projection_dim=16,
         initializer_range=INITIALIZER_RANGE,
@@ -481,9 +464,7 @@ def clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
 def onnx_inputs(encoded: Mapping[str, np.ndarray], signature: Signature) -> Arrays:
     """The arrays the graph takes, by name, as int64 or float32."""
     return {
-        name: encoded[name].astype(
-            np.int64 if np.issubdtype(encoded[name].dtype, np.integer) else np.float32
-        )
+        name: encoded[name].astype(np.int64 if np.issubdtype(encoded[name].dtype, np.integer) else np.float32)
         for name in signature.inputs
     }
 

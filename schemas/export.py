@@ -1,4 +1,4 @@
-"""JSON Schema export: one file per request modality, plus the result and the error reply."""
+"""JSON Schema export: one file per request modality, the result, the error reply, and AsyncAPI."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.asyncapi import asyncapi_json
 from schemas.replies import ErrorReply, Result
 from schemas.requests import REQUEST_TYPES
 
@@ -33,6 +34,8 @@ def render_schemas() -> dict[str, str]:
             **model.model_json_schema(mode="validation"),
         }
         rendered[name] = json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    asyncapi = json.loads(asyncapi_json())
+    rendered["asyncapi.json"] = json.dumps(asyncapi, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     return rendered
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batching import BatchQueue, BatcherClosed, MicroBatcher
+from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.offsets import OffsetTracker
 
 

@@ -31,9 +31,7 @@ def load_references(folder: Path) -> list[tuple[Arrays, Arrays]]:
     samples = []
     for index in range(count):
         inputs = {k.split("/")[2]: v for k, v in arrays.items() if k.startswith(f"{index}/input/")}
-        outputs = {
-            k.split("/")[2]: v for k, v in arrays.items() if k.startswith(f"{index}/output/")
-        }
+        outputs = {k.split("/")[2]: v for k, v in arrays.items() if k.startswith(f"{index}/output/")}
         assert inputs and outputs, f"{folder.name}: sample {index} missing from reference.npz"
         samples.append((inputs, outputs))
     assert len(arrays) == sum(len(i) + len(o) for i, o in samples), "stray reference arrays"

@@ -153,6 +153,22 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
     return max((child.exitcode or 0) for child in children)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Broker + worker + client in one process: a few requests per modality and a burst."""
+    from pathlib import Path
+
+    from worker.demo import run_demo
+
+    settings = settings_from(args)
+    configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
+    logging.getLogger("worker").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    try:
+        return asyncio.run(run_demo(Path(args.models_dir), settings, burst=args.burst))
+    except MetadataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded Kafka-API broker in the foreground."""
     from worker.embedded_broker import serve_forever
@@ -193,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--processes", type=int, default=1, help="worker processes on this machine (one group)")
     add_settings_flags(run)
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="embedded broker + worker + client: answers shown, then a burst")
+    demo.add_argument("models_dir", nargs="?", default="models/tiny", help="folder of model folders")
+    demo.add_argument("--burst", type=int, default=300, help="text requests in the throughput burst")
+    add_settings_flags(demo)
+    demo.set_defaults(func=cmd_demo)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")

@@ -1,36 +1,23 @@
-"""Kafka topic names of the service, and idempotent topic creation."""
+"""Idempotent topic creation and deletion (the names themselves are wire format: schemas/topics.py)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
-from schemas.requests import Modality
+from schemas.topics import DEFAULT_PREFIX, dlq_topic, private_reply_topic, requests_topic, results_topic
 
-DEFAULT_PREFIX = "inference"
-
-
-def requests_topic(modality: Modality | str, prefix: str = DEFAULT_PREFIX) -> str:
-    """`<prefix>.<modality>.requests`: where clients send requests of one modality."""
-    return f"{prefix}.{Modality(modality).value}.requests"
-
-
-def results_topic(modality: Modality | str, prefix: str = DEFAULT_PREFIX) -> str:
-    """`<prefix>.<modality>.results`: replies to requests that carry no reply_to header."""
-    return f"{prefix}.{Modality(modality).value}.results"
-
-
-def dlq_topic(prefix: str = DEFAULT_PREFIX) -> str:
-    """`<prefix>.dlq`: raw copies of rejected messages, the reason in their headers."""
-    return f"{prefix}.dlq"
-
-
-def private_reply_topic(prefix: str = DEFAULT_PREFIX) -> str:
-    """A fresh `<prefix>.replies.<uuid>` topic name for one client's replies."""
-    return f"{prefix}.replies.{uuid.uuid4().hex}"
+__all__ = [
+    "DEFAULT_PREFIX",
+    "create_topics",
+    "delete_topics",
+    "dlq_topic",
+    "private_reply_topic",
+    "requests_topic",
+    "results_topic",
+]
 
 
 async def create_topics(
