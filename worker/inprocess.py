@@ -1,0 +1,114 @@
+"""In-process entry point over the worker's own stack, called like ``transformers.pipeline``.
+
+``pipeline(model="models/tiny/bert")("some text")`` runs the same metadata, processor,
+engine and task head the Kafka worker runs, without Kafka, and accepts what the matching
+``transformers`` pipeline accepts for the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from worker.decoding import MediaLimits, decode_wav
+from worker.engine import EngineOptions
+from worker.errors import InvalidRequest
+from worker.metadata import Modality
+from worker.processors import (
+    AudioInput,
+    ImageInput,
+    ModelInput,
+    MultimodalInput,
+    TextInput,
+    VideoInput,
+)
+from worker.registry import ServedModel, load_model
+
+
+def _image(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, str | Path):
+        with Image.open(value) as image:
+            return image.convert("RGB")
+    raise InvalidRequest(f"expected a PIL image or an image path, got {type(value).__name__}")
+
+
+class Pipeline:
+    """A loaded model answering calls the way the matching transformers pipeline does."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.task = model.metadata.task
+
+    def __call__(self, inputs: Any, **parameters: Any) -> Any:
+        """One input gives one result; a list of inputs gives a list of results."""
+        batched = isinstance(inputs, list) and not self._is_one_video(inputs)
+        items = inputs if batched else [inputs]
+        decoded = [self._decode(item, parameters) for item in items]
+        extra = {k: v for k, v in parameters.items() if k not in _INPUT_KEYWORDS}
+        results = self.model.infer(decoded, extra)
+        return results if batched else results[0]
+
+    def _is_one_video(self, inputs: list[Any]) -> bool:
+        """A video is itself a list of frames: a list of frames is one input, not a batch."""
+        modality = self.model.metadata.modality
+        return modality is Modality.VIDEO and bool(inputs) and not isinstance(inputs[0], list)
+
+    def _decode(self, item: Any, parameters: dict[str, Any]) -> ModelInput:
+        modality = self.model.metadata.modality
+        if modality is Modality.TEXT:
+            if isinstance(item, dict):
+                return TextInput(item["text"], item.get("text_pair"))
+            return TextInput(str(item), parameters.get("text_pair"))
+        if modality is Modality.VISION:
+            return ImageInput(_image(item))
+        if modality is Modality.AUDIO:
+            return self._audio(item, parameters)
+        if modality is Modality.VIDEO:
+            return VideoInput([_image(frame) for frame in item])
+        labels = parameters.get("candidate_labels")
+        template = parameters.get("hypothesis_template") or "This is a photo of {}."
+        if labels is not None:
+            return MultimodalInput(_image(item), tuple(labels), hypothesis_template=template)
+        return MultimodalInput(_image(item), text=parameters.get("text"))
+
+    def _audio(self, item: Any, parameters: dict[str, Any]) -> AudioInput:
+        if isinstance(item, str | Path):
+            array, rate = decode_wav(Path(item).read_bytes(), MediaLimits())
+            return AudioInput(array, rate)
+        if isinstance(item, dict):
+            return AudioInput(
+                np.asarray(item["raw"] if "raw" in item else item["array"]), item["sampling_rate"]
+            )
+        rate = parameters.get("sampling_rate", self.model.metadata.sampling_rate or 16_000)
+        return AudioInput(np.asarray(item, dtype=np.float32), int(rate))
+
+
+_INPUT_KEYWORDS = frozenset({"candidate_labels", "hypothesis_template", "text", "text_pair", "sampling_rate"})
+
+
+def pipeline(
+    task: str | None = None,
+    model: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    intra_op_threads: int = 0,
+    provider: str = "auto",
+) -> Pipeline:
+    """Load a model folder for in-process use; ``task`` must agree with its metadata if given."""
+    if model is None:
+        raise ValueError("pipeline() needs model=<path to a model folder or .onnx file>")
+    options = EngineOptions(intra_op_threads=intra_op_threads, provider=provider)
+    merged = dict(overrides or {})
+    if task is not None:
+        merged.setdefault("task", task)
+    served = load_model(model, overrides=merged, engine_options=options)
+    return Pipeline(served)
+
+
+__all__: Sequence[str] = ("Pipeline", "pipeline")
