@@ -18,7 +18,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +98,7 @@ class _State:
 
     paused: bool = False
     draining: bool = False
+    stopping: bool = False
     handlers_running: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -145,12 +146,14 @@ class Worker:
         )
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")
+        max_request_size = max(settings.max_message_bytes * 2, 1024 * 1024)
+        self._dlq_limit = max_request_size - 64 * 1024  # room for headers and record framing
         self.broker = KafkaBroker(
             settings.bootstrap_servers,
             acks="all",
             enable_idempotence=False,  # the embedded broker refuses idempotent producers
             max_batch_size=1024 * 1024,
-            max_request_size=max(settings.max_message_bytes * 2, 1024 * 1024),
+            max_request_size=max_request_size,
             graceful_timeout=settings.drain_timeout_s,
             logger=logging.getLogger("worker.kafka"),
             log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
@@ -206,6 +209,7 @@ class Worker:
 
     async def stop(self) -> None:
         """Leave the group and close the broker connection; cancels what drain left behind."""
+        self._state.stopping = True
         for task in [*self._loops, *self._state.tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._state.tasks, return_exceptions=True)
@@ -407,51 +411,69 @@ class Worker:
     # --- replies and commits -----------------------------------------------------------
 
     async def _publish(self, replies: list[Outgoing]) -> None:
-        """Send replies (and DLQ copies), wait for the broker's acks, mark done, commit."""
+        """Send replies (and DLQ copies), wait for the broker's acks, mark done, commit.
+
+        Retriable failures (broker down, leader moving) are retried with backoff for as long
+        as it takes: the offsets stay uncommitted meanwhile and backpressure holds intake.
+        """
         if not replies:
             return
-        prefix = self.settings.topic_prefix
-        acks: list[Awaitable[Any]] = []
-        for reply in replies:
-            origin = reply.origin
-            acks.append(
-                await self.broker.publish(
-                    reply.body,
-                    origin.reply_topic,
-                    key=(reply.request_id or "").encode() or None,
-                    headers={"content-type": "application/json"},
-                    correlation_id=origin.correlation_id,
-                    no_confirm=True,
-                )
-            )
-            if reply.error is not None:
-                acks.append(
-                    await self.broker.publish(
-                        origin.raw,
-                        dlq_topic(prefix),
-                        key=(reply.request_id or "").encode() or None,
-                        headers={
-                            "error_code": reply.error.code.value,
-                            "error_message": reply.error.message[:1000],
-                            "source_topic": origin.tp.topic,
-                            "source_partition": str(origin.tp.partition),
-                            "source_offset": str(origin.offset),
-                        },
-                        correlation_id=origin.correlation_id,
-                        no_confirm=True,
+        delay = 0.2
+        while True:
+            try:
+                await asyncio.gather(*[await ack for ack in self._send(replies)])
+                break
+            except KafkaError as exc:
+                if not exc.retriable or self._state.stopping:
+                    log.exception(
+                        "publishing %d replies failed; their messages stay uncommitted", len(replies)
                     )
-                )
-        try:
-            await asyncio.gather(*acks)
-        except KafkaError:
-            # Not acknowledged: leave these offsets uncommitted; a restart or rebalance redelivers.
-            log.exception("publishing %d replies failed; their messages stay uncommitted", len(replies))
-            return
+                    return
+                log.warning("publishing %d replies failed (%s); retrying in %.1f s", len(replies), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         for reply in replies:
             self.tracker.done(reply.origin.tp, reply.origin.offset)
         self._progress.set()
         await self._commit()
         self._apply_backpressure()
+
+    def _send(self, replies: list[Outgoing]) -> Iterator[Awaitable[Awaitable[Any]]]:
+        """Queue every reply and DLQ copy in the producer; each yields its delivery future."""
+        prefix = self.settings.topic_prefix
+        for reply in replies:
+            origin = reply.origin
+            key = (reply.request_id or "").encode() or None
+            yield self.broker.publish(
+                reply.body,
+                origin.reply_topic,
+                key=key,
+                headers={"content-type": "application/json"},
+                correlation_id=origin.correlation_id,
+                no_confirm=True,
+            )
+            if reply.error is None:
+                continue
+            headers = {
+                "error_code": reply.error.code.value,
+                "error_message": reply.error.message[:1000],
+                "source_topic": origin.tp.topic,
+                "source_partition": str(origin.tp.partition),
+                "source_offset": str(origin.offset),
+            }
+            raw = origin.raw
+            if len(raw) > self._dlq_limit:
+                # Larger than one produce request may carry: keep the head, say how big it was.
+                headers["dlq_truncated_from_bytes"] = str(len(raw))
+                raw = raw[: self._dlq_limit]
+            yield self.broker.publish(
+                raw,
+                dlq_topic(prefix),
+                key=key,
+                headers=headers,
+                correlation_id=origin.correlation_id,
+                no_confirm=True,
+            )
 
     async def _commit(self) -> None:
         """Commit every partition position that advanced (explicit offsets, never ``ack()``)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +96,28 @@ class Prepared:
     context: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Tasks whose heads map tokens back to characters, so the text processor records where each came from.
+ALIGNED_TASKS = frozenset({"token-classification", "question-answering"})
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """Per real token of one text row: what the token and answer-span heads need besides logits."""
+
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    #: Character span of each token in its own text (the first text or the pair).
+    offsets: tuple[tuple[int, int], ...]
+    special: tuple[bool, ...]
+    #: 0 for the first text, 1 for the pair, None for special tokens.
+    sequence_ids: tuple[int | None, ...]
+    word_ids: tuple[int | None, ...]
+    unk_id: int | None
+    cls_id: int | None
+    #: The tokenizer's tokens -> text (joins word pieces, tidies spaces before punctuation).
+    detokenize: Callable[[list[str]], str]
+
+
 # --- the wrappers ------------------------------------------------------------------------
 
 
@@ -119,7 +141,13 @@ class Preprocessor(ABC):
     def prepare(self, item: ModelInput) -> Prepared:
         """Turn one decoded input into graph-ready arrays at a bucket shape."""
         if isinstance(item, TensorInput):
-            return self._fit(dict(item.tensors), truncated=False, context={}, strict=True)
+            prepared = self._fit(dict(item.tensors), truncated=False, context={}, strict=True)
+            if any(array.shape[0] != 1 for array in prepared.arrays.values()):
+                # One request, one answer: a client batch would need one result per row.
+                raise InvalidRequest(
+                    "tensor inputs must hold exactly one row (axis 0 = 1); send one request per row"
+                )
+            return prepared
         arrays, truncated, context = self._encode(item)
         return self._fit(arrays, truncated=truncated, context=context, strict=False)
 
@@ -189,31 +217,71 @@ class TextPreprocessor(Preprocessor):
         if not buckets:
             raise MetadataError(f"{metadata.onnx_path}: a text model needs a sequence dim")
         self.buckets = buckets
+        self.aligned = metadata.task in ALIGNED_TASKS
+        if self.aligned and not getattr(tokenizer, "is_fast", False):
+            raise MetadataError(
+                f"{metadata.folder}: {metadata.task} needs token offsets, which only a fast tokenizer "
+                "(tokenizer.json) gives"
+            )
 
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
         if not isinstance(item, TextInput):
             raise InvalidRequest(f"model {self.metadata.name!r} takes text")
-        encoded, truncated = encode_text(self.tokenizer, [(item.text, item.text_pair)], self.buckets)
-        return encoded, truncated, {"text": item.text}
+        extra = {"return_offsets_mapping": True, "return_special_tokens_mask": True} if self.aligned else {}
+        encoding, truncated = tokenize_text(
+            self.tokenizer, [(item.text, item.text_pair)], self.buckets, **extra
+        )
+        context: dict[str, Any] = {"text": item.text, "text_pair": item.text_pair}
+        if self.aligned:
+            context["alignment"] = self._alignment(encoding)
+        return pad_to_bucket(self.tokenizer, encoding, self.buckets), truncated, context
+
+    def _alignment(self, encoding: Any) -> TokenAlignment:
+        """The row's token alignment; takes the offsets and special-token mask out of ``encoding``."""
+        ids = [int(i) for i in encoding["input_ids"][0]]
+        return TokenAlignment(
+            ids=tuple(ids),
+            tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids)),
+            offsets=tuple((int(start), int(end)) for start, end in encoding.pop("offset_mapping")[0]),
+            special=tuple(bool(flag) for flag in encoding.pop("special_tokens_mask")[0]),
+            sequence_ids=tuple(encoding.sequence_ids(0)),
+            word_ids=tuple(encoding.word_ids(0)),
+            unk_id=self.tokenizer.unk_token_id,
+            cls_id=self.tokenizer.cls_token_id,
+            detokenize=self.tokenizer.convert_tokens_to_string,
+        )
+
+
+def tokenize_text(
+    tokenizer: Any, texts: Sequence[tuple[str, str | None]], buckets: Sequence[int], **extra: Any
+) -> tuple[Any, bool]:
+    """Tokenize rows unpadded, cut at the largest bucket (flagged); ``extra`` goes to the tokenizer."""
+    firsts = [t for t, _ in texts]
+    pairs = [p for _, p in texts]
+    with_pairs = any(p is not None for p in pairs)
+    kwargs: dict[str, Any] = {"text_pair": [p or "" for p in pairs]} if with_pairs else {}
+    encoding = tokenizer(firsts, truncation=False, verbose=False, **kwargs, **extra)
+    truncated = max(len(ids) for ids in encoding["input_ids"]) > buckets[-1]
+    if truncated:
+        encoding = tokenizer(
+            firsts, truncation=True, max_length=buckets[-1], verbose=False, **kwargs, **extra
+        )
+    return encoding, truncated
+
+
+def pad_to_bucket(tokenizer: Any, encoding: Any, buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """Pad every row to the smallest bucket that holds the longest one."""
+    length = _bucket_for(max(len(ids) for ids in encoding["input_ids"]), buckets)
+    padded = tokenizer.pad(encoding, padding="max_length", max_length=length, return_tensors="np")
+    return {k: np.asarray(v) for k, v in padded.items()}
 
 
 def encode_text(
     tokenizer: Any, texts: Sequence[tuple[str, str | None]], buckets: Sequence[int]
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Tokenize rows, cut at the largest bucket (flagged), pad all to one bucket length."""
-    firsts = [t for t, _ in texts]
-    pairs = [p for _, p in texts]
-    with_pairs = any(p is not None for p in pairs)
-    kwargs: dict[str, Any] = {"text_pair": [p or "" for p in pairs]} if with_pairs else {}
-    encoding = tokenizer(firsts, truncation=False, verbose=False, **kwargs)
-    longest = max(len(ids) for ids in encoding["input_ids"])
-    truncated = longest > buckets[-1]
-    if truncated:
-        encoding = tokenizer(firsts, truncation=True, max_length=buckets[-1], verbose=False, **kwargs)
-        longest = buckets[-1]
-    length = _bucket_for(longest, buckets)
-    padded = tokenizer.pad(encoding, padding="max_length", max_length=length, return_tensors="np")
-    return {k: np.asarray(v) for k, v in padded.items()}, truncated
+    encoding, truncated = tokenize_text(tokenizer, texts, buckets)
+    return pad_to_bucket(tokenizer, encoding, buckets), truncated
 
 
 def _rgb(image: Image.Image) -> Image.Image:

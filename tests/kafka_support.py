@@ -1,0 +1,142 @@
+"""Helpers for tests that talk to a real broker: wire inputs of the stored samples, raw topics.
+
+The stored samples (tests/references.py) name files; requests carry them as base64. A
+``TopicReader`` reads whole topics from the beginning without a consumer group (no join
+delay on tansu), so a test sees every reply, DLQ copy or request that reached a topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+
+from tests.references import ROOT
+from worker.decoding import MediaLimits, decode_wav
+
+Record = ConsumerRecord[bytes, bytes]
+
+
+def b64(data: bytes) -> str:
+    """Bytes as standard base64 text, as requests carry media."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64_file(path: str) -> str:
+    """A file under the repository root as standard base64."""
+    return b64((ROOT / path).read_bytes())
+
+
+def wire_inputs(raw: dict[str, Any], *, audio_as_array: bool = False) -> dict[str, Any]:
+    """A stored raw sample (file paths) as the JSON ``inputs`` of a request (base64 media).
+
+    ``audio_as_array`` sends the WAV's decoded samples as ``{"array", "sampling_rate"}``.
+    """
+    inputs = dict(raw)
+    for key in ("image", "audio"):
+        if key in inputs:
+            inputs[key] = b64_file(inputs[key])
+    if "frames" in inputs:
+        inputs["frames"] = [b64_file(frame) for frame in inputs["frames"]]
+    if audio_as_array and "audio" in raw:
+        array, rate = decode_wav((ROOT / raw["audio"]).read_bytes(), MediaLimits())
+        del inputs["audio"]
+        inputs.update(array=array.tolist(), sampling_rate=rate)
+    return inputs
+
+
+def request_bytes(request_id: str, model: str, inputs: Any, **fields: Any) -> bytes:
+    """One request message body as the worker reads it."""
+    return json.dumps({"id": request_id, "model": model, "inputs": inputs, **fields}).encode()
+
+
+def headers_of(record: Record) -> dict[str, bytes]:
+    """A record's headers as a dict (the last value wins for repeated names)."""
+    return {key: bytes(value) for key, value in record.headers or ()}
+
+
+def body_of(record: Record) -> Any:
+    """A record's JSON body."""
+    return json.loads(record.value or b"")
+
+
+@contextlib.asynccontextmanager
+async def raw_producer(bootstrap_servers: str, **config: Any) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain producer (acks=all; no idempotence, which tansu refuses); ``config`` goes to aiokafka."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=False, **config
+    )
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+class TopicReader:
+    """Reads topics from their first offset without a group; ``records`` grows as they arrive.
+
+    The topics must exist before ``start()`` (a no-group subscription only sees topics the
+    metadata knew at that moment).
+    """
+
+    def __init__(self, bootstrap_servers: str, *topics: str) -> None:
+        self.records: list[Record] = []
+        self._consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap_servers,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and start reading in a background task."""
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read(), name="topic-reader")
+
+    async def stop(self) -> None:
+        """Stop reading and disconnect."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _read(self) -> None:
+        async for record in self._consumer:
+            self.records.append(record)
+            self._arrived.set()
+
+    async def wait_until(
+        self,
+        predicate: Callable[[list[Record]], bool],
+        timeout: float = 20.0,  # noqa: ASYNC109
+    ) -> list[Record]:
+        """The records read so far, once ``predicate`` holds for them; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.records):
+                self._arrived.clear()
+                await self._arrived.wait()
+        return list(self.records)
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[Record]:  # noqa: ASYNC109
+        """The records read so far, once there are at least ``count``."""
+        return await self.wait_until(lambda records: len(records) >= count, timeout)

@@ -1,0 +1,618 @@
+"""The Worker in-process against a real broker: answers, routing, batching, errors, flow control, commits.
+
+Every test starts its own Worker on a fresh topic prefix and consumer group (so no test sees
+another's messages) with a short session timeout: tansu's group join takes about
+session_timeout_ms / 2 (docs/kafka-notes.md). The tiny models load once per module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.kafka_support import (
+    Record,
+    TopicReader,
+    b64,
+    b64_file,
+    body_of,
+    headers_of,
+    raw_producer,
+    request_bytes,
+    wire_inputs,
+)
+from tests.references import TINY, load_samples, to_model_input
+from worker.app import Worker
+from worker.client import InferenceClient
+from worker.processors import TensorInput, TextInput
+from worker.registry import ServedModel, load_models
+from worker.settings import Settings
+from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
+
+pytestmark = pytest.mark.kafka
+
+SCORE_TOLERANCE = 1e-5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+Models = dict[str, ServedModel]
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    """Every tiny model, loaded once (about 10-15 s)."""
+    return load_models(TINY)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Poll plain state the worker exposes no event for."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
+    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
+    prefix = f"kw{uuid.uuid4().hex[:12]}"
+    settings = Settings(
+        bootstrap_servers=bootstrap,
+        topic_prefix=prefix,
+        group_id=f"{prefix}.workers",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        drain_timeout_s=10,
+        **knobs,
+    )
+    worker = Worker(settings, models)
+    await worker.start()
+    try:
+        await until(lambda: worker.ready)
+        yield worker
+    finally:
+        await worker.drain()
+        await worker.stop()
+
+
+def prefix_of(worker: Worker) -> str:
+    return worker.settings.topic_prefix
+
+
+def assert_same_outputs(got: Any, want: Any, path: str = "outputs") -> None:
+    """Equal structure and labels; floats within SCORE_TOLERANCE."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), f"{path}: {got!r} != {want!r}"
+        for key in want:
+            assert_same_outputs(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list) and len(got) == len(want), f"{path}: {got!r} != {want!r}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_outputs(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert isinstance(got, int | float), f"{path}: {got!r} is not a number"
+        assert abs(got - want) <= SCORE_TOLERANCE, f"{path}: {got} != {want}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def assert_result(reply: dict[str, Any], model: ServedModel, expected: Any) -> None:
+    """A result (not an error) of ``model`` with the expected outputs, timing and no truncation."""
+    assert "error" not in reply, reply
+    assert reply["model"] == model.name
+    assert reply["task"] == model.metadata.task
+    assert reply["truncated"] is False
+    timing = reply["timing"]
+    assert set(timing) == {"queue_ms", "inference_ms", "batch_size"}
+    assert timing["queue_ms"] >= 0 and timing["inference_ms"] >= 0 and timing["batch_size"] >= 1
+    assert_same_outputs(reply["outputs"], expected)
+
+
+# --- answers ------------------------------------------------------------------------------
+
+#: (model, modality topic, send the WAV as decoded samples instead of base64)
+MODALITY_CASES = [
+    ("bert", "text", False),
+    ("vit", "vision", False),
+    ("wav2vec2", "audio", False),
+    ("whisper-encoder", "audio", True),
+    ("videomae", "video", False),
+    ("clip", "multimodal", False),
+]
+
+
+async def test_every_modality_answers_through_kafka_as_the_in_process_path(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    raws = {name: load_samples(name)[0][0].raw for name, *_ in MODALITY_CASES}
+    # Computed before the worker runs: the test never shares an engine with its executor.
+    expected = {name: models[name].infer([to_model_input(raw)])[0] for name, raw in raws.items()}
+    async with (
+        serving(kafka_bootstrap, models) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        replies = await asyncio.gather(
+            *(
+                client.request(modality, name, wire_inputs(raws[name], audio_as_array=as_array), timeout=30)
+                for name, modality, as_array in MODALITY_CASES
+            )
+        )
+    for (name, *_), reply in zip(MODALITY_CASES, replies, strict=True):
+        assert_result(reply, models[name], expected[name])
+
+
+async def test_tensor_inputs_answer_like_named_inputs(kafka_bootstrap: str, models: Models) -> None:
+    samples, _ = load_samples("vit")
+    pixels = samples[0].inputs["pixel_values"]
+    tensor = {
+        "name": "pixel_values",
+        "shape": list(pixels.shape),
+        "datatype": "FP32",
+        "data": pixels.astype(np.float32).ravel().tolist(),
+    }
+    async with (
+        serving(kafka_bootstrap, models) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        named = await client.request("vision", "vit", wire_inputs(samples[0].raw), timeout=30)
+        tensors = await client.request("vision", "vit", [tensor], timeout=30)
+    assert_result(named, models["vit"], named["outputs"])
+    assert_result(tensors, models["vit"], named["outputs"])
+
+
+async def test_a_tensor_request_with_two_rows_is_answered_for_both_or_refused(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    samples, _ = load_samples("vit")
+    first = samples[0].inputs["pixel_values"].astype(np.float32)
+    rows = [first, np.zeros_like(first)]
+    expected = [models["vit"].infer([TensorInput({"pixel_values": row})])[0] for row in rows]
+    both = np.concatenate(rows)
+    tensor = {
+        "name": "pixel_values",
+        "shape": list(both.shape),
+        "datatype": "FP32",
+        "data": both.ravel().tolist(),
+    }
+    async with (
+        serving(kafka_bootstrap, {"vit": models["vit"]}) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        reply = await client.request("vision", "vit", [tensor], timeout=30)
+    if "error" in reply:
+        assert reply["error"]["code"] in {"invalid_request", "unsupported"}, reply
+    else:
+        assert_same_outputs(reply["outputs"], expected)
+
+
+# --- routing ------------------------------------------------------------------------------
+
+
+async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = prefix_of(worker)
+        custom = f"{prefix}.my-replies"
+        await create_topics(kafka_bootstrap, [custom])
+        text = {"text": "hello there"}
+        async with (
+            TopicReader(kafka_bootstrap, custom) as mine,
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as shared,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            topic = requests_topic("text", prefix)
+            await producer.send_and_wait(
+                topic,
+                request_bytes("with-reply-to", "bert", text),
+                key=b"with-reply-to",
+                headers=[("reply_to", custom.encode()), ("correlation_id", b"corr-42")],
+            )
+            await producer.send_and_wait(
+                topic, request_bytes("no-reply-to", "bert", text), key=b"no-reply-to"
+            )
+            # Not a legal topic name: answered on the results topic instead of failing.
+            await producer.send_and_wait(
+                topic,
+                request_bytes("bad-reply-to", "bert", text),
+                key=b"bad-reply-to",
+                headers=[("reply_to", b"no such topic!")],
+            )
+            [reply] = await mine.wait_for(1)
+            answered = await shared.wait_for(2)
+            await asyncio.sleep(0.5)  # anything extra would show up by now
+            assert len(mine.records) == 1 and len(shared.records) == 2
+    assert headers_of(reply)["correlation_id"] == b"corr-42"
+    assert body_of(reply)["id"] == "with-reply-to"
+    assert "error" not in body_of(reply)
+    by_id = {body_of(r)["id"]: r for r in answered}
+    assert set(by_id) == {"no-reply-to", "bad-reply-to"}
+    # Without a correlation_id header the request id (the record key) correlates.
+    assert headers_of(by_id["no-reply-to"])["correlation_id"] == b"no-reply-to"
+
+
+# --- batching -----------------------------------------------------------------------------
+
+
+async def test_a_full_batch_goes_at_once_without_waiting(kafka_bootstrap: str, models: Models) -> None:
+    # Different lengths, one shape bucket (16 tokens): padding differs inside the batch.
+    texts = [{"text": " ".join(["word"] * (i + 1))} for i in range(8)]
+    expected = models["bert"].infer([TextInput(t["text"]) for t in texts])
+    async with (
+        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=8, max_wait_ms=5000) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        started = time.perf_counter()
+        replies = await client.send_many("text", "bert", texts, timeout=10)
+        elapsed = time.perf_counter() - started
+    assert [r["timing"]["batch_size"] for r in replies] == [8] * 8
+    assert elapsed < 2.5, f"a full batch waited {elapsed:.2f} s (max_wait is 5 s)"
+    for reply, want in zip(replies, expected, strict=True):  # a batch never changes an answer
+        assert_result(reply, models["bert"], want)
+
+
+async def test_a_partial_batch_goes_when_its_oldest_request_waited_max_wait(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    texts = [{"text": f"short text {i}"} for i in range(3)]
+    async with (
+        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=300) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        started = time.perf_counter()
+        replies = await client.send_many("text", "bert", texts, timeout=10)
+        elapsed = time.perf_counter() - started
+    assert [r["timing"]["batch_size"] for r in replies] == [3] * 3
+    assert 0.3 <= elapsed < 2.5, f"answered after {elapsed:.3f} s; max_wait is 0.3 s"
+    # From the broker timestamp (set when produced) to the batch start, in whole ms.
+    assert all(r["timing"]["queue_ms"] >= 299 for r in replies), [r["timing"] for r in replies]
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def _undecodable_png() -> dict[str, Any]:
+    """A PNG signature (schemas/ lets it through) followed by bytes no decoder reads."""
+    return {"image": b64(PNG_SIGNATURE + b"definitely not the rest of a PNG file" * 4)}
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """One bad message: where it goes, its bytes and headers, the code it must earn."""
+
+    modality: str
+    body: bytes
+    code: str
+    request_id: str | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    knobs: Mapping[str, Any] | None = None
+
+
+BAD_CASES = {
+    "invalid_json": BadCase("text", b'{"id": "x", "model": ', "invalid_json", None),
+    "invalid_json_with_non_utf8_header": BadCase(
+        "text",
+        b"\xff\xfe not json",
+        "invalid_json",
+        None,
+        headers=(("content-type", b"application/json"), ("x-trace", b"\xff\xfe\xfd")),
+    ),
+    "invalid_json_empty_record": BadCase("text", b"", "invalid_json", None),
+    "invalid_request_missing_inputs": BadCase(
+        "text", b'{"id": "bad-1", "model": "bert"}', "invalid_request", "bad-1"
+    ),
+    "unknown_model": BadCase(
+        "text", request_bytes("bad-2", "no-such-model", {"text": "hi"}), "unknown_model", "bad-2"
+    ),
+    "unknown_model_on_the_wrong_modality_topic": BadCase(
+        "vision",
+        request_bytes("bad-3", "bert", {"image": b64_file("models/samples/image.png")}),
+        "unknown_model",
+        "bad-3",
+    ),
+    "payload_too_large_text": BadCase(
+        "text",
+        request_bytes("bad-4", "bert", {"text": "x" * 40}),
+        "payload_too_large",
+        "bad-4",
+        knobs={"max_text_chars": 16},
+    ),
+    # Refused by size before it is parsed, so the reply cannot carry the id (the header correlates).
+    "payload_too_large_message": BadCase(
+        "text",
+        request_bytes("bad-5", "bert", {"text": "y" * 1500}),
+        "payload_too_large",
+        None,
+        knobs={"max_message_bytes": 1024},
+    ),
+    "undecodable_input": BadCase(
+        "vision", request_bytes("bad-6", "vit", _undecodable_png()), "undecodable_input", "bad-6"
+    ),
+    "deadline_exceeded": BadCase(
+        "text",
+        request_bytes("bad-7", "bert", {"text": "too late"}, deadline_ms=int(time.time() * 1000) - 60_000),
+        "deadline_exceeded",
+        "bad-7",
+    ),
+}
+# "unsupported" has no case: no code path in worker/ raises errors.Unsupported.
+
+GOOD_INPUTS = {
+    "text": ("bert", {"text": "fine"}),
+    "vision": ("vit", {"image": b64_file("models/samples/image.png")}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES.values()), ids=list(BAD_CASES))
+async def test_bad_input_gets_a_typed_error_reply_and_a_dlq_copy_and_serving_goes_on(
+    kafka_bootstrap: str, models: Models, case: BadCase
+) -> None:
+    async with serving(kafka_bootstrap, models, **(case.knobs or {})) as worker:
+        prefix = prefix_of(worker)
+        topic = requests_topic(case.modality, prefix)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic(case.modality, prefix)) as replies,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            # Both on one partition: the good request is read past the bad one.
+            bad = await producer.send_and_wait(
+                topic, case.body, partition=0, headers=[*case.headers, ("correlation_id", b"the-bad-one")]
+            )
+            model, inputs = GOOD_INPUTS[case.modality]
+            await producer.send_and_wait(
+                topic,
+                request_bytes("good", model, inputs),
+                partition=0,
+                headers=[("correlation_id", b"good")],
+            )
+            answered = await replies.wait_for(2)
+            [copy] = await dlq.wait_for(1)
+            await asyncio.sleep(0.3)
+            assert len(replies.records) == 2 and len(dlq.records) == 1
+    by_correlation = {headers_of(r)["correlation_id"]: body_of(r) for r in answered}
+    error_reply = by_correlation[b"the-bad-one"]
+    assert error_reply["error"]["code"] == case.code, error_reply
+    assert error_reply["error"]["message"]
+    assert error_reply["id"] == case.request_id
+    assert "error" not in by_correlation[b"good"] and by_correlation[b"good"]["id"] == "good"
+
+    assert (copy.value or b"") == case.body
+    headers = headers_of(copy)
+    assert headers["error_code"] == case.code.encode()
+    assert headers["source_topic"] == topic.encode()
+    assert headers["source_partition"] == str(bad.partition).encode()
+    assert headers["source_offset"] == str(bad.offset).encode()
+
+
+async def test_a_deadline_that_passes_in_the_queue_is_answered_deadline_exceeded(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    async with serving(
+        kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=800
+    ) as worker:
+        prefix = prefix_of(worker)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            # Alive when read (it passes intake), dead before the 800 ms batch wait is over.
+            sent = time.perf_counter()
+            deadline_ms = int(time.time() * 1000) + 300
+            topic = requests_topic("text", prefix)
+            await producer.send(topic, request_bytes("late", "bert", {"text": "a"}, deadline_ms=deadline_ms))
+            await producer.send(topic, request_bytes("patient", "bert", {"text": "b"}))
+            await producer.flush()
+            await replies.wait_until(lambda records: any(body_of(r)["id"] == "late" for r in records))
+            late_after = time.perf_counter() - sent
+            answered = {body_of(r)["id"]: body_of(r) for r in await replies.wait_for(2)}
+            [copy] = await dlq.wait_for(1)
+    assert answered["late"]["error"]["code"] == "deadline_exceeded"
+    # Answered when its batch came due, not at intake: the deadline passed in the queue.
+    assert late_after >= 0.75, f"answered after {late_after:.3f} s"
+    assert headers_of(copy)["error_code"] == b"deadline_exceeded"
+    # The expired request left the batch: it is not counted in its neighbour's batch.
+    assert answered["patient"]["timing"]["batch_size"] == 1
+
+
+async def test_a_message_too_large_to_copy_to_the_dlq_is_still_answered_and_committed(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    # The worker's producer takes max(2 * max_message_bytes, 1 MiB) per request: 1.5 MB is over it.
+    huge = request_bytes("huge", "bert", {"text": "z" * 1_500_000})
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}, max_message_bytes=1024) as worker:
+        prefix = prefix_of(worker)
+        topic = requests_topic("text", prefix)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap, max_request_size=4 * 1024 * 1024) as producer,
+        ):
+            await producer.send_and_wait(topic, huge, partition=0, headers=[("correlation_id", b"huge")])
+            await producer.send_and_wait(
+                topic, request_bytes("good", "bert", {"text": "ok"}), partition=0, key=b"good"
+            )
+            answered = {headers_of(r)["correlation_id"]: body_of(r) for r in await replies.wait_for(2)}
+            with contextlib.suppress(TimeoutError):
+                await dlq.wait_for(1, timeout=1)
+            await worker.drain()
+            tp = TopicPartition(topic, 0)
+            committed = await committed_offsets(kafka_bootstrap, worker.settings.group_id, [tp])
+            in_flight = worker.tracker.in_flight
+    assert answered[b"huge"]["error"]["code"] == "payload_too_large"
+    assert "error" not in answered[b"good"]
+    assert committed == {tp: 2}, "the partition's commit is stuck before the oversize message"
+    assert in_flight == 0
+    assert [headers_of(r)["error_code"] for r in dlq.records] == [b"payload_too_large"]
+
+
+# --- one reply per request ----------------------------------------------------------------
+
+
+def mixed_request(i: int) -> tuple[str, bytes, bool]:
+    """(modality, body, is good) for the i-th request of a mixed stream."""
+    if i % 5 == 1:
+        return "text", b"not json at all", False
+    if i % 5 == 3:
+        return "text", request_bytes(f"r{i}", "no-such-model", {"text": "hi"}), False
+    if i % 10 == 4:
+        return "vision", request_bytes(f"r{i}", "vit", _undecodable_png()), False
+    if i % 10 == 9:
+        return "vision", request_bytes(f"r{i}", "vit", {"image": b64_file("models/samples/image.png")}), True
+    return "text", request_bytes(f"r{i}", "bert", {"text": f"request number {i}"}), True
+
+
+async def test_every_request_gets_exactly_one_reply(kafka_bootstrap: str, models: Models) -> None:
+    count = 50
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = prefix_of(worker)
+        reply_topic = f"{prefix}.my-replies"
+        await create_topics(kafka_bootstrap, [reply_topic])
+        stream = [mixed_request(i) for i in range(count)]
+        async with (
+            TopicReader(kafka_bootstrap, reply_topic) as replies,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            delivered = [
+                await producer.send(
+                    requests_topic(modality, prefix),
+                    body,
+                    key=f"k{i}".encode(),
+                    headers=[("correlation_id", f"c{i}".encode()), ("reply_to", reply_topic.encode())],
+                )
+                for i, (modality, body, _) in enumerate(stream)
+            ]
+            await asyncio.gather(*delivered)
+            await replies.wait_for(count)
+            await asyncio.sleep(1.0)  # a duplicate would arrive within this
+            answered = list(replies.records)
+            copies = list(dlq.records)
+    correlation = Counter(headers_of(r)["correlation_id"].decode() for r in answered)
+    assert sorted(correlation) == sorted(f"c{i}" for i in range(count))
+    assert set(correlation.values()) == {1}, f"duplicates: {[c for c, n in correlation.items() if n > 1]}"
+    for record in answered:
+        i = int(headers_of(record)["correlation_id"].decode()[1:])
+        assert ("error" not in body_of(record)) == stream[i][2], (i, body_of(record))
+    assert len(copies) == sum(1 for *_, good in stream if not good)
+
+
+# --- backpressure -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlowModel(ServedModel):
+    """Fault injection: a served model whose engine call sleeps first (in the executor thread)."""
+
+    delay_s: float = 0.05
+
+    def run(self, batch: Any) -> Any:
+        time.sleep(self.delay_s)
+        return super().run(batch)
+
+
+async def test_backpressure_pauses_intake_and_every_request_is_still_answered(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    bert = models["bert"]
+    slow = SlowModel(bert.metadata, bert.preprocessor, bert.engine, bert.head, delay_s=0.05)
+    max_in_flight, fetch_max_records, count = 4, 4, 30
+    samples: list[tuple[bool, int]] = []
+
+    async with serving(
+        kafka_bootstrap,
+        {"bert": slow},
+        max_in_flight=max_in_flight,
+        fetch_max_records=fetch_max_records,
+        max_batch_size=1,
+        max_wait_ms=0,
+    ) as worker:
+
+        async def sample() -> None:
+            while True:
+                samples.append((worker.paused, worker.tracker.in_flight))
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            async with InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client:
+                texts = [{"text": f"slow request {i}"} for i in range(count)]
+                replies = await client.send_many("text", "bert", texts, timeout=30)
+            await until(lambda: worker.tracker.in_flight == 0 and not worker.paused, timeout=5)
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        assert not worker.paused
+    assert all("error" not in r for r in replies)
+    assert any(paused for paused, _ in samples), "intake was never paused"
+    peak = max(in_flight for _, in_flight in samples)
+    assert peak <= max_in_flight + fetch_max_records, f"{peak} requests in flight"
+
+
+# --- commits ------------------------------------------------------------------------------
+
+
+async def test_after_drain_every_answered_offset_is_committed(kafka_bootstrap: str, models: Models) -> None:
+    count = 24
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = prefix_of(worker)
+        group = worker.settings.group_id
+        reply_topic = f"{prefix}.my-replies"
+        await create_topics(kafka_bootstrap, [reply_topic])
+        stream = [mixed_request(i) for i in range(count)]
+        async with (
+            TopicReader(kafka_bootstrap, reply_topic) as replies,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            for i, (modality, body, _) in enumerate(stream):
+                await producer.send(
+                    requests_topic(modality, prefix),
+                    body,
+                    key=f"k{i}".encode(),
+                    headers=[("reply_to", reply_topic.encode())],
+                )
+            await producer.flush()
+            await replies.wait_for(count)
+        await worker.drain()
+        # Ends read back from the topics: tansu's end_offsets() is unreliable (docs/kafka-notes.md).
+        request_topics = sorted({requests_topic(modality, prefix) for modality, *_ in stream})
+        async with TopicReader(kafka_bootstrap, *request_topics) as requests:
+            ends = partition_ends(await requests.wait_for(count))
+        committed = await committed_offsets(kafka_bootstrap, group, ends)
+    assert len(ends) > 1, "the requests should spread over several partitions"
+    assert committed == ends
+
+
+def partition_ends(records: list[Record]) -> dict[TopicPartition, int]:
+    """Per partition, the offset after its last record (what a complete commit points at)."""
+    ends: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        ends[tp] = max(ends.get(tp, 0), r.offset + 1)
+    return ends
+
+
+async def committed_offsets(
+    bootstrap: str, group: str, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    """The group's committed positions, read by a consumer that never joins the group.
+
+    Not AIOKafkaAdminClient.list_consumer_group_offsets: tansu's OffsetFetch answer to the
+    admin client's request version does not decode in aiokafka 0.14 (connection dropped).
+    """
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await reader.start()
+    try:
+        return {tp: await reader.committed(tp) for tp in partitions}
+    finally:
+        await reader.stop()
