@@ -11,14 +11,18 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from tests.references import ROOT
+from worker.app import Worker
 from worker.decoding import MediaLimits, decode_wav
+from worker.registry import ServedModel
+from worker.settings import Settings
 
 Record = ConsumerRecord[bytes, bytes]
 
@@ -140,3 +144,33 @@ class TopicReader:
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[Record]:  # noqa: ASYNC109
         """The records read so far, once there are at least ``count``."""
         return await self.wait_until(lambda records: len(records) >= count, timeout)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Poll plain state the worker exposes no event for."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
+    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
+    prefix = f"kw{uuid.uuid4().hex[:12]}"
+    settings = Settings(
+        bootstrap_servers=bootstrap,
+        topic_prefix=prefix,
+        group_id=f"{prefix}.workers",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        drain_timeout_s=10,
+        **knobs,
+    )
+    worker = Worker(settings, models)
+    await worker.start()
+    try:
+        await until(lambda: worker.ready)
+        yield worker
+    finally:
+        await worker.drain()
+        await worker.stop()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,8 @@ from tests.kafka_support import (
     headers_of,
     raw_producer,
     request_bytes,
+    serving,
+    until,
     wire_inputs,
 )
 from tests.references import TINY, load_samples, to_model_input
@@ -36,7 +37,6 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.processors import TensorInput, TextInput
 from worker.registry import ServedModel, load_models
-from worker.settings import Settings
 from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -51,36 +51,6 @@ Models = dict[str, ServedModel]
 def models() -> Models:
     """Every tiny model, loaded once (about 10-15 s)."""
     return load_models(TINY)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    """Poll plain state the worker exposes no event for."""
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
-    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
-    prefix = f"kw{uuid.uuid4().hex[:12]}"
-    settings = Settings(
-        bootstrap_servers=bootstrap,
-        topic_prefix=prefix,
-        group_id=f"{prefix}.workers",
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-        drain_timeout_s=10,
-        **knobs,
-    )
-    worker = Worker(settings, models)
-    await worker.start()
-    try:
-        await until(lambda: worker.ready)
-        yield worker
-    finally:
-        await worker.drain()
-        await worker.stop()
 
 
 def prefix_of(worker: Worker) -> str:

@@ -45,6 +45,7 @@ from worker.batching import BatcherClosed, MicroBatcher
 from worker.decoding import MediaLimits, decode_inputs
 from worker.errors import DeadlineExceeded, InferenceError, UnknownModel
 from worker.metadata import Bucket
+from worker.metrics import HealthServer, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.processors import Prepared
 from worker.registry import ServedModel
@@ -88,6 +89,7 @@ class Outgoing:
 
     origin: Origin
     request_id: str | None
+    model: str | None
     body: bytes
     error: ErrorDetail | None = None
 
@@ -162,15 +164,23 @@ class Worker:
             max_batch_size=1024 * 1024,
             max_request_size=max_request_size,
             graceful_timeout=settings.drain_timeout_s,
+            security=settings.kafka_security(),
             logger=logging.getLogger("worker.kafka"),
             log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
         )
         self.consumer: AIOKafkaConsumer | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._observer: asyncio.Task[None] | None = None
         self._state = _State()
         self._commit_lock = asyncio.Lock()
         self._progress = asyncio.Event()
+        self.metrics = WorkerMetrics()
+        self.health = (
+            HealthServer(self.metrics, lambda: self.ready, settings.metrics_port)
+            if settings.metrics_port is not None
+            else None
+        )
         self._subscribe()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -178,6 +188,9 @@ class Worker:
     async def start(self) -> None:
         """Connect (retrying until Kafka answers), start the batchers' loops, join the group."""
         s = self.settings
+        if self.health is not None:
+            self.health.start()  # /healthz answers while Kafka is still being waited for
+        self._observer = asyncio.create_task(self._observe(), name="observe")
         await self._connect()
         for name, model in self.models.items():
             batcher: MicroBatcher[Bucket, Job] = MicroBatcher(*s.batching_for(name))
@@ -191,6 +204,22 @@ class Worker:
             s.group_id,
         )
 
+    async def _observe(self) -> None:
+        """Once a second: prove the loop is alive and refresh the gauges."""
+        while True:
+            self.metrics.tick()
+            self.metrics.in_flight.set(self.tracker.in_flight)
+            consumer = self.consumer
+            if consumer is not None:
+                self.metrics.paused_partitions.set(len(consumer.paused()))
+                for tp in consumer.assignment():
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        with contextlib.suppress(KafkaError, AssertionError):
+                            lag = max(0, high - await consumer.position(tp))
+                            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            await asyncio.sleep(1.0)
+
     async def _connect(self) -> None:
         """Create the topics and start the broker client; a missing broker is waited for, not fatal."""
         s = self.settings
@@ -200,7 +229,12 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                await create_topics(s.bootstrap_servers, [*topics, dlq_topic(s.topic_prefix)], s.partitions)
+                await create_topics(
+                    s.bootstrap_servers,
+                    [*topics, dlq_topic(s.topic_prefix)],
+                    s.partitions,
+                    client_kwargs=s.kafka_client_kwargs(),
+                )
                 await self.broker.start()
                 return
             except (KafkaError, OSError) as exc:
@@ -233,11 +267,14 @@ class Worker:
     async def stop(self) -> None:
         """Leave the group and close the broker connection; cancels what drain left behind."""
         self._state.stopping = True
-        for task in [*self._loops, *self._state.tasks]:
+        tasks = [*self._loops, *self._state.tasks, *([self._observer] if self._observer else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._state.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.broker.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.health is not None:
+            self.health.stop()
         log.info("worker stopped")
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
@@ -366,7 +403,7 @@ class Worker:
     ) -> Outgoing:
         detail = ErrorDetail(code=code, message=message)
         body = ErrorReply(id=request_id, model=model, error=detail).model_dump_json().encode()
-        return Outgoing(origin, request_id, body, detail)
+        return Outgoing(origin, request_id, model, body, detail)
 
     # --- batches -----------------------------------------------------------------------
 
@@ -415,6 +452,12 @@ class Worker:
             # One bad request must not fail its neighbours: retry them one by one.
             return [reply for job in jobs for reply in self._run_batch(model, [job], started_ms)]
         inference_ms = (time.perf_counter() - begin) * 1000
+        self.metrics.batch_seconds.labels(model.name).observe(inference_ms / 1000)
+        self.metrics.batch_size.labels(model.name).observe(len(jobs))
+        for job in jobs:
+            self.metrics.queue_seconds.labels(model.name).observe(
+                max(0.0, started_ms - job.origin.timestamp_ms) / 1000
+            )
         replies = []
         for job, out in zip(jobs, outputs, strict=True):
             try:
@@ -430,7 +473,9 @@ class Worker:
                         batch_size=len(jobs),
                     ),
                 )
-                replies.append(Outgoing(job.origin, job.request_id, result.model_dump_json().encode()))
+                replies.append(
+                    Outgoing(job.origin, job.request_id, model.name, result.model_dump_json().encode())
+                )
             except InferenceError as exc:
                 replies.append(self._error(job.origin, job.request_id, model.name, exc.code, exc.message))
             except Exception:
@@ -458,6 +503,7 @@ class Worker:
             for reply, outcome in zip(pending, outcomes, strict=True):
                 if outcome is None:
                     self.tracker.done(reply.origin.tp, reply.origin.offset)
+                    self._count(reply)
                 elif isinstance(outcome, Exception):
                     retry += self._after_failure(reply, outcome)
                 else:
@@ -469,6 +515,11 @@ class Worker:
             if pending:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _count(self, reply: Outgoing) -> None:
+        outcome = "ok" if reply.error is None else reply.error.code.value
+        model = reply.model if reply.model in self.models else "unknown"  # bounded label values
+        self.metrics.requests.labels(model, reply.origin.modality.value, outcome).inc()
 
     def _after_failure(self, reply: Outgoing, exc: Exception) -> list[Outgoing]:
         """What to do with a reply the broker did not take: re-route, retry, or give up."""

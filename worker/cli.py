@@ -148,7 +148,9 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
     stopping = False
 
     def spawn(index: int) -> multiprocessing.process.BaseProcess:
-        child = context.Process(target=_serve, args=(models_dir, settings), name=f"worker-{index}")
+        port = settings.metrics_port
+        mine = settings if not port else settings.model_copy(update={"metrics_port": port + index})
+        child = context.Process(target=_serve, args=(models_dir, mine), name=f"worker-{index}")
         child.start()
         return child
 

@@ -45,14 +45,36 @@ class Pipeline:
         self.model = model
         self.task = model.metadata.task
 
-    def __call__(self, inputs: Any, **parameters: Any) -> Any:
-        """One input gives one result; a list of inputs gives a list of results."""
+    def __call__(self, inputs: Any = None, **parameters: Any) -> Any:
+        """One input gives one result; a list of inputs gives a list of results.
+
+        Question answering also takes ``question=..., context=...`` (strings, or lists of equal length).
+        """
+        if inputs is None:
+            inputs = self._question_and_context(parameters)
         batched = isinstance(inputs, list) and not self._is_one_video(inputs)
         items = inputs if batched else [inputs]
         decoded = [self._decode(item, parameters) for item in items]
         extra = {k: v for k, v in parameters.items() if k not in _INPUT_KEYWORDS}
         results = self.model.infer(decoded, extra)
+        if batched and self.task == "text-classification" and "top_k" not in extra:
+            # The pipeline lists the top label of a lone string only; in a batch each comes bare.
+            results = [result[0] if isinstance(result, list) else result for result in results]
         return results if batched else results[0]
+
+    @staticmethod
+    def _question_and_context(parameters: dict[str, Any]) -> Any:
+        """``question=`` and ``context=`` keywords as question-answering inputs, as the QA pipeline took them."""
+        question, context = parameters.get("question"), parameters.get("context")
+        if isinstance(question, str) and isinstance(context, str):
+            return {"question": question, "context": context}
+        if isinstance(question, list) and isinstance(context, str):
+            return [{"question": q, "context": context} for q in question]
+        if isinstance(question, list) and isinstance(context, list) and len(question) == len(context):
+            return [{"question": q, "context": c} for q, c in zip(question, context, strict=True)]
+        raise InvalidRequest(
+            "no inputs: pass them first, or question= and context= (strings, or lists of equal length)"
+        )
 
     def _is_one_video(self, inputs: list[Any]) -> bool:
         """A video is itself a list of frames: a list of frames is one input, not a batch."""
@@ -62,6 +84,8 @@ class Pipeline:
     def _decode(self, item: Any, parameters: dict[str, Any]) -> ModelInput:
         modality = self.model.metadata.modality
         if modality is Modality.TEXT:
+            if isinstance(item, dict) and "question" in item:
+                return TextInput(item["question"], item["context"])
             if isinstance(item, dict):
                 return TextInput(item["text"], item.get("text_pair"))
             return TextInput(str(item), parameters.get("text_pair"))
@@ -89,7 +113,9 @@ class Pipeline:
         return AudioInput(np.asarray(item, dtype=np.float32), int(rate))
 
 
-_INPUT_KEYWORDS = frozenset({"candidate_labels", "hypothesis_template", "text", "text_pair", "sampling_rate"})
+_INPUT_KEYWORDS = frozenset(
+    {"candidate_labels", "hypothesis_template", "text", "text_pair", "sampling_rate", "question", "context"}
+)
 
 
 def pipeline(

@@ -7,9 +7,12 @@ README's settings table is generated from this class (``python -m worker setting
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from faststream.kafka.security import parse_security
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,6 +85,28 @@ class Settings(BaseSettings):
         False, description="Skip model folders that fail to load (with a warning) instead of exiting."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    security_protocol: str = Field(
+        "PLAINTEXT",
+        pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+        description="Kafka security protocol: PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL.",
+    )
+    sasl_mechanism: str = Field(
+        "PLAIN",
+        pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+        description="SASL mechanism when SASL is on.",
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_cafile: str | None = Field(None, description="CA bundle to verify the brokers (SSL / SASL_SSL).")
+    ssl_certfile: str | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: str | None = Field(None, description="Private key of the client certificate.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="HTTP port for /metrics (Prometheus), /healthz and /readyz; unset: off, 0: any free port. "
+        "With --processes N, process i uses port + i.",
+    )
 
     def batching_for(self, model: str) -> tuple[int, float]:
         """(max batch size, max wait in seconds) for one model, overrides applied."""
@@ -89,6 +114,31 @@ class Settings(BaseSettings):
         size = int(override.get("max_batch_size", self.max_batch_size))
         wait_ms = float(override.get("max_wait_ms", self.max_wait_ms))
         return size, wait_ms / 1000
+
+    def kafka_security(self) -> BaseSecurity | None:
+        """The FastStream security object for these settings (None: plaintext)."""
+        context = None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        if not self.security_protocol.startswith("SASL"):
+            return BaseSecurity(ssl_context=context) if context else None
+        if not self.sasl_username or self.sasl_password is None:
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_username and sasl_password"
+            )
+        kind = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+        return kind[self.sasl_mechanism](
+            self.sasl_username,
+            self.sasl_password.get_secret_value(),
+            ssl_context=context,
+            use_ssl=context is not None,
+        )
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """The same security as keyword arguments of plain aiokafka clients (admin, producer)."""
+        return parse_security(self.kafka_security())
 
     def metadata_overrides(self) -> dict[str, dict[str, Any]]:
         """The per-model overrides that are metadata keys (everything but batching knobs)."""

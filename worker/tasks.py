@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from worker.errors import InvalidRequest
 from worker.metadata import MetadataError, ModelMetadata
-from worker.processors import Prepared
+from worker.processors import Prepared, TokenAlignment
 
 Outputs = Mapping[str, np.ndarray]
 Head = Callable[[ModelMetadata, Outputs, Prepared, Mapping[str, Any]], Any]
@@ -28,13 +29,17 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
-def _top_k(parameters: Mapping[str, Any], default: int | None, available: int) -> int:
-    value = parameters.get("top_k", default)
-    if value is None:
-        return available
+def _positive_int(parameters: Mapping[str, Any], name: str, default: int) -> int:
+    value = parameters.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequest("parameter 'top_k' must be a positive integer or null")
-    return min(value, available)
+        raise InvalidRequest(f"parameter {name!r} must be a positive integer")
+    return value
+
+
+def _top_k(parameters: Mapping[str, Any], default: int, available: int, *, none_is_all: bool) -> int:
+    if parameters.get("top_k", default) is None:
+        return available if none_is_all else min(default, available)
+    return min(_positive_int(parameters, "top_k", default), available)
 
 
 def _label(metadata: ModelMetadata, index: int) -> str:
@@ -42,20 +47,61 @@ def _label(metadata: ModelMetadata, index: int) -> str:
     return labels[index] if labels is not None and index < len(labels) else f"LABEL_{index}"
 
 
-def _ranked(metadata: ModelMetadata, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
-    scores = sigmoid(logits) if logits.shape[-1] == 1 else softmax(logits)
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return [{"label": _label(metadata, int(i)), "score": float(scores[i])} for i in order]
+def _alignment(prepared: Prepared, task: str) -> TokenAlignment:
+    alignment = prepared.context.get("alignment")
+    if not isinstance(alignment, TokenAlignment):
+        raise InvalidRequest(f"{task} needs text inputs: raw tensors carry no token offsets")
+    return alignment
 
 
-def _classification(default_top_k: int | None) -> Head:
+# --- classification ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Where the classification pipelines differ: default top_k, what top_k=None means, key order."""
+
+    default_top_k: int
+    #: top_k=None gives every label (text, audio) or the default count (image, video).
+    none_is_all: bool
+    #: Entries read {"score", "label"} (audio, video, zero-shot) or {"label", "score"} (text, image).
+    score_first: bool
+
+    def rank(self, metadata: ModelMetadata, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        """The top_k labels, best first; ties keep label order like the pipelines' stable sort."""
+        scores = sigmoid(logits) if logits.shape[-1] == 1 else softmax(logits)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [self.entry(_label(metadata, int(i)), float(scores[i])) for i in order]
+
+    def entry(self, label: str, score: float) -> dict[str, Any]:
+        """One label and its score, in the pipeline's key order."""
+        return {"score": score, "label": label} if self.score_first else {"label": label, "score": score}
+
+
+def _classification(ranking: Ranking) -> Head:
     def head(
         metadata: ModelMetadata, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]
     ) -> Any:
         logits = outputs["logits"][0]
-        return _ranked(metadata, logits, _top_k(parameters, default_top_k, logits.shape[-1]))
+        top_k = _top_k(parameters, ranking.default_top_k, logits.shape[-1], none_is_all=ranking.none_is_all)
+        return ranking.rank(metadata, logits, top_k)
 
     return head
+
+
+_TEXT_RANKING = Ranking(default_top_k=1, none_is_all=True, score_first=False)
+
+
+def text_classification(
+    metadata: ModelMetadata, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]
+) -> Any:
+    """Ranked labels; without top_k the pipeline's legacy form: the best one, listed for a lone text,
+    bare for a text pair."""
+    logits = outputs["logits"][0]
+    if "top_k" in parameters:
+        return _TEXT_RANKING.rank(metadata, logits, _top_k(parameters, 1, logits.shape[-1], none_is_all=True))
+    [best] = _TEXT_RANKING.rank(metadata, logits, 1)
+    return best if prepared.context.get("text_pair") is not None else [best]
 
 
 def zero_shot_image_classification(
@@ -67,6 +113,140 @@ def zero_shot_image_classification(
     scores = softmax(logits)
     order = np.argsort(-scores, kind="stable")
     return [{"score": float(scores[i]), "label": labels[i]} for i in order]
+
+
+# --- token classification ------------------------------------------------------------------
+
+
+def token_classification(
+    metadata: ModelMetadata, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]
+) -> Any:
+    """Like TokenClassificationPipeline: an entry per token ("none") or per entity group ("simple")."""
+    alignment = _alignment(prepared, metadata.task)
+    strategy = str(parameters.get("aggregation_strategy", "none")).lower()
+    if strategy not in ("none", "simple"):
+        raise InvalidRequest("parameter 'aggregation_strategy' must be 'none' or 'simple'")
+    ignore = parameters.get("ignore_labels", ["O"])
+    if not isinstance(ignore, list):
+        raise InvalidRequest("parameter 'ignore_labels' must be a list of labels")
+    text = prepared.context["text"]
+    scores = softmax(outputs["logits"][0][: len(alignment.ids)])
+    entities: list[dict[str, Any]] = []
+    for index, token_scores in enumerate(scores):
+        if alignment.special[index]:
+            continue
+        best = int(token_scores.argmax())
+        start, end = alignment.offsets[index]
+        # An unknown token says nothing about its text; the pipeline shows the text it covers.
+        unknown = alignment.ids[index] == alignment.unk_id
+        entities.append(
+            {
+                "entity": _label(metadata, best),
+                "score": float(token_scores[best]),
+                "index": index,
+                "word": text[start:end] if unknown else alignment.tokens[index],
+                "start": start,
+                "end": end,
+            }
+        )
+    if strategy == "simple":
+        entities = _group_entities(entities, alignment.detokenize)
+    return [e for e in entities if e.get("entity", e.get("entity_group")) not in ignore]
+
+
+def _tag(label: str) -> tuple[str, str]:
+    """("B" or "I", entity type); a label without a B-/I- prefix continues like an I- tag."""
+    if label.startswith(("B-", "I-")):
+        return label[0], label[2:]
+    return "I", label
+
+
+def _group_entities(
+    entities: list[dict[str, Any]], detokenize: Callable[[list[str]], str]
+) -> list[dict[str, Any]]:
+    """Adjacent tokens of one entity type, each run starting afresh at a B- tag, as one group."""
+    groups: list[list[dict[str, Any]]] = []
+    for entity in entities:
+        bi, tag = _tag(entity["entity"])
+        if groups and bi != "B" and tag == _tag(groups[-1][-1]["entity"])[1]:
+            groups[-1].append(entity)
+        else:
+            groups.append([entity])
+    return [
+        {
+            "entity_group": group[0]["entity"].split("-", 1)[-1],
+            "score": float(np.mean([entity["score"] for entity in group])),
+            "word": detokenize([entity["word"] for entity in group]),
+            "start": group[0]["start"],
+            "end": group[-1]["end"],
+        }
+        for group in groups
+    ]
+
+
+# --- question answering --------------------------------------------------------------------
+
+
+def question_answering(
+    metadata: ModelMetadata, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]
+) -> Any:
+    """Like transformers 4's QuestionAnsweringPipeline (gone in 5): best word-aligned spans of the context
+    (text = question, text_pair = context); one answer bare, several as a list."""
+    alignment = _alignment(prepared, metadata.task)
+    context = prepared.context.get("text_pair")
+    if context is None:
+        raise InvalidRequest("question answering needs the question as 'text' and the context as 'text_pair'")
+    top_k = _positive_int(parameters, "top_k", 1)
+    max_answer_len = _positive_int(parameters, "max_answer_len", 15)
+    count = len(alignment.ids)
+    in_context = np.array([sequence == 1 for sequence in alignment.sequence_ids])
+    # The pipeline lets CLS into the softmax (some models answer "impossible" there), then zeroes it.
+    is_cls = np.array([token == alignment.cls_id for token in alignment.ids])
+    start = _masked_softmax(outputs["start_logits"][0][:count], in_context | is_cls)
+    end = _masked_softmax(outputs["end_logits"][0][:count], in_context | is_cls)
+    null_score = float(start[0] * end[0])
+    # Only context tokens may start or end an answer (the pipeline also zeroes position 0, the CLS).
+    spans = np.tril(np.triu(np.outer(start, end)), max_answer_len - 1)
+    spans[~in_context, :] = 0.0
+    spans[:, ~in_context] = 0.0
+    # Like the pipeline, weigh only the top_k * 2 + 10 best spans before merging equal answers.
+    answers: list[dict[str, Any]] = []
+    for flat in np.argsort(-spans, axis=None, kind="stable")[: top_k * 2 + 10]:
+        first, last = np.unravel_index(flat, spans.shape)
+        score = float(spans[first, last])
+        if score <= 0.0:
+            break
+        start_char, end_char = _word_span(alignment, int(first))[0], _word_span(alignment, int(last))[1]
+        text = context[start_char:end_char]
+        # As in the pipeline, spans that align to the same text (case aside) pool their scores.
+        same = next((a for a in answers if a["answer"].lower() == text.lower()), None)
+        if same is not None:
+            same["score"] += score
+        else:
+            answers.append({"score": score, "start": start_char, "end": end_char, "answer": text})
+    if parameters.get("handle_impossible_answer", False):
+        answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
+    answers = sorted(answers, key=lambda answer: float(answer["score"]), reverse=True)[:top_k]
+    return answers[0] if len(answers) == 1 else answers
+
+
+def _masked_softmax(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Softmax with disallowed positions at the pipeline's -10000 (so they weigh nothing)."""
+    return softmax(np.where(allowed, logits.astype(np.float64), -10000.0))
+
+
+def _word_span(alignment: TokenAlignment, token: int) -> tuple[int, int]:
+    """Character span, in the context, of the whole word that the token belongs to."""
+    word = alignment.word_ids[token]
+    spans = [
+        alignment.offsets[i]
+        for i, (sequence, other) in enumerate(zip(alignment.sequence_ids, alignment.word_ids, strict=True))
+        if sequence == 1 and other == word
+    ]
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+# --- feature extraction --------------------------------------------------------------------
 
 
 def feature_extraction(
@@ -95,10 +275,12 @@ def feature_extraction(
 
 
 HEADS: dict[str, Head] = {
-    "text-classification": _classification(1),
-    "image-classification": _classification(5),
-    "audio-classification": _classification(5),
-    "video-classification": _classification(5),
+    "text-classification": text_classification,
+    "token-classification": token_classification,
+    "question-answering": question_answering,
+    "image-classification": _classification(Ranking(default_top_k=5, none_is_all=False, score_first=False)),
+    "audio-classification": _classification(Ranking(default_top_k=5, none_is_all=True, score_first=True)),
+    "video-classification": _classification(Ranking(default_top_k=5, none_is_all=False, score_first=True)),
     "zero-shot-image-classification": zero_shot_image_classification,
     "feature-extraction": feature_extraction,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
@@ -27,6 +28,7 @@ async def create_topics(
     *,
     replication_factor: int = 1,
     timeout_ms: int = 10_000,
+    client_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created.
 
@@ -37,7 +39,9 @@ async def create_topics(
     wanted = list(dict.fromkeys(names))
     if not wanted:
         return []
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=timeout_ms)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=timeout_ms, **(client_kwargs or {})
+    )
     await admin.start()
     try:
         response = await admin.create_topics(
