@@ -50,6 +50,8 @@ def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.
     """PNG/JPEG/... bytes -> RGB image; the pixel count is checked from the header first."""
     try:
         image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above ours, checked at open
+        raise PayloadTooLarge(f"{what} claims more pixels than any limit allows") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UndecodableInput(f"{what} is not a readable image") from exc
     width, height = image.size
@@ -88,12 +90,15 @@ def decode_wav(raw: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
 
 
 def _pcm_to_float(data: bytes, width: int) -> np.ndarray:
+    if width < 1:
+        raise UndecodableInput("audio sample width is 0 bytes")
+    data = data[: len(data) - len(data) % width]  # a truncated file may end mid-sample
     if width == 1:
         return (np.frombuffer(data, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     if width == 2:
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     if width == 3:
-        bytes3 = np.frombuffer(data[: len(data) - len(data) % 3], dtype=np.uint8).reshape(-1, 3)
+        bytes3 = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3)
         ints = (
             bytes3[:, 0].astype(np.int32)
             | bytes3[:, 1].astype(np.int32) << 8
