@@ -1,27 +1,44 @@
-"""Build six tiny random-weight Hugging Face models, export each to ONNX and record references.
+"""Build nine tiny random-weight Hugging Face models, export each to ONNX and record references.
 
 Everything is made from configs with a fixed seed (no hub access), so a rebuild gives the same
 folders. Each folder holds model.onnx, the transformers weights/config, the processor files and
-reference.json/.npz: raw sample requests, the processor's encoding and the PyTorch outputs.
+reference.json/.npz: raw sample requests, the processor's encoding, the PyTorch outputs and, per
+sample and parameter set, what the matching ``transformers.pipeline`` returns for that request.
+
+A request becomes a pipeline call as follows: ``text`` alone is the string, ``text`` with
+``text_pair`` is ``{"text", "text_pair"}`` (question answering: ``question=text, context=text_pair``),
+``image`` is the path, ``audio`` is ``{"raw": waveform, "sampling_rate": 16000}``,
+``candidate_labels``/``hypothesis_template`` are keywords, and the stored ``kwargs`` are added.
 """
 
+import functools
 import json
 import shutil
 import wave
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+import transformers
 from PIL import Image, ImageDraw
 from tokenizers import pre_tokenizers
 from transformers import (
+    AutoImageProcessor,
+    AutoModelForQuestionAnswering,
+    AutoModelForVideoClassification,
+    AutoTokenizer,
     BertConfig,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
     BertTokenizer,
     CLIPConfig,
     CLIPImageProcessor,
@@ -42,6 +59,7 @@ from transformers import (
     WhisperFeatureExtractor,
     WhisperForAudioClassification,
 )
+from transformers.pipelines.video_classification import VideoClassificationPipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "models" / "samples"
@@ -102,10 +120,35 @@ TEXT_REQUESTS: list[dict[str, Any]] = [
     },
     {"text": "The weather is nice today.", "text_pair": "I want to walk in the park."},
 ]
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+# Out-of-vocabulary words (Anna, Paris, near, slept) become [UNK], whose word is the text it covers;
+# walked, dogs and kids split into word pieces, so entity words are joined from pieces.
+NER_REQUESTS: list[dict[str, Any]] = [
+    {"text": "My friend Anna was walking with her father in the park near Paris yesterday."},
+    {"text": "My friends walked their dogs slowly in the park near Paris yesterday."},
+    {"text": "The kids were playing in the park while the dogs slept."},
+    {"text": "Great movie!"},
+]
+# Added to the random tagger's logits so tags vary (B-/I- runs, O gaps) instead of B-LOC nearly everywhere.
+NER_BIAS = [0.3, 0.3, 1.2, -1.2, 0.0]
+# Contexts long enough that every answer candidate the pipeline weighs has a non-zero score.
+QA_REQUESTS: list[dict[str, Any]] = [
+    {
+        "text": "Where did the family go after the movie?",
+        "text_pair": "After the movie the family went home to the park, because the weather was "
+        "nice and the kids were happy to play with the dog.",
+    },
+    {
+        "text": "Who is the teacher?",
+        "text_pair": "The teacher is my mother, and she has been working in the city for a long time.",
+    },
+]
 
 IMAGE_PATH = SAMPLES_DIR / "image.png"
 AUDIO_PATH = SAMPLES_DIR / "audio.wav"
 FRAME_PATHS = [SAMPLES_DIR / "video" / f"frame_{i}.png" for i in range(4)]
+# Image, audio and video classification: the pipeline's default top_k (5), and fewer.
+TOP_K_CALLS: tuple[dict[str, Any], ...] = ({}, {"top_k": 2})
 
 Arrays = dict[str, np.ndarray]
 Axes = dict[str, dict[int, str]]
@@ -125,6 +168,8 @@ class Sample:
 
     request: dict[str, Any]
     encoded: Arrays
+    # Pipeline parameter sets; each is stored with what the pipeline returns for this request.
+    calls: tuple[dict[str, Any], ...] = ({},)
 
 
 @dataclass(frozen=True)
@@ -138,6 +183,8 @@ class Built:
     samples: list[Sample]
     # A batch of another shape than the samples, so baked-in shapes would be caught.
     export_inputs: Arrays
+    # ONNX metadata_props (inference.* keys) for what the HF files cannot declare, e.g. pooling.
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 # --- samples -----------------------------------------------------------------------------------
@@ -216,33 +263,99 @@ def relative(path: Path) -> str:
 # --- one small function per model --------------------------------------------------------------
 
 
-def build_bert(folder: Path) -> Built:
-    """Text classification: BERT with a WordPiece vocabulary of a few hundred English words."""
+def bert_tokenizer(folder: Path) -> Any:
+    """A WordPiece tokenizer over a few hundred English words, its vocab.txt written to folder."""
     vocab = [*BERT_SPECIAL, *PUNCTUATION, *BERT_WORDS.split(), *WORDPIECES]
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     # transformers 5 ignores vocab_file=; the vocabulary goes in positionally.
-    tokenizer = BertTokenizer(str(vocab_file), model_max_length=128)
-    labels = ["negative", "neutral", "positive"]
-    config = BertConfig(
+    return BertTokenizer(str(vocab_file), model_max_length=128)
+
+
+def bert_config(tokenizer: Any, labels: list[str] | None = None) -> BertConfig:
+    """The small BERT tower every tiny BERT shares, with a label head when labels are given."""
+    return BertConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=128,
         initializer_range=INITIALIZER_RANGE,
         pad_token_id=tokenizer.pad_token_id,
         **TOWER,
-        **label_maps(labels),
+        **(label_maps(labels) if labels is not None else {}),
     )
-    model = seeded_model(BertForSequenceClassification, config)
-    signature = Signature(
-        inputs={
-            name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "token_type_ids")
-        },
-        outputs={"logits": {0: "batch"}},
+
+
+def text_signature(outputs: Axes) -> Signature:
+    """BERT's three token inputs, dynamic in batch and sequence, with the given outputs."""
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    return Signature(inputs={name: {0: "batch", 1: "sequence"} for name in names}, outputs=outputs)
+
+
+def text_samples(
+    tokenizer: Any, requests: list[dict[str, Any]], calls: tuple[dict[str, Any], ...]
+) -> list[Sample]:
+    """Each request tokenized alone, to be called with each parameter set."""
+    return [Sample(request, tokenizer(**request, return_tensors="np"), calls) for request in requests]
+
+
+def text_export_inputs(tokenizer: Any, requests: list[dict[str, Any]]) -> Arrays:
+    """The first two requests as one padded batch."""
+    return tokenizer(
+        [request["text"] for request in requests[:2]],
+        [request["text_pair"] for request in requests[:2]] if "text_pair" in requests[0] else None,
+        padding=True,
+        return_tensors="np",
     )
-    samples = [Sample(request, tokenizer(**request, return_tensors="np")) for request in TEXT_REQUESTS]
-    texts = [request["text"] for request in TEXT_REQUESTS[:2]]
-    export_inputs = tokenizer(texts, padding=True, return_tensors="np")
+
+
+def build_bert(folder: Path) -> Built:
+    """Text classification: BERT with a WordPiece vocabulary of a few hundred English words."""
+    tokenizer = bert_tokenizer(folder)
+    model = seeded_model(
+        BertForSequenceClassification, bert_config(tokenizer, ["negative", "neutral", "positive"])
+    )
+    signature = text_signature({"logits": {0: "batch"}})
+    samples = text_samples(tokenizer, TEXT_REQUESTS, ({}, {"top_k": None}))
+    export_inputs = text_export_inputs(tokenizer, TEXT_REQUESTS)
     return Built(model, tokenizer, "text-classification", signature, samples, export_inputs)
+
+
+def build_bert_ner(folder: Path) -> Built:
+    """Token classification: the tiny BERT tagging people and places in BIO style."""
+    tokenizer = bert_tokenizer(folder)
+    model = seeded_model(BertForTokenClassification, bert_config(tokenizer, NER_LABELS))
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor(NER_BIAS))
+    signature = text_signature({"logits": {0: "batch", 1: "sequence"}})
+    calls = ({}, {"aggregation_strategy": "none"}, {"aggregation_strategy": "simple"})
+    samples = text_samples(tokenizer, NER_REQUESTS, calls)
+    export_inputs = text_export_inputs(tokenizer, NER_REQUESTS)
+    return Built(model, tokenizer, "token-classification", signature, samples, export_inputs)
+
+
+def build_bert_qa(folder: Path) -> Built:
+    """Extractive question answering: the tiny BERT scoring answer starts and ends."""
+    tokenizer = bert_tokenizer(folder)
+    model = seeded_model(BertForQuestionAnswering, bert_config(tokenizer))
+    axes = {0: "batch", 1: "sequence"}
+    signature = text_signature({"start_logits": axes, "end_logits": axes})
+    calls = ({}, {"top_k": 3}, {"max_answer_len": 2, "handle_impossible_answer": True})
+    samples = text_samples(tokenizer, QA_REQUESTS, calls)
+    export_inputs = text_export_inputs(tokenizer, QA_REQUESTS)
+    return Built(model, tokenizer, "question-answering", signature, samples, export_inputs)
+
+
+def build_bert_embed(folder: Path) -> Built:
+    """Sentence embeddings: the tiny BERT's token vectors, mean-pooled and L2-normalised."""
+    tokenizer = bert_tokenizer(folder)
+    model = seeded_model(BertModel, bert_config(tokenizer))
+    signature = text_signature({"last_hidden_state": {0: "batch", 1: "sequence"}})
+    # Two texts in different sequence buckets keep the stored token vectors small.
+    singles = TEXT_REQUESTS[:2]
+    samples = text_samples(tokenizer, singles, ({},))
+    export_inputs = text_export_inputs(tokenizer, singles)
+    # Declared in the ONNX file itself, so the folder needs no extra file to say how to pool.
+    metadata = {"inference.pooling": "mean", "inference.normalize": "true"}
+    return Built(model, tokenizer, "feature-extraction", signature, samples, export_inputs, metadata)
 
 
 def build_vit(folder: Path) -> Built:
@@ -258,7 +371,7 @@ def build_vit(folder: Path) -> Built:
     model = seeded_model(ViTForImageClassification, config)
     signature = Signature(inputs={"pixel_values": {0: "batch"}}, outputs={"logits": {0: "batch"}})
     encoded = processor(read_image(IMAGE_PATH), return_tensors="np")
-    sample = Sample({"image": relative(IMAGE_PATH)}, encoded)
+    sample = Sample({"image": relative(IMAGE_PATH)}, encoded, TOP_K_CALLS)
     return Built(model, processor, "image-classification", signature, [sample], batch_of_two(encoded))
 
 
@@ -295,7 +408,7 @@ def build_wav2vec2(folder: Path) -> Built:
     )
     audio = read_wav(AUDIO_PATH)
     encoded = processor(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")
-    sample = Sample({"audio": relative(AUDIO_PATH)}, encoded)
+    sample = Sample({"audio": relative(AUDIO_PATH)}, encoded, TOP_K_CALLS)
     # Two clips of different lengths, so the padded row's mask matters.
     export_inputs = processor(
         [audio, audio[: SAMPLING_RATE // 2]],
@@ -325,7 +438,7 @@ def build_whisper_encoder(folder: Path) -> Built:
     # With torch installed the extractor takes torch's STFT path; the numpy path that runs
     # without torch gives features within 1e-5 of these (measured 8e-6).
     encoded = processor(read_wav(AUDIO_PATH), sampling_rate=SAMPLING_RATE, return_tensors="np")
-    sample = Sample({"audio": relative(AUDIO_PATH)}, encoded)
+    sample = Sample({"audio": relative(AUDIO_PATH)}, encoded, TOP_K_CALLS)
     return Built(model, processor, "audio-classification", signature, [sample], batch_of_two(encoded))
 
 
@@ -345,7 +458,7 @@ def build_videomae(folder: Path) -> Built:
     signature = Signature(inputs={"pixel_values": {0: "batch"}}, outputs={"logits": {0: "batch"}})
     frames = [read_image(path) for path in FRAME_PATHS]
     encoded = processor(frames, return_tensors="np")
-    sample = Sample({"frames": [relative(path) for path in FRAME_PATHS]}, encoded)
+    sample = Sample({"frames": [relative(path) for path in FRAME_PATHS]}, encoded, TOP_K_CALLS)
     return Built(model, processor, "video-classification", signature, [sample], batch_of_two(encoded))
 
 
@@ -412,6 +525,9 @@ def build_clip(folder: Path) -> Built:
 
 BUILDERS: dict[str, Callable[[Path], Built]] = {
     "bert": build_bert,
+    "bert-ner": build_bert_ner,
+    "bert-qa": build_bert_qa,
+    "bert-embed": build_bert_embed,
     "vit": build_vit,
     "wav2vec2": build_wav2vec2,
     "whisper-encoder": build_whisper_encoder,
@@ -530,33 +646,214 @@ def write_npz(path: Path, arrays: Arrays) -> None:
                 np.lib.format.write_array(member, np.ascontiguousarray(array))
 
 
+def add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Write metadata_props into an exported ONNX file."""
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, dict(metadata))
+    onnx.save(model, path)
+
+
 def finish(built: Built, folder: Path) -> float:
     """Save, export, check ONNX against PyTorch and write references; return the max diff."""
     built.model.save_pretrained(folder)
     built.processor.save_pretrained(folder)
     export_inputs = onnx_inputs(built.export_inputs, built.signature)
     export_onnx(built.model, built.signature, export_inputs, folder / "model.onnx")
+    if built.metadata:
+        add_metadata(folder / "model.onnx", built.metadata)
     session = ort.InferenceSession(folder / "model.onnx", providers=["CPUExecutionProvider"])
 
     _, worst = torch_vs_onnx(built.model, session, export_inputs, built.signature)
     references: Arrays = {}
+    samples: list[dict[str, Any]] = []
     for index, sample in enumerate(built.samples):
         inputs = onnx_inputs(sample.encoded, built.signature)
         outputs, diff = torch_vs_onnx(built.model, session, inputs, built.signature)
         worst = max(worst, diff)
         references |= {f"{index}/input/{name}": value for name, value in inputs.items()}
         references |= {f"{index}/output/{name}": value for name, value in outputs.items()}
+        calls = [
+            {"kwargs": kwargs, "outputs": pipeline_output(built.task, folder, sample.request, kwargs)}
+            for kwargs in sample.calls
+        ]
+        entry = {"inputs": sample.request, "pipeline": calls}
+        if "inference.pooling" in built.metadata:
+            entry["sentence_embedding"] = sentence_embedding(
+                outputs["last_hidden_state"], inputs["attention_mask"]
+            )
+        samples.append(entry)
     if worst > EXPORT_TOLERANCE:
         raise AssertionError(f"{folder.name}: ONNX differs from PyTorch by {worst:.3g}")
 
     write_npz(folder / "reference.npz", references)
     reference = {
         "task": built.task,
-        "samples": [{"inputs": sample.request} for sample in built.samples],
+        "pipeline_source": pipeline_source(built.task),
+        "samples": samples,
         "tolerance": REFERENCE_TOLERANCE,
     }
     (folder / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
     return worst
+
+
+# --- what the transformers pipelines return ----------------------------------------------------
+
+
+def pipeline_output(task: str, folder: Path, request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
+    """What the task's transformers pipeline returns for a request and parameters, as plain JSON values."""
+    replica = REPLICAS.get(task)
+    if replica is not None:
+        return plain(replica(folder, request, kwargs))
+    inputs, keywords = pipeline_call(request)
+    return plain(live_pipeline(task, folder)(inputs, **keywords, **kwargs))
+
+
+def pipeline_source(task: str) -> str:
+    """Where a task's stored pipeline outputs come from."""
+    if task == "question-answering":
+        return "transformers 4.57 QuestionAnsweringPipeline (removed in 5), replayed step for step on PyTorch"
+    if task == "video-classification":
+        return (
+            f"transformers {transformers.__version__} VideoClassificationPipeline.postprocess on PyTorch "
+            "logits (the pipeline itself needs PyAV and a video file)"
+        )
+    return f"transformers {transformers.__version__} pipeline"
+
+
+@functools.cache
+def live_pipeline(task: str, folder: Path) -> Any:
+    """The transformers pipeline for a model folder, loaded once."""
+    return transformers.pipeline(task, model=str(folder))
+
+
+def pipeline_call(request: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A worker request as the pipeline's input and keywords (see the module docstring)."""
+    if "candidate_labels" in request:
+        keywords = {key: request[key] for key in ("candidate_labels", "hypothesis_template")}
+        return str(REPO_ROOT / request["image"]), keywords
+    if "text_pair" in request:
+        return {"text": request["text"], "text_pair": request["text_pair"]}, {}
+    if "text" in request:
+        return request["text"], {}
+    if "image" in request:
+        return str(REPO_ROOT / request["image"]), {}
+    if "audio" in request:
+        return {"raw": read_wav(REPO_ROOT / request["audio"]), "sampling_rate": SAMPLING_RATE}, {}
+    raise ValueError(f"no pipeline call for request keys {sorted(request)}")
+
+
+def plain(value: Any) -> Any:
+    """A pipeline result with numpy scalars and tuples turned into plain JSON values."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def answer_question(folder: Path, request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
+    """transformers 4.57's QuestionAnsweringPipeline (removed in 5) step for step, quirks included,
+    for a fast right-padded tokenizer and a question and context that fit one span."""
+    top_k = kwargs.get("top_k", 1)
+    max_answer_len = kwargs.get("max_answer_len", 15)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
+    context = request["text_pair"]
+    encoded = tokenizer(
+        text=request["text"],
+        text_pair=context,
+        return_token_type_ids=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    if len(encoded["input_ids"]) > min(tokenizer.model_max_length, 384):
+        raise ValueError("the replica covers one span: shorten the context")
+    encoding = encoded.encodings[0]
+    ids = np.asarray(encoded["input_ids"])
+    # p_mask: 1 where a token cannot be in the answer (all but the context), CLS kept unmasked.
+    p_mask = np.asarray([sequence != 1 for sequence in encoded.sequence_ids(0)], dtype=np.int64)
+    p_mask[ids == tokenizer.cls_token_id] = 0
+    with torch.inference_mode():
+        tensors = {name: torch.tensor([encoded[name]]) for name in tokenizer.model_input_names}
+        output = model(**tensors)
+    start, end = output.start_logits.numpy(), output.end_logits.numpy()
+
+    # select_starts_ends: mask, softmax each row, note the null score, zero position 0.
+    possible = np.abs(p_mask - 1)[None] & np.asarray(encoded["attention_mask"])[None]
+    start = np.where(possible == 0, -10000.0, start)
+    end = np.where(possible == 0, -10000.0, end)
+    start = np.exp(start - start.max(axis=-1, keepdims=True))
+    start = start / start.sum()
+    end = np.exp(end - end.max(axis=-1, keepdims=True))
+    end = end / end.sum()
+    null_score = min(1000000, (start[0, 0] * end[0, 0]).item())
+    start[0, 0] = end[0, 0] = 0.0
+
+    # decode_spans: the top_k * 2 + 10 best spans (align_to_words may merge some), then the allowed ones.
+    candidates = np.tril(np.triu(np.matmul(start[..., None], end[:, None])), max_answer_len - 1)
+    flat = candidates.flatten()
+    wanted = top_k * 2 + 10
+    if len(flat) < wanted:
+        order = np.argsort(-flat)
+    else:
+        best = np.argpartition(-flat, wanted)[:wanted]
+        order = best[np.argsort(-flat[best])]
+    starts, ends = np.unravel_index(order, candidates.shape)[1:]
+    # As in the pipeline, isin() over nonzero()'s (rows, columns) pair: row index 0 counts as allowed too.
+    allowed = possible.nonzero()
+    keep = np.isin(starts, allowed) & np.isin(ends, allowed)
+    starts, ends = starts[keep], ends[keep]
+    scores = candidates[0, starts, ends]
+
+    answers: list[dict[str, Any]] = []
+    for first, last, score in zip(starts, ends, scores, strict=True):
+        try:
+            start_char = encoding.word_to_chars(encoding.token_to_word(first), sequence_index=1)[0]
+            end_char = encoding.word_to_chars(encoding.token_to_word(last), sequence_index=1)[1]
+        except Exception:  # as the pipeline: a token without a word falls back to its own offsets
+            start_char, end_char = encoding.offsets[first][0], encoding.offsets[last][1]
+        text = context[start_char:end_char]
+        same = next((answer for answer in answers if answer["answer"].lower() == text.lower()), None)
+        if same is not None:
+            same["score"] += score.item()
+        else:
+            answers.append({"score": score.item(), "start": start_char, "end": end_char, "answer": text})
+    if kwargs.get("handle_impossible_answer", False):
+        answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
+    answers = sorted(answers, key=lambda answer: answer["score"], reverse=True)[:top_k]
+    return answers[0] if len(answers) == 1 else answers
+
+
+def classify_video(folder: Path, request: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Any:
+    """The video pipeline's own parameter handling and postprocess on PyTorch logits of the frames."""
+    # The pipeline itself needs PyAV and a video file; its PyAV path hands the decoded frames to
+    # the image processor, as this does with the sample frames.
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForVideoClassification.from_pretrained(folder).eval()
+    frames = [read_image(REPO_ROOT / path) for path in request["frames"]]
+    with torch.inference_mode():
+        outputs = model(**processor(frames, return_tensors="pt"))
+    # Both methods read nothing from the pipeline but its model.
+    stand_in = SimpleNamespace(model=model)
+    _, _, options = VideoClassificationPipeline._sanitize_parameters(stand_in, **kwargs)
+    return VideoClassificationPipeline.postprocess(stand_in, outputs, **options)
+
+
+REPLICAS: dict[str, Callable[[Path, Mapping[str, Any], Mapping[str, Any]], Any]] = {
+    "question-answering": answer_question,
+    "video-classification": classify_video,
+}
+
+
+def sentence_embedding(hidden: np.ndarray, mask: np.ndarray) -> list[float]:
+    """sentence-transformers' mean pooling over the real tokens, then L2 normalisation."""
+    tokens = torch.from_numpy(hidden)
+    weights = torch.from_numpy(mask).unsqueeze(-1).to(tokens.dtype)
+    pooled = (tokens * weights).sum(1) / torch.clamp(weights.sum(1), min=1e-9)
+    embedding: list[float] = torch.nn.functional.normalize(pooled, p=2, dim=1)[0].tolist()
+    return embedding
 
 
 def build_tiny(out: Path) -> None:

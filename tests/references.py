@@ -1,9 +1,9 @@
-"""The tiny models' stored references: raw sample inputs and the PyTorch outputs for them."""
+"""The tiny models' stored references: raw sample inputs, the PyTorch outputs and the pipeline outputs."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,17 @@ from worker.processors import AudioInput, ImageInput, ModelInput, MultimodalInpu
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny"
 TINY_MODELS = ("bert", "vit", "wav2vec2", "whisper-encoder", "videomae", "clip")
+#: The text-task models that only the task-head tests and the live checks cover so far.
+TEXT_TASK_MODELS = ("bert-ner", "bert-qa", "bert-embed")
+ALL_TINY_MODELS = (*TINY_MODELS, *TEXT_TASK_MODELS)
+
+
+@dataclass(frozen=True)
+class PipelineCall:
+    """Parameters a pipeline was called with on a sample, and what it returned."""
+
+    kwargs: dict[str, Any]
+    outputs: Any
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,9 @@ class Sample:
     raw: dict[str, Any]
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
+    calls: list[PipelineCall] = field(default_factory=list)
+    #: Mean-pooled, L2-normalised token vectors (sentence-transformers style), where stored.
+    sentence_embedding: list[float] | None = None
 
 
 def load_samples(name: str) -> tuple[list[Sample], float]:
@@ -36,8 +50,15 @@ def load_samples(name: str) -> tuple[list[Sample], float]:
     for i, sample in enumerate(spec["samples"]):
         inputs = {k.split("/", 2)[2]: arrays[k] for k in arrays.files if k.startswith(f"{i}/input/")}
         outputs = {k.split("/", 2)[2]: arrays[k] for k in arrays.files if k.startswith(f"{i}/output/")}
-        samples.append(Sample(sample["inputs"], inputs, outputs))
+        calls = [PipelineCall(call["kwargs"], call["outputs"]) for call in sample["pipeline"]]
+        samples.append(Sample(sample["inputs"], inputs, outputs, calls, sample.get("sentence_embedding")))
     return samples, float(spec["tolerance"])
+
+
+def reference_task(name: str) -> str:
+    """The pipeline task a tiny model's references were made for."""
+    task: str = json.loads((TINY / name / "reference.json").read_text())["task"]
+    return task
 
 
 def _image(path: str) -> Image.Image:
@@ -62,3 +83,55 @@ def to_model_input(raw: dict[str, Any]) -> ModelInput:
     if "frames" in raw:
         return VideoInput([_image(f) for f in raw["frames"]])
     raise ValueError(f"unknown sample inputs {sorted(raw)}")
+
+
+def pipeline_call(task: str, raw: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A stored raw sample as a pipeline call: the input (None for keywords only) and the keywords."""
+    if task == "question-answering":
+        return None, {"question": raw["text"], "context": raw["text_pair"]}
+    if "candidate_labels" in raw:
+        keywords = {
+            "candidate_labels": raw["candidate_labels"],
+            "hypothesis_template": raw["hypothesis_template"],
+        }
+        return str(ROOT / raw["image"]), keywords
+    if "text_pair" in raw:
+        return {"text": raw["text"], "text_pair": raw["text_pair"]}, {}
+    if "text" in raw:
+        return raw["text"], {}
+    if "image" in raw:
+        return str(ROOT / raw["image"]), {}
+    if "audio" in raw:
+        array, rate = decode_wav((ROOT / raw["audio"]).read_bytes(), MediaLimits())
+        return {"raw": array, "sampling_rate": rate}, {}
+    if "frames" in raw:
+        return [str(ROOT / frame) for frame in raw["frames"]], {}
+    raise ValueError(f"unknown sample inputs {sorted(raw)}")
+
+
+def assert_pipeline_equal(actual: Any, expected: Any, tolerance: float, where: str = "result") -> float:
+    """Same structure, keys (in order), labels, words and spans; floats within tolerance. The worst diff."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: {type(actual).__name__} where a dict was expected"
+        assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"
+        return max(
+            (assert_pipeline_equal(actual[k], v, tolerance, f"{where}.{k}") for k, v in expected.items()),
+            default=0.0,
+        )
+    if isinstance(expected, list):
+        assert isinstance(actual, list), f"{where}: {type(actual).__name__} where a list was expected"
+        assert len(actual) == len(expected), f"{where}: {len(actual)} items != {len(expected)}"
+        return max(
+            (
+                assert_pipeline_equal(a, e, tolerance, f"{where}[{i}]")
+                for i, (a, e) in enumerate(zip(actual, expected, strict=True))
+            ),
+            default=0.0,
+        )
+    if isinstance(expected, float):
+        assert isinstance(actual, float), f"{where}: {actual!r} is not a float"
+        diff = abs(actual - expected)
+        assert diff <= tolerance, f"{where}: {actual} differs from {expected} by {diff:.3g}"
+        return diff
+    assert type(actual) is type(expected) and actual == expected, f"{where}: {actual!r} != {expected!r}"
+    return 0.0

@@ -109,7 +109,9 @@ def zero_shot_image_classification(
 ) -> Any:
     """Scores over the request's candidate labels, best first (as the pipeline returns them)."""
     logits = outputs["logits_per_image"][0]
-    labels = prepared.context["candidate_labels"]
+    labels = prepared.context.get("candidate_labels")
+    if labels is None:
+        raise InvalidRequest("zero-shot classification needs an image with candidate_labels, not raw tensors")
     scores = softmax(logits)
     order = np.argsort(-scores, kind="stable")
     return [{"score": float(scores[i]), "label": labels[i]} for i in order]
