@@ -27,7 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build model folders offline")
     targets = build.add_subparsers(dest="target", required=True)
-    tiny = targets.add_parser("tiny", help="six tiny random-weight models exported to ONNX, with references")
+    tiny = targets.add_parser("tiny", help="nine tiny random-weight models exported to ONNX, with references")
     tiny.add_argument("--out", type=Path, default=DEFAULT_TINY_OUT, help="parent folder of the model folders")
     minilm = targets.add_parser("minilm", help="all-MiniLM-L6-v2 embeddings, checked against PyTorch")
     minilm.add_argument("--out", type=Path, default=DEFAULT_MINILM_OUT, help="the model folder")

@@ -32,7 +32,7 @@ from tests.kafka_support import (
     until,
     wire_inputs,
 )
-from tests.references import TINY, load_samples, to_model_input
+from tests.references import ALL_TINY_MODELS, TINY, assert_pipeline_equal, load_samples, to_model_input
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.processors import TensorInput, TextInput
@@ -586,3 +586,46 @@ async def committed_offsets(
         return {tp: await reader.committed(tp) for tp in partitions}
     finally:
         await reader.stop()
+
+
+def _wire_parameters(name: str, kwargs: dict[str, Any], models: Models) -> dict[str, Any]:
+    """The stored pipeline call's keywords as request parameters (raw token vectors for poolers)."""
+    parameters = dict(kwargs)
+    if models[name].metadata.pooling is not None:
+        parameters["pooling"] = "none"
+    return parameters
+
+
+async def test_every_task_answers_through_kafka_as_transformers_pipeline_does(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """One request per tiny model (one per task) over the broker, compared with the stored pipeline output."""
+    cases = []
+    for name in ALL_TINY_MODELS:
+        samples, tolerance = load_samples(name)
+        sample = samples[-1]  # the pair/long sample where there is one
+        call = sample.calls[-1]  # the call with parameters where there is one
+        cases.append((name, sample, call, tolerance))
+    async with (
+        serving(kafka_bootstrap, models) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        replies = await asyncio.gather(
+            *(
+                client.request(
+                    models[name].metadata.modality.value,
+                    name,
+                    wire_inputs(sample.raw),
+                    parameters=_wire_parameters(name, call.kwargs, models),
+                    timeout=60,
+                )
+                for name, sample, call, _ in cases
+            )
+        )
+    tasks = set()
+    for (name, _, call, tolerance), reply in zip(cases, replies, strict=True):
+        assert "error" not in reply, (name, reply)
+        assert reply["task"] == models[name].metadata.task
+        tasks.add(reply["task"])
+        assert_pipeline_equal(reply["outputs"], call.outputs, tolerance, where=name)
+    assert len(tasks) == 8, f"every task once: {sorted(tasks)}"
