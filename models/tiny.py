@@ -836,7 +836,7 @@ def classify_video(folder: Path, request: Mapping[str, Any], kwargs: Mapping[str
     with torch.inference_mode():
         outputs = model(**processor(frames, return_tensors="pt"))
     # Both methods read nothing from the pipeline but its model.
-    stand_in = SimpleNamespace(model=model)
+    stand_in = SimpleNamespace(model=model, framework="pt")  # transformers 4.57 reads .framework
     _, _, options = VideoClassificationPipeline._sanitize_parameters(stand_in, **kwargs)
     return VideoClassificationPipeline.postprocess(stand_in, outputs, **options)
 
