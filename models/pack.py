@@ -17,9 +17,10 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from PIL import Image
 
+from schemas.requests import Modality
 from worker.cli import render_metadata
 from worker.errors import InferenceError
-from worker.metadata import METADATA_PREFIX, Declared, MetadataError, Modality, ModelMetadata
+from worker.metadata import METADATA_PREFIX, Declared, MetadataError, ModelMetadata
 from worker.processors import (
     AudioInput,
     AudioPreprocessor,

@@ -17,6 +17,12 @@ WAV = ROOT / "models" / "samples" / "audio.wav"
 FRAMES = sorted((ROOT / "models" / "samples" / "video").glob("frame_*.png"))
 
 
+def assert_same_ranking(got: list[dict[str, object]], want: list[dict[str, object]]) -> None:
+    """Same labels in the same order, scores equal within float tolerance (another session's run)."""
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=1e-6)
+
+
 def test_text_classification_takes_a_string_or_a_list() -> None:
     clf = pipeline(model=TINY / "bert")
     one = clf("some text")
@@ -25,8 +31,9 @@ def test_text_classification_takes_a_string_or_a_list() -> None:
     assert len(many) == 2 and len(many[1]) == 3
     assert many[0][0]["label"] == one[0]["label"]
     assert many[0][0]["score"] == pytest.approx(one[0]["score"], abs=1e-6)
-    expected = load_model(TINY / "bert").infer([TextInput("some text")])[0]
-    assert one == expected
+    [expected] = load_model(TINY / "bert").infer([TextInput("some text")])[0]
+    assert one[0]["label"] == expected["label"]
+    assert one[0]["score"] == pytest.approx(expected["score"], abs=1e-6)
 
 
 def test_an_image_path_and_a_pil_image_give_the_same_answer() -> None:
@@ -34,7 +41,9 @@ def test_an_image_path_and_a_pil_image_give_the_same_answer() -> None:
     from_path = clf(str(IMAGE))
     from_pil = clf(Image.open(IMAGE))
     assert from_path == from_pil
-    assert from_path == load_model(TINY / "vit").infer([ImageInput(Image.open(IMAGE).convert("RGB"))])[0]
+    assert_same_ranking(
+        from_path, load_model(TINY / "vit").infer([ImageInput(Image.open(IMAGE).convert("RGB"))])[0]
+    )
     assert len(clf(IMAGE, top_k=2)) == 2
 
 
@@ -63,7 +72,9 @@ def test_zero_shot_takes_candidate_labels() -> None:
     assert sorted(r["label"] for r in result) == ["car", "cat", "dog"]
     assert sum(r["score"] for r in result) == pytest.approx(1.0)
     image = Image.open(IMAGE).convert("RGB")
-    assert result == load_model(TINY / "clip").infer([MultimodalInput(image, ("cat", "dog", "car"))])[0]
+    assert_same_ranking(
+        result, load_model(TINY / "clip").infer([MultimodalInput(image, ("cat", "dog", "car"))])[0]
+    )
 
 
 def test_a_task_that_contradicts_nothing_loads_and_a_missing_model_is_refused() -> None:

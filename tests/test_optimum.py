@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from schemas.requests import Modality
 from tests.references import ROOT, assert_pipeline_equal, pipeline_call, to_model_input
 from worker import pipeline
-from worker.metadata import DimRole, Modality, ModelMetadata, ProcessorKind, Source
+from worker.metadata import DimRole, ModelMetadata, ProcessorKind, Source
 from worker.registry import ServedModel, load_model
 from worker.tasks import softmax
 

@@ -146,7 +146,7 @@ class Worker:
             raise ValueError("no Kafka bootstrap servers configured (WORKER_BOOTSTRAP_SERVERS)")
         self.settings = settings
         self.models = dict(models)
-        self.modalities = sorted({Modality(m.metadata.modality.value) for m in self.models.values()})
+        self.modalities = sorted({m.metadata.modality for m in self.models.values()})
         self.limits = MediaLimits(
             max_image_pixels=settings.max_image_pixels,
             max_audio_seconds=settings.max_audio_seconds,
@@ -384,7 +384,7 @@ class Worker:
             request = parse_request(origin.raw, modality, max_bytes=self.settings.max_message_bytes)
             request_id, model_name = request.id, request.model
             model = self.models.get(request.model)
-            if model is None or model.metadata.modality.value != modality.value:
+            if model is None or model.metadata.modality != modality:
                 raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
             if request.deadline_ms is not None and request.deadline_ms <= _now_ms():
                 raise DeadlineExceeded("the request's deadline passed before it was read")

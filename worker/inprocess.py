@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from schemas.requests import Modality
 from worker.decoding import MediaLimits, decode_wav
 from worker.engine import EngineOptions
 from worker.errors import InvalidRequest
-from worker.metadata import Modality
 from worker.processors import (
     AudioInput,
     ImageInput,

@@ -19,6 +19,8 @@ from typing import Any
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from schemas.requests import Modality  # one modality enum: the wire format's
+
 # --- the documented key set ---------------------------------------------------------------
 #: Namespace of the keys the worker reads from an ONNX file's ``metadata_props``.
 METADATA_PREFIX = "inference."
@@ -34,16 +36,6 @@ DEFAULT_AUDIO_SECONDS = (1.0, 5.0, 10.0)
 
 class MetadataError(ValueError):
     """A model folder the worker cannot serve; the message names the file and the field."""
-
-
-class Modality(StrEnum):
-    """What a model consumes; one request topic per modality."""
-
-    TEXT = "text"
-    VISION = "vision"
-    AUDIO = "audio"
-    VIDEO = "video"
-    MULTIMODAL = "multimodal"
 
 
 class ProcessorKind(StrEnum):
