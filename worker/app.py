@@ -25,7 +25,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -122,6 +129,11 @@ async def _raw_records(records: tuple[ConsumerRecord[Any, Any], ...]) -> StreamM
 async def _no_decoding(message: StreamMessage[Any]) -> None:
     """The handler reads ``raw_message``; there is no body to decode."""
     return None
+
+
+#: Failures that mean "this topic will not take it", as opposed to "the broker is not there now".
+_TOPIC_REFUSED = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
 def _legal_topic(name: str | None) -> bool:
@@ -522,18 +534,29 @@ class Worker:
         self.metrics.requests.labels(model, reply.origin.modality.value, outcome).inc()
 
     def _after_failure(self, reply: Outgoing, exc: Exception) -> list[Outgoing]:
-        """What to do with a reply the broker did not take: re-route, retry, or give up."""
+        """What to do with a reply the broker did not take: re-route, replace, or retry it.
+
+        Only a refusal of the topic itself re-routes a reply_to reply; a broker that is down
+        (NodeNotReady, timeouts, ...) is waited for, so no reply lands where its client is
+        not listening. Nothing is given up: an unanswered offset would stall its partition.
+        """
         origin = reply.origin
         default = results_topic(origin.modality, self.settings.topic_prefix)
-        if origin.reply_topic != default:
+        if isinstance(exc, _TOPIC_REFUSED) and origin.reply_topic != default:
             log.warning("reply_to %r refused (%s); answering on %s", origin.reply_topic, exc, default)
             origin.reply_topic = default
             return [reply]
-        if isinstance(exc, KafkaError) and exc.retriable and not self._state.stopping:
-            log.warning("publishing a reply failed (%s); retrying", exc)
-            return [reply]
-        log.error("publishing the reply to %s offset %d failed for good: %r", origin.tp, origin.offset, exc)
-        return []
+        if isinstance(exc, _TOO_LARGE) and reply.error is None:
+            log.warning("the result for %s offset %d is too large to publish", origin.tp, origin.offset)
+            message = "the result is larger than the producer may send (max_message_bytes)"
+            return [self._error(origin, reply.request_id, reply.model, ErrorCode.PAYLOAD_TOO_LARGE, message)]
+        if self._state.stopping:
+            log.error(
+                "publishing the reply to %s offset %d failed at shutdown: %r", origin.tp, origin.offset, exc
+            )
+            return []
+        log.warning("publishing a reply failed (%r); retrying", exc)
+        return [reply]
 
     async def _deliver(self, reply: Outgoing) -> None:
         """One reply and its DLQ copy, acknowledged by the broker."""

@@ -95,9 +95,13 @@ class EmbeddedBroker:
         binary: str | None = None,
         log_path: Path | None = None,
         startup_timeout_s: float = 30.0,
+        advertised_port: int | None = None,
     ) -> None:
+        """`advertised_port`: the port metadata names instead of the listening one (e.g. a proxy's,
+        which must forward to `port` before start(): the readiness probe goes through it)."""
         self.host = host
         self._requested_port = port
+        self._advertised_port = advertised_port
         self._binary = binary
         self._given_log_path = log_path
         self._startup_timeout_s = startup_timeout_s
@@ -229,6 +233,7 @@ class EmbeddedBroker:
             os.close(fd)
             self._log_path = Path(name)
         url = f"tcp://{self.host}:{port}"
+        advertised = f"tcp://{self.host}:{self._advertised_port or port}"
         with self._log_path.open("ab") as log:
             # Output goes to a file, never a pipe: a pipe nobody reads fills up and
             # stalls the broker. The child keeps its own descriptor after we close ours.
@@ -239,7 +244,7 @@ class EmbeddedBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    advertised,
                     "--storage-engine",
                     "memory://tansu/",
                 ],

@@ -1,0 +1,148 @@
+"""The broker vanishes for seconds mid-stream: the worker lives on, answers everything, commits to the end.
+
+Invariants 1 and 2 of DESIGN.md across a broker outage. The broker advertises a TcpProxy's
+port, so every connection (bootstrap, and every one metadata points to) goes through the
+proxy; cutting it is an outage as all clients see it: connections reset, new ones refused.
+Duplicates (redelivery if the group dropped the silent worker) are allowed, with the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kafka_support import TopicReader, body_of
+from tests.process_support import Stream, WorkerLauncher, wait_until
+from tests.references import TINY
+from tests.tcp_proxy import TcpProxy
+from tests.test_worker_processes import (
+    START_TIMEOUT_S,
+    RecordProperty,
+    assert_duplicates_agree,
+    report_duplicates,
+    start_worker,
+    stop_worker,
+)
+from worker.embedded_broker import EmbeddedBroker, free_port
+from worker.topics import results_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+#: Longer than the session timeout (3 s), so a broker may drop the worker from the group (tansu,
+#: measured, keeps a lone member: no rebalance, no duplicates); shorter than aiokafka's 40 s
+#: request timeout, which the producer's sends ride out (for longer, see the long-outage test below).
+OUTAGE_S = 7.0
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    """A proxy in front of a broker of this test's own, which advertises the proxy's address."""
+    broker_port = free_port()
+    async with (
+        TcpProxy(broker_port) as proxy,
+        EmbeddedBroker(port=broker_port, advertised_port=proxy.port),
+    ):
+        yield proxy
+
+
+@pytest.fixture
+def workers(proxy: TcpProxy, tmp_path: Path) -> Iterator[WorkerLauncher]:
+    """Worker processes serving the tiny bert through the proxy; killed (with their children) afterwards."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "bert").symlink_to(TINY / "bert", target_is_directory=True)
+    launcher = WorkerLauncher(proxy.address, models, tmp_path)
+    yield launcher
+    launcher.kill_all()
+    print(launcher.log_tails())  # shown by pytest only when the test failed
+
+
+@pytest.fixture
+async def stream(proxy: TcpProxy, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Stream]:
+    """Requests and replies of this test, through the proxy like the worker's own traffic."""
+    # The test's own clients log an ERROR per reconnect attempt during the outage: noise here.
+    caplog.set_level(logging.CRITICAL, logger="aiokafka")
+    s = Stream(proxy.address)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def test_broker_outage_mid_stream_loses_nothing(
+    proxy: TcpProxy, workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
+) -> None:
+    sent: list[str] = []
+    producing = asyncio.Event()
+    producing.set()
+
+    async def produce() -> None:
+        """Requests until told to stop."""
+        # ~200 requests/s; during the outage the producer's sends wait (aiokafka retries them).
+        while producing.is_set():
+            sent.extend(await stream.send(10))
+            await asyncio.sleep(0.05)
+
+    worker = start_worker(workers, stream, "survivor")
+    producer = asyncio.create_task(produce())
+    try:
+        await wait_until(lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 replies", [worker])
+        reset = proxy.cut()
+        answered_at_cut, sent_at_cut = stream.answered(), len(sent)
+        await asyncio.sleep(OUTAGE_S)  # the outage itself: a duration, not a wait for an event
+        assert worker.returncode is None, f"the worker exited during the outage\n{worker.log_tail()}"
+        proxy.restore()
+
+        after = len(sent)
+        await wait_until(
+            lambda: len(sent) >= after + 200 and stream.answered(sent[after:]) >= 200,
+            START_TIMEOUT_S,
+            "200 replies to requests sent after the outage",
+            [worker],
+        )
+    finally:
+        producing.clear()
+        await producer
+
+    await stream.wait_answered(sent, 60, [worker])
+    await stop_worker(worker)
+    await stream.settle()
+
+    assert stream.missing() == []
+    assert await stream.committed() == stream.committed_end()
+    assert_duplicates_agree(stream)
+    report_duplicates(stream, record_property, "broker outage")
+    print(f"answered at the cut: {answered_at_cut} of {sent_at_cut} sent; {reset} connections reset")
+    assert reset > 0, "the cut reset no connection: the traffic did not go through the proxy"
+
+
+#: aiokafka's producer gives up on a batch after request_timeout_ms (40 s, the worker sets no other).
+LONG_OUTAGE_S = 45.0
+
+
+async def test_an_outage_longer_than_the_producer_timeout_keeps_replies_on_reply_to(
+    proxy: TcpProxy, workers: WorkerLauncher, stream: Stream
+) -> None:
+    worker = start_worker(workers, stream, "survivor", "--max-batch-size", "8")
+    await worker.wait_for_log("worker started", START_TIMEOUT_S)  # it has created the results topic
+    async with TopicReader(proxy.address, results_topic("text", stream.prefix)) as results:
+        # A backlog sent before the cut: the test's own producer would time out in the outage too.
+        ids = await stream.send(3000)
+        await wait_until(lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 replies", [worker])
+        proxy.cut()
+        await asyncio.sleep(LONG_OUTAGE_S)  # the outage itself: a duration, not a wait for an event
+        assert worker.returncode is None, f"the worker exited during the outage\n{worker.log_tail()}"
+        proxy.restore()
+
+        def rerouted() -> set[str]:
+            """Ids answered on the modality's results topic instead of reply_to."""
+            return {body_of(record)["id"] for record in results.records}
+
+        await wait_until(
+            lambda: not set(stream.missing(ids)) - rerouted(), 60, "a reply to every request", [worker]
+        )
+    assert rerouted() == set(), f"{len(rerouted())} of {len(ids)} replies went to the results topic"
+    assert stream.missing(ids) == []
