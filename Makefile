@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 EXPORT_VENV ?= .venv-export
+COMPAT_VENV ?= .venv-compat
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: demo test lint test-fast test-torch test-slow models clean
+.PHONY: demo test lint test-fast test-torch test-slow test-compat models bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +48,26 @@ test: lint test-fast test-torch
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m slow -q
 
+# The oldest transformers the worker supports (4.57, what Optimum's exporter needs), torch-free like
+# the worker's own runtime; the tests that need no broker. Not part of `make test`.
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q 'transformers>=4.57,<4.58' -e '.[test]'
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -m "not torch and not kafka and not slow" -q
+
 # Rebuild the committed tiny models from their PyTorch configs (needs the export venv).
 models: $(EXPORT_VENV)/.installed
 	$(EXPORT_VENV)/bin/python -m models build tiny
 
+# Raw ONNX Runtime vs the worker end to end vs naive consumers, on MiniLM (~10 min): bench/out/.
+bench: $(VENV)/.installed $(EXPORT_VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(EXPORT_VENV)/bin/python -m models build minilm
+	$(VENV)/bin/python -m worker bench --out bench/out
+
 clean:
-	rm -rf $(VENV) $(EXPORT_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(EXPORT_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache

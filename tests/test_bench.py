@@ -1,0 +1,257 @@
+"""The bench's pieces on a tiny model: inputs, raw ONNX Runtime timing, profile, report (no timings pinned)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from worker import bench
+from worker.registry import load_model
+
+TINY = Path(__file__).resolve().parent.parent / "models" / "tiny" / "bert"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return AutoTokenizer.from_pretrained(TINY)
+
+
+def test_harvest_keeps_plain_sentences_only_and_is_deterministic(tmp_path: Path) -> None:
+    (tmp_path / "guide.md").write_text(
+        "# Heading\n\nThe worker reads requests from Kafka. It answers every one of them!\n\n"
+        "Run `make test` now. Call foo_bar(x) = 3. Too short.\n"
+    )
+    (tmp_path / "module.py").write_text('def f():\n    """Return the answer to the question."""\n')
+    (tmp_path / "notes.bin").write_text("Binary files are never read by the harvester.")
+    sentences, files = bench.harvest_sentences([tmp_path], 10)
+    assert files == 2
+    assert sorted(sentences) == [
+        "It answers every one of them!",
+        "Return the answer to the question.",
+        "The worker reads requests from Kafka.",
+    ]
+    assert bench.harvest_sentences([tmp_path], 2)[0] == bench.harvest_sentences([tmp_path], 2)[0]
+    assert len(bench.harvest_sentences([tmp_path], 2)[0]) == 2
+
+
+def test_fixed_length_texts_tokenize_to_exactly_that_length(tokenizer: Any) -> None:
+    sentences = ["The cat sat on the mat while the dog slept.", "Prices rose again this spring."] * 5
+    texts = bench.fixed_length_texts(tokenizer, sentences, 24, 3)
+    assert len(texts) == 3
+    assert bench.token_lengths(tokenizer, texts) == [24, 24, 24]
+
+
+def test_padded_batches_are_length_sorted_and_padded_to_their_longest_row() -> None:
+    encodings = [[1] * n for n in (5, 2, 9, 3, 7)]
+    batches = bench.padded_batches(encodings, 2, ["input_ids", "attention_mask"])
+    assert [b["input_ids"].shape for b in batches] == [(2, 3), (2, 7), (1, 9)]
+    assert [b["attention_mask"].sum(axis=1).tolist() for b in batches] == [[2, 3], [5, 7], [9]]
+    fixed = bench.padded_batches(encodings, 4, ["input_ids", "attention_mask", "token_type_ids"], pad_to=8)
+    assert {b["input_ids"].shape[1] for b in fixed} == {8}
+    assert fixed[-1]["attention_mask"].sum() == 8  # the 9-token row is cut to 8
+
+
+def test_raw_compare_runs_every_case_on_the_tiny_model(tokenizer: Any) -> None:
+    encodings = tokenizer(["a short one", "a somewhat longer sentence than that"] * 4)["input_ids"]
+    cases = {
+        "one at a time": bench.RawCase(encodings, 1),
+        "fours, padded to 16, engine options": bench.RawCase(encodings, 4, 16, bench.ENGINE_CONFIG),
+    }
+    rates = bench.raw_compare(TINY / "model.onnx", cases, repeats=2)
+    assert set(rates) == set(cases)
+    assert all(len(s.values) == 2 and s.low <= s.median <= s.high and s.low > 0 for s in rates.values())
+
+
+def test_spread_and_percentiles_summarise_measurements() -> None:
+    spread = bench.Spread.of([3.0, 1.0, 2.0])
+    assert (spread.median, spread.low, spread.high) == (2.0, 1.0, 3.0)
+    assert str(spread) == "2 [1-3]"
+    summary = bench.percentiles(list(np.arange(1.0, 101.0)), (50, 99))
+    assert summary == {"p50": 50.5, "p99": 99.0, "max": 100.0}
+    assert bench.percentiles([]) == {}
+
+
+def test_spaced_sample_keeps_the_spread_of_the_input() -> None:
+    assert bench.spaced_sample(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert bench.spaced_sample([1, 2], 5) == [1, 2]
+
+
+def test_classify_names_the_first_known_frame_from_the_innermost_out() -> None:
+    frame = sys._getframe()
+    assert bench.classify(frame)[0] == "other"
+    assert bench.classify(None)[0] == bench.IDLE
+    assert bench.thread_group("inference_0") == "executor threads"
+    assert bench.thread_group("MainThread") == "event loop thread"
+
+
+def test_stack_sampler_attributes_a_busy_executor_thread() -> None:
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    busy = threading.Thread(target=spin, name="inference_0")
+    sampler = bench.StackSampler(interval=0.002)
+    busy.start()
+    sampler.start()
+    time.sleep(0.2)
+    profile = sampler.stop()
+    stop.set()
+    busy.join()
+    assert profile["samples"] > 0
+    assert profile["thread_time_pct_by_group"]["executor threads"]["other"] > 50
+    assert "executor threads" in profile["cpu_s_by_thread_group"]
+
+
+def test_stage_costs_cover_every_stage_of_the_worker_on_a_tiny_model() -> None:
+    model = load_model(TINY)
+    costs = bench.stage_costs(model, ["Hello there.", "A longer sentence about nothing much."] * 3, 8)
+    assert costs["sentences"] == 6
+    assert len(costs["ms_per_sentence"]) == 5
+    assert abs(sum(costs["share_pct"].values()) - 100) < 1
+
+
+def _runs(throughput: float, p99: float = 40.0, batch_ms: float = 5.0) -> list[dict[str, Any]]:
+    return [
+        {
+            "requests": 10,
+            "throughput_per_s": throughput,
+            "offered_per_s": None,
+            "cpu_s": {"worker": 0.5},
+            "latency_ms": {"p50": p99 / 2, "p90": p99 * 0.8, "p99": p99},
+            "batch_inference_ms": {"p50": batch_ms},
+            "peak_rss_mib": 500.0,
+        }
+    ]
+
+
+def _spread(value: float) -> dict[str, Any]:
+    return bench.Spread.of([value]).to_json()
+
+
+def fake_result() -> dict[str, Any]:
+    """The shape run_bench returns, with made-up numbers."""
+    raw = {
+        "by_batch_size": {"1": _spread(100.0), "8": _spread(200.0)},
+        "best": {"batch_size": 8, "sentences_per_s": _spread(200.0)},
+    }
+    point = {"max_wait_ms": 10.0}
+    return {
+        "meta": {"model": "models/tiny/bert", "cpus": 2},
+        "inputs": {
+            "mix": {"sentences": 10, "tokens": {"p10": 5, "p50": 9, "p90": 20, "max": 30}},
+            "fixed_128": {"texts": 4},
+        },
+        "raw_ort": {"length_sorted": raw, "padded_128": raw},
+        "sweep": [
+            {
+                "label": "defaults",
+                "throughput_per_s": _spread(190.0),
+                "half_load_p99_ms": _spread(18.0),
+                "p99_bound_ms": 20.0,
+                "experimental": False,
+            }
+        ],
+        "worker": {
+            "label": "defaults",
+            "settings": point,
+            "saturation_mix": _runs(190.0),
+            "saturation_fixed_128": _runs(150.0),
+            "latency_vs_load": [{"fraction": 0.5, **_runs(95.0, p99=18.0)[0], "offered_per_s": 95.0}],
+            "rss_idle_mib": 400.0,
+            "rss_peak_mib": 500.0,
+            "ort_sessions": {"total": 12, "bert": 12},
+            "profile": {"busy_share_by_category_pct": {"engine (ONNX Runtime, buffers)": 90.0}},
+            "stage_costs": {"engine_sentences_per_s": 210.0},
+            "stage_costs_128_tokens": {"engine_sentences_per_s": 45.0},
+        },
+        "naive_onnx": {"saturation_mix": _runs(50.0)},
+        "naive_torch": {"skipped": "no torch"},
+    }
+
+
+def test_assess_computes_ratios_and_judges_each_target() -> None:
+    result = fake_result()
+    bench.assess(result)
+    assert result["ratios"] == {
+        "worker/raw_ort_best": 0.95,
+        "worker_128/raw_ort_padded_128_best": 0.75,
+        "worker/naive_onnx": 3.8,
+    }
+    assert [t["met"] for t in result["targets"]] == [True, None, True, True, True]
+
+
+def _row(label: str, throughput: float, p99: float, experimental: bool = False) -> dict[str, Any]:
+    return {
+        "label": label,
+        "throughput_per_s": _spread(throughput),
+        "half_load_p99_ms": _spread(p99),
+        "p99_bound_ms": 50.0,
+        "experimental": experimental,
+    }
+
+
+def test_best_setting_must_meet_the_latency_target_before_it_can_win() -> None:
+    fast_but_slow_to_answer = _row("fast", 300.0, 900.0)
+    steady = _row("steady", 250.0, 30.0)
+    needs_a_code_change = _row("experiment", 400.0, 30.0, experimental=True)
+    assert bench.pick_best([fast_but_slow_to_answer, steady, needs_a_code_change]) == "steady"
+    assert bench.pick_best([fast_but_slow_to_answer]) == "fast"
+
+
+def test_report_renders_a_table_and_a_plot(tmp_path: Path) -> None:
+    result = fake_result()
+    bench.assess(result)
+    table = bench.render_table(result)
+    assert "raw ORT" in table and "worker e2e" in table and "naive ONNX" in table
+    assert "no torch" in table
+    if bench.plot(result, tmp_path / "bench.png"):
+        assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_quick_plan_shrinks_every_size_and_explicit_counts_win() -> None:
+    full, quick = bench.Plan.make(quick=False, sentences=None, repeats=None), bench.Plan()
+    assert full == quick
+    small = bench.Plan.make(quick=True, sentences=50, repeats=1)
+    assert (small.sentences, small.repeats) == (50, 1)
+    assert small.sweep_sentences < full.sweep_sentences and len(small.sweep) < len(full.sweep)
+    assert not full.sweep[0].experimental and any(p.experimental for p in full.sweep)
+
+
+@pytest.mark.kafka
+async def test_worker_and_naive_consumer_answer_every_bench_request(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    plan = bench.Plan(repeats=1, warmup=4, naive_sentences=6)
+    ctx = bench.Context(plan, TINY, None, tmp_path, bootstrap=kafka_bootstrap, model_name="bert")
+    texts = [f"Sentence number {i} is short." for i in range(12)]
+    inputs = bench.Inputs(mix=texts, fixed=["a b c d e f g h"], encodings=[], files_read=0)
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(bench.LoadClient(kafka_bootstrap, "bert"))
+        host = await bench.Host.start(ctx, bench.SweepPoint("defaults"), with_extras=False)
+        stack.push_async_callback(host.child.close)
+        assert host.sessions == {"bert": 12}
+        topics = [
+            await host.serve(ctx, bench.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
+        ]
+        naive = await bench.start_naive(ctx, client, "onnx", inputs, stack)
+        assert isinstance(naive, bench.Contender)
+        for topic in topics:
+            await bench.warm_up(client, topic, ctx, inputs)
+            saturated = (await client.run(topic, texts)).summary()
+            assert (saturated["answered"], saturated["errors"]) == (12, 0)
+            assert 1 <= saturated["batch_size"]["max"] <= 12
+            paced = (await client.run(topic, texts[:5], rate=50.0)).summary()
+            assert paced["answered"] == 5 and paced["offered_per_s"] == 50.0
+        answered = await bench.measured(ctx, naive.name, naive.pid, client.run(naive.topic, naive.texts))
+        assert (answered["answered"], answered["errors"]) == (6, 0)
+        assert answered["cpu_s"][naive.name] > 0 and answered["peak_rss_mib"] > 0
