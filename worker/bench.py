@@ -559,7 +559,7 @@ def _emit(event: Mapping[str, Any]) -> None:
 
 async def _stdin_lines() -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)  # a command line carries whole settings objects
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     return reader
 
@@ -759,6 +759,7 @@ class Child:
                 stderr=log_file,
                 cwd=ROOT,
                 env=env,
+                limit=64 * 1024 * 1024,  # result events carry every reply's timing: lines over 64 KiB
             )
         return cls(process, log_path)
 
