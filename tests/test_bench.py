@@ -159,6 +159,7 @@ def fake_result() -> dict[str, Any]:
                 "half_load_p99_ms": _spread(18.0),
                 "p99_bound_ms": 20.0,
                 "experimental": False,
+                "sessions": 12,
             }
         ],
         "worker": {
@@ -206,6 +207,10 @@ def test_best_setting_must_meet_the_latency_target_before_it_can_win() -> None:
     needs_a_code_change = _row("experiment", 400.0, 30.0, experimental=True)
     assert bench.pick_best([fast_but_slow_to_answer, steady, needs_a_code_change]) == "steady"
     assert bench.pick_best([fast_but_slow_to_answer]) == "fast"
+    # None meets the target: the quickest to answer among those within 10% of the fastest.
+    nearly_as_fast = _row("nearly", 280.0, 600.0)
+    slow = _row("slow", 200.0, 100.0)
+    assert bench.pick_best([fast_but_slow_to_answer, nearly_as_fast, slow]) == "nearly"
 
 
 def test_report_renders_a_table_and_a_plot(tmp_path: Path) -> None:
