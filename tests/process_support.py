@@ -12,6 +12,7 @@ group-less consumer: the tests see the wire, not the project's client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,25 @@ class Stream:
         for request_id, metadata in zip(ids, await asyncio.gather(*deliveries), strict=True):
             self.sent[request_id] = (metadata.partition, metadata.offset)
         return ids
+
+    @contextlib.asynccontextmanager
+    async def steadily(self, per_tick: int, tick_s: float = 0.05) -> AsyncIterator[list[str]]:
+        """Send ``per_tick`` requests every ``tick_s`` while the block runs; yields the growing list of ids."""
+        sent: list[str] = []
+        producing = asyncio.Event()
+        producing.set()
+
+        async def produce() -> None:
+            while producing.is_set():
+                sent.extend(await self.send(per_tick))
+                await asyncio.sleep(tick_s)
+
+        producer = asyncio.create_task(produce())
+        try:
+            yield sent
+        finally:
+            producing.clear()
+            await producer
 
     def answered(self, ids: Iterable[str] | None = None) -> int:
         """How many of ``ids`` (all sent when None) have at least one reply."""

@@ -75,20 +75,9 @@ async def stream(proxy: TcpProxy, caplog: pytest.LogCaptureFixture) -> AsyncIter
 async def test_broker_outage_mid_stream_loses_nothing(
     proxy: TcpProxy, workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
 ) -> None:
-    sent: list[str] = []
-    producing = asyncio.Event()
-    producing.set()
-
-    async def produce() -> None:
-        """Requests until told to stop."""
-        # ~200 requests/s; during the outage the producer's sends wait (aiokafka retries them).
-        while producing.is_set():
-            sent.extend(await stream.send(10))
-            await asyncio.sleep(0.05)
-
     worker = start_worker(workers, stream, "survivor")
-    producer = asyncio.create_task(produce())
-    try:
+    # ~200 requests/s; during the outage the producer's sends wait (aiokafka retries them).
+    async with stream.steadily(10) as sent:
         await wait_until(lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 replies", [worker])
         reset = proxy.cut()
         answered_at_cut, sent_at_cut = stream.answered(), len(sent)
@@ -103,9 +92,6 @@ async def test_broker_outage_mid_stream_loses_nothing(
             "200 replies to requests sent after the outage",
             [worker],
         )
-    finally:
-        producing.clear()
-        await producer
 
     await stream.wait_answered(sent, 60, [worker])
     await stop_worker(worker)

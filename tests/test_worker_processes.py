@@ -131,20 +131,10 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 async def test_workers_split_partitions_and_a_joiner_loses_nothing(
     workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
 ) -> None:
-    sent: list[str] = []
-    producing = asyncio.Event()
-    producing.set()
-
-    async def produce() -> None:
-        # A steady stream (~400 requests/s) for the whole life of the group's changes.
-        while producing.is_set():
-            sent.extend(await stream.send(20))
-            await asyncio.sleep(0.05)
-
     a = start_worker(workers, stream, "a")
     b = start_worker(workers, stream, "b")
-    producer = asyncio.create_task(produce())
-    try:
+    # A steady stream (~400 requests/s) for the whole life of the group's changes.
+    async with stream.steadily(20) as sent:
         await wait_until(
             lambda: split(a.current_assignment(), b.current_assignment()),
             START_TIMEOUT_S,
@@ -182,9 +172,6 @@ async def test_workers_split_partitions_and_a_joiner_loses_nothing(
             "200 replies to requests sent after a left",
             [b, c],
         )
-    finally:
-        producing.clear()
-        await producer
 
     await stream.wait_answered(sent, 60, [b, c])
     await stop_worker(b)
