@@ -136,11 +136,9 @@ _TOPIC_REFUSED = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthoriz
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
-def _legal_topic(name: str | None) -> bool:
+def _legal_topic(name: str) -> bool:
     """Kafka's own rule for topic names: 1-249 of [a-zA-Z0-9._-], and not '.' or '..'."""
-    return (
-        bool(name) and name not in (".", "..") and len(name or "") <= 249 and set(name or "") <= _TOPIC_CHARS
-    )
+    return 0 < len(name) <= 249 and name not in (".", "..") and set(name) <= _TOPIC_CHARS
 
 
 def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
@@ -466,12 +464,10 @@ class Worker:
         inference_ms = (time.perf_counter() - begin) * 1000
         self.metrics.batch_seconds.labels(model.name).observe(inference_ms / 1000)
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
-        for job in jobs:
-            self.metrics.queue_seconds.labels(model.name).observe(
-                max(0.0, started_ms - job.origin.timestamp_ms) / 1000
-            )
         replies = []
         for job, out in zip(jobs, outputs, strict=True):
+            queue_ms = max(0.0, started_ms - job.origin.timestamp_ms)
+            self.metrics.queue_seconds.labels(model.name).observe(queue_ms / 1000)
             try:
                 result = Result(
                     id=job.request_id,
@@ -480,7 +476,7 @@ class Worker:
                     outputs=model.postprocess(out, job.prepared, job.parameters),
                     truncated=job.prepared.truncated,
                     timing=Timing(
-                        queue_ms=max(0.0, started_ms - job.origin.timestamp_ms),
+                        queue_ms=queue_ms,
                         inference_ms=inference_ms,
                         batch_size=len(jobs),
                     ),
