@@ -49,6 +49,19 @@ def test_size_trigger_takes_at_most_max_batch_size() -> None:
     assert queue.pop_ready(now=0.0, flush=True) == ("a", [8, 9])
 
 
+def test_a_bucket_can_hold_fewer_than_max_batch_size() -> None:
+    sizes = {"short": 8, "long": 2}
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=4, max_wait=1.0, size_of=sizes.__getitem__)
+    for i in range(3):
+        queue.add("long", i, now=0.0)
+        queue.add("short", 10 + i, now=0.0)
+    assert queue.pop_ready(now=0.0) == ("long", [0, 1]), "two long items fill their bucket"
+    assert queue.pop_ready(now=0.0) is None, "short holds 3 of 4: max_batch_size caps size_of's 8"
+    queue.add("short", 13, now=0.0)
+    assert queue.pop_ready(now=0.0) == ("short", [10, 11, 12, 13])
+    assert queue.pop_ready(now=1.0) == ("long", [2])
+
+
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 0.01)), max_size=60), st.integers(1, 9))
 def test_every_item_comes_out_once_in_order(arrivals: list[tuple[str, float]], size: int) -> None:
     queue: BatchQueue[str, int] = BatchQueue(max_batch_size=size, max_wait=0.05)

@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from worker import bench
+from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
 from worker.registry import load_model
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny" / "bert"
@@ -63,11 +64,30 @@ def test_raw_compare_runs_every_case_on_the_tiny_model(tokenizer: Any) -> None:
     encodings = tokenizer(["a short one", "a somewhat longer sentence than that"] * 4)["input_ids"]
     cases = {
         "one at a time": bench.RawCase(encodings, 1),
-        "fours, padded to 16, engine options": bench.RawCase(encodings, 4, 16, bench.ENGINE_CONFIG),
+        "fours, padded to 16, no spinning": bench.RawCase(
+            encodings, 4, 16, {"session.intra_op.allow_spinning": "0"}
+        ),
     }
     rates = bench.raw_compare(TINY / "model.onnx", cases, repeats=2)
     assert set(rates) == set(cases)
     assert all(len(s.values) == 2 and s.low <= s.median <= s.high and s.low > 0 for s in rates.values())
+
+
+def test_the_fused_copy_computes_what_the_model_does(tokenizer: Any, tmp_path: Path) -> None:
+    fused, report = bench.fused_copy(TINY / "model.onnx", tmp_path / "fused.onnx")
+    assert fused is not None, report
+    assert report["fused_operators"].get("Attention") == 2, "both tiny BERT layers' attention is fused"
+    encoded = tokenizer(
+        ["a short one", "a somewhat longer sentence than that"], padding=True, return_tensors="np"
+    )
+    plain, joined = (bench.raw_session(path) for path in (TINY / "model.onnx", fused))
+    names = [i.name for i in plain.get_inputs()]
+    feed = {name: encoded[name].astype(np.int64) for name in names}
+    np.testing.assert_allclose(joined.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-4)
+    rates = bench.raw_compare(
+        TINY / "model.onnx", {"fused": bench.RawCase(encoded["input_ids"], 2, model=fused)}, 1
+    )
+    assert rates["fused"].median > 0
 
 
 def test_spread_and_percentiles_summarise_measurements() -> None:
@@ -151,15 +171,25 @@ def fake_result() -> dict[str, Any]:
             "mix": {"sentences": 10, "tokens": {"p10": 5, "p50": 9, "p90": 20, "max": 30}},
             "fixed_128": {"texts": 4},
         },
-        "raw_ort": {"length_sorted": raw, "padded_128": raw},
+        "raw_ort": {
+            "length_sorted": raw,
+            "padded_128": raw,
+            "session_options": {
+                "length_sorted": {
+                    "batch_size": 8,
+                    "default (as worker/engine.py)": _spread(200.0),
+                    "fused graph (transformer optimizer)": _spread(250.0),
+                },
+                "padded_128": {"batch_size": 8, "default (as worker/engine.py)": _spread(200.0)},
+            },
+        },
         "sweep": [
             {
                 "label": "defaults",
                 "throughput_per_s": _spread(190.0),
                 "half_load_p99_ms": _spread(18.0),
                 "p99_bound_ms": 20.0,
-                "experimental": False,
-                "sessions": 12,
+                "buckets": 48,
             }
         ],
         "worker": {
@@ -170,7 +200,8 @@ def fake_result() -> dict[str, Any]:
             "latency_vs_load": [{"fraction": 0.5, **_runs(95.0, p99=18.0)[0], "offered_per_s": 95.0}],
             "rss_idle_mib": 400.0,
             "rss_peak_mib": 500.0,
-            "ort_sessions": {"total": 12, "bert": 12},
+            "ort_sessions": 1,
+            "buckets": {"total": 48, "bert": 48},
             "profile": {"busy_share_by_category_pct": {"engine (ONNX Runtime, buffers)": 90.0}},
             "stage_costs": {"engine_sentences_per_s": 210.0},
             "stage_costs_128_tokens": {"engine_sentences_per_s": 45.0},
@@ -186,26 +217,25 @@ def test_assess_computes_ratios_and_judges_each_target() -> None:
     assert result["ratios"] == {
         "worker/raw_ort_best": 0.95,
         "worker_128/raw_ort_padded_128_best": 0.75,
+        "worker/raw_ort_fused_graph": 0.76,
         "worker/naive_onnx": 3.8,
     }
     assert [t["met"] for t in result["targets"]] == [True, None, True, True, True]
 
 
-def _row(label: str, throughput: float, p99: float, experimental: bool = False) -> dict[str, Any]:
+def _row(label: str, throughput: float, p99: float) -> dict[str, Any]:
     return {
         "label": label,
         "throughput_per_s": _spread(throughput),
         "half_load_p99_ms": _spread(p99),
         "p99_bound_ms": 50.0,
-        "experimental": experimental,
     }
 
 
 def test_best_setting_must_meet_the_latency_target_before_it_can_win() -> None:
     fast_but_slow_to_answer = _row("fast", 300.0, 900.0)
     steady = _row("steady", 250.0, 30.0)
-    needs_a_code_change = _row("experiment", 400.0, 30.0, experimental=True)
-    assert bench.pick_best([fast_but_slow_to_answer, steady, needs_a_code_change]) == "steady"
+    assert bench.pick_best([fast_but_slow_to_answer, steady]) == "steady"
     assert bench.pick_best([fast_but_slow_to_answer]) == "fast"
     # None meets the target: the quickest to answer among those within 10% of the fastest.
     nearly_as_fast = _row("nearly", 280.0, 600.0)
@@ -229,7 +259,7 @@ def test_quick_plan_shrinks_every_size_and_explicit_counts_win() -> None:
     small = bench.Plan.make(quick=True, sentences=50, repeats=1)
     assert (small.sentences, small.repeats) == (50, 1)
     assert small.sweep_sentences < full.sweep_sentences and len(small.sweep) < len(full.sweep)
-    assert not full.sweep[0].experimental and any(p.experimental for p in full.sweep)
+    assert full.sweep[0].settings == {} and full.sweep[0].overrides == {}, "the first point is the defaults"
 
 
 @pytest.mark.kafka
@@ -244,7 +274,7 @@ async def test_worker_and_naive_consumer_answer_every_bench_request(
         client = await stack.enter_async_context(bench.LoadClient(kafka_bootstrap, "bert"))
         host = await bench.Host.start(ctx, bench.SweepPoint("defaults"), with_extras=False)
         stack.push_async_callback(host.child.close)
-        assert host.sessions == {"bert": 12}
+        assert host.buckets == {"bert": len(DEFAULT_BATCH_SIZES) * len(DEFAULT_SEQUENCE_LENGTHS)}
         topics = [
             await host.serve(ctx, bench.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
         ]

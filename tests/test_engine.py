@@ -114,17 +114,18 @@ def test_a_batch_never_changes_an_answer(models: dict[str, ServedModel], name: s
 
 def test_padding_rows_never_leak(models: dict[str, ServedModel]) -> None:
     model = models["bert"]
-    prepared = [model.prepare(TextInput(s)) for s in SENTENCES[:3]]
+    prepared = [model.prepare(TextInput(f"{SENTENCES[0]} {i}")) for i in range(3)]
     assert len({p.shape_key for p in prepared}) == 1
+    bucket = (("batch", 4), *prepared[0].shape_key)
+    before = model.engine.runs[bucket]
     results = model.run(prepared)
     assert [r["logits"].shape for r in results] == [(1, 3)] * 3
-    session = model.engine.sessions[(("batch", 8), *prepared[0].shape_key)]
-    assert session.outputs["logits"].shape == (8, 3), "the run used the padded bucket of 8"
+    assert model.engine.runs[bucket] == before + 1, "three requests run in the bucket of 4: one padding row"
 
 
 def test_an_overfull_batch_is_split_not_truncated(models: dict[str, ServedModel]) -> None:
     model = models["bert"]
-    inputs = [TextInput(f"{SENTENCES[i % 6]} {i}") for i in range(45)]
+    inputs = [TextInput(f"{SENTENCES[0]} {i}") for i in range(45)]
     prepared = [model.prepare(item) for item in inputs]
     key = prepared[0].shape_key
     prepared = [p for p in prepared if p.shape_key == key]
@@ -157,12 +158,22 @@ def test_input_buffers_are_preallocated_and_reused(models: dict[str, ServedModel
     model = models["bert"]
     item = model.prepare(TextInput("Reuse me."))
     bucket = (("batch", 1), *item.shape_key)
-    session = model.engine.sessions[bucket]
-    before = {name: id(buffer) for name, buffer in session.inputs.items()}
+    buffers = model.engine.buffers[bucket]
+    before = {name: buffer.ctypes.data for name, buffer in buffers.items()}
     first = model.run([item])[0]["logits"].copy()
     model.run([model.prepare(TextInput("Something else entirely."))])
     np.testing.assert_array_equal(model.run([item])[0]["logits"], first)
-    assert {name: id(buffer) for name, buffer in session.inputs.items()} == before
+    assert {name: buffer.ctypes.data for name, buffer in buffers.items()} == before
+
+
+def test_batch_buckets_share_one_buffer_per_input_shape(models: dict[str, ServedModel]) -> None:
+    engine = models["bert"].engine
+    key = models["bert"].prepare(TextInput("Share me.")).shape_key
+    sizes = models["bert"].metadata.batch_sizes
+    views = [engine.buffers[(("batch", size), *key)]["input_ids"] for size in sizes]
+    assert [view.shape[0] for view in views] == list(sizes)
+    assert len({view.ctypes.data for view in views}) == 1, "each bucket is the first rows of one buffer"
+    assert all(view.flags.c_contiguous for view in views)
 
 
 def test_results_survive_the_next_run(models: dict[str, ServedModel]) -> None:

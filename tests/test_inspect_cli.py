@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.onnx_graphs import Pooled, write_onnx
+from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny"
@@ -32,7 +33,7 @@ class Expected:
     dims: dict[str, tuple[int, ...]]
 
 
-BATCH = (1, 8, 32)
+BATCH = DEFAULT_BATCH_SIZES
 EXPECTED = {
     "bert": Expected(
         "text",
@@ -40,7 +41,7 @@ EXPECTED = {
         "text-classification",
         ("input_ids", "attention_mask", "token_type_ids"),
         ("logits",),
-        {"batch": BATCH, "sequence": (16, 32, 64, 128)},
+        {"batch": BATCH, "sequence": DEFAULT_SEQUENCE_LENGTHS},
     ),
     "vit": Expected(
         "vision", "image processor", "image-classification", ("pixel_values",), ("logits",), {"batch": BATCH}
@@ -71,7 +72,7 @@ EXPECTED = {
         ("input_ids", "attention_mask", "pixel_values"),
         ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"),
         # the tiny CLIP tokenizer stops at 32 tokens, so the default buckets stop there too
-        {"text_batch": BATCH, "image_batch": BATCH, "sequence": (16, 32)},
+        {"text_batch": BATCH, "image_batch": BATCH, "sequence": (8, 16, 24, 32)},
     ),
 }
 

@@ -401,7 +401,7 @@ LAYERED = (
             "override": (8,),
             "onnx": (16, 32),
             "companion": (24, 48),
-            "hf": (16, 32, 40),  # the default buckets, capped at the tokenizer's limit
+            "hf": (8, 16, 24, 32, 40),  # the default buckets, capped at the tokenizer's limit
             "bottom": DEFAULT_SEQUENCE_LENGTHS,
         },
         bottom_source=Source.DEFAULT,
@@ -541,15 +541,15 @@ def test_image_size_nested_in_processor_config_pins_dynamic_pixels(tmp_path: Pat
 @pytest.mark.parametrize(
     ("config", "tokenizer_config", "expected", "source"),
     [
-        ({}, {}, (16, 32, 64, 128), Source.DEFAULT),
-        ({}, {"model_max_length": 48}, (16, 32, 48), Source.HF),
-        ({"max_position_embeddings": 20}, {"model_max_length": 512}, (16, 20), Source.HF),
-        ({"max_position_embeddings": 512}, {"model_max_length": 512}, (16, 32, 64, 128), Source.HF),
-        ({}, {"model_max_length": 10}, (10,), Source.HF),
+        ({}, {}, DEFAULT_SEQUENCE_LENGTHS, Source.DEFAULT),
+        ({}, {"model_max_length": 40}, (8, 16, 24, 32, 40), Source.HF),
+        ({"max_position_embeddings": 20}, {"model_max_length": 512}, (8, 16, 20), Source.HF),
+        ({"max_position_embeddings": 512}, {"model_max_length": 512}, DEFAULT_SEQUENCE_LENGTHS, Source.HF),
+        ({}, {"model_max_length": 6}, (6,), Source.HF),
         # transformers writes VERY_LARGE_INTEGER when a tokenizer has no limit of its own
-        ({}, {"model_max_length": 1000000000000000019884624838656}, (16, 32, 64, 128), Source.DEFAULT),
+        ({}, {"model_max_length": 1000000000000000019884624838656}, DEFAULT_SEQUENCE_LENGTHS, Source.DEFAULT),
     ],
-    ids=["no-limit", "tokenizer-48", "positions-20", "limit-512", "tokenizer-10", "very-large-integer"],
+    ids=["no-limit", "tokenizer-40", "positions-20", "limit-512", "tokenizer-6", "very-large-integer"],
 )
 def test_dynamic_sequence_gets_default_buckets_capped_by_the_model_limit(
     tmp_path: Path,
@@ -572,6 +572,29 @@ def test_dynamic_sequence_gets_default_buckets_capped_by_the_model_limit(
     assert meta.dims["batch"] == DEFAULT_BATCH_SIZES
 
 
+@pytest.mark.parametrize(
+    ("sequence", "max_rows", "max_tokens", "expected"),
+    [
+        (16, 32, 2048, 32),  # 512 tokens: within the budget
+        (128, 32, 2048, 16),  # 4,096 tokens: cut to 16 rows
+        (128, 32, 1000, 4),  # 7 rows fit: rounded down to the bucket of 4, not padded up to 8
+        (128, 20, 4096, 20),  # the budget does not bite: max_rows stands, bucket or not
+        (128, 32, 100, 1),  # not even one row fits: still one
+    ],
+)
+def test_the_token_budget_caps_rows_per_sequence_bucket(
+    tmp_path: Path, sequence: int, max_rows: int, max_tokens: int, expected: int
+) -> None:
+    meta = ModelMetadata.load(text_model(tmp_path / "m"))
+    assert meta.batch_sizes == DEFAULT_BATCH_SIZES
+    assert meta.batch_limit((("sequence", sequence),), max_rows, max_tokens) == expected
+
+
+def test_a_shape_key_without_a_sequence_keeps_max_rows(tmp_path: Path) -> None:
+    meta = ModelMetadata.load(text_model(tmp_path / "m"))
+    assert meta.batch_limit((), 32, 1) == 32
+
+
 def test_clip_text_sequence_is_capped_by_the_nested_text_config(tmp_path: Path) -> None:
     folder = clip_model(tmp_path / "clip")
     (folder / "tokenizer_config.json").unlink()
@@ -582,7 +605,7 @@ def test_clip_text_sequence_is_capped_by_the_nested_text_config(tmp_path: Path) 
 
     meta = ModelMetadata.load(folder)
 
-    assert meta.sequence_lengths == (16, 32, 40)
+    assert meta.sequence_lengths == (8, 16, 24, 32, 40)
 
 
 def test_declared_sequence_lengths_replace_the_default_buckets(tmp_path: Path) -> None:

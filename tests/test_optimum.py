@@ -24,7 +24,14 @@ import pytest
 from schemas.requests import Modality
 from tests.references import ROOT, assert_pipeline_equal, pipeline_call, to_model_input
 from worker import pipeline
-from worker.metadata import DimRole, ModelMetadata, ProcessorKind, Source
+from worker.metadata import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_SEQUENCE_LENGTHS,
+    DimRole,
+    ModelMetadata,
+    ProcessorKind,
+    Source,
+)
 from worker.registry import ServedModel, load_model
 from worker.tasks import softmax
 
@@ -100,8 +107,8 @@ def test_optimum_text_classifier_resolves_from_its_graph_and_hf_files() -> None:
     assert [spec.name for spec in meta.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert dict(meta.dim_roles) == {"batch_size": DimRole.BATCH, "sequence_length": DimRole.SEQUENCE}
     # The default token buckets, capped by the 128 of model_max_length and max_position_embeddings.
-    assert dict(meta.dims) == {"batch_size": (1, 8, 32), "sequence_length": (16, 32, 64, 128)}
-    assert len(meta.buckets()) == 12
+    assert dict(meta.dims) == {"batch_size": DEFAULT_BATCH_SIZES, "sequence_length": DEFAULT_SEQUENCE_LENGTHS}
+    assert len(meta.buckets()) == len(DEFAULT_BATCH_SIZES) * len(DEFAULT_SEQUENCE_LENGTHS)
     assert meta.sources["modality"] is Source.GRAPH
     assert meta.sources["task"] is Source.HF and meta.sources["labels"] is Source.HF
     assert meta.onnx_metadata == {}
@@ -121,7 +128,7 @@ def test_optimum_image_classifier_pins_its_dynamic_channels_height_and_width() -
         "width": DimRole.WIDTH,
     }
     assert dict(meta.dims) == {
-        "batch_size": (1, 8, 32),
+        "batch_size": DEFAULT_BATCH_SIZES,
         "num_channels": (3,),
         "height": (32,),
         "width": (32,),
@@ -146,7 +153,7 @@ def test_inspect_reports_the_optimum_folder(name: str, expected: dict[str, str])
     report = json.loads(result.stdout)
     assert {key: report[key] for key in expected} == expected
     assert report["labels"] == list(ModelMetadata.load(OPTIMUM / name).labels or ())
-    assert report["dims"]["batch_size"] == {"role": "batch", "values": [1, 8, 32]}
+    assert report["dims"]["batch_size"] == {"role": "batch", "values": list(DEFAULT_BATCH_SIZES)}
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -19,13 +19,15 @@ def test_flags_beat_env_vars_which_beat_defaults(monkeypatch: pytest.MonkeyPatch
     )
     settings = settings_from(args)
     assert settings.max_batch_size == 8
-    assert settings.batching_for("bert") == (8, 0.002)
-    assert settings.batching_for("other") == (8, settings.max_wait_ms / 1000)
+    assert settings.batching_for("bert") == (8, 0.002, settings.max_batch_tokens)
+    assert settings.batching_for("other") == (8, settings.max_wait_ms / 1000, settings.max_batch_tokens)
 
 
 def test_per_model_overrides_split_into_batching_and_metadata() -> None:
-    settings = Settings(model_overrides={"bert": {"max_batch_size": 4, "sequence_lengths": [32]}})
-    assert settings.batching_for("bert")[0] == 4
+    settings = Settings(
+        model_overrides={"bert": {"max_batch_size": 4, "max_batch_tokens": 64, "sequence_lengths": [32]}}
+    )
+    assert settings.batching_for("bert") == (4, settings.max_wait_ms / 1000, 64)
     assert settings.metadata_overrides() == {"bert": {"sequence_lengths": [32]}}
 
 

@@ -213,8 +213,8 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
 
 
 async def test_a_full_batch_goes_at_once_without_waiting(kafka_bootstrap: str, models: Models) -> None:
-    # Different lengths, one shape bucket (16 tokens): padding differs inside the batch.
-    texts = [{"text": " ".join(["word"] * (i + 1))} for i in range(8)]
+    # Different lengths (9-16 tokens), one shape bucket (16): padding differs inside the batch.
+    texts = [{"text": " ".join(["word"] * (i + 7))} for i in range(8)]
     expected = models["bert"].infer([TextInput(t["text"]) for t in texts])
     async with (
         serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=8, max_wait_ms=5000) as worker,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -203,7 +204,12 @@ class Worker:
         self._observer = asyncio.create_task(self._observe(), name="observe")
         await self._connect()
         for name, model in self.models.items():
-            batcher: MicroBatcher[Bucket, Job] = MicroBatcher(*s.batching_for(name))
+            size, wait, tokens = s.batching_for(name)
+            batcher: MicroBatcher[Bucket, Job] = MicroBatcher(
+                size,
+                wait,
+                size_of=functools.partial(model.metadata.batch_limit, max_rows=size, max_tokens=tokens),
+            )
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
         self.consumer = self._subscriber.consumer
@@ -327,6 +333,7 @@ class Worker:
             batch=True,
             max_records=s.fetch_max_records,
             batch_timeout_ms=s.fetch_timeout_ms,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             ack_policy=AckPolicy.MANUAL,  # never msg.ack(): it commits past unanswered messages
             no_reply=True,  # replies are published by the worker, exactly one per request
             auto_offset_reset="earliest",

@@ -2,8 +2,9 @@
 
 ``BatchQueue`` is the pure state (testable with plain numbers for time); ``MicroBatcher``
 is the thin async shell that waits until the queue has a batch ready. A batch is ready
-when its bucket holds ``max_batch_size`` items or its oldest item has waited ``max_wait``
-seconds, whichever comes first; on close every queued item is flushed.
+when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size, see
+``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
+close every queued item is flushed.
 """
 
 from __future__ import annotations
@@ -28,18 +29,32 @@ class _Queued(Generic[T]):
 class BatchQueue(Generic[K, T]):
     """Per-key FIFO queues and the size/time trigger; time is passed in, never read."""
 
-    def __init__(self, max_batch_size: int, max_wait: float) -> None:
+    def __init__(
+        self, max_batch_size: int, max_wait: float, size_of: Callable[[K], int] | None = None
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_wait < 0:
             raise ValueError("max_wait must be >= 0")
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
+        self._size_of = size_of
+        self._sizes: dict[K, int] = {}
         self._queues: OrderedDict[K, deque[_Queued[T]]] = OrderedDict()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
+
+    def batch_size(self, key: K) -> int:
+        """Most items one batch of bucket ``key`` takes: ``max_batch_size``, or less if ``size_of`` says so."""
+        size = self._sizes.get(key)
+        if size is None:
+            size = self.max_batch_size
+            if self._size_of is not None:
+                size = max(1, min(size, self._size_of(key)))
+            self._sizes[key] = size
+        return size
 
     def add(self, key: K, item: T, now: float) -> None:
         """Queue ``item`` in bucket ``key``."""
@@ -52,13 +67,13 @@ class BatchQueue(Generic[K, T]):
         best_since = float("inf")
         for key, queue in self._queues.items():
             head = queue[0].since
-            full = len(queue) >= self.max_batch_size
+            full = len(queue) >= self.batch_size(key)
             if (flush or full or now - head >= self.max_wait) and head < best_since:
                 best, best_since = key, head
         if best is None:
             return None
         queue = self._queues[best]
-        batch = [queue.popleft().item for _ in range(min(self.max_batch_size, len(queue)))]
+        batch = [queue.popleft().item for _ in range(min(self.batch_size(best), len(queue)))]
         if not queue:
             del self._queues[best]
         self._count -= len(batch)
@@ -78,9 +93,14 @@ class MicroBatcher(Generic[K, T]):
     """Async shell over ``BatchQueue``: ``put`` never blocks, ``get`` waits for a ready batch."""
 
     def __init__(
-        self, max_batch_size: int, max_wait: float, *, clock: Callable[[], float] | None = None
+        self,
+        max_batch_size: int,
+        max_wait: float,
+        *,
+        size_of: Callable[[K], int] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
-        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait)
+        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait, size_of)
         self._clock = clock or asyncio.get_running_loop().time
         self._wakeup = asyncio.Event()
         self._closing = False

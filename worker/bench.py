@@ -58,64 +58,42 @@ HEARTBEAT_MS = 1000
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One worker configuration: Settings fields plus metadata overrides of the benched model.
-
-    ``engine`` (EngineOptions fields) and ``fetch_max_wait_ms`` (the consumer's broker-side
-    fetch wait, injected into FastStream's subscriber in the bench's own worker process) are
-    not worker settings: points using them are experiments, reported but never chosen.
-    """
+    """One worker configuration: Settings fields plus metadata overrides of the benched model."""
 
     label: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    engine: Mapping[str, Any] = field(default_factory=dict)
-    fetch_max_wait_ms: int | None = None
 
     @property
     def engine_key(self) -> str:
-        """Points with equal keys can share one loaded set of sessions."""
-        intra_op = self.settings.get("intra_op_threads", 0)
-        return json.dumps([intra_op, self.overrides, self.engine], sort_keys=True)
+        """Points with equal keys can share one loaded set of models."""
+        engine = [self.settings.get(k) for k in ("intra_op_threads", "intra_op_spinning")]
+        return json.dumps([engine, self.overrides], sort_keys=True)
 
-    @property
-    def experimental(self) -> bool:
-        """Needs a change to the worker, not only a setting."""
-        return bool(self.engine) or self.fetch_max_wait_ms is not None
 
+#: The previous defaults (before one session per model): 4 token buckets, 3 batch buckets.
+COARSE_SEQUENCES = [16, 32, 64, 128, 256]
 
 FULL_SWEEP = (
-    SweepPoint("defaults (intra_op 0 = 1/core, executor 2, batch 32, wait 10 ms)"),
+    SweepPoint("defaults (intra_op 0 = 1/core, spinning, executor 2, batch 32, 2048 tokens, wait 10 ms)"),
     SweepPoint("executor_threads 1", {"executor_threads": 1}),
-    SweepPoint("[experiment] consumer fetch_max_wait_ms 10 (FastStream default 500)", fetch_max_wait_ms=10),
+    SweepPoint("fetch_max_wait_ms 500 (the Kafka client's default)", {"fetch_max_wait_ms": 500}),
     SweepPoint("max_wait_ms 2", {"max_wait_ms": 2.0}),
     SweepPoint("max_wait_ms 25", {"max_wait_ms": 25.0}),
     SweepPoint("intra_op_threads 1", {"intra_op_threads": 1}),
-    SweepPoint("intra_op_threads 1, executor_threads 1", {"intra_op_threads": 1, "executor_threads": 1}),
+    SweepPoint("intra_op_spinning off", {"intra_op_spinning": False}),
+    SweepPoint("max_batch_size 16", {"max_batch_size": 16}),
     SweepPoint(
-        "batch buckets 1,2,4,8,16; max_batch_size 16",
-        {"max_batch_size": 16},
-        {"batch_sizes": [1, 2, 4, 8, 16]},
-    ),
-    SweepPoint(
-        "batch buckets 1,2,4,8,16,32,64; max_batch_size 32",
-        {"max_batch_size": 32},
+        "batch buckets up to 64; max_batch_size 64, 4096 tokens",
+        {"max_batch_size": 64, "max_batch_tokens": 4096},
         {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]},
     ),
+    SweepPoint("max_batch_tokens 1024", {"max_batch_tokens": 1024}),
+    SweepPoint("no token budget (max_batch_tokens 1e6)", {"max_batch_tokens": 1_000_000}),
     SweepPoint(
-        "batch buckets 1,2,4,8,16,32,64; max_batch_size 64",
-        {"max_batch_size": 64},
-        {"batch_sizes": [1, 2, 4, 8, 16, 32, 64]},
-    ),
-    SweepPoint(
-        "sequence buckets 16,24,32,48,64,96,128,256",
+        "coarse buckets (the old defaults): batch 1,8,32; sequence 16,32,64,128,256",
         {},
-        {"sequence_lengths": [16, 24, 32, 48, 64, 96, 128, 256]},
-    ),
-    SweepPoint("[experiment] EngineOptions(spin=True): ORT threads spin between runs", engine={"spin": True}),
-    SweepPoint(
-        "[experiment] EngineOptions(spin=True), executor_threads 1",
-        {"executor_threads": 1},
-        engine={"spin": True},
+        {"batch_sizes": [1, 8, 32], "sequence_lengths": COARSE_SEQUENCES},
     ),
 )
 
@@ -321,10 +299,6 @@ def padded_batches(
     return batches
 
 
-#: Session config entries worker/engine.py sets on CPU (spinning off; pre-packing off to share weights).
-ENGINE_CONFIG = {"session.intra_op.allow_spinning": "0", "session.disable_prepacking": "1"}
-
-
 def raw_session(onnx_path: Path, config: Mapping[str, str] | None = None) -> Any:
     """A plain dynamic-shape CPU session, as a user of ONNX Runtime would create it (plus ``config``)."""
     import onnxruntime as ort
@@ -345,6 +319,8 @@ class RawCase:
     batch_size: int
     pad_to: int | None = None
     config: Mapping[str, str] = field(default_factory=dict)
+    model: Path | None = None
+    """Another model file (the fused copy); None: the benched one."""
 
 
 def raw_compare(
@@ -355,9 +331,10 @@ def raw_compare(
     sessions: dict[str, Any] = {}
     passes = {}
     for label, case in cases.items():
-        key = json.dumps(case.config, sort_keys=True)
+        path = case.model or onnx_path
+        key = json.dumps([str(path), case.config], sort_keys=True)
         if key not in sessions:
-            sessions[key] = raw_session(onnx_path, case.config)
+            sessions[key] = raw_session(path, case.config)
         session = sessions[key]
         names = [i.name for i in session.get_inputs()]
         batches = padded_batches(case.encodings, case.batch_size, names, case.pad_to)
@@ -574,25 +551,6 @@ async def _stdin_lines() -> asyncio.StreamReader:
     return reader
 
 
-def _inject_fetch_wait() -> list[int | None]:
-    """Let the bench set the worker consumer's ``fetch_max_wait_ms``, which Settings does not expose.
-
-    Returns a one-item list; while it holds a number, subscribers created get that fetch wait.
-    """
-    from faststream.kafka import KafkaBroker
-
-    current: list[int | None] = [None]
-    original = KafkaBroker.subscriber
-
-    def subscriber(self: KafkaBroker, *args: Any, **kwargs: Any) -> Any:
-        if current[0] is not None:
-            kwargs.setdefault("fetch_max_wait_ms", current[0])
-        return original(self, *args, **kwargs)
-
-    KafkaBroker.subscriber = subscriber  # type: ignore[method-assign, assignment]
-    return current
-
-
 async def _host_main(spec: Mapping[str, Any]) -> None:
     """Child: load models once, then serve Worker configurations (each on its own topics) as asked."""
     from worker.app import Worker
@@ -601,8 +559,9 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
     from worker.settings import Settings
 
     began = time.perf_counter()
-    options = EngineOptions(intra_op_threads=int(spec["intra_op_threads"]), provider="cpu", **spec["engine"])
-    fetch_wait = _inject_fetch_wait()
+    options = EngineOptions(
+        intra_op_threads=int(spec["intra_op_threads"]), provider="cpu", spin=bool(spec["spin"])
+    )
     models = {}
     for folder in spec["models"]:
         model = load_model(folder, overrides=spec["overrides"].get(Path(folder).name), engine_options=options)
@@ -611,7 +570,7 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
         {
             "event": "loaded",
             "load_s": round(time.perf_counter() - began, 1),
-            "sessions": {name: m.engine.session_count for name, m in models.items()},
+            "buckets": {name: m.engine.bucket_count for name, m in models.items()},
         }
     )
     reader = await _stdin_lines()
@@ -620,7 +579,6 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
     while line := await reader.readline():
         command = json.loads(line)
         if command["cmd"] == "serve":
-            fetch_wait[0] = command.get("fetch_max_wait_ms")
             worker = Worker(Settings(**command["settings"]), models)
             workers.append(worker)
             await worker.start()
@@ -1057,9 +1015,9 @@ def _unique(prefix: str) -> str:
 class Host:
     """A worker process under test with its models loaded; serves Worker configurations on request."""
 
-    def __init__(self, child: Child, sessions: Mapping[str, int], load_s: float) -> None:
+    def __init__(self, child: Child, buckets: Mapping[str, int], load_s: float) -> None:
         self.child = child
-        self.sessions = dict(sessions)
+        self.buckets = dict(buckets)
         self.load_s = load_s
 
     @classmethod
@@ -1074,12 +1032,12 @@ class Host:
             "models": [str(f) for f in folders],
             "intra_op_threads": point.settings.get("intra_op_threads", 0),
             "overrides": {ctx.model_name: dict(point.overrides)},
-            "engine": dict(point.engine),
+            "spin": point.settings.get("intra_op_spinning", True),
         }
         ctx.say(f"loading {len(folders)} model(s)")
         child = await Child.spawn(sys.executable, "host", spec, ctx.out / "logs" / f"{_unique('host')}.log")
         loaded = await child.event("loaded", limit_s=900)
-        return cls(child, loaded["sessions"], loaded["load_s"])
+        return cls(child, loaded["buckets"], loaded["load_s"])
 
     async def serve(self, ctx: Context, point: SweepPoint) -> str:
         """Start a Worker with ``point``'s settings on fresh topics; returns its request topic."""
@@ -1094,7 +1052,7 @@ class Host:
             "provider": "cpu",
             **point.settings,
         }
-        command = {"cmd": "serve", "settings": settings, "fetch_max_wait_ms": point.fetch_max_wait_ms}
+        command = {"cmd": "serve", "settings": settings}
         await self.child.ask(command, "serving", limit_s=120)
         return f"{prefix}.text.requests"
 
@@ -1119,7 +1077,7 @@ class SweepEntry:
 
     point: SweepPoint
     topic: str
-    sessions: int
+    buckets: int
     saturation: list[dict[str, Any]] = field(default_factory=list)
     half_load: list[dict[str, Any]] = field(default_factory=list)
     host_rss_mib: float = 0.0
@@ -1131,10 +1089,7 @@ class SweepEntry:
             "label": self.point.label,
             "settings": dict(self.point.settings),
             "overrides": dict(self.point.overrides),
-            "engine": dict(self.point.engine),
-            "fetch_max_wait_ms": self.point.fetch_max_wait_ms,
-            "experimental": self.point.experimental,
-            "sessions": self.sessions,
+            "buckets": self.buckets,
             "host_rss_mib": self.host_rss_mib,
             "throughput_per_s": Spread.of(run["throughput_per_s"] for run in self.saturation).to_json(),
             "half_load_p99_ms": Spread.of(p99).to_json(),
@@ -1151,18 +1106,17 @@ def pick_best(sweep: Sequence[Mapping[str, Any]]) -> str:
         bound = row["p99_bound_ms"]
         return bound is not None and row["half_load_p99_ms"]["median"] <= bound
 
-    settings_only = [row for row in sweep if not row["experimental"]]
-    meeting = [row for row in settings_only if meets(row)]
+    meeting = [row for row in sweep if meets(row)]
     if meeting:
         return str(max(meeting, key=lambda row: row["throughput_per_s"]["median"])["label"])
     # None meets it: of those within 10% of the fastest, the one that answers soonest at half load.
-    top = max(row["throughput_per_s"]["median"] for row in settings_only)
-    close = [row for row in settings_only if row["throughput_per_s"]["median"] >= 0.9 * top]
+    top = max(row["throughput_per_s"]["median"] for row in sweep)
+    close = [row for row in sweep if row["throughput_per_s"]["median"] >= 0.9 * top]
     return str(min(close, key=lambda row: row["half_load_p99_ms"]["median"])["label"])
 
 
 async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list[dict[str, Any]]:
-    """Every sweep point served at once (points sharing sessions share a process), measured in turns."""
+    """Every sweep point served at once (points sharing models share a process), measured in turns."""
     plan = ctx.plan
     texts = spaced_sample(inputs.mix, plan.sweep_sentences)
     entries: list[SweepEntry] = []
@@ -1176,7 +1130,7 @@ async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list
             ctx.say(f"sweep: starting {point.label}")
             topic = await host.serve(ctx, point)
             await warm_up(client, topic, ctx, inputs)
-            entries.append(SweepEntry(point, topic, host.sessions[ctx.model_name]))
+            entries.append(SweepEntry(point, topic, host.buckets[ctx.model_name]))
         for entry in entries:  # MiniLM alone, with every Worker of the process warmed up
             entry.host_rss_mib = round(rss_mib(hosts[entry.point.engine_key].child.pid), 1)
         for _ in range(plan.sweep_repeats):
@@ -1273,7 +1227,8 @@ async def measure_main(
             "overrides": dict(point.overrides),
             "process": "subprocess (python -m worker.bench host): the registry's load_model + Worker",
             "load_s": host.load_s,
-            "ort_sessions": {"total": sum(host.sessions.values()), **host.sessions},
+            "ort_sessions": len(host.buckets),
+            "buckets": {"total": sum(host.buckets.values()), **host.buckets},
             "rss_loaded_mib": round(rss_mib(pid), 1),
         }
         ctx.say("stage costs")
@@ -1404,8 +1359,28 @@ def prepare_inputs(ctx: Context, tokenizer: Any) -> tuple[Inputs, dict[str, Any]
     return Inputs(mix, fixed, [list(e) for e in encodings], files), described
 
 
+def fused_copy(onnx_path: Path, out: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The model after ONNX Runtime's offline transformer optimizer (attention, LayerNorm, GELU fused)."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        config = json.loads((onnx_path.parent / "config.json").read_text())
+        model = optimize_model(
+            str(onnx_path),
+            model_type="bert",
+            num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]),
+            opt_level=0,
+        )
+    except (ImportError, KeyError, OSError) as exc:  # no sympy, no BERT config: report, do not fail
+        return None, {"skipped": f"{type(exc).__name__}: {exc}"}
+    model.save_model_to_file(str(out))
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    return out, {"file": str(out), "fused_operators": fused}
+
+
 def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
-    """Raw ONNX Runtime: length-sorted batches, the same padded to 128 tokens, the engine's options."""
+    """Raw ONNX Runtime: length-sorted batches, the same padded to 128 tokens, session options, fusion."""
     plan = ctx.plan
     onnx_path = ctx.model_dir / "model.onnx"
     sample = spaced_sample(inputs.encodings, plan.raw_rows)
@@ -1429,17 +1404,19 @@ def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
         "length_sorted": described("sorted", len(sample)),
         "padded_128": described("padded", len(sample_128)),
     }
-    ctx.say("raw ONNX Runtime: the engine's session options")
-    variants: dict[str, Mapping[str, str]] = {
-        "default": {},
-        "no spinning": {"session.intra_op.allow_spinning": "0"},
-        "no pre-packing": {"session.disable_prepacking": "1"},
-        "both (as worker/engine.py)": ENGINE_CONFIG,
+    ctx.say("raw ONNX Runtime: session options and a fused graph")
+    fused, found["fusion"] = fused_copy(onnx_path, ctx.out / "fused.onnx")
+    variants: dict[str, tuple[Mapping[str, str], Path | None]] = {
+        "default (as worker/engine.py)": ({}, None),
+        "no spinning": ({"session.intra_op.allow_spinning": "0"}, None),
+        "no pre-packing": ({"session.disable_prepacking": "1"}, None),
     }
+    if fused is not None:
+        variants["fused graph (transformer optimizer)"] = ({}, fused)
     options: dict[str, RawCase] = {}
     for kind, rows, pad_to in (("length_sorted", sample, None), ("padded_128", sample_128, FIXED_TOKENS)):
         size = found[kind]["best"]["batch_size"]
-        options |= {f"{kind}|{v}": RawCase(rows, size, pad_to, c) for v, c in variants.items()}
+        options |= {f"{kind}|{v}": RawCase(rows, size, pad_to, c, m) for v, (c, m) in variants.items()}
     compared = raw_compare(onnx_path, options, plan.repeats, ctx.tick)
     found["session_options"] = {
         kind: {"batch_size": found[kind]["best"]["batch_size"]}
@@ -1473,6 +1450,9 @@ def assess(result: dict[str, Any]) -> None:
             fixed.median / raw["padded_128"]["best"]["sentences_per_s"]["median"], 2
         ),
     }
+    fused = raw["session_options"]["length_sorted"].get("fused graph (transformer optimizer)")
+    if fused:
+        ratios["worker/raw_ort_fused_graph"] = round(throughput.median / fused["median"], 2)
     for name in ("naive_torch", "naive_onnx"):
         runs = result[name].get("saturation_mix")
         if runs:
@@ -1615,6 +1595,10 @@ def render_table(result: Mapping[str, Any]) -> str:
     for key, label in (("length_sorted", "mix, length-sorted"), ("padded_128", "mix padded to 128")):
         for size, spread in raw[key]["by_batch_size"].items():
             rows.append(_row("raw ORT", label, f"batch {size}", _spread(spread)))
+        options = dict(raw["session_options"][key])
+        size = options.pop("batch_size")
+        for variant, spread in options.items():
+            rows.append(_row("raw ORT", label, f"batch {size}, {variant}"[:40], _spread(spread)))
     mbs = worker["settings"].get("max_batch_size", 32)
     for key, label in (("stage_costs", "mix"), ("stage_costs_128_tokens", "128 tokens")):
         speed = f"{worker[key]['engine_sentences_per_s']:.0f}"
@@ -1648,7 +1632,7 @@ def render_table(result: Mapping[str, Any]) -> str:
         f"{tokens['p10']:.0f}/{tokens['p50']:.0f}/{tokens['p90']:.0f}/{tokens['max']:.0f}; "
         f"{result['inputs']['fixed_128']['texts']} texts of 128 tokens",
         f"worker RSS: idle {worker['rss_idle_mib']:.0f} MiB, peak under saturation {worker['rss_peak_mib']:.0f} MiB "
-        f"({worker['ort_sessions']['total']} ORT sessions, {len(worker['ort_sessions']) - 1} models)",
+        f"({worker['ort_sessions']} ORT sessions, one per model; {worker['buckets']['total']} buckets)",
         "CPU ms per request at saturation (mix): "
         + ", ".join(
             f"{name} {1000 * _median_of(worker['saturation_mix'], 'cpu_s', name).median / requests:.2f}"
@@ -1659,7 +1643,7 @@ def render_table(result: Mapping[str, Any]) -> str:
         "rate against its bound; medians):",
         *(
             f"  {r['throughput_per_s']['median']:>6.0f}/s  p99 {r['half_load_p99_ms']['median']:>6.0f} ms "
-            f"(bound {r['p99_bound_ms']}), {r['sessions']} sessions  {r['label']}"
+            f"(bound {r['p99_bound_ms']}), {r['buckets']} buckets  {r['label']}"
             for r in result["sweep"]
         ),
         f"  chosen: {worker['label']}",

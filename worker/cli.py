@@ -111,7 +111,11 @@ def _serve(models_dir: str, settings: Settings) -> None:
     models = load_models(
         models_dir,
         overrides=settings.metadata_overrides(),
-        engine_options=EngineOptions(intra_op_threads=settings.intra_op_threads, provider=settings.provider),
+        engine_options=EngineOptions(
+            intra_op_threads=settings.intra_op_threads,
+            provider=settings.provider,
+            spin=settings.intra_op_spinning,
+        ),
         skip_bad=settings.skip_bad_models,
     )
 

@@ -29,8 +29,8 @@ COMPANION_FILE = "inference.json"
 #: File names tried, in order, when a folder is given.
 ONNX_FILES = ("model.onnx", "model_quantized.onnx")
 
-DEFAULT_BATCH_SIZES = (1, 8, 32)
-DEFAULT_SEQUENCE_LENGTHS = (16, 32, 64, 128)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+DEFAULT_SEQUENCE_LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128)
 DEFAULT_AUDIO_SECONDS = (1.0, 5.0, 10.0)
 
 
@@ -223,6 +223,19 @@ class ModelMetadata:
         names = sorted(self.dims)
         combos = itertools.product(*(self.dims[n] for n in names))
         return [tuple(zip(names, combo, strict=True)) for combo in combos]
+
+    def batch_limit(self, key: Bucket, max_rows: int, max_tokens: int) -> int:
+        """Most requests one batch of shape ``key`` should take.
+
+        ``max_rows``, unless rows x the key's sequence bucket would exceed ``max_tokens``: then
+        the largest batch bucket within the budget (at least 1), so the batch is not padded back
+        up. On a CPU cost grows with tokens, so the budget bounds one batch's run time and memory.
+        """
+        tokens = next((v for d, v in key if self.dim_roles.get(d) is DimRole.SEQUENCE), None)
+        if tokens is None or max_rows * tokens <= max_tokens:
+            return max_rows
+        fits = max_tokens // tokens
+        return max((b for b in self.batch_sizes if b <= fits), default=1)
 
     def input(self, name: str) -> TensorSpec | None:
         """The graph input called ``name``, if any."""

@@ -71,12 +71,12 @@ def load_model(
     preprocessor = factory.get(metadata)
     engine = Engine(metadata, engine_options)
     log.info(
-        "loaded model %s: %s, %s, task %s, %d sessions on %s",
+        "loaded model %s: %s, %s, task %s, %d buckets on %s",
         metadata.name,
         metadata.modality.value,
         metadata.processor.value,
         metadata.task,
-        engine.session_count,
+        engine.bucket_count,
         engine.provider,
     )
     return ServedModel(metadata, preprocessor, engine, head)

@@ -42,9 +42,15 @@ class Settings(BaseSettings):
         32, ge=1, description="Dispatch a batch once a model's bucket holds this many requests."
     )
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
+    max_batch_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Token budget of one batch (rows x sequence bucket): long texts run in smaller batches, "
+        "so one batch's run time and memory stay bounded. Rounded down to a batch bucket; at least 1 row.",
+    )
     model_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="Per-model overrides as JSON: max_batch_size, max_wait_ms, or any metadata key, "
+        description="Per-model overrides as JSON: max_batch_size, max_wait_ms, max_batch_tokens, or any metadata key, "
         'e.g. {"bert": {"max_batch_size": 8, "sequence_lengths": [32, 64]}}.',
     )
     executor_threads: int = Field(
@@ -52,6 +58,11 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
+    )
+    intra_op_spinning: bool = Field(
+        True,
+        description="Let ONNX Runtime's intra-op threads spin between parallel sections (faster batches; "
+        "off saves CPU on a shared or mostly idle machine).",
     )
     provider: str = Field(
         "auto", pattern="^(auto|cuda|cpu)$", description="auto (CUDA when it loads, else CPU) | cuda | cpu."
@@ -62,6 +73,12 @@ class Settings(BaseSettings):
     fetch_max_records: int = Field(256, ge=1, description="Most records taken from Kafka in one fetch.")
     fetch_timeout_ms: int = Field(
         20, ge=1, description="How long one fetch waits for records before returning."
+    )
+    fetch_max_wait_ms: int = Field(
+        20,
+        ge=1,
+        description="How long the broker may hold a fetch that has no records yet. Kafka answers as soon as "
+        "records arrive; some brokers (the embedded one) only when this expires, so it adds to latency there.",
     )
     session_timeout_ms: int = Field(
         10_000,
@@ -108,12 +125,13 @@ class Settings(BaseSettings):
         "With --processes N, process i uses port + i.",
     )
 
-    def batching_for(self, model: str) -> tuple[int, float]:
-        """(max batch size, max wait in seconds) for one model, overrides applied."""
+    def batching_for(self, model: str) -> tuple[int, float, int]:
+        """(max batch size, max wait in seconds, max batch tokens) for one model, overrides applied."""
         override = self.model_overrides.get(model, {})
         size = int(override.get("max_batch_size", self.max_batch_size))
         wait_ms = float(override.get("max_wait_ms", self.max_wait_ms))
-        return size, wait_ms / 1000
+        tokens = int(override.get("max_batch_tokens", self.max_batch_tokens))
+        return size, wait_ms / 1000, tokens
 
     def kafka_security(self) -> BaseSecurity | None:
         """The FastStream security object for these settings (None: plaintext)."""
@@ -149,4 +167,4 @@ class Settings(BaseSettings):
 
 
 #: Per-model override keys that tune the batcher rather than the model's metadata.
-BATCHING_KEYS = frozenset({"max_batch_size", "max_wait_ms"})
+BATCHING_KEYS = frozenset({"max_batch_size", "max_wait_ms", "max_batch_tokens"})
