@@ -42,13 +42,13 @@ def render_metadata(meta: ModelMetadata) -> str:
     lines += [f"  {s.name:<20} {s.dtype:<8} {_format_shape(s.shape)}" for s in meta.inputs]
     lines.append("outputs")
     lines += [f"  {s.name:<20} {s.dtype:<8} {_format_shape(s.shape)}" for s in meta.outputs]
-    lines.append("dynamic dims (pinned per bucket)")
+    lines.append("dynamic dims (one value per bucket)")
     for dim, values in meta.dims.items():
         lines.append(f"  {dim:<20} {meta.dim_roles[dim].value:<12} {list(values)}")
     for field in ("image_size", "audio_frames", "video_frames", "sampling_rate", "sequence_lengths"):
         if field in src and field != "sequence_lengths":
             lines.append(f"{field:<11} {getattr(meta, field)}  <- {src[field]}")
-    lines.append(f"buckets     {len(meta.buckets())} (one ONNX Runtime session each)")
+    lines.append(f"buckets     {len(meta.buckets())} (fixed batch shapes, one ONNX Runtime session)")
     return "\n".join(lines)
 
 

@@ -219,7 +219,7 @@ class ModelMetadata:
         return None
 
     def buckets(self) -> list[Bucket]:
-        """Every combination of the named dynamic dims: one ORT session each."""
+        """Every combination of the named dynamic dims: the fixed shapes batches run at."""
         names = sorted(self.dims)
         combos = itertools.product(*(self.dims[n] for n in names))
         return [tuple(zip(names, combo, strict=True)) for combo in combos]
@@ -555,8 +555,8 @@ def _dim_roles(inputs: tuple[TensorSpec, ...]) -> dict[str, DimRole]:
         for axis, dim in enumerate(spec.shape):
             if dim is None:
                 raise MetadataError(
-                    f"input {spec.name!r} axis {axis} is dynamic but unnamed: free-dimension "
-                    "overrides need a name (export with named dynamic axes)"
+                    f"input {spec.name!r} axis {axis} is dynamic but unnamed: buckets need a "
+                    "name to know what it stands for (export with named dynamic axes)"
                 )
     return roles
 
