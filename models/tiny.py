@@ -13,7 +13,6 @@ A request becomes a pipeline call as follows: ``text`` alone is the string, ``te
 
 import functools
 import json
-import shutil
 import wave
 import zipfile
 from collections.abc import Callable, Mapping
@@ -60,6 +59,8 @@ from transformers import (
     WhisperForAudioClassification,
 )
 from transformers.pipelines.video_classification import VideoClassificationPipeline
+
+from models.pack import staged
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "models" / "samples"
@@ -860,9 +861,8 @@ def build_tiny(out: Path) -> None:
     """Write the samples, then every tiny model folder under out."""
     write_samples()
     for name, builder in BUILDERS.items():
-        folder = out / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        worst = finish(builder(folder), folder)
-        size = sum(path.stat().st_size for path in folder.iterdir())
+        # Built beside the old folder and renamed into place: a reader never sees half a model.
+        with staged(out / name, replace=True) as folder:
+            worst = finish(builder(folder), folder)
+            size = sum(path.stat().st_size for path in folder.iterdir())
         print(f"{name:16} {size / 1024:8.1f} KiB   max |onnx - torch| = {worst:.2e}")

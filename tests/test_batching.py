@@ -62,6 +62,52 @@ def test_a_bucket_can_hold_fewer_than_max_batch_size() -> None:
     assert queue.pop_ready(now=1.0) == ("long", [2])
 
 
+def _by_length(max_tokens: int) -> BatchQueue[int, str]:
+    """Keys are token lengths; each batch keeps within max_tokens (rows x length)."""
+    return BatchQueue(
+        max_batch_size=4,
+        max_wait=1.0,
+        size_of=lambda length: max_tokens // length,
+        rank_of=lambda length: length,
+    )
+
+
+def test_a_batch_that_waited_takes_other_lengths_at_the_longest_shape() -> None:
+    queue = _by_length(max_tokens=1000)
+    queue.add(16, "a", now=0.0)
+    queue.add(32, "b", now=0.1)
+    queue.add(8, "c", now=0.2)
+    assert queue.pop_ready(now=0.9) is None
+    assert queue.pop_ready(now=1.0) == (32, ["a", "b", "c"]), "one run at 32 tokens, oldest first"
+    assert len(queue) == 0
+
+
+def test_a_merged_batch_keeps_within_the_size_of_its_widest_shape() -> None:
+    queue = _by_length(max_tokens=64)  # 16 tokens: 4 rows; 32 tokens: 2 rows
+    for i, length in enumerate([16, 16, 32, 16, 32]):
+        queue.add(length, f"r{i}", now=i / 10)
+    # r0 r1 at 16, then r2 widens to 32 (3 rows > 2): 32 is out, the other 16s still fit at 16.
+    assert queue.pop_ready(now=1.0) == (16, ["r0", "r1", "r3"])
+    assert queue.pop_ready(now=1.2) == (32, ["r2", "r4"])
+
+
+def test_a_full_bucket_goes_alone_at_its_own_shape() -> None:
+    queue = _by_length(max_tokens=1000)
+    queue.add(32, "old", now=0.0)
+    for i in range(4):
+        queue.add(8, f"s{i}", now=0.1)
+    assert queue.pop_ready(now=0.2) == (8, ["s0", "s1", "s2", "s3"])
+    assert queue.pop_ready(now=0.2) is None
+
+
+def test_unranked_buckets_never_merge() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=4, max_wait=1.0, rank_of=lambda key: None)
+    queue.add("a", 1, now=0.0)
+    queue.add("b", 2, now=0.0)
+    assert queue.pop_ready(now=1.0) == ("a", [1])
+    assert queue.pop_ready(now=1.0) == ("b", [2])
+
+
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 0.01)), max_size=60), st.integers(1, 9))
 def test_every_item_comes_out_once_in_order(arrivals: list[tuple[str, float]], size: int) -> None:
     queue: BatchQueue[str, int] = BatchQueue(max_batch_size=size, max_wait=0.05)
@@ -80,6 +126,30 @@ def test_every_item_comes_out_once_in_order(arrivals: list[tuple[str, float]], s
         mine = [i for k, i in out if k == key]
         assert mine == sorted(mine), "FIFO within a bucket"
         assert all(arrivals[i][0] == key for i in mine)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from([8, 16, 32]), st.floats(0, 0.01)), max_size=60),
+    st.integers(16, 256),
+)
+def test_merged_batches_lose_nothing_and_never_shrink_a_request(
+    arrivals: list[tuple[int, float]], max_tokens: int
+) -> None:
+    queue = _by_length(max_tokens)
+    now = 0.0
+    seen: list[int] = []
+    for index, (length, gap) in enumerate(arrivals):
+        now += gap
+        queue.add(length, index, now)
+        for flush, at in ((False, now), (True, now + 1.0)) if index == len(arrivals) - 1 else ((False, now),):
+            while (ready := queue.pop_ready(at, flush=flush)) is not None:
+                shape, items = ready
+                assert all(arrivals[i][0] <= shape for i in items), "a request runs at its length or longer"
+                assert 1 <= len(items) <= max(1, min(4, max_tokens // shape))
+                assert items == sorted(items), "oldest first"
+                seen += items
+    assert sorted(seen) == list(range(len(arrivals)))
+    assert len(queue) == 0
 
 
 async def test_micro_batcher_dispatches_by_time_without_a_full_batch() -> None:

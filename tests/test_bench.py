@@ -287,6 +287,7 @@ async def test_worker_and_naive_consumer_answer_every_bench_request(
             assert 1 <= saturated["batch_size"]["max"] <= 12
             paced = (await client.run(topic, texts[:5], rate=50.0)).summary()
             assert paced["answered"] == 5 and paced["offered_per_s"] == 50.0
+            await host.stop(topic)  # drained and stopped: the next point runs alone
         answered = await bench.measured(ctx, naive.name, naive.pid, client.run(naive.topic, naive.texts))
         assert (answered["answered"], answered["errors"]) == (6, 0)
         assert answered["cpu_s"][naive.name] > 0 and answered["peak_rss_mib"] > 0

@@ -123,6 +123,48 @@ def test_padding_rows_never_leak(models: dict[str, ServedModel]) -> None:
     assert model.engine.runs[bucket] == before + 1, "three requests run in the bucket of 4: one padding row"
 
 
+LENGTHS = ("Hi.", "A sentence of a dozen or so tokens, give or take.", " ".join(["long"] * 40))
+
+
+@pytest.mark.parametrize("name", ["bert", "bert-ner", "bert-qa", "bert-embed", "clip"])
+def test_shorter_requests_ride_in_a_longer_bucket_with_the_same_answers(
+    models: dict[str, ServedModel], name: str
+) -> None:
+    model = models[name] if name in models else load_model(TINY / name)
+    rng = np.random.default_rng(5)
+    make: Callable[[str], ModelInput] = {
+        "bert-qa": lambda text: TextInput("What is it?", text),
+        "clip": lambda text: MultimodalInput(_random_image(rng), (text, "a dog")),
+    }.get(name, TextInput)
+    prepared = [model.prepare(make(text)) for text in LENGTHS]
+    keys = [p.shape_key for p in prepared]
+    assert len(set(keys)) >= 2, "requests of different buckets"
+    longest = max(keys, key=lambda k: dict(k)["sequence"])
+    assert all(model.merge_rank(k) == dict(k)["sequence"] for k in keys)
+    together = model.run(prepared, longest)
+    for item, result in zip(prepared, together, strict=True):
+        _close(result, model.run([item])[0], atol=1e-5)  # own shapes too: outputs cut back to length
+
+
+def test_a_longer_request_never_fits_a_shorter_bucket(models: dict[str, ServedModel]) -> None:
+    model = models["bert"]
+    short, long = (model.prepare(TextInput(text)) for text in LENGTHS[::2])
+    with pytest.raises(ValueError, match="cannot run in a batch"):
+        model.run([short, long], short.shape_key)
+    with pytest.raises(ValueError, match="pad_values"):
+        model.engine.run([short, long], long.shape_key)  # the engine alone does not know the padding
+
+
+@pytest.mark.parametrize("name", ["vit", "wav2vec2", "whisper-encoder", "videomae"])
+def test_only_masked_token_inputs_change_bucket(models: dict[str, ServedModel], name: str) -> None:
+    model = models[name]
+    assert model.preprocessor.pad_values == {}
+    assert all(
+        model.merge_rank(bucket) is None
+        for bucket in {p.shape_key for p in map(model.prepare, other_inputs(name, 2))}
+    )
+
+
 def test_an_overfull_batch_is_split_not_truncated(models: dict[str, ServedModel]) -> None:
     model = models["bert"]
     inputs = [TextInput(f"{SENTENCES[0]} {i}") for i in range(45)]

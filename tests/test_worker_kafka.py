@@ -246,6 +246,23 @@ async def test_a_partial_batch_goes_when_its_oldest_request_waited_max_wait(
     assert all(r["timing"]["queue_ms"] >= 299 for r in replies), [r["timing"] for r in replies]
 
 
+async def test_requests_of_different_lengths_that_waited_share_one_run(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    texts = [{"text": "Hi."}, {"text": " ".join(["word"] * 20)}, {"text": "A few more words here."}]
+    model = models["bert"]
+    assert len({model.prepare(TextInput(t["text"])).shape_key for t in texts}) == 3
+    alone = [model.infer([TextInput(t["text"])])[0] for t in texts]
+    async with (
+        serving(kafka_bootstrap, {"bert": model}, max_batch_size=64, max_wait_ms=300) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        replies = await client.send_many("text", "bert", texts, timeout=10)
+    assert [r["timing"]["batch_size"] for r in replies] == [3] * 3, "one run at the longest bucket"
+    for reply, want in zip(replies, alone, strict=True):
+        assert_result(reply, model, want)
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 
@@ -485,9 +502,9 @@ class SlowModel(ServedModel):
 
     delay_s: float = 0.05
 
-    def run(self, batch: Any) -> Any:
+    def run(self, batch: Any, key: Any = None) -> Any:
         time.sleep(self.delay_s)
-        return super().run(batch)
+        return super().run(batch, key)
 
 
 async def test_backpressure_pauses_intake_and_every_request_is_still_answered(

@@ -209,6 +209,7 @@ class Worker:
                 size,
                 wait,
                 size_of=functools.partial(model.metadata.batch_limit, max_rows=size, max_tokens=tokens),
+                rank_of=model.merge_rank,
             )
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
@@ -429,7 +430,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                _, jobs = await batcher.get()
+                key, jobs = await batcher.get()
             except BatcherClosed:
                 return
             now = _now_ms()
@@ -447,18 +448,20 @@ class Worker:
             ]
             if jobs:
                 started = time.perf_counter()
-                replies += await loop.run_in_executor(self.executor, self._run_batch, model, jobs, now)
+                replies += await loop.run_in_executor(self.executor, self._run_batch, model, jobs, now, key)
                 log.debug(
                     "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
                 )
             # Publishing runs beside the next batch: the executor stays busy meanwhile.
             self._spawn(self._publish(replies))
 
-    def _run_batch(self, model: ServedModel, jobs: list[Job], started_ms: int) -> list[Outgoing]:
+    def _run_batch(
+        self, model: ServedModel, jobs: list[Job], started_ms: int, key: Bucket | None = None
+    ) -> list[Outgoing]:
         """Executor side: one engine call for the batch, then each request's task head."""
         begin = time.perf_counter()
         try:
-            outputs = model.run([j.prepared for j in jobs])
+            outputs = model.run([j.prepared for j in jobs], key)
         except Exception:
             if len(jobs) == 1:
                 log.exception("internal error running %s", model.name)

@@ -5,6 +5,11 @@ is the thin async shell that waits until the queue has a batch ready. A batch is
 when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size, see
 ``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
 close every queued item is flushed.
+
+A full bucket goes alone, at its own shape. A batch that goes on time may also take items of
+other buckets that ``rank_of`` ranks (token lengths): oldest first, at the largest shape among
+them, as long as the batch fits that shape's size. At low load this answers what a few short
+and long requests queued in one run instead of one run per bucket.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,13 +29,19 @@ T = TypeVar("T")
 class _Queued(Generic[T]):
     item: T
     since: float
+    order: int
+    """Arrival number: breaks ties between items queued at the same instant."""
 
 
 class BatchQueue(Generic[K, T]):
     """Per-key FIFO queues and the size/time trigger; time is passed in, never read."""
 
     def __init__(
-        self, max_batch_size: int, max_wait: float, size_of: Callable[[K], int] | None = None
+        self,
+        max_batch_size: int,
+        max_wait: float,
+        size_of: Callable[[K], int] | None = None,
+        rank_of: Callable[[K], int | None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -40,8 +51,10 @@ class BatchQueue(Generic[K, T]):
         self.max_wait = max_wait
         self._size_of = size_of
         self._sizes: dict[K, int] = {}
+        self._rank_of = rank_of or (lambda key: None)
         self._queues: OrderedDict[K, deque[_Queued[T]]] = OrderedDict()
         self._count = 0
+        self._arrivals = 0
 
     def __len__(self) -> int:
         return self._count
@@ -58,26 +71,66 @@ class BatchQueue(Generic[K, T]):
 
     def add(self, key: K, item: T, now: float) -> None:
         """Queue ``item`` in bucket ``key``."""
-        self._queues.setdefault(key, deque()).append(_Queued(item, now))
+        self._queues.setdefault(key, deque()).append(_Queued(item, now, self._arrivals))
+        self._arrivals += 1
         self._count += 1
 
     def pop_ready(self, now: float, *, flush: bool = False) -> tuple[K, list[T]] | None:
-        """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready."""
+        """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready.
+
+        Returns the batch's shape key and its items; items of a merged batch keep their own keys.
+        """
         best: K | None = None
-        best_since = float("inf")
+        best_head = (float("inf"), 0)
+        best_full = False
         for key, queue in self._queues.items():
-            head = queue[0].since
+            head = (queue[0].since, queue[0].order)
             full = len(queue) >= self.batch_size(key)
-            if (flush or full or now - head >= self.max_wait) and head < best_since:
-                best, best_since = key, head
+            if (flush or full or now - head[0] >= self.max_wait) and head < best_head:
+                best, best_head, best_full = key, head, full
         if best is None:
             return None
-        queue = self._queues[best]
-        batch = [queue.popleft().item for _ in range(min(self.batch_size(best), len(queue)))]
-        if not queue:
-            del self._queues[best]
-        self._count -= len(batch)
-        return best, batch
+        if best_full or self._rank_of(best) is None:
+            return best, self._take({best: self.batch_size(best)})
+        return self._merged(best)
+
+    def _merged(self, start: K) -> tuple[K, list[T]]:
+        """From ``start``'s oldest item on, the oldest items of every ranked bucket that still fit."""
+        ranks = {key: rank for key in self._queues if (rank := self._rank_of(key)) is not None}
+        counts = dict.fromkeys(ranks, 0)
+        closed: set[K] = set()
+        target = start
+        taken = 0
+        while True:
+            waiting = [
+                (self._queues[key][n], key)
+                for key, n in counts.items()
+                if key not in closed and n < len(self._queues[key])
+            ]
+            if not waiting:
+                break
+            _, key = min(waiting, key=lambda pair: (pair[0].since, pair[0].order))
+            wider = key if ranks[key] > ranks[target] else target
+            if taken + 1 > self.batch_size(wider):
+                closed.add(key)  # the batch is full at this width, and key's later items are no narrower
+                continue
+            counts[key] += 1
+            taken += 1
+            target = wider
+        return target, self._take(counts, in_age_order=True)
+
+    def _take(self, counts: Mapping[K, int], *, in_age_order: bool = False) -> list[T]:
+        """Pop the first ``counts[key]`` items of each bucket."""
+        queued: list[_Queued[T]] = []
+        for key, count in counts.items():
+            queue = self._queues[key]
+            queued += [queue.popleft() for _ in range(min(count, len(queue)))]
+            if not queue:
+                del self._queues[key]
+        self._count -= len(queued)
+        if in_age_order:
+            queued.sort(key=lambda q: (q.since, q.order))
+        return [q.item for q in queued]
 
     def next_deadline(self) -> float | None:
         """When the oldest queued item's wait runs out (None when empty)."""
@@ -98,9 +151,10 @@ class MicroBatcher(Generic[K, T]):
         max_wait: float,
         *,
         size_of: Callable[[K], int] | None = None,
+        rank_of: Callable[[K], int | None] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait, size_of)
+        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait, size_of, rank_of)
         self._clock = clock or asyncio.get_running_loop().time
         self._wakeup = asyncio.Event()
         self._closing = False

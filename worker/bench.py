@@ -574,17 +574,22 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
         }
     )
     reader = await _stdin_lines()
-    workers: list[Worker] = []
+    workers: dict[str, Worker] = {}
     sampler: StackSampler | None = None
     while line := await reader.readline():
         command = json.loads(line)
         if command["cmd"] == "serve":
-            worker = Worker(Settings(**command["settings"]), models)
-            workers.append(worker)
+            settings = Settings(**command["settings"])
+            worker = workers[settings.topic_prefix] = Worker(settings, models)
             await worker.start()
             while not worker.ready:  # noqa: ASYNC110 - the Worker exposes readiness as a property only
                 await asyncio.sleep(0.05)
             _emit({"event": "serving"})
+        elif command["cmd"] == "stop":
+            worker = workers.pop(command["prefix"])
+            await worker.drain()
+            await worker.stop()
+            _emit({"event": "stopped"})
         elif command["cmd"] == "profile_start":
             sampler = StackSampler()
             sampler.start()
@@ -595,7 +600,7 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
         elif command["cmd"] == "stages":
             costs = stage_costs(models[command["model"]], command["texts"], int(command["max_batch_size"]))
             _emit({"event": "stages", "stages": costs})
-    for worker in workers:
+    for worker in workers.values():
         await worker.drain()
         await worker.stop()
 
@@ -1056,6 +1061,10 @@ class Host:
         await self.child.ask(command, "serving", limit_s=120)
         return f"{prefix}.text.requests"
 
+    async def stop(self, topic: str) -> None:
+        """Drain and stop the Worker serving ``topic``: an idle consumer still polls the broker."""
+        await self.child.ask({"cmd": "stop", "prefix": topic.split(".", 1)[0]}, "stopped", limit_s=120)
+
 
 async def warm_up(client: LoadClient, topic: str, ctx: Context, inputs: Inputs, count: int = 0) -> None:
     """Answers to a spread of lengths prove the consumer joined and touch every bucket."""
@@ -1116,7 +1125,7 @@ def pick_best(sweep: Sequence[Mapping[str, Any]]) -> str:
 
 
 async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list[dict[str, Any]]:
-    """Every sweep point served at once (points sharing models share a process), measured in turns."""
+    """Each sweep point served and measured in turns (points sharing models share a process)."""
     plan = ctx.plan
     texts = spaced_sample(inputs.mix, plan.sweep_sentences)
     entries: list[SweepEntry] = []
@@ -1126,20 +1135,20 @@ async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list
             if point.engine_key not in hosts:
                 hosts[point.engine_key] = await Host.start(ctx, point, with_extras=False)
                 stack.push_async_callback(hosts[point.engine_key].child.close)
-            host = hosts[point.engine_key]
-            ctx.say(f"sweep: starting {point.label}")
-            topic = await host.serve(ctx, point)
-            await warm_up(client, topic, ctx, inputs)
-            entries.append(SweepEntry(point, topic, host.buckets[ctx.model_name]))
-        for entry in entries:  # MiniLM alone, with every Worker of the process warmed up
-            entry.host_rss_mib = round(rss_mib(hosts[entry.point.engine_key].child.pid), 1)
+            entries.append(SweepEntry(point, "", hosts[point.engine_key].buckets[ctx.model_name]))
+        # One Worker at a time: the others' idle consumers would poll the broker beside it.
         for _ in range(plan.sweep_repeats):
             for entry in entries:
+                host = hosts[entry.point.engine_key]
                 ctx.say(f"sweep: {entry.point.label}")
+                entry.topic = await host.serve(ctx, entry.point)
+                await warm_up(client, entry.topic, ctx, inputs)
+                entry.host_rss_mib = max(entry.host_rss_mib, round(rss_mib(host.child.pid), 1))
                 saturation = (await client.run(entry.topic, texts)).summary()
                 rate = max(1.0, saturation["throughput_per_s"] / 2)
                 paced = [texts[i % len(texts)] for i in range(max(20, int(rate * plan.sweep_paced_s)))]
                 half = await client.run(entry.topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
+                await host.stop(entry.topic)
                 entry.saturation.append(saturation)
                 entry.half_load.append(half.summary())
                 ctx.tick()

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.errors import InvalidRequest
-from worker.metadata import Bucket, ModelMetadata
+from worker.metadata import Bucket, DimRole, ModelMetadata
 from worker.processors import Prepared
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ class Engine:
             for spec in metadata.inputs
         }
         self._row_axes = {spec.name: self._output_row_axes(spec.shape) for spec in metadata.outputs}
+        sequence = {d for d, role in metadata.dim_roles.items() if role is DimRole.SEQUENCE}
+        self._sequence_axes = {
+            spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in sequence}
+            for spec in metadata.outputs
+        }
         self.buffers = self._allocate_inputs()
         self._device_inputs = self._allocate_device_inputs() if self.provider == CUDA else {}
         self._lock = threading.Lock()
@@ -170,17 +175,37 @@ class Engine:
         """Rows a request occupies in each batch dim."""
         return {self._row_dims[name]: array.shape[0] for name, array in item.arrays.items()}
 
-    def run(self, items: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
-        """Outputs per request, in order; splits batches larger than the largest bucket."""
+    def run(
+        self,
+        items: Sequence[Prepared],
+        key: Bucket | None = None,
+        pad_values: Mapping[str, int] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Outputs per request, in order; splits batches larger than the largest bucket.
+
+        ``key`` is the batch's shape (default: the requests' one shared ``shape_key``). Requests
+        of a smaller shape run in it lengthened with ``pad_values`` (a masked tail), and get their
+        outputs cut back to their own length: the same answers, in one run instead of several.
+        """
         if not items:
             return []
-        key = items[0].shape_key
-        if any(item.shape_key != key for item in items):
-            raise ValueError("a batch must share one shape key; group requests by Prepared.shape_key")
+        key = items[0].shape_key if key is None else key
+        shape = dict(key)
+        for item in items:
+            if item.shape_key == key:
+                continue
+            own = dict(item.shape_key)
+            if not pad_values or own.keys() != shape.keys() or any(own[d] > shape[d] for d in own):
+                raise ValueError(
+                    f"a request of shape {own} cannot run in a batch of shape {shape}; group requests by "
+                    "Prepared.shape_key, or give pad_values to lengthen shorter ones"
+                )
         rows = [self.rows(item) for item in items]
         results: list[dict[str, np.ndarray]] = []
         for chunk in self._chunks(rows):
-            results.extend(self._run_chunk([items[i] for i in chunk], [rows[i] for i in chunk], key))
+            results.extend(
+                self._run_chunk([items[i] for i in chunk], [rows[i] for i in chunk], key, pad_values or {})
+            )
         return results
 
     def _chunks(self, rows: Sequence[Mapping[str, int]]) -> Iterator[list[int]]:
@@ -204,7 +229,11 @@ class Engine:
             yield chunk
 
     def _run_chunk(
-        self, chunk: Sequence[Prepared], rows: Sequence[Mapping[str, int]], key: Bucket
+        self,
+        chunk: Sequence[Prepared],
+        rows: Sequence[Mapping[str, int]],
+        key: Bucket,
+        pad_values: Mapping[str, int],
     ) -> list[dict[str, np.ndarray]]:
         spans: list[dict[str, slice]] = []
         offsets = dict.fromkeys(self._capacity, 0)
@@ -224,12 +253,19 @@ class Engine:
             for name, buffer in inputs.items():
                 dim = self._row_dims[name]
                 for item, span in zip(chunk, spans, strict=True):
-                    buffer[span[dim]] = item.arrays[name]
+                    array = item.arrays[name]
+                    if array.shape[1:] == buffer.shape[1:]:
+                        buffer[span[dim]] = array
+                    else:  # a shorter request in a longer bucket: its tail is padding the mask hides
+                        buffer[span[dim]] = pad_values[name]
+                        buffer[(span[dim], *(slice(0, n) for n in array.shape[1:]))] = array
                 # Padding rows copy a real row: the model sees valid input, and the rows are dropped.
                 buffer[offsets[dim] :] = buffer[0]
             outputs = self._run(bucket, inputs)
             self.runs[bucket] += 1
-        return [self._slice(outputs, span) for span in spans]
+        return [
+            self._slice(outputs, span, item.shape_key, key) for item, span in zip(chunk, spans, strict=True)
+        ]
 
     def _run(self, bucket: Bucket, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One session run on a bucket's buffers; the outputs are new arrays the caller keeps."""
@@ -247,12 +283,19 @@ class Engine:
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
-    def _slice(self, outputs: Mapping[str, np.ndarray], span: Mapping[str, slice]) -> dict[str, np.ndarray]:
+    def _slice(
+        self, outputs: Mapping[str, np.ndarray], span: Mapping[str, slice], own: Bucket, key: Bucket
+    ) -> dict[str, np.ndarray]:
+        """One request's part of the outputs: its rows, and along sequence axes its own length."""
+        lengths = dict(own) if own != key else {}
         result: dict[str, np.ndarray] = {}
         for name, array in outputs.items():
             index: list[Any] = [slice(None)] * array.ndim
             for axis, dim in self._row_axes[name].items():
                 index[axis] = span[dim]
+            for axis, dim in self._sequence_axes[name].items():
+                if dim in lengths:
+                    index[axis] = slice(0, lengths[dim])
             result[name] = array[tuple(index)]
         return result
 

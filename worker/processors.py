@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest
-from worker.metadata import Bucket, MetadataError, ModelMetadata, ProcessorKind
+from worker.metadata import Bucket, DimRole, MetadataError, ModelMetadata, ProcessorKind
 
 # --- decoded inputs (what the wire format becomes once validated and decoded) -------------
 
@@ -133,6 +133,9 @@ class Preprocessor(ABC):
 
     def __init__(self, metadata: ModelMetadata) -> None:
         self.metadata = metadata
+        self.pad_values: Mapping[str, int] = {}
+        """Per input, the value that lengthens its sequence axis so that a request can run in a longer
+        bucket (masked out); empty when the model's requests never change bucket."""
 
     @abstractmethod
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
@@ -217,6 +220,7 @@ class TextPreprocessor(Preprocessor):
         if not buckets:
             raise MetadataError(f"{metadata.onnx_path}: a text model needs a sequence dim")
         self.buckets = buckets
+        self.pad_values = sequence_pad_values(metadata, tokenizer)
         self.aligned = metadata.task in ALIGNED_TASKS
         if self.aligned and not getattr(tokenizer, "is_fast", False):
             raise MetadataError(
@@ -250,6 +254,28 @@ class TextPreprocessor(Preprocessor):
             cls_id=self.tokenizer.cls_token_id,
             detokenize=self.tokenizer.convert_tokens_to_string,
         )
+
+
+def sequence_pad_values(metadata: ModelMetadata, tokenizer: Any) -> dict[str, int]:
+    """How the tokenizer pads each token input, when the attention mask hides padding from the model.
+
+    Empty (requests keep their own bucket) without an ``attention_mask`` input, or when another
+    input runs along the sequence too (its padding value is unknown).
+    """
+    if metadata.input("attention_mask") is None:
+        return {}
+    known = {
+        "input_ids": int(tokenizer.pad_token_id or 0),
+        "attention_mask": 0,
+        "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+    }
+    sequence = {d for d, role in metadata.dim_roles.items() if role is DimRole.SEQUENCE}
+    along = [
+        spec.name for spec in metadata.inputs if sequence & set(d for d in spec.shape if isinstance(d, str))
+    ]
+    if any(name not in known for name in along):
+        return {}
+    return {name: known[name] for name in along}
 
 
 def tokenize_text(
@@ -417,6 +443,7 @@ class MultimodalPreprocessor(Preprocessor):
         if not buckets:
             raise MetadataError(f"{metadata.onnx_path}: a multimodal model needs a sequence dim")
         self.buckets = buckets
+        self.pad_values = sequence_pad_values(metadata, self.tokenizer)
 
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
         if not isinstance(item, MultimodalInput):

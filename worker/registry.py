@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine import Engine, EngineOptions
-from worker.metadata import MetadataError, ModelMetadata, iter_model_folders
+from worker.metadata import Bucket, DimRole, MetadataError, ModelMetadata, iter_model_folders
 from worker.processors import ModelInput, Prepared, Preprocessor, ProcessorFactory, processor_factory
 from worker.tasks import Head, Outputs, head_for
 
@@ -36,9 +36,17 @@ class ServedModel:
         """Decoded input -> arrays at a bucket shape."""
         return self.preprocessor.prepare(item)
 
-    def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
-        """Blocking: one engine call for the batch (split if larger than the largest bucket)."""
-        return self.engine.run(batch)
+    def run(self, batch: Sequence[Prepared], key: Bucket | None = None) -> list[dict[str, np.ndarray]]:
+        """Blocking: one engine call for the batch at shape ``key`` (split if over the largest bucket)."""
+        return self.engine.run(batch, key, self.preprocessor.pad_values)
+
+    def merge_rank(self, key: Bucket) -> int | None:
+        """Where requests of shape ``key`` rank among shapes that can share a batch (a shorter request
+        rides in a longer bucket, its padding masked): the token length; None when they never share."""
+        if not self.preprocessor.pad_values or len(key) != 1:
+            return None
+        ((dim, length),) = key
+        return length if self.metadata.dim_roles.get(dim) is DimRole.SEQUENCE else None
 
     def postprocess(self, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]) -> Any:
         """Raw outputs of one request -> pipeline-shaped result."""
