@@ -82,11 +82,11 @@ def test_a_batch_that_waited_takes_other_lengths_at_the_longest_shape() -> None:
     assert len(queue) == 0
 
 
-def test_a_merged_batch_keeps_within_the_size_of_its_widest_shape() -> None:
+def test_when_more_is_queued_than_one_batch_holds_buckets_go_alone() -> None:
     queue = _by_length(max_tokens=64)  # 16 tokens: 4 rows; 32 tokens: 2 rows
     for i, length in enumerate([16, 16, 32, 16, 32]):
         queue.add(length, f"r{i}", now=i / 10)
-    # r0 r1 at 16, then r2 widens to 32 (3 rows > 2): 32 is out, the other 16s still fit at 16.
+    # Five items would not fit one batch at 32 tokens (2 rows): no 16-token text is padded to 32.
     assert queue.pop_ready(now=1.0) == (16, ["r0", "r1", "r3"])
     assert queue.pop_ready(now=1.2) == (32, ["r2", "r4"])
 

@@ -6,10 +6,11 @@ when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size
 ``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
 close every queued item is flushed.
 
-A full bucket goes alone, at its own shape. A batch that goes on time may also take items of
-other buckets that ``rank_of`` ranks (token lengths): oldest first, at the largest shape among
-them, as long as the batch fits that shape's size. At low load this answers what a few short
-and long requests queued in one run instead of one run per bucket.
+A full bucket goes alone, at its own shape. A batch that goes on time takes every queued item
+of the buckets that ``rank_of`` ranks (token lengths), at the longest shape among them, when
+they all fit one batch of that shape: at low load a few short and long requests are answered
+in one run instead of one run per bucket. When more is queued than one batch holds (load),
+buckets go one by one at their own shapes, so no run pays for padding short texts to long.
 """
 
 from __future__ import annotations
@@ -95,29 +96,12 @@ class BatchQueue(Generic[K, T]):
         return self._merged(best)
 
     def _merged(self, start: K) -> tuple[K, list[T]]:
-        """From ``start``'s oldest item on, the oldest items of every ranked bucket that still fit."""
+        """Every ranked bucket's items at the longest shape, if they fit one batch; else ``start`` alone."""
         ranks = {key: rank for key in self._queues if (rank := self._rank_of(key)) is not None}
-        counts = dict.fromkeys(ranks, 0)
-        closed: set[K] = set()
-        target = start
-        taken = 0
-        while True:
-            waiting = [
-                (self._queues[key][n], key)
-                for key, n in counts.items()
-                if key not in closed and n < len(self._queues[key])
-            ]
-            if not waiting:
-                break
-            _, key = min(waiting, key=lambda pair: (pair[0].since, pair[0].order))
-            wider = key if ranks[key] > ranks[target] else target
-            if taken + 1 > self.batch_size(wider):
-                closed.add(key)  # the batch is full at this width, and key's later items are no narrower
-                continue
-            counts[key] += 1
-            taken += 1
-            target = wider
-        return target, self._take(counts, in_age_order=True)
+        widest = max(ranks, key=ranks.__getitem__)
+        if sum(len(self._queues[key]) for key in ranks) > self.batch_size(widest):
+            return start, self._take({start: self.batch_size(start)})
+        return widest, self._take({key: len(self._queues[key]) for key in ranks}, in_age_order=True)
 
     def _take(self, counts: Mapping[K, int], *, in_age_order: bool = False) -> list[T]:
         """Pop the first ``counts[key]`` items of each bucket."""
