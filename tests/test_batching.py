@@ -153,7 +153,7 @@ def test_merged_batches_lose_nothing_and_never_shrink_a_request(
 
 
 async def test_micro_batcher_dispatches_by_time_without_a_full_batch() -> None:
-    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=100, max_wait=0.05)
+    batcher: MicroBatcher[str, int] = MicroBatcher(BatchQueue(max_batch_size=100, max_wait=0.05))
     loop = asyncio.get_running_loop()
     start = loop.time()
     batcher.put("a", 1)
@@ -164,7 +164,7 @@ async def test_micro_batcher_dispatches_by_time_without_a_full_batch() -> None:
 
 
 async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:
-    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=3, max_wait=60.0)
+    batcher: MicroBatcher[str, int] = MicroBatcher(BatchQueue(max_batch_size=3, max_wait=60.0))
     getter = asyncio.create_task(batcher.get())
     await asyncio.sleep(0)
     for i in range(3):
@@ -173,7 +173,7 @@ async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:
 
 
 async def test_micro_batcher_flushes_on_close_then_stops() -> None:
-    batcher: MicroBatcher[str, int] = MicroBatcher(max_batch_size=10, max_wait=60.0)
+    batcher: MicroBatcher[str, int] = MicroBatcher(BatchQueue(max_batch_size=10, max_wait=60.0))
     batcher.put("a", 1)
     batcher.close()
     assert await asyncio.wait_for(batcher.get(), 2.0) == ("a", [1])

@@ -49,7 +49,7 @@ from schemas import (
     Timing,
     parse_request,
 )
-from worker.batching import BatcherClosed, MicroBatcher
+from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.decoding import MediaLimits, decode_inputs
 from worker.errors import DeadlineExceeded, InferenceError, UnknownModel
 from worker.metadata import Bucket
@@ -205,12 +205,13 @@ class Worker:
         await self._connect()
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
-            batcher: MicroBatcher[Bucket, Job] = MicroBatcher(
+            queue: BatchQueue[Bucket, Job] = BatchQueue(
                 size,
                 wait,
                 size_of=functools.partial(model.metadata.batch_limit, max_rows=size, max_tokens=tokens),
                 rank_of=model.merge_rank,
             )
+            batcher = MicroBatcher(queue)
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
         self.consumer = self._subscriber.consumer

@@ -129,16 +129,8 @@ class BatcherClosed(Exception):
 class MicroBatcher(Generic[K, T]):
     """Async shell over ``BatchQueue``: ``put`` never blocks, ``get`` waits for a ready batch."""
 
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_wait: float,
-        *,
-        size_of: Callable[[K], int] | None = None,
-        rank_of: Callable[[K], int | None] | None = None,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.queue: BatchQueue[K, T] = BatchQueue(max_batch_size, max_wait, size_of, rank_of)
+    def __init__(self, queue: BatchQueue[K, T], *, clock: Callable[[], float] | None = None) -> None:
+        self.queue = queue
         self._clock = clock or asyncio.get_running_loop().time
         self._wakeup = asyncio.Event()
         self._closing = False
