@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.errors import InvalidRequest
-from worker.metadata import Bucket, DimRole, ModelMetadata
+from worker.metadata import Bucket, ModelMetadata
 from worker.processors import Prepared
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,13 @@ class Engine:
             for spec in metadata.inputs
         }
         self._row_axes = {spec.name: self._output_row_axes(spec.shape) for spec in metadata.outputs}
-        sequence = {d for d, role in metadata.dim_roles.items() if role is DimRole.SEQUENCE}
         self._sequence_axes = {
-            spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in sequence}
+            spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in metadata.sequence_dims}
             for spec in metadata.outputs
         }
         self.buffers = self._allocate_inputs()
-        self._device_inputs = self._allocate_device_inputs() if self.provider == CUDA else {}
+        self._device_inputs: dict[Bucket, dict[str, ort.OrtValue]] = {}
+        """CUDA: a device copy of a bucket's inputs, made when the bucket first runs, refreshed per run."""
         self._lock = threading.Lock()
         self.runs: Counter[Bucket] = Counter()
         """Batches run per bucket, since load."""
@@ -147,13 +147,6 @@ class Engine:
                 views[spec.name] = largest[key][:rows]  # the first rows of a C-order array: contiguous
             buffers[bucket] = views
         return buffers
-
-    def _allocate_device_inputs(self) -> dict[Bucket, dict[str, ort.OrtValue]]:
-        """CUDA: one device copy of every bucket's inputs, refreshed in place per run."""
-        return {
-            bucket: {name: ort.OrtValue.ortvalue_from_numpy(view, "cuda", 0) for name, view in views.items()}
-            for bucket, views in self.buffers.items()
-        }
 
     def _output_row_axes(self, shape: tuple[int | str | None, ...]) -> dict[int, str]:
         """Axes of an output that run over requests (CLIP's logits_per_image has two)."""
@@ -274,6 +267,10 @@ class Engine:
             return dict(
                 zip(self.output_names, self.session.run(self.output_names, dict(inputs)), strict=True)
             )
+        if bucket not in self._device_inputs:
+            self._device_inputs[bucket] = {
+                name: ort.OrtValue.ortvalue_from_numpy(view, "cuda", 0) for name, view in inputs.items()
+            }
         binding = self.session.io_binding()
         for name, value in self._device_inputs[bucket].items():
             value.update_inplace(inputs[name])

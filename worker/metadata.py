@@ -194,6 +194,15 @@ class ModelMetadata:
         return tuple(d for d, role in self.dim_roles.items() if role is DimRole.BATCH)
 
     @property
+    def sequence_dims(self) -> tuple[str, ...]:
+        """Names of the dims that run over tokens (padding there is what an attention mask hides)."""
+        return tuple(d for d, role in self.dim_roles.items() if role is DimRole.SEQUENCE)
+
+    def sequence_length(self, key: Bucket) -> int | None:
+        """The token length a shape key pins, if it pins one."""
+        return next((v for d, v in key if d in self.sequence_dims), None)
+
+    @property
     def sequence_lengths(self) -> tuple[int, ...] | None:
         """Token-length buckets, for models that take tokens."""
         return self._values_for(DimRole.SEQUENCE)
@@ -231,7 +240,7 @@ class ModelMetadata:
         the largest batch bucket within the budget (at least 1), so the batch is not padded back
         up. On a CPU cost grows with tokens, so the budget bounds one batch's run time and memory.
         """
-        tokens = next((v for d, v in key if self.dim_roles.get(d) is DimRole.SEQUENCE), None)
+        tokens = self.sequence_length(key)
         if tokens is None or max_rows * tokens <= max_tokens:
             return max_rows
         fits = max_tokens // tokens

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest
-from worker.metadata import Bucket, DimRole, MetadataError, ModelMetadata, ProcessorKind
+from worker.metadata import Bucket, MetadataError, ModelMetadata, ProcessorKind
 
 # --- decoded inputs (what the wire format becomes once validated and decoded) -------------
 
@@ -269,10 +269,7 @@ def sequence_pad_values(metadata: ModelMetadata, tokenizer: Any) -> dict[str, in
         "attention_mask": 0,
         "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
     }
-    sequence = {d for d, role in metadata.dim_roles.items() if role is DimRole.SEQUENCE}
-    along = [
-        spec.name for spec in metadata.inputs if sequence & set(d for d in spec.shape if isinstance(d, str))
-    ]
+    along = [spec.name for spec in metadata.inputs if any(d in metadata.sequence_dims for d in spec.shape)]
     if any(name not in known for name in along):
         return {}
     return {name: known[name] for name in along}

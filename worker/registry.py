@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine import Engine, EngineOptions
-from worker.metadata import Bucket, DimRole, MetadataError, ModelMetadata, iter_model_folders
+from worker.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
 from worker.processors import ModelInput, Prepared, Preprocessor, ProcessorFactory, processor_factory
 from worker.tasks import Head, Outputs, head_for
 
@@ -45,8 +45,7 @@ class ServedModel:
         rides in a longer bucket, its padding masked): the token length; None when they never share."""
         if not self.preprocessor.pad_values or len(key) != 1:
             return None
-        ((dim, length),) = key
-        return length if self.metadata.dim_roles.get(dim) is DimRole.SEQUENCE else None
+        return self.metadata.sequence_length(key)
 
     def postprocess(self, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]) -> Any:
         """Raw outputs of one request -> pipeline-shaped result."""
