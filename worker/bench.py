@@ -1082,10 +1082,9 @@ def p99_bound(paced: Sequence[Mapping[str, Any]], max_wait_ms: float) -> float |
 
 @dataclass
 class SweepEntry:
-    """One sweep point being measured: its Worker's request topic and its runs so far."""
+    """One sweep point being measured: its runs so far."""
 
     point: SweepPoint
-    topic: str
     buckets: int
     saturation: list[dict[str, Any]] = field(default_factory=list)
     half_load: list[dict[str, Any]] = field(default_factory=list)
@@ -1135,20 +1134,20 @@ async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list
             if point.engine_key not in hosts:
                 hosts[point.engine_key] = await Host.start(ctx, point, with_extras=False)
                 stack.push_async_callback(hosts[point.engine_key].child.close)
-            entries.append(SweepEntry(point, "", hosts[point.engine_key].buckets[ctx.model_name]))
+            entries.append(SweepEntry(point, hosts[point.engine_key].buckets[ctx.model_name]))
         # One Worker at a time: the others' idle consumers would poll the broker beside it.
         for _ in range(plan.sweep_repeats):
             for entry in entries:
                 host = hosts[entry.point.engine_key]
                 ctx.say(f"sweep: {entry.point.label}")
-                entry.topic = await host.serve(ctx, entry.point)
-                await warm_up(client, entry.topic, ctx, inputs)
+                topic = await host.serve(ctx, entry.point)
+                await warm_up(client, topic, ctx, inputs)
                 entry.host_rss_mib = max(entry.host_rss_mib, round(rss_mib(host.child.pid), 1))
-                saturation = (await client.run(entry.topic, texts)).summary()
+                saturation = (await client.run(topic, texts)).summary()
                 rate = max(1.0, saturation["throughput_per_s"] / 2)
                 paced = [texts[i % len(texts)] for i in range(max(20, int(rate * plan.sweep_paced_s)))]
-                half = await client.run(entry.topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
-                await host.stop(entry.topic)
+                half = await client.run(topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
+                await host.stop(topic)
                 entry.saturation.append(saturation)
                 entry.half_load.append(half.summary())
                 ctx.tick()
