@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.test_worker_processes import (
     start_worker,
     stop_worker,
 )
+from worker.app import STOP_BUDGET_S
 from worker.embedded_broker import EmbeddedBroker, free_port
 from worker.topics import results_topic
 
@@ -131,4 +133,28 @@ async def test_an_outage_longer_than_the_producer_timeout_keeps_replies_on_reply
             lambda: not set(stream.missing(ids)) - rerouted(), 60, "a reply to every request", [worker]
         )
     assert rerouted() == set(), f"{len(rerouted())} of {len(ids)} replies went to the results topic"
+    assert stream.missing(ids) == []
+
+
+async def test_sigterm_with_the_broker_gone_exits_within_the_drain_bound(
+    proxy: TcpProxy, workers: WorkerLauncher, stream: Stream
+) -> None:
+    """The drain bound holds whatever the broker does: drain_timeout_s plus STOP_BUDGET_S (and scheduling slack)."""
+    drain_timeout_s = 5.0
+    worker = start_worker(workers, stream, "stranded", "--drain-timeout-s", str(drain_timeout_s))
+    await worker.wait_for_log("worker started", START_TIMEOUT_S)
+    ids = await stream.send(2000)
+    await wait_until(lambda: stream.answered() >= 100, START_TIMEOUT_S, "100 replies", [worker])
+    proxy.cut()
+    signalled = asyncio.get_running_loop().time()
+    worker.send(signal.SIGTERM)
+    code = await worker.wait_exit(drain_timeout_s + STOP_BUDGET_S + 15)
+    took = asyncio.get_running_loop().time() - signalled
+    print(f"exit {code} {took:.1f} s after SIGTERM with the broker gone; {stream.answered(ids)} answered")
+    assert code == 0, worker.log_tail()
+    assert took <= drain_timeout_s + STOP_BUDGET_S + 3.0, f"{took:.1f} s\n{worker.log_tail()}"
+    # What it could not answer stays uncommitted: a successor answers it once the broker is back.
+    proxy.restore()
+    successor = start_worker(workers, stream, "successor")
+    await stream.wait_answered(ids, 120, [successor])
     assert stream.missing(ids) == []

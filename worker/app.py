@@ -1,14 +1,16 @@
-"""The Kafka worker: subscribers per modality, batchers per model, replies, commits, lifecycle.
+"""The Kafka worker: one fetch loop over every request topic, a batcher and loop per model, replies, commits.
 
-Life of a message: the batch subscriber hands over raw records; each is tracked by
-partition/offset, parsed (schemas/), decoded and prepared in the executor, and queued in
-its model's micro-batcher. A model loop takes ready batches, runs them in the executor,
-and publishes one reply per request (acks=all). Only then is the message marked done,
-and offsets are committed past contiguous runs of done messages (worker/offsets.py).
-Rejected messages get an error reply and a DLQ copy through the same path.
+Life of a message: the fetch loop (worker/fetching.py) takes records one partition at a time;
+each is tracked by partition/offset and its bytes, parsed (schemas/), decoded and prepared in
+the executor, and queued in its model's micro-batcher. A model loop takes ready batches, runs
+them in the executor, and hands one reply per request to delivery (worker/delivery.py), which
+publishes it (acks=all) off the intake path. Only then is the message marked done, and offsets
+are committed past contiguous runs of done messages (worker/offsets.py). Rejected messages and
+records the client cannot decode get an error reply and/or a DLQ record through the same path.
 
 Lifecycle: ``start()`` -> serve -> ``drain()`` (stop fetching, flush batchers, publish,
-commit) -> ``stop()`` (leave the group). ``serve()`` wires SIGTERM/SIGINT to that order.
+commit; bounded by drain_timeout_s) -> ``stop()`` (leave the group; bounded by STOP_BUDGET_S).
+``serve()`` wires SIGTERM/SIGINT to that order.
 """
 
 from __future__ import annotations
@@ -17,33 +19,24 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import (
-    InvalidTopicError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
-from faststream import AckPolicy
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
-from faststream.message import StreamMessage
 
 from schemas import (
     ErrorCode,
     ErrorDetail,
     ErrorReply,
-    Modality,
     RequestRejected,
     Result,
     Timing,
@@ -51,32 +44,32 @@ from schemas import (
 )
 from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.decoding import MediaLimits, decode_inputs
-from worker.errors import DeadlineExceeded, InferenceError, UnknownModel
+from worker.delivery import Delivery, GiveUp
+from worker.envelopes import Origin, Outgoing
+from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
+from worker.fetching import Fetched, PartitionFetcher, Undecodable
 from worker.metadata import Bucket
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.processors import Prepared
 from worker.registry import ServedModel
+from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
-from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.topics import (
+    MissingTopics,
+    dlq_topic,
+    ensure_topics,
+    max_message_bytes,
+    requests_topic,
+    results_topic,
+)
 
 log = logging.getLogger(__name__)
 
-#: Reply topics a client may name in ``reply_to``: Kafka's legal topic characters only.
-_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-
-
-@dataclass
-class Origin:
-    """Where a message came from and where its answer goes."""
-
-    modality: Modality
-    tp: TopicPartition
-    offset: int
-    reply_topic: str
-    correlation_id: str
-    raw: bytes
-    timestamp_ms: int
+#: After drain_timeout_s, the most that the final commit and closing the clients may take together.
+STOP_BUDGET_S = 5.0
+#: Fetch rounds failing in a row before /readyz says so.
+FETCH_ERRORS_NOT_READY = 5
 
 
 @dataclass
@@ -92,17 +85,6 @@ class Job:
 
 
 @dataclass
-class Outgoing:
-    """One reply to publish, plus a DLQ copy when the request was rejected."""
-
-    origin: Origin
-    request_id: str | None
-    model: str | None
-    body: bytes
-    error: ErrorDetail | None = None
-
-
-@dataclass
 class _State:
     """Mutable run state, kept in one place."""
 
@@ -111,35 +93,13 @@ class _State:
     stopping: bool = False
     handlers_running: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: models whose loop died and is waiting to be restarted
+    dead_loops: set[str] = field(default_factory=set)
+    not_ready: frozenset[str] = frozenset()
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-async def _raw_records(records: tuple[ConsumerRecord[Any, Any], ...]) -> StreamMessage[Any]:
-    """Hand the records over untouched.
-
-    FastStream's own parser decodes headers as UTF-8 and JSON bodies before the handler
-    runs; a record that fails there is logged and never answered (silent loss, measured
-    in docs/kafka-notes.md). Here schemas/ judges every byte and answers every record.
-    """
-    return StreamMessage(raw_message=records, body=b"")
-
-
-async def _no_decoding(message: StreamMessage[Any]) -> None:
-    """The handler reads ``raw_message``; there is no body to decode."""
-    return None
-
-
-#: Failures that mean "this topic will not take it", as opposed to "the broker is not there now".
-_TOPIC_REFUSED = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
-_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
-
-
-def _legal_topic(name: str) -> bool:
-    """Kafka's own rule for topic names: 1-249 of [a-zA-Z0-9._-], and not '.' or '..'."""
-    return 0 < len(name) <= 249 and name not in (".", "..") and set(name) <= _TOPIC_CHARS
 
 
 def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
@@ -149,8 +109,12 @@ def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
     return None
 
 
+def _prepared_bytes(prepared: Prepared) -> int:
+    return sum(int(getattr(array, "nbytes", 0)) for array in prepared.arrays.values())
+
+
 class Worker:
-    """One worker process: a consumer per modality topic, a batcher and loop per model."""
+    """One worker process: one consumer over every modality topic, a batcher and loop per model."""
 
     def __init__(self, settings: Settings, models: Mapping[str, ServedModel]) -> None:
         if not settings.bootstrap_servers:
@@ -166,38 +130,52 @@ class Worker:
         )
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")
-        max_request_size = max(settings.max_message_bytes * 2, 1024 * 1024)
-        self._dlq_limit = max_request_size - 64 * 1024  # room for headers and record framing
+        self._max_request_size = max(settings.max_message_bytes * 2, 1024 * 1024)
         self.broker = KafkaBroker(
             settings.bootstrap_servers,
             acks="all",
             enable_idempotence=False,  # the embedded broker refuses idempotent producers
             max_batch_size=1024 * 1024,
-            max_request_size=max_request_size,
+            max_request_size=self._max_request_size,
+            compression_type=None if settings.compression_type == "none" else settings.compression_type,
             graceful_timeout=settings.drain_timeout_s,
             security=settings.kafka_security(),
             logger=logging.getLogger("worker.kafka"),
-            log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
+            log_level=logging.DEBUG,
+        )
+        self.policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
+        self.metrics = WorkerMetrics()
+        self._admin: AIOKafkaAdminClient | None = None
+        self.directory = TopicDirectory(self._list_topics)
+        self.delivery = Delivery(
+            self._publish_record,
+            self.directory,
+            self.metrics,
+            prefix=settings.topic_prefix,
+            limit_bytes=min(settings.max_publish_bytes, self._max_request_size),
+            dlq_payload=settings.dlq_payload,
+            retry_s=settings.publish_retry_s,
         )
         self.consumer: AIOKafkaConsumer | None = None
+        self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
+        self._modality_of = {requests_topic(m, settings.topic_prefix): m for m in self.modalities}
         self._loops: list[asyncio.Task[None]] = []
+        self._intake: asyncio.Task[None] | None = None
         self._observer: asyncio.Task[None] | None = None
         self._state = _State()
         self._commit_lock = asyncio.Lock()
         self._progress = asyncio.Event()
-        self.metrics = WorkerMetrics()
         self.health = (
             HealthServer(self.metrics, lambda: self.ready, settings.metrics_port)
             if settings.metrics_port is not None
             else None
         )
-        self._subscribe()
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (retrying until Kafka answers), start the batchers' loops, join the group."""
+        """Connect (retrying until Kafka answers), start the batchers' loops and the fetch loop."""
         s = self.settings
         if self.health is not None:
             self.health.start()  # /healthz answers while Kafka is still being waited for
@@ -213,66 +191,101 @@ class Worker:
             )
             batcher = MicroBatcher(queue)
             self.batchers[name] = batcher
-            self._loops.append(asyncio.create_task(self._model_loop(model, batcher), name=f"model:{name}"))
-        self.consumer = self._subscriber.consumer
+            self._loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
+        self._intake = asyncio.create_task(self._fetch_loop(), name="fetch")
         log.info(
-            "worker started: models %s on %s, group %s",
+            "worker started: models %s on %s, group %s, records up to %d bytes",
             ", ".join(sorted(self.models)),
-            ", ".join(requests_topic(m, s.topic_prefix) for m in self.modalities),
+            ", ".join(self._modality_of),
             s.group_id,
+            self.delivery.limit_bytes,
         )
 
-    async def _observe(self) -> None:
-        """Once a second: prove the loop is alive and refresh the gauges."""
-        while True:
-            self.metrics.tick()
-            self.metrics.in_flight.set(self.tracker.in_flight)
-            consumer = self.consumer
-            if consumer is not None:
-                self.metrics.paused_partitions.set(len(consumer.paused()))
-                for tp in consumer.assignment():
-                    high = consumer.highwater(tp)
-                    if high is not None:
-                        with contextlib.suppress(KafkaError, AssertionError):
-                            lag = max(0, high - await consumer.position(tp))
-                            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-            await asyncio.sleep(1.0)
-
     async def _connect(self) -> None:
-        """Create the topics and start the broker client; a missing broker is waited for, not fatal."""
+        """Check (or create) the worker's own topics, learn the size limit, start producer and consumer.
+
+        A broker that does not answer is waited for; missing topics that may not be created are fatal.
+        """
         s = self.settings
         assert s.bootstrap_servers
-        topics = [requests_topic(m, s.topic_prefix) for m in self.modalities]
-        topics += [results_topic(m, s.topic_prefix) for m in self.modalities]
+        own = [*self._modality_of, *(results_topic(m, s.topic_prefix) for m in self.modalities)]
+        own.append(dlq_topic(s.topic_prefix))
         delay = 0.5
         while True:
             try:
-                await create_topics(
-                    s.bootstrap_servers,
-                    [*topics, dlq_topic(s.topic_prefix)],
-                    s.partitions,
-                    client_kwargs=s.kafka_client_kwargs(),
+                self._admin = AIOKafkaAdminClient(
+                    bootstrap_servers=s.bootstrap_servers,
+                    request_timeout_ms=10_000,
+                    **s.kafka_client_kwargs(),
                 )
+                await self._admin.start()
+                created = await ensure_topics(self._admin, own, s.partitions, create=s.create_topics)
+                if created:
+                    log.info("created topics %s", ", ".join(created))
+                await self._learn_size_limit(own[len(self._modality_of) :])
                 await self.broker.start()
+                self.consumer = AIOKafkaConsumer(
+                    bootstrap_servers=s.bootstrap_servers,
+                    group_id=s.group_id,
+                    enable_auto_commit=False,  # offsets are committed only past answered messages
+                    auto_offset_reset="earliest",
+                    fetch_max_wait_ms=s.fetch_max_wait_ms,
+                    fetch_max_bytes=s.fetch_max_bytes,
+                    max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),
+                    session_timeout_ms=s.session_timeout_ms,
+                    heartbeat_interval_ms=s.heartbeat_interval_ms,
+                    **s.kafka_client_kwargs(),
+                )
+                await self.consumer.start()
+                self.consumer.subscribe(list(self._modality_of), listener=_Rebalance(self))
+                self.fetcher = PartitionFetcher(self.consumer, max_attempts=s.max_decode_attempts)
                 return
+            except MissingTopics:
+                await self._close_clients()
+                raise
             except (KafkaError, OSError) as exc:
                 log.warning(
                     "Kafka at %s is not reachable (%s); retrying in %.1f s", s.bootstrap_servers, exc, delay
                 )
-                await self.broker.stop()
+                await self._close_clients()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    async def _learn_size_limit(self, written: list[str]) -> None:
+        """Keep every reply and DLQ copy under the broker's real limit for the topics written to."""
+        assert self._admin is not None
+        try:
+            async with asyncio.timeout(5):
+                reported = await max_message_bytes(self._admin, written)
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.info("the broker did not report max.message.bytes (%r)", exc)
+            reported = None
+        if reported is None:
+            log.info("record size limit: %d bytes (max_publish_bytes)", self.settings.max_publish_bytes)
+            return
+        self.delivery.limit_bytes = min(reported, self._max_request_size)
+        log.info("record size limit: %d bytes (the broker's max.message.bytes)", reported)
+
+    async def _list_topics(self) -> set[str]:
+        if self._admin is None:
+            raise KafkaError("not connected")
+        return set(await self._admin.list_topics())
+
     async def drain(self) -> None:
-        """Stop fetching, finish and publish everything in flight, commit. Bounded by drain_timeout_s."""
+        """Stop fetching, finish and publish what is in flight, commit: drain_timeout_s + STOP_BUDGET_S."""
         self._state.draining = True
         if self.consumer is not None:
             self.consumer.pause(*self.consumer.assignment())
         try:
             await asyncio.wait_for(self._drain_in_flight(), self.settings.drain_timeout_s)
         except TimeoutError:
-            log.warning("drain timed out with %d requests unanswered", self.tracker.in_flight)
-        await self._commit()
+            log.warning(
+                "drain timed out with %d requests unanswered (left uncommitted)", self.tracker.in_flight
+            )
+        self.delivery.stopping = True  # what still retries gives up now: it stays uncommitted
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_BUDGET_S / 2):
+                await self._commit()
 
     async def _drain_in_flight(self) -> None:
         await self._wait_until(lambda: self._state.handlers_running == 0)
@@ -283,17 +296,38 @@ class Worker:
             await asyncio.gather(*list(self._state.tasks), return_exceptions=True)
 
     async def stop(self) -> None:
-        """Leave the group and close the broker connection; cancels what drain left behind."""
+        """Leave the group and close the Kafka clients; cancels what drain left behind. Bounded."""
         self._state.stopping = True
-        tasks = [*self._loops, *self._state.tasks, *([self._observer] if self._observer else [])]
+        self.delivery.stopping = True
+        tasks = [*self._loops, *self._state.tasks]
+        tasks += [t for t in (self._observer, self._intake) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.broker.stop()
+        await self._close_clients(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.health is not None:
             self.health.stop()
         log.info("worker stopped")
+
+    async def _close_clients(self, budget_s: float = 10.0) -> None:
+        """Stop consumer, producer and admin client, all within ``budget_s`` whatever the broker does."""
+        closing: list[Awaitable[Any]] = [self.broker.stop()]
+        if self.consumer is not None:
+            closing.append(self.consumer.stop())
+        if self._admin is not None:
+            closing.append(self._admin.close())
+        tasks = [asyncio.ensure_future(c) for c in closing]
+        done, pending = await asyncio.wait(tasks, timeout=budget_s)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("closing a Kafka client failed: %r", task.exception())
+        if pending:
+            log.warning("%d Kafka clients did not close within %.1f s; abandoned", len(pending), budget_s)
+        self.consumer = None
+        self._admin = None
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and stop."""
@@ -310,7 +344,10 @@ class Worker:
             await asyncio.gather(starting, return_exceptions=True)
             await self.stop()
             return
-        starting.result()
+        if starting.exception() is not None:
+            stopped.cancel()
+            await self.stop()
+            starting.result()
         try:
             await stopped
             log.info("shutdown requested: draining")
@@ -318,78 +355,150 @@ class Worker:
         finally:
             await self.stop()
 
+    # --- readiness ---------------------------------------------------------------------
+
     @property
     def ready(self) -> bool:
-        """Models loaded and at least one partition assigned."""
-        return self.consumer is not None and bool(self.consumer.assignment())
+        """Partitions assigned, fetching and publishing working, every model loop alive."""
+        return self.consumer is not None and bool(self.consumer.assignment()) and not self.not_ready_reasons()
+
+    def not_ready_reasons(self) -> frozenset[str]:
+        """Why /readyz says no, beyond "no partitions yet": fetch_failing, publish_failing, model_loop_died."""
+        reasons = set()
+        if self.fetcher is not None and self.fetcher.consecutive_errors >= FETCH_ERRORS_NOT_READY:
+            reasons.add("fetch_failing")
+        failing = self.delivery.failing_since
+        if failing is not None and time.monotonic() - failing > self.settings.publish_retry_s / 2:
+            reasons.add("publish_failing")
+        if self._state.dead_loops:
+            reasons.add("model_loop_died")
+        return frozenset(reasons)
+
+    async def _observe(self) -> None:
+        """Once a second: prove the loop is alive, refresh the gauges, say why readiness changed."""
+        while True:
+            self.metrics.tick()
+            self.metrics.in_flight.set(self.tracker.in_flight)
+            self.metrics.in_flight_bytes.set(self.tracker.bytes_in_flight)
+            reasons = self.not_ready_reasons()
+            if reasons != self._state.not_ready:
+                for reason in reasons - self._state.not_ready:
+                    log.error("not ready: %s", reason)
+                for reason in self._state.not_ready - reasons:
+                    log.info("%s cleared", reason)
+                for reason in ("fetch_failing", "publish_failing", "model_loop_died"):
+                    self.metrics.not_ready.labels(reason).set(1 if reason in reasons else 0)
+                self._state.not_ready = reasons
+            consumer = self.consumer
+            if consumer is not None:
+                self.metrics.paused_partitions.set(len(consumer.paused()))
+                for tp in consumer.assignment():
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        with contextlib.suppress(KafkaError, AssertionError):
+                            lag = max(0, high - await consumer.position(tp))
+                            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            await asyncio.sleep(1.0)
 
     # --- intake ------------------------------------------------------------------------
 
-    def _subscribe(self) -> None:
-        """One consumer for every modality topic: one group member per worker, one rebalance per join."""
+    async def _fetch_loop(self) -> None:
+        """Fetch, track and prepare records until draining; no fault here stops the consumer."""
         s = self.settings
-        self._modality_of = {requests_topic(m, s.topic_prefix): m for m in self.modalities}
-        self._subscriber = self.broker.subscriber(
-            *self._modality_of,
-            group_id=s.group_id,
-            batch=True,
-            max_records=s.fetch_max_records,
-            batch_timeout_ms=s.fetch_timeout_ms,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            ack_policy=AckPolicy.MANUAL,  # never msg.ack(): it commits past unanswered messages
-            no_reply=True,  # replies are published by the worker, exactly one per request
-            auto_offset_reset="earliest",
-            listener=_Rebalance(self),
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),
-            parser=_raw_records,
-            decoder=_no_decoding,
+        assert self.fetcher is not None
+        while not self._state.draining:
+            room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
+            if self._state.paused or room <= 0:
+                await asyncio.sleep(s.fetch_timeout_ms / 1000)
+                continue
+            try:
+                byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
+                fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
+            except ConsumerStoppedError:
+                return
+            if fetched.empty:
+                if self.fetcher.consecutive_errors:
+                    self.metrics.fetch_errors.inc()
+                    await asyncio.sleep(min(0.1 * self.fetcher.consecutive_errors, 2.0))
+                continue
+            self._state.handlers_running += 1
+            try:
+                await self._on_records(fetched)
+                log.debug("Processed a fetch of %d records", len(fetched.records) + len(fetched.undecodable))
+            except Exception:
+                # Their offsets stay tracked and unanswered: nothing past them is committed.
+                log.exception("internal error taking in %d records", len(fetched.records))
+            finally:
+                self._state.handlers_running -= 1
+                self._progress.set()
+
+    async def _on_records(self, fetched: Fetched) -> None:
+        """Track, parse and prepare one fetched round; errors are answered off the intake path."""
+        origins = [self._origin(r) for r in fetched.records]
+        for origin in origins:
+            self.tracker.track(origin.tp, origin.offset, len(origin.raw))
+        rejected = [self._undecodable(u) for u in fetched.undecodable]
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self.executor, self._prepare_all, origins) if origins else []
+        for outcome in outcomes:
+            if isinstance(outcome, Outgoing):
+                rejected.append(outcome)
+            else:
+                origin = outcome.origin
+                self.tracker.add_bytes(origin.tp, origin.offset, _prepared_bytes(outcome.prepared))
+                self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
+        if rejected:
+            self._spawn(self._publish(rejected))
+        self._apply_backpressure()
+
+    def _undecodable(self, bad: Undecodable) -> Outgoing:
+        """A record the client could not decode: no reply (nobody to address), a DLQ record naming it."""
+        self.tracker.track(bad.tp, bad.offset)
+        self.metrics.undecodable_records.inc()
+        modality = self._modality_of[bad.tp.topic]
+        origin = Origin(
+            modality=modality,
+            tp=bad.tp,
+            offset=bad.offset,
+            reply_topic=results_topic(modality, self.settings.topic_prefix),
+            correlation_id=f"{bad.tp.topic}:{bad.tp.partition}:{bad.offset}",
+            raw=b"",
+            timestamp_ms=_now_ms(),
+        )
+        message = f"the Kafka client cannot decode this record: {bad.error}"
+        return Outgoing(
+            origin, None, None, None, ErrorDetail(code=ErrorCode.UNDECODABLE_INPUT, message=message)
         )
 
-        async def on_batch(msg: KafkaMessage) -> None:
-            await self._on_records(msg.raw_message)
-
-        self._subscriber(on_batch)
-
-    async def _on_records(self, records: Iterable[ConsumerRecord[Any, Any]]) -> None:
-        """Track, parse and prepare one fetched batch; errors are answered at once."""
-        records = records if isinstance(records, tuple) else (records,)
-        self._state.handlers_running += 1
-        try:
-            origins = [self._origin(r) for r in records]
-            for origin in origins:
-                self.tracker.track(origin.tp, origin.offset)
-            loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(self.executor, self._prepare_all, origins)
-            rejected: list[Outgoing] = []
-            for outcome in outcomes:
-                if isinstance(outcome, Outgoing):
-                    rejected.append(outcome)
-                else:
-                    self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
-            if rejected:
-                await self._publish(rejected)
-            self._apply_backpressure()
-        finally:
-            self._state.handlers_running -= 1
-            self._progress.set()
-
     def _origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
+        s = self.settings
         modality = self._modality_of[record.topic]
-        reply_to = _header(record, "reply_to")
-        if reply_to is None or not _legal_topic(reply_to):
-            reply_to = results_topic(modality, self.settings.topic_prefix)
+        default = results_topic(modality, s.topic_prefix)
         key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else None
-        return Origin(
+        origin = Origin(
             modality=modality,
             tp=TopicPartition(record.topic, record.partition),
             offset=record.offset,
-            reply_topic=reply_to,
-            correlation_id=_header(record, "correlation_id") or key or f"{record.topic}:{record.offset}",
+            reply_topic=default,
+            correlation_id=key or f"{record.topic}:{record.partition}:{record.offset}",
             raw=record.value or b"",
             timestamp_ms=record.timestamp if record.timestamp and record.timestamp > 0 else _now_ms(),
         )
+        correlation_id = _header(record, "correlation_id")
+        if correlation_id is not None and len(correlation_id.encode()) > s.max_header_bytes:
+            origin.rejected = f"the correlation_id header is longer than {s.max_header_bytes} bytes"
+        elif correlation_id is not None:
+            origin.correlation_id = correlation_id
+        reply_to = _header(record, "reply_to")
+        if reply_to is not None:
+            refusal = self.policy.refusal(reply_to, modality)
+            if refusal is None:
+                origin.reply_topic = reply_to
+            else:
+                log.info("reply_to %r refused (%s); answering on %s", reply_to[:300], refusal.value, default)
+                self.metrics.reply_to_refused.labels(refusal.value).inc()
+                origin.refused = (reply_to[:249], refusal)
+        return origin
 
     def _prepare_all(self, origins: list[Origin]) -> list[Job | Outgoing]:
         """Executor side: parse, validate, decode and preprocess each message of a fetch."""
@@ -402,6 +511,8 @@ class Worker:
         try:
             request = parse_request(origin.raw, modality, max_bytes=self.settings.max_message_bytes)
             request_id, model_name = request.id, request.model
+            if origin.rejected is not None:
+                raise InvalidRequest(origin.rejected)
             model = self.models.get(request.model)
             if model is None or model.metadata.modality != modality:
                 raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
@@ -425,6 +536,20 @@ class Worker:
         return Outgoing(origin, request_id, model, body, detail)
 
     # --- batches -----------------------------------------------------------------------
+
+    async def _supervise(self, model: ServedModel, batcher: MicroBatcher[Bucket, Job]) -> None:
+        """Keep a model's loop running: a loop that dies is logged, reported not-ready, and restarted."""
+        delay = 1.0
+        while True:
+            try:
+                await self._model_loop(model, batcher)
+                return
+            except Exception:
+                log.exception("the loop of model %s died; restarting in %.0f s", model.name, delay)
+                self._state.dead_loops.add(model.name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            self._state.dead_loops.discard(model.name)
 
     async def _model_loop(self, model: ServedModel, batcher: MicroBatcher[Bucket, Job]) -> None:
         """Take ready batches of one model, run them in the executor, hand replies on."""
@@ -507,106 +632,54 @@ class Worker:
     # --- replies and commits -----------------------------------------------------------
 
     async def _publish(self, replies: list[Outgoing]) -> None:
-        """Send replies (and DLQ copies), wait for the broker's acks, mark done, commit.
+        """Deliver replies (and DLQ copies), mark each done once acknowledged, commit.
 
-        A reply_to topic the broker refuses falls back to the modality's results topic, so
-        one bad header never holds up its batch. Retriable failures (broker down, leader
-        moving) are retried with backoff for as long as it takes: the offsets stay
-        uncommitted meanwhile and backpressure holds intake.
+        A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
+        and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
         """
-        pending = list(replies)
-        delay = 0.2
-        while pending:
-            outcomes = await asyncio.gather(*(self._deliver(r) for r in pending), return_exceptions=True)
-            retry: list[Outgoing] = []
-            for reply, outcome in zip(pending, outcomes, strict=True):
-                if outcome is None:
-                    self.tracker.done(reply.origin.tp, reply.origin.offset)
-                    self._count(reply)
-                elif isinstance(outcome, Exception):
-                    retry += self._after_failure(reply, outcome)
-                else:
-                    raise outcome  # CancelledError and friends end the task
-            self._progress.set()
-            await self._commit()
-            self._apply_backpressure()
-            pending = retry
-            if pending:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
+        for reply, outcome in zip(replies, outcomes, strict=True):
+            if outcome is None:
+                self.tracker.done(reply.origin.tp, reply.origin.offset)
+                self._count(reply)
+            elif isinstance(outcome, GiveUp):
+                self._redeliver(reply.origin, outcome)
+            elif isinstance(outcome, Exception):
+                log.error("delivering the reply to %s offset %d failed", reply.origin.tp, reply.origin.offset,
+                          exc_info=outcome)  # fmt: skip
+                self._redeliver(reply.origin, outcome)
+            else:
+                raise outcome  # CancelledError and friends end the task
+        self._progress.set()
+        await self._commit()
+        self._apply_backpressure()
+
+    def _redeliver(self, origin: Origin, why: BaseException) -> None:
+        if self._state.draining or self._state.stopping:
+            log.warning("%s offset %d stays uncommitted (%s)", origin.tp, origin.offset, why)
+            return
+        log.warning("%s offset %d will be read again (%s)", origin.tp, origin.offset, why)
+        self.tracker.rewind(origin.tp, origin.offset)
+        consumer = self.consumer
+        if consumer is not None and origin.tp in consumer.assignment():
+            consumer.seek(origin.tp, origin.offset)
+
+    async def _publish_record(
+        self, value: bytes, topic: str, key: bytes | None, headers: dict[str, str], correlation_id: str
+    ) -> Awaitable[Any]:
+        """Queue one record in the producer; returns its delivery future (the broker's ack)."""
+        ack: Awaitable[Any] = await self.broker.publish(
+            value, topic, key=key, headers=headers, correlation_id=correlation_id, no_confirm=True
+        )
+        return ack
 
     def _count(self, reply: Outgoing) -> None:
         outcome = "ok" if reply.error is None else reply.error.code.value
         model = reply.model if reply.model in self.models else "unknown"  # bounded label values
         self.metrics.requests.labels(model, reply.origin.modality.value, outcome).inc()
 
-    def _after_failure(self, reply: Outgoing, exc: Exception) -> list[Outgoing]:
-        """What to do with a reply the broker did not take: re-route, replace, or retry it.
-
-        Only a refusal of the topic itself re-routes a reply_to reply; a broker that is down
-        (NodeNotReady, timeouts, ...) is waited for, so no reply lands where its client is
-        not listening. Nothing is given up: an unanswered offset would stall its partition.
-        """
-        origin = reply.origin
-        default = results_topic(origin.modality, self.settings.topic_prefix)
-        if isinstance(exc, _TOPIC_REFUSED) and origin.reply_topic != default:
-            log.warning("reply_to %r refused (%s); answering on %s", origin.reply_topic, exc, default)
-            origin.reply_topic = default
-            return [reply]
-        if isinstance(exc, _TOO_LARGE) and reply.error is None:
-            log.warning("the result for %s offset %d is too large to publish", origin.tp, origin.offset)
-            message = "the result is larger than the producer may send (max_message_bytes)"
-            return [self._error(origin, reply.request_id, reply.model, ErrorCode.PAYLOAD_TOO_LARGE, message)]
-        if self._state.stopping:
-            log.error(
-                "publishing the reply to %s offset %d failed at shutdown: %r", origin.tp, origin.offset, exc
-            )
-            return []
-        log.warning("publishing a reply failed (%r); retrying", exc)
-        return [reply]
-
-    async def _deliver(self, reply: Outgoing) -> None:
-        """One reply and its DLQ copy, acknowledged by the broker."""
-        acks = [await send for send in self._send(reply)]
-        await asyncio.gather(*acks)
-
-    def _send(self, reply: Outgoing) -> Iterator[Awaitable[Awaitable[Any]]]:
-        """Queue a reply and its DLQ copy in the producer; each yields its delivery future."""
-        origin = reply.origin
-        key = (reply.request_id or "").encode() or None
-        yield self.broker.publish(
-            reply.body,
-            origin.reply_topic,
-            key=key,
-            headers={"content-type": "application/json"},
-            correlation_id=origin.correlation_id,
-            no_confirm=True,
-        )
-        if reply.error is None:
-            return
-        headers = {
-            "error_code": reply.error.code.value,
-            "error_message": reply.error.message[:1000],
-            "source_topic": origin.tp.topic,
-            "source_partition": str(origin.tp.partition),
-            "source_offset": str(origin.offset),
-        }
-        raw = origin.raw
-        if len(raw) > self._dlq_limit:
-            # Larger than one produce request may carry: keep the head, say how big it was.
-            headers["dlq_truncated_from_bytes"] = str(len(raw))
-            raw = raw[: self._dlq_limit]
-        yield self.broker.publish(
-            raw,
-            dlq_topic(self.settings.topic_prefix),
-            key=key,
-            headers=headers,
-            correlation_id=origin.correlation_id,
-            no_confirm=True,
-        )
-
     async def _commit(self) -> None:
-        """Commit every partition position that advanced (explicit offsets, never ``ack()``)."""
+        """Commit every partition position that advanced (explicit offsets)."""
         async with self._commit_lock:
             commits = self.tracker.take_commits()
             consumer = self.consumer
@@ -622,19 +695,24 @@ class Worker:
                 log.warning("commit of %s failed: %s", owned, exc)
 
     def _apply_backpressure(self) -> None:
-        """Pause every partition above max_in_flight; resume below half of it."""
-        in_flight = self.tracker.in_flight
-        limit = self.settings.max_in_flight
-        if not self._state.paused and in_flight >= limit:
+        """Pause every partition above max_in_flight requests or bytes; resume below half of both."""
+        s = self.settings
+        count, held = self.tracker.in_flight, self.tracker.bytes_in_flight
+        if not self._state.paused and (count >= s.max_in_flight or held >= s.max_in_flight_bytes):
             self._state.paused = True
             if self.consumer is not None:
                 self.consumer.pause(*self.consumer.assignment())
-            log.info("backpressure: %d requests in flight, partitions paused", in_flight)
-        elif self._state.paused and in_flight <= limit // 2 and not self._state.draining:
+            log.info("backpressure: %d requests (%d bytes) in flight, partitions paused", count, held)
+        elif (
+            self._state.paused
+            and count <= s.max_in_flight // 2
+            and held <= s.max_in_flight_bytes // 2
+            and not self._state.draining
+        ):
             self._state.paused = False
             if self.consumer is not None:
                 self.consumer.resume(*self.consumer.assignment())
-            log.info("backpressure: %d requests in flight, partitions resumed", in_flight)
+            log.info("backpressure: %d requests (%d bytes) in flight, partitions resumed", count, held)
 
     @property
     def paused(self) -> bool:
@@ -661,24 +739,33 @@ class Worker:
         """Wait until nothing fetched from ``partitions`` is unanswered."""
         await self._wait_until(lambda: not self.tracker.pending(partitions))
 
+    async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """Before partitions move away: answer what was fetched from them (bounded), commit, forget them."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
+                await self.wait_answered(revoked)
+        await self._commit()
+        self.tracker.forget(revoked)
+        if self.fetcher is not None:
+            self.fetcher.forget(revoked)
+
+    def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        """New partitions start paused while backpressure or a drain holds the others."""
+        if (self._state.paused or self._state.draining) and assigned and self.consumer is not None:
+            self.consumer.pause(*assigned)
+
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Before partitions move away: answer what was fetched from them, commit, forget them."""
+    """Hands aiokafka's rebalance callbacks to the worker."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        if not revoked:
-            return
-        # Bounded well below the session timeout so the group is not held up for long.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.worker.settings.session_timeout_ms / 2000):
-                await self.worker.wait_answered(revoked)
-        await self.worker._commit()
-        self.worker.tracker.forget(revoked)
+        log.info("revoked partitions: (%s)", ", ".join(map(repr, sorted(revoked))))
+        if revoked:
+            await self.worker.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        consumer = self.worker.consumer
-        if self.worker.paused and assigned and consumer is not None:
-            consumer.pause(*assigned)
+        log.info("assigned to partitions: (%s)", ", ".join(map(repr, sorted(assigned))))
+        self.worker.partitions_assigned(assigned)

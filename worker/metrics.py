@@ -50,6 +50,36 @@ class WorkerMetrics:
             "inference_consumer_lag", "High watermark minus position, where the broker reports it",
             ["topic", "partition"], registry=r,
         )  # fmt: skip
+        self.in_flight_bytes = Gauge(
+            "inference_in_flight_bytes", "Bytes held by requests fetched and not yet answered", registry=r
+        )
+        self.reply_to_refused = Counter(
+            "inference_reply_to_refused", "Replies sent to the results topic instead of the reply_to asked for",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.publish_retries = Counter(
+            "inference_publish_retries", "Retriable publish failures retried (reply or dlq)",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.publish_failures = Counter(
+            "inference_publish_failures", "Publishes given up: gave_up (left for redelivery) or the refusal",
+            ["kind", "reason"], registry=r,
+        )  # fmt: skip
+        self.dlq_degraded = Counter(
+            "inference_dlq_degraded", "DLQ copies sent smaller than the request (truncated, headers_only)",
+            ["form"], registry=r,
+        )  # fmt: skip
+        self.undecodable_records = Counter(
+            "inference_undecodable_records", "Records the Kafka client could not decode, skipped to the DLQ",
+            registry=r,
+        )  # fmt: skip
+        self.fetch_errors = Counter(
+            "inference_fetch_errors", "Fetch rounds that failed in the broker or the client", registry=r
+        )
+        self.not_ready = Gauge(
+            "inference_not_ready", "1 while the worker reports not ready for this reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self._tick = time.monotonic()
 
     def tick(self) -> None:

@@ -7,12 +7,13 @@ README's settings table is generated from this class (``python -m worker setting
 
 from __future__ import annotations
 
+import re
 import ssl
-from typing import Any
+from typing import Any, Literal
 
 from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,7 +88,10 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_ms: int = Field(1_000, ge=100, description="Kafka consumer heartbeat interval.")
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long to finish in-flight batches before giving up."
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long to finish in-flight batches; the process exits within this "
+        "plus about 5 s whatever the broker does, leaving what was not answered uncommitted.",
     )
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request message accepted (payload_too_large above)."
@@ -98,6 +102,62 @@ class Settings(BaseSettings):
     )
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted, in seconds.")
     max_video_frames: int = Field(64, ge=1, description="Most video frames accepted in one request.")
+    max_in_flight_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes that unanswered requests may hold (raw bodies plus prepared arrays) before the "
+        "worker pauses its partitions; memory stays under this plus one fetch (fetch_max_bytes).",
+    )
+    fetch_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Most bytes one fetch from the broker may return (Kafka still returns one whole "
+        "record batch that is larger).",
+    )
+    max_decode_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a record the Kafka client cannot decode is fetched again before it is "
+        "skipped with a DLQ record.",
+    )
+    create_topics: bool = Field(
+        True,
+        description="Create the worker's own request, results and DLQ topics when missing. Off: check "
+        "they exist at start and exit naming the missing ones. Never creates any other topic.",
+    )
+    reply_to_pattern: str = Field(
+        ".*",
+        description="Regular expression (full match) a reply_to topic must match; in production, one "
+        r"prefix per team, e.g. '(team-a|team-b)\.replies\..+'. Request topics, the DLQ, other "
+        "modalities' results and __internal topics are refused whatever it says; so is a topic that "
+        "does not exist.",
+    )
+    max_header_bytes: int = Field(
+        256,
+        ge=16,
+        description="Longest correlation_id header echoed into a reply; a longer one is an "
+        "invalid_request error.",
+    )
+    dlq_payload: Literal["body", "coordinates"] = Field(
+        "body",
+        description="What a DLQ record holds: body (the request as received) or coordinates (source "
+        "topic, partition, offset and the error only; for bodies with personal data).",
+    )
+    max_publish_bytes: int = Field(
+        1_048_588,
+        ge=64 * 1024,
+        description="Largest record the broker takes, used when it does not report max.message.bytes "
+        "for the results and DLQ topics (Apache Kafka's default).",
+    )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of replies and DLQ copies (requests of every codec are read)."
+    )
+    publish_retry_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long a reply is retried while the broker is away before its request is left "
+        "for redelivery (and /readyz turns not ready).",
+    )
     skip_bad_models: bool = Field(
         False, description="Skip model folders that fail to load (with a warning) instead of exiting."
     )
@@ -124,6 +184,15 @@ class Settings(BaseSettings):
         description="HTTP port for /metrics (Prometheus), /healthz and /readyz; unset: off, 0: any free port. "
         "With --processes N, process i uses port + i.",
     )
+
+    @field_validator("reply_to_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"reply_to_pattern is not a regular expression: {exc}") from exc
+        return pattern
 
     def batching_for(self, model: str) -> tuple[int, float, int]:
         """(max batch size, max wait in seconds, max batch tokens) for one model, overrides applied."""

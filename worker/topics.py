@@ -6,15 +6,19 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import DEFAULT_PREFIX, dlq_topic, private_reply_topic, requests_topic, results_topic
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MissingTopics",
     "create_topics",
     "delete_topics",
     "dlq_topic",
+    "ensure_topics",
+    "max_message_bytes",
     "private_reply_topic",
     "requests_topic",
     "results_topic",
@@ -75,3 +79,53 @@ async def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout
     for topic, code, *_ in response.topic_error_codes:
         if code not in (0, UnknownTopicOrPartitionError.errno):
             raise for_code(code)(f"deleting topic {topic!r}")
+
+
+class MissingTopics(RuntimeError):
+    """The worker's own topics do not exist and it may not create them."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(
+            "these topics do not exist and WORKER_CREATE_TOPICS is off: "
+            + ", ".join(missing)
+            + " (create them, or let the worker create its own topics)"
+        )
+        self.missing = missing
+
+
+async def ensure_topics(
+    admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int, *, create: bool
+) -> list[str]:
+    """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created."""
+    wanted = list(dict.fromkeys(names))
+    missing = [name for name in wanted if name not in set(await admin.list_topics())]
+    if not missing:
+        return []
+    if not create:
+        raise MissingTopics(missing)
+    response = await admin.create_topics([NewTopic(name, partitions, 1) for name in missing])
+    created = []
+    for topic, code, *rest in response.topic_errors:
+        if code == 0:
+            created.append(topic)
+        elif code != TopicAlreadyExistsError.errno:
+            raise for_code(code)(f"creating topic {topic!r}: {rest[0] if rest else None}")
+    return created
+
+
+async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
+    """The smallest ``max.message.bytes`` the broker reports for ``topics`` (None: it reports none).
+
+    A topic's value already folds in the broker's ``message.max.bytes`` when the topic does not
+    override it, so the topics the worker writes to are all there is to ask about.
+    """
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None}) for name in topics
+    ]
+    limits = []
+    for response in await admin.describe_configs(resources):
+        for error_code, _message, _type, _name, entries, *_ in response.resources:
+            if error_code != 0:
+                continue
+            limits += [int(entry[1]) for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
+    return min(limits) if limits else None

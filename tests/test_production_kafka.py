@@ -1,0 +1,376 @@
+"""The Kafka that users run: compressed producers, undecodable records, refused publishes, bounded bytes.
+
+Every test here runs against a real broker (the embedded one unless KAFKA_BOOTSTRAP_SERVERS says
+otherwise). Where the embedded broker cannot produce a fault by itself (it enforces no record size
+limit and no ACLs), the refusal is injected at the one seam the worker publishes through,
+``Worker.delivery.publish_record``, raising the exception aiokafka raises for it; that is said in each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError, NodeNotReadyError, TopicAuthorizationFailedError
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as producer_module
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+from tests.kafka_support import TopicReader, body_of, headers_of, raw_producer, request_bytes, serving, until
+from tests.references import TINY
+from worker.app import Worker
+from worker.registry import ServedModel, load_models
+from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
+
+pytestmark = pytest.mark.kafka
+
+TEXT = {"text": "a production request"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
+    """The tiny text classifier only: these faults are in the transport, not the model."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "bert").symlink_to(TINY / "bert", target_is_directory=True)
+    return load_models(folder)
+
+
+def ids_of(records: list[Any]) -> Counter[str]:
+    return Counter(body_of(r)["id"] for r in records)
+
+
+async def committed(bootstrap: str, worker: Worker, partitions: int = 4) -> dict[int, int | None]:
+    """The group's committed offsets of the text request topic, read as a new client would."""
+    topic = requests_topic("text", worker.settings.topic_prefix)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=worker.settings.group_id, enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        return {p: await reader.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await reader.stop()
+
+
+# --- codecs ---------------------------------------------------------------------------------
+
+
+async def test_requests_from_producers_of_every_codec_are_each_answered_once(
+    kafka_bootstrap: str, models: dict[str, ServedModel]
+) -> None:
+    """librdkafka producers with gzip, snappy, lz4 and zstd, interleaved with plain ones (as Java clients send)."""
+    from confluent_kafka import Producer
+
+    codecs = ["none", "gzip", "snappy", "lz4", "zstd"]
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        topic = requests_topic("text", prefix)
+        sent: list[str] = []
+        producers = {
+            codec: Producer(
+                {"bootstrap.servers": kafka_bootstrap, "compression.type": codec, "linger.ms": 20}
+            )
+            for codec in codecs
+        }
+        async with TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers:
+            for i in range(20):
+                for codec, producer in producers.items():
+                    request_id = f"{codec}-{i}"
+                    producer.produce(topic, request_bytes(request_id, "bert", TEXT), key=request_id.encode())
+                    sent.append(request_id)
+            for producer in producers.values():
+                assert await asyncio.to_thread(producer.flush, 20) == 0
+            got = await answers.wait_for(len(sent), timeout=60)
+            await asyncio.sleep(1.0)  # a duplicate would arrive right behind
+        counts = ids_of(answers.records)
+        assert set(counts) == set(sent), f"unanswered: {set(sent) - set(counts)}"
+        assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1]
+        assert all("error" not in body_of(r) for r in got)
+
+
+# --- a record the client library cannot decode ----------------------------------------------
+
+
+class _UndecodableName(str):
+    """A header name whose bytes on the wire are not UTF-8 (what a non-Python producer can send)."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe-not-utf8"
+
+
+async def _send_undecodable(
+    bootstrap: str, topic: str, partition: int, monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """Produce one record whose header name is not UTF-8; returns its offset.
+
+    aiokafka's compiled record builder insists on str header names; its pure-Python twin writes
+    whatever bytes ``encode`` returns, so the test producer uses that one, for this record only.
+    """
+    with monkeypatch.context() as patch:
+        patch.setattr(message_accumulator, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+        patch.setattr(producer_module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+        async with raw_producer(bootstrap) as producer:
+            meta = await producer.send_and_wait(
+                topic, b'{"id": "bad"}', partition=partition, headers=[(_UndecodableName("x"), b"1")]
+            )
+    return int(meta.offset)
+
+
+async def test_an_undecodable_record_costs_no_good_request_and_stalls_no_partition(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        topic = requests_topic("text", prefix)
+        sent: list[str] = []
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap, linger_ms=5) as producer,
+        ):
+
+            async def send_round(tag: str) -> None:
+                sends: list[Awaitable[Any]] = []
+                for partition in range(4):
+                    for i in range(10):
+                        request_id = f"{tag}-p{partition}-{i}"
+                        sent.append(request_id)
+                        sends.append(
+                            await producer.send(
+                                topic, request_bytes(request_id, "bert", TEXT), partition=partition
+                            )
+                        )
+                await asyncio.gather(*sends)
+
+            await send_round("before")
+            bad_offset = await _send_undecodable(kafka_bootstrap, topic, 2, monkeypatch)
+            await send_round("after")
+            await answers.wait_for(len(sent), timeout=60)
+            [copy] = await dlq.wait_for(1, timeout=30)
+            await until(lambda: worker.tracker.in_flight == 0, timeout=10)
+        counts = ids_of(answers.records)
+        assert set(counts) == set(sent) and max(counts.values()) == 1
+        headers = headers_of(copy)
+        assert headers["error_code"] == b"undecodable_input"
+        assert headers["source_topic"] == topic.encode()
+        assert (int(headers["source_partition"]), int(headers["source_offset"])) == (2, bad_offset)
+        assert b"UnicodeDecodeError" in headers["error_message"]
+        assert worker.metrics.undecodable_records._value.get() == 1
+        # Every partition committed to its end: the skipped record too, after its DLQ record was acknowledged.
+        ends = await committed(kafka_bootstrap, worker)
+        assert ends == {0: 20, 1: 20, 2: 21, 3: 20}
+
+
+# --- publishes the broker refuses -----------------------------------------------------------
+
+
+def refuse(worker: Worker, monkeypatch: pytest.MonkeyPatch, rule: Any) -> list[tuple[str, int]]:
+    """Wrap the worker's one publishing seam: ``rule(topic, value)`` may return an exception to raise.
+
+    Returns the log of (topic, size) of every record the broker was actually handed.
+    """
+    original = worker.delivery.publish_record
+    handed: list[tuple[str, int]] = []
+
+    async def publish(value: bytes, topic: str, *args: Any) -> Awaitable[Any]:
+        failure = rule(topic, value)
+        if failure is not None:
+            raise failure
+        handed.append((topic, len(value)))
+        return await original(value, topic, *args)
+
+    monkeypatch.setattr(worker.delivery, "publish_record", publish)
+    return handed
+
+
+async def test_a_dlq_copy_the_broker_refuses_is_shrunk_not_retried_forever(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: MessageSizeTooLargeError for any DLQ record over 1 KiB (Kafka's answer to an oversize record)."""
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        dlq = dlq_topic(prefix)
+        handed = refuse(
+            worker,
+            monkeypatch,
+            lambda topic, value: MessageSizeTooLargeError() if topic == dlq and len(value) > 1024 else None,
+        )
+        topic = requests_topic("text", prefix)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            TopicReader(kafka_bootstrap, dlq) as copies,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            # Rejected (unknown model) and large: its DLQ copy is refused whole.
+            big = request_bytes("big", "no-such-model", {"text": "x" * 50_000})
+            await producer.send_and_wait(topic, big, partition=0)
+            for partition in range(1, 4):
+                await producer.send_and_wait(
+                    topic, request_bytes(f"ok-{partition}", "bert", TEXT), partition=partition
+                )
+            await answers.wait_for(4)
+            [copy] = await copies.wait_for(1)
+            await until(lambda: worker.tracker.in_flight == 0)
+            await asyncio.sleep(1.0)  # a loop would keep sending
+        counts = ids_of(answers.records)
+        assert counts == Counter({"big": 1, "ok-1": 1, "ok-2": 1, "ok-3": 1})
+        assert len(copies.records) == 1
+        headers = headers_of(copy)
+        assert headers["error_code"] == b"unknown_model"
+        assert (headers["source_partition"], headers["source_offset"]) == (b"0", b"0")
+        assert len(copy.value or b"") <= 1024
+        assert int(
+            headers.get("dlq_body_omitted_bytes", headers.get("dlq_truncated_from_bytes", b"0"))
+        ) == len(big)
+        assert worker.metrics.dlq_degraded.labels("smaller")._value.get() >= 1
+        assert sum(1 for t, _ in handed if t == dlq) == 1
+
+
+async def test_a_reply_to_the_broker_refuses_goes_to_the_results_topic_once(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: TopicAuthorizationFailedError for an existing reply_to (the worker lacks write rights there)."""
+    forbidden = f"team-x.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_bootstrap, [forbidden], 1)
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        refuse(
+            worker,
+            monkeypatch,
+            lambda topic, value: TopicAuthorizationFailedError() if topic == forbidden else None,
+        )
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix), forbidden) as reader,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(
+                requests_topic("text", prefix),
+                request_bytes("denied", "bert", TEXT),
+                headers=[("reply_to", forbidden.encode())],
+            )
+            [reply] = await reader.wait_for(1)
+            await asyncio.sleep(1.0)
+        assert len(reader.records) == 1 and reply.topic == results_topic("text", prefix)
+        assert "error" not in body_of(reply)
+        assert headers_of(reply)["reply_to_refused"] == b"refused_by_broker"
+        assert worker.metrics.reply_to_refused.labels("refused_by_broker")._value.get() == 1
+
+
+async def test_retriable_publish_failures_are_retried_with_a_bound_and_counted(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: NodeNotReadyError (retriable) for the first three attempts at one reply."""
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        failures = iter([NodeNotReadyError(), NodeNotReadyError(), NodeNotReadyError()])
+        refuse(
+            worker, monkeypatch, lambda topic, value: next(failures, None) if b'"flaky"' in value else None
+        )
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("flaky", "bert", TEXT))
+            await producer.send_and_wait(
+                requests_topic("text", prefix), request_bytes("steady", "bert", TEXT)
+            )
+            await answers.wait_for(2)
+            await asyncio.sleep(0.5)
+        assert ids_of(answers.records) == Counter({"flaky": 1, "steady": 1})
+        assert worker.metrics.publish_retries.labels("reply")._value.get() == 3
+        assert worker.delivery.failing_since is None
+
+
+async def test_a_reply_that_keeps_failing_past_the_bound_is_read_again_not_lost(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: NodeNotReadyError for 2 s of one reply, with publish_retry_s 1: the request is redelivered."""
+    async with serving(kafka_bootstrap, models, publish_retry_s=1.0) as worker:
+        prefix = worker.settings.topic_prefix
+        loop = asyncio.get_running_loop()
+        until_t = loop.time() + 2.0
+        refuse(
+            worker,
+            monkeypatch,
+            lambda topic, value: (
+                NodeNotReadyError() if b'"stuck"' in value and loop.time() < until_t else None
+            ),
+        )
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("stuck", "bert", TEXT))
+            await answers.wait_for(1, timeout=30)
+            await until(lambda: worker.tracker.in_flight == 0)
+        assert ids_of(answers.records)["stuck"] >= 1
+        assert worker.metrics.publish_failures.labels("reply", "gave_up")._value.get() >= 1
+        ends = await committed(kafka_bootstrap, worker)
+        assert sum(offset or 0 for offset in ends.values()) == 1
+
+
+def _wav_request(request_id: str, seconds: float) -> bytes:
+    """A request carrying ``seconds`` of 16 kHz mono 16-bit silence-plus-tone as a WAV."""
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes(samples.tobytes())
+    audio = base64.b64encode(buffer.getvalue()).decode()
+    return json.dumps({"id": request_id, "model": "whisper-encoder", "inputs": {"audio": audio}}).encode()
+
+
+async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """60 requests of 55 s audio (2.3 MB of JSON each, ~140 MB in all) against a 24 MiB bound."""
+    (tmp_path / "whisper-encoder").symlink_to(TINY / "whisper-encoder", target_is_directory=True)
+    served = load_models(tmp_path)
+    bound = 24 * 1024 * 1024
+    async with serving(
+        kafka_bootstrap, served, max_in_flight_bytes=bound, fetch_max_bytes=4 * 1024 * 1024
+    ) as worker:
+        prefix = worker.settings.topic_prefix
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, worker.tracker.bytes_in_flight)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        body = _wav_request("template", 55.0)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
+            raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
+        ):
+            for i in range(60):
+                await producer.send_and_wait(
+                    requests_topic("audio", prefix), body.replace(b'"template"', f'"a{i}"'.encode())
+                )
+            await answers.wait_for(60, timeout=240)
+        watcher.cancel()
+    assert len(ids_of(answers.records)) == 60
+    assert all("error" not in body_of(r) for r in answers.records), body_of(answers.records[0])
+    # One fetch round may land on top of the bound before the partitions pause: at most fetch_max_bytes.
+    assert peak <= bound + 4 * 1024 * 1024 + len(body) * 2, peak
+    assert peak >= bound // 2, f"the flood never reached the bound ({peak} bytes): the test proves nothing"
