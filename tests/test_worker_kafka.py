@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import UnknownTopicOrPartitionError
 from PIL import Image
 
 from tests.kafka_support import (
@@ -226,6 +227,42 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
     assert set(by_id) == {"no-reply-to", "bad-reply-to"}
     # Without a correlation_id header the request id (the record key) correlates.
     assert headers_of(by_id["no-reply-to"])["correlation_id"] == b"no-reply-to"
+
+
+async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_topic(
+    kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's own name check passes the topic; the broker refuses it (here: the producer call
+    raises what aiokafka raises for a topic it cannot get, as tansu auto-creates every legal name)."""
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
+        prefix = prefix_of(worker)
+        refused = f"{prefix}.refused-replies"
+        publish = worker.broker.publish
+        refusals: list[str] = []
+
+        async def refusing(body: Any, topic: str, **kwargs: Any) -> Any:
+            if topic == refused:
+                refusals.append(topic)
+                raise UnknownTopicOrPartitionError(topic)
+            return await publish(body, topic, **kwargs)
+
+        monkeypatch.setattr(worker.broker, "publish", refusing)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as shared,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(
+                requests_topic("text", prefix),
+                request_bytes("refused-reply-to", "bert", {"text": "hello there"}),
+                key=b"refused-reply-to",
+                headers=[("reply_to", refused.encode()), ("correlation_id", b"corr-7")],
+            )
+            await shared.wait_for(1)
+            await worker.drain()
+            [reply] = await shared.settle()
+    assert refusals == [refused], "tried once on the reply_to topic, then re-routed"
+    assert body_of(reply)["id"] == "refused-reply-to" and "error" not in body_of(reply)
+    assert headers_of(reply)["correlation_id"] == b"corr-7"
 
 
 # --- batching -----------------------------------------------------------------------------
