@@ -48,7 +48,7 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.errors import PayloadTooLarge
 from worker.processors import TextInput
-from worker.registry import ServedModel, load_models
+from worker.registry import ServedModel, load_model, load_models
 from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -179,6 +179,30 @@ async def test_zero_shot_with_more_labels_than_one_run_holds_is_answered_over_al
     ):
         reply = await client.request("multimodal", "clip", inputs, timeout=30)
     assert_result(reply, models["clip"], expected)
+
+
+async def test_a_model_reloaded_with_other_buckets_is_served_as_the_pipeline_answers(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """Issue 12 defect 2 over Kafka: bert reloaded with sequence_lengths [32, 64] after the module's
+    default load got the first load's processor (16-token buckets) and every request failed.
+    Reference: the stored pipeline outputs (models/tiny/bert/reference.json)."""
+    assert models["bert"].metadata.sequence_lengths != (32, 64)
+    reloaded = load_model(TINY / "bert", overrides={"sequence_lengths": [32, 64]})
+    samples, tolerance = load_samples("bert")
+    cases = [(sample, call) for sample in samples for call in sample.calls]
+    async with (
+        serving(kafka_bootstrap, {"bert": reloaded}) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        replies = await asyncio.gather(
+            *(
+                client.request("text", "bert", wire_inputs(s.raw), parameters=c.kwargs, timeout=30)
+                for s, c in cases
+            )
+        )
+    for (_, call), reply in zip(cases, replies, strict=True):
+        assert_result(reply, reloaded, call.outputs, tolerance)
 
 
 # --- routing ------------------------------------------------------------------------------
