@@ -92,6 +92,10 @@ class TopicReader:
 
     def __init__(self, bootstrap_servers: str, *topics: str) -> None:
         self.records: list[Record] = []
+        self._bootstrap = bootstrap_servers
+        self._topics = topics
+        self._markers: dict[bytes, int] = {}
+        """Settle markers by key, and how many of each were read."""
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap_servers,
@@ -126,8 +130,33 @@ class TopicReader:
 
     async def _read(self) -> None:
         async for record in self._consumer:
-            self.records.append(record)
+            if record.key in self._markers:
+                self._markers[record.key] += 1
+            else:
+                self.records.append(record)
             self._arrived.set()
+
+    async def settle(self, timeout: float = 20.0) -> list[Record]:  # noqa: ASYNC109
+        """Every record the topics hold now, and no more to come from what was acknowledged before.
+
+        Appends a marker record to each partition and waits until all markers were read: a
+        partition is read in order, so whatever the broker acknowledged before is read by then.
+        Call it once the producers under test are done (a drained worker), instead of sleeping
+        "long enough" for a duplicate to show up. Markers are not kept in ``records``.
+        """
+        marker = f"settle-{uuid.uuid4().hex}".encode()
+        self._markers[marker] = 0
+        async with raw_producer(self._bootstrap) as producer:
+            sent = 0
+            for topic in self._topics:
+                for partition in sorted(await producer.partitions_for(topic)):
+                    await producer.send_and_wait(topic, b"", key=marker, partition=partition)
+                    sent += 1
+        async with asyncio.timeout(timeout):
+            while self._markers[marker] < sent:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return list(self.records)
 
     async def wait_until(
         self,

@@ -135,3 +135,61 @@ def assert_pipeline_equal(actual: Any, expected: Any, tolerance: float, where: s
         return diff
     assert type(actual) is type(expected) and actual == expected, f"{where}: {actual!r} != {expected!r}"
     return 0.0
+
+
+def clip_by_raw_onnx(image: Image.Image, texts: list[str]) -> dict[str, np.ndarray]:
+    """CLIP's outputs computed without the worker: the folder's own processor (texts padded to the
+    longest) and a bare ONNX Runtime session on ``model.onnx``, every text in one run (the graph's
+    batch dims are dynamic, so no bucket limits it)."""
+    import onnxruntime as ort
+    import transformers
+
+    folder = TINY / "clip"
+    processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+    encoded = processor(text=texts, images=[image], return_tensors="np", padding=True)
+    session = ort.InferenceSession(folder / "model.onnx", providers=["CPUExecutionProvider"])
+    feed = {i.name: np.asarray(encoded[i.name]) for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def zero_shot_by_raw_onnx(image: Image.Image, labels: list[str], template: str) -> list[dict[str, Any]]:
+    """The zero-shot pipeline's steps on :func:`clip_by_raw_onnx`: a softmax over every label, best
+    first. On the stored 3-label sample it matches the stored transformers pipeline output within 4e-7."""
+    logits = clip_by_raw_onnx(image, [template.format(label) for label in labels])["logits_per_image"][0]
+    scores = np.exp(logits.astype(np.float64) - logits.max())
+    scores /= scores.sum()
+    ranked = sorted(zip(scores.tolist(), labels, strict=True), key=lambda pair: -pair[0])
+    return [{"score": score, "label": label} for score, label in ranked]
+
+
+def text_classification_by_raw_onnx(name: str, texts: list[str]) -> list[list[dict[str, Any]]]:
+    """The text-classification pipeline's default answer (top label, ``[{"label", "score"}]``) computed
+    without the worker: the folder's tokenizer on each text alone (no padding), a bare ONNX Runtime
+    session, a softmax and config.json's id2label. On the stored bert samples it matches the stored
+    transformers pipeline outputs within 1e-6."""
+    import onnxruntime as ort
+    import transformers
+
+    folder = TINY / name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    id2label = json.loads((folder / "config.json").read_text())["id2label"]
+    session = ort.InferenceSession(folder / "model.onnx", providers=["CPUExecutionProvider"])
+    answers = []
+    for text in texts:
+        encoded = tokenizer(text, return_tensors="np")
+        [logits] = session.run(["logits"], {i.name: encoded[i.name] for i in session.get_inputs()})
+        scores = np.exp(logits[0].astype(np.float64) - logits[0].max())
+        scores /= scores.sum()
+        best = int(scores.argmax())
+        answers.append([{"label": id2label[str(best)], "score": float(scores[best])}])
+    return answers
+
+
+#: More candidate labels than CLIP's largest text batch (32) holds: one request, two runs.
+MANY_LABELS = (
+    "cat", "dog", "car", "tree", "house", "boat", "bird", "horse", "apple", "chair",
+    "table", "lamp", "phone", "book", "cup", "shoe", "hat", "clock", "bicycle", "train",
+    "plane", "flower", "river", "mountain", "beach", "road", "bridge", "cloud", "star", "moon",
+    "triangle", "circle", "square", "line", "pencil", "guitar", "piano", "window", "door", "fish",
+)  # fmt: skip

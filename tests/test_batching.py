@@ -152,15 +152,27 @@ def test_merged_batches_lose_nothing_and_never_shrink_a_request(
     assert len(queue) == 0
 
 
+async def _let_the_getter_run() -> None:
+    """A few turns of the event loop: a woken ``get`` re-checks its queue (no real time passes)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_micro_batcher_dispatches_by_time_without_a_full_batch() -> None:
-    batcher: MicroBatcher[str, int] = MicroBatcher(BatchQueue(max_batch_size=100, max_wait=0.05))
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    """Time as the batcher's injected clock sees it: wakeups come from put(), never from real time."""
+    now = 0.0
+    batcher: MicroBatcher[str, int] = MicroBatcher(
+        BatchQueue(max_batch_size=100, max_wait=0.05), clock=lambda: now
+    )
+    getter = asyncio.create_task(batcher.get())
     batcher.put("a", 1)
-    batcher.put("a", 2)
-    key, batch = await asyncio.wait_for(batcher.get(), 2.0)
-    assert (key, batch) == ("a", [1, 2])
-    assert loop.time() - start >= 0.045
+    now = 0.049
+    batcher.put("a", 2)  # wakes the getter: 2 of 100, the oldest 49 ms old
+    await _let_the_getter_run()
+    assert not getter.done(), "dispatched before its oldest item waited max_wait"
+    now = 0.05
+    batcher.put("b", 3)  # wakes it again: "a"'s oldest item has now waited max_wait
+    assert await asyncio.wait_for(getter, 2.0) == ("a", [1, 2])
 
 
 async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:

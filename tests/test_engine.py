@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.references import TINY, TINY_MODELS, load_samples, to_model_input
+from tests.references import (
+    MANY_LABELS,
+    TINY,
+    TINY_MODELS,
+    assert_pipeline_equal,
+    clip_by_raw_onnx,
+    load_samples,
+    to_model_input,
+)
 from worker.errors import InvalidRequest
 from worker.metadata import ModelMetadata
 from worker.processors import (
@@ -188,12 +196,25 @@ def test_multimodal_rows_split_across_runs(models: dict[str, ServedModel]) -> No
         _close(result, model.run([item])[0], atol=1e-5)
 
 
-def test_a_request_larger_than_the_largest_bucket_is_refused(models: dict[str, ServedModel]) -> None:
+def test_a_request_larger_than_the_largest_bucket_is_split_and_merged(models: dict[str, ServedModel]) -> None:
+    """40 candidate labels, 32 text rows per run at most: two runs, one answer over all 40 rows.
+    Reference: the bare ONNX session fed all 40 texts at once by the folder's CLIP processor."""
     model = models["clip"]
-    labels = tuple(f"label {i}" for i in range(40))
-    prepared = model.prepare(MultimodalInput(_random_image(np.random.default_rng(1)), labels))
-    with pytest.raises(InvalidRequest, match="rows"):
-        model.run([prepared])
+    image = _random_image(np.random.default_rng(1))
+    texts = [f"This is a photo of {label}." for label in MANY_LABELS]
+    prepared = model.prepare(MultimodalInput(image, MANY_LABELS))
+    assert prepared.arrays["input_ids"].shape[0] > max(model.metadata.dims["text_batch"])
+    [result] = model.run([prepared])
+    reference = clip_by_raw_onnx(image, texts)
+    assert result["logits_per_image"].shape == (1, 40)
+    assert result["text_embeds"].shape == (40, 16) and result["image_embeds"].shape == (1, 16)
+    for name in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        np.testing.assert_allclose(result[name], reference[name], atol=1e-5, rtol=0, err_msg=name)
+    # Beside other requests in one batch, the split request still gets its own rows only.
+    others = [model.prepare(item) for item in other_inputs("clip", 3, seed=4)]
+    batched = model.run([others[0], prepared, *others[1:]])
+    np.testing.assert_allclose(batched[1]["logits_per_image"], reference["logits_per_image"], atol=1e-5)
+    assert [b["logits_per_image"].shape for b in batched] == [(1, 3), (1, 40), (1, 3), (1, 3)]
 
 
 def test_input_buffers_are_preallocated_and_reused(models: dict[str, ServedModel]) -> None:
@@ -265,7 +286,7 @@ def test_video_clips_are_sampled_or_padded_to_the_frame_count() -> None:
     assert [f.getpixel((0, 0))[0] for f in padded] == [0, 1, 1, 1]
 
 
-def test_the_processor_factory_shares_one_instance_per_folder() -> None:
+def test_the_processor_factory_shares_one_instance_per_folder_and_metadata() -> None:
     factory = ProcessorFactory()
     metadata = ModelMetadata.load(TINY / "bert")
     got: list[object] = []
@@ -276,6 +297,23 @@ def test_the_processor_factory_shares_one_instance_per_folder() -> None:
         thread.join()
     assert len({id(p) for p in got}) == 1
     assert factory.get(ModelMetadata.load(TINY / "bert")) is got[0]
+    # Other buckets make other arrays: the same folder with overrides gets its own processor.
+    narrower = ModelMetadata.load(TINY / "bert", {"sequence_lengths": [32, 64]})
+    assert factory.get(narrower) is not got[0]
+    assert factory.get(narrower).prepare(TextInput("Hi.")).shape_key == (("sequence", 32),)
+
+
+def test_a_model_reloaded_with_other_buckets_answers_as_the_pipeline(models: dict[str, ServedModel]) -> None:
+    """Issue 12 defect 2: the shared factory handed the first load's processor (16-token buckets) to
+    a reload with sequence_lengths [32, 64], whose engine has no such bucket. Reference: the stored
+    transformers pipeline outputs of the bert samples (models/tiny/bert/reference.json)."""
+    assert models["bert"].prepare(TextInput("Hi.")).shape_key != (("sequence", 32),)
+    reloaded = load_model(TINY / "bert", overrides={"sequence_lengths": [32, 64]})
+    samples, tolerance = load_samples("bert")
+    for sample in samples:
+        for call in sample.calls:
+            [got] = reloaded.infer([to_model_input(sample.raw)], call.kwargs)
+            assert_pipeline_equal(got, call.outputs, tolerance)
 
 
 def test_raw_tensors_bypass_the_processor(models: dict[str, ServedModel]) -> None:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from models.__main__ import main
-from models.pack import dummy_input
+from tests.references import assert_pipeline_equal, load_samples, to_model_input
 from worker.metadata import METADATA_PREFIX, ModelMetadata, Source, iter_model_folders
 from worker.processors import ProcessorFactory
 from worker.registry import ServedModel, load_model
@@ -79,10 +79,19 @@ def test_packed_folder_describes_itself_from_the_graph(packed: Packed) -> None:
             assert meta.sources[field] is Source.ONNX, field
 
 
-def test_packed_folder_answers_like_the_original(packed: Packed) -> None:
-    model = fresh(packed.folder)
-    request = dummy_input(packed.original)
-    assert model.infer([request]) == packed.original.infer([request])
+def assert_answers_as_stored(model: ServedModel, name: str) -> None:
+    """Every stored sample and call of tiny model ``name`` answered as its stored pipeline output
+    (models/tiny/<name>/reference.json; raw token vectors where the model declares pooling)."""
+    samples, tolerance = load_samples(name)
+    raw_vectors = {"pooling": "none"} if model.metadata.pooling is not None else {}
+    for sample in samples:
+        for call in sample.calls:
+            [answer] = model.infer([to_model_input(sample.raw)], {**raw_vectors, **call.kwargs})
+            assert_pipeline_equal(answer, call.outputs, tolerance, f"{name} {call.kwargs}")
+
+
+def test_packed_folder_answers_as_the_stored_pipeline(packed: Packed) -> None:
+    assert_answers_as_stored(fresh(packed.folder), packed.folder.name)
 
 
 def test_pack_prints_what_inspect_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,8 +147,7 @@ def test_external_data_files_travel_with_the_graph(tmp_path: Path) -> None:
     )
     assert pack(source, tmp_path / "out", "--set", "batch_sizes=1,2") == 0
     assert (tmp_path / "out" / "weights.bin").is_file()
-    request = dummy_input(fresh(TINY / "bert", SMALL_BATCHES))
-    assert fresh(tmp_path / "out").infer([request]) == fresh(TINY / "bert", SMALL_BATCHES).infer([request])
+    assert_answers_as_stored(fresh(tmp_path / "out"), "bert")
 
 
 def test_a_non_empty_out_folder_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

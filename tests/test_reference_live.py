@@ -13,10 +13,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import transformers
 
+# The builder holds the pipeline calls, and the replicas where a pipeline cannot run here.
+from models import tiny
 from tests.references import (
     ALL_TINY_MODELS,
+    MANY_LABELS,
     TINY,
     assert_pipeline_equal,
     load_samples,
@@ -25,10 +29,6 @@ from tests.references import (
 )
 from worker import pipeline
 from worker.inprocess import Pipeline
-
-torch = pytest.importorskip("torch")
-# The builder holds the pipeline calls, and the replicas where a pipeline cannot run here.
-tiny = pytest.importorskip("models.tiny")
 
 pytestmark = pytest.mark.torch
 
@@ -127,3 +127,11 @@ def test_sentence_embedding_matches_live_mean_pooling() -> None:
             hidden = model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).last_hidden_state.numpy()
         expected = tiny.sentence_embedding(hidden, encoded["attention_mask"])
         assert_pipeline_equal(served("bert-embed")(sample.raw["text"]), expected, 1e-4)
+
+
+def test_zero_shot_over_more_labels_than_one_run_matches_the_live_pipeline() -> None:
+    """Issue 12 defect 1 against transformers itself: 40 labels, where the worker runs 32 text rows at most."""
+    image = str(TINY.parent / "samples" / "image.png")
+    live = tiny.live_pipeline("zero-shot-image-classification", TINY / "clip")
+    expected = tiny.plain(live(image, candidate_labels=list(MANY_LABELS)))
+    assert_pipeline_equal(served("clip")(image, candidate_labels=list(MANY_LABELS)), expected, 1e-4)

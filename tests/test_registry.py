@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.references import ROOT, TINY
+from worker.demo import load_with_progress
+from worker.engine import EngineOptions
 from worker.metadata import MetadataError
 from worker.registry import load_models
+from worker.settings import Settings
 
 
 @pytest.fixture
@@ -38,6 +41,28 @@ def test_a_corrupt_model_is_skipped_when_asked_and_the_others_serve(
         models = load_models(models_dir, skip_bad=True)
     assert list(models) == ["bert"]
     assert any("broken" in record.getMessage() for record in caplog.records)
+
+
+def test_the_demo_loads_models_with_the_settings_as_run_does(models_dir: Path) -> None:
+    """Issue 12 defect 4: demo accepted --provider, --intra-op-threads, spinning, --skip-bad-models
+    and the overrides, and ignored all but the overrides."""
+    settings = Settings(
+        provider="cpu",
+        intra_op_threads=1,
+        intra_op_spinning=False,
+        skip_bad_models=True,
+        model_overrides={"bert": {"sequence_lengths": [32, 64], "max_wait_ms": 5}},
+    )
+    models = load_with_progress([models_dir], settings)
+    assert list(models) == ["bert"], "the broken folder is skipped, not fatal"
+    bert = models["bert"]
+    assert bert.engine.options == EngineOptions(intra_op_threads=1, provider="cpu", spin=False)
+    session = bert.engine.session.get_session_options()
+    assert session.intra_op_num_threads == 1
+    assert session.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert bert.metadata.sequence_lengths == (32, 64)
+    # A model folder itself is a path too, as the demo always took it.
+    assert list(load_with_progress([models_dir / "bert"], settings)) == ["bert"]
 
 
 def test_run_exits_with_a_one_line_error_for_a_bad_folder(models_dir: Path) -> None:

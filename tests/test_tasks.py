@@ -1,7 +1,10 @@
 """Task heads answer as the matching transformers pipeline does, for every tiny model and stored call.
 
-The stored outputs were made by ``python -m models build tiny`` with the live pipelines (see
-``pipeline_source`` in each reference.json); these tests need no torch.
+The stored outputs were made by ``python -m models build tiny``; ``pipeline_source`` in each
+reference.json says how: the transformers 5 pipeline for most tasks, a step-by-step replay on
+PyTorch of the 4.57 QuestionAnsweringPipeline (removed in 5) for bert-qa, and
+VideoClassificationPipeline.postprocess on PyTorch logits for videomae (the pipeline needs PyAV
+and a video file). These tests need no torch.
 """
 
 from __future__ import annotations

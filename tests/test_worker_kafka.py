@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import UnknownTopicOrPartitionError
+from PIL import Image
 
 from tests.kafka_support import (
     Record,
@@ -32,11 +34,21 @@ from tests.kafka_support import (
     until,
     wire_inputs,
 )
-from tests.references import ALL_TINY_MODELS, TINY, assert_pipeline_equal, load_samples, to_model_input
+from tests.references import (
+    ALL_TINY_MODELS,
+    MANY_LABELS,
+    ROOT,
+    TINY,
+    assert_pipeline_equal,
+    load_samples,
+    text_classification_by_raw_onnx,
+    zero_shot_by_raw_onnx,
+)
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.processors import TensorInput, TextInput
-from worker.registry import ServedModel, load_models
+from worker.errors import PayloadTooLarge
+from worker.processors import TextInput
+from worker.registry import ServedModel, load_model, load_models
 from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -57,24 +69,9 @@ def prefix_of(worker: Worker) -> str:
     return worker.settings.topic_prefix
 
 
-def assert_same_outputs(got: Any, want: Any, path: str = "outputs") -> None:
-    """Equal structure and labels; floats within SCORE_TOLERANCE."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), f"{path}: {got!r} != {want!r}"
-        for key in want:
-            assert_same_outputs(got[key], want[key], f"{path}.{key}")
-    elif isinstance(want, list | tuple):
-        assert isinstance(got, list) and len(got) == len(want), f"{path}: {got!r} != {want!r}"
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same_outputs(g, w, f"{path}[{i}]")
-    elif isinstance(want, float):
-        assert isinstance(got, int | float), f"{path}: {got!r} is not a number"
-        assert abs(got - want) <= SCORE_TOLERANCE, f"{path}: {got} != {want}"
-    else:
-        assert got == want, f"{path}: {got!r} != {want!r}"
-
-
-def assert_result(reply: dict[str, Any], model: ServedModel, expected: Any) -> None:
+def assert_result(
+    reply: dict[str, Any], model: ServedModel, expected: Any, tolerance: float = SCORE_TOLERANCE
+) -> None:
     """A result (not an error) of ``model`` with the expected outputs, timing and no truncation."""
     assert "error" not in reply, reply
     assert reply["model"] == model.name
@@ -83,7 +80,7 @@ def assert_result(reply: dict[str, Any], model: ServedModel, expected: Any) -> N
     timing = reply["timing"]
     assert set(timing) == {"queue_ms", "inference_ms", "batch_size"}
     assert timing["queue_ms"] >= 0 and timing["inference_ms"] >= 0 and timing["batch_size"] >= 1
-    assert_same_outputs(reply["outputs"], expected)
+    assert_pipeline_equal(reply["outputs"], expected, tolerance)
 
 
 # --- answers ------------------------------------------------------------------------------
@@ -99,12 +96,13 @@ MODALITY_CASES = [
 ]
 
 
-async def test_every_modality_answers_through_kafka_as_the_in_process_path(
+async def test_every_modality_answers_through_kafka_as_the_pipeline_does(
     kafka_bootstrap: str, models: Models
 ) -> None:
-    raws = {name: load_samples(name)[0][0].raw for name, *_ in MODALITY_CASES}
-    # Computed before the worker runs: the test never shares an engine with its executor.
-    expected = {name: models[name].infer([to_model_input(raw)])[0] for name, raw in raws.items()}
+    """Reference: each model's stored pipeline output for its first sample, default parameters
+    (models/tiny/<name>/reference.json, whose pipeline_source says how it was made)."""
+    samples = {name: load_samples(name) for name, *_ in MODALITY_CASES}
+    raws = {name: found[0][0].raw for name, found in samples.items()}
     async with (
         serving(kafka_bootstrap, models) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
@@ -116,11 +114,12 @@ async def test_every_modality_answers_through_kafka_as_the_in_process_path(
             )
         )
     for (name, *_), reply in zip(MODALITY_CASES, replies, strict=True):
-        assert_result(reply, models[name], expected[name])
+        [first, *_], tolerance = samples[name]
+        assert_result(reply, models[name], first.calls[0].outputs, tolerance)
 
 
 async def test_tensor_inputs_answer_like_named_inputs(kafka_bootstrap: str, models: Models) -> None:
-    samples, _ = load_samples("vit")
+    samples, tolerance = load_samples("vit")
     pixels = samples[0].inputs["pixel_values"]
     tensor = {
         "name": "pixel_values",
@@ -134,18 +133,18 @@ async def test_tensor_inputs_answer_like_named_inputs(kafka_bootstrap: str, mode
     ):
         named = await client.request("vision", "vit", wire_inputs(samples[0].raw), timeout=30)
         tensors = await client.request("vision", "vit", [tensor], timeout=30)
-    assert_result(named, models["vit"], named["outputs"])
-    assert_result(tensors, models["vit"], named["outputs"])
+    # Reference: the stored image-classification pipeline output (models/tiny/vit/reference.json).
+    assert_result(named, models["vit"], samples[0].calls[0].outputs, tolerance)
+    assert_result(tensors, models["vit"], samples[0].calls[0].outputs, tolerance)
 
 
-async def test_a_tensor_request_with_two_rows_is_answered_for_both_or_refused(
+async def test_a_tensor_request_with_two_rows_is_refused_as_invalid(
     kafka_bootstrap: str, models: Models
 ) -> None:
+    """One request, one answer: a tensor holding two rows would need two; it is refused at intake."""
     samples, _ = load_samples("vit")
     first = samples[0].inputs["pixel_values"].astype(np.float32)
-    rows = [first, np.zeros_like(first)]
-    expected = [models["vit"].infer([TensorInput({"pixel_values": row})])[0] for row in rows]
-    both = np.concatenate(rows)
+    both = np.concatenate([first, np.zeros_like(first)])
     tensor = {
         "name": "pixel_values",
         "shape": list(both.shape),
@@ -157,10 +156,53 @@ async def test_a_tensor_request_with_two_rows_is_answered_for_both_or_refused(
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
         reply = await client.request("vision", "vit", [tensor], timeout=30)
-    if "error" in reply:
-        assert reply["error"]["code"] in {"invalid_request", "unsupported"}, reply
-    else:
-        assert_same_outputs(reply["outputs"], expected)
+    assert reply["error"]["code"] == "invalid_request", reply
+    assert "exactly one row" in reply["error"]["message"]
+
+
+async def test_zero_shot_with_more_labels_than_one_run_holds_is_answered_over_all_of_them(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """Issue 12 defect 1: 40 labels (CLIP runs 32 text rows at most) were answered ``internal``.
+    Reference: the folder's processor and a bare ONNX session in one 40-row run (tests/references.py)."""
+    template = "This is a photo of {}."
+    inputs = {
+        "image": b64_file("models/samples/image.png"),
+        "candidate_labels": list(MANY_LABELS),
+        "hypothesis_template": template,
+    }
+    image = Image.open(ROOT / "models" / "samples" / "image.png").convert("RGB")
+    expected = zero_shot_by_raw_onnx(image, list(MANY_LABELS), template)
+    async with (
+        serving(kafka_bootstrap, {"clip": models["clip"]}) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        reply = await client.request("multimodal", "clip", inputs, timeout=30)
+    assert_result(reply, models["clip"], expected)
+
+
+async def test_a_model_reloaded_with_other_buckets_is_served_as_the_pipeline_answers(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """Issue 12 defect 2 over Kafka: bert reloaded with sequence_lengths [32, 64] after the module's
+    default load got the first load's processor (16-token buckets) and every request failed.
+    Reference: the stored pipeline outputs (models/tiny/bert/reference.json)."""
+    assert models["bert"].metadata.sequence_lengths != (32, 64)
+    reloaded = load_model(TINY / "bert", overrides={"sequence_lengths": [32, 64]})
+    samples, tolerance = load_samples("bert")
+    cases = [(sample, call) for sample in samples for call in sample.calls]
+    async with (
+        serving(kafka_bootstrap, {"bert": reloaded}) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        replies = await asyncio.gather(
+            *(
+                client.request("text", "bert", wire_inputs(s.raw), parameters=c.kwargs, timeout=30)
+                for s, c in cases
+            )
+        )
+    for (_, call), reply in zip(cases, replies, strict=True):
+        assert_result(reply, reloaded, call.outputs, tolerance)
 
 
 # --- routing ------------------------------------------------------------------------------
@@ -196,10 +238,12 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
                 key=b"bad-reply-to",
                 headers=[("reply_to", b"no such topic!")],
             )
-            [reply] = await mine.wait_for(1)
-            answered = await shared.wait_for(2)
-            await asyncio.sleep(0.5)  # anything extra would show up by now
-            assert len(mine.records) == 1 and len(shared.records) == 2
+            await mine.wait_for(1)
+            await shared.wait_for(2)
+            await worker.drain()  # every reply it will ever send is acknowledged now
+            [reply] = await mine.settle()
+            answered = await shared.settle()
+            assert len(answered) == 2
     assert headers_of(reply)["correlation_id"] == b"corr-42"
     assert body_of(reply)["id"] == "with-reply-to"
     assert "error" not in body_of(reply)
@@ -209,22 +253,57 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
     assert headers_of(by_id["no-reply-to"])["correlation_id"] == b"no-reply-to"
 
 
+async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_topic(
+    kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's own name check passes the topic; the broker refuses it (here: the producer call
+    raises what aiokafka raises for a topic it cannot get, as tansu auto-creates every legal name)."""
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
+        prefix = prefix_of(worker)
+        refused = f"{prefix}.refused-replies"
+        publish = worker.broker.publish
+        refusals: list[str] = []
+
+        async def refusing(body: Any, topic: str, **kwargs: Any) -> Any:
+            if topic == refused:
+                refusals.append(topic)
+                raise UnknownTopicOrPartitionError(topic)
+            return await publish(body, topic, **kwargs)
+
+        monkeypatch.setattr(worker.broker, "publish", refusing)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as shared,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(
+                requests_topic("text", prefix),
+                request_bytes("refused-reply-to", "bert", {"text": "hello there"}),
+                key=b"refused-reply-to",
+                headers=[("reply_to", refused.encode()), ("correlation_id", b"corr-7")],
+            )
+            await shared.wait_for(1)
+            await worker.drain()
+            [reply] = await shared.settle()
+    assert refusals == [refused], "tried once on the reply_to topic, then re-routed"
+    assert body_of(reply)["id"] == "refused-reply-to" and "error" not in body_of(reply)
+    assert headers_of(reply)["correlation_id"] == b"corr-7"
+
+
 # --- batching -----------------------------------------------------------------------------
 
 
 async def test_a_full_batch_goes_at_once_without_waiting(kafka_bootstrap: str, models: Models) -> None:
     # Different lengths (9-16 tokens), one shape bucket (16): padding differs inside the batch.
     texts = [{"text": " ".join(["word"] * (i + 7))} for i in range(8)]
-    expected = models["bert"].infer([TextInput(t["text"]) for t in texts])
+    # Reference: each text alone through the bare ONNX session (tests/references.py).
+    expected = text_classification_by_raw_onnx("bert", [t["text"] for t in texts])
+    # A ten-minute max_wait: answered within the client's 20 s only if the full batch went at once.
     async with (
-        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=8, max_wait_ms=5000) as worker,
+        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=8, max_wait_ms=600_000) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
-        started = time.perf_counter()
-        replies = await client.send_many("text", "bert", texts, timeout=10)
-        elapsed = time.perf_counter() - started
+        replies = await client.send_many("text", "bert", texts, timeout=20)
     assert [r["timing"]["batch_size"] for r in replies] == [8] * 8
-    assert elapsed < 2.5, f"a full batch waited {elapsed:.2f} s (max_wait is 5 s)"
     for reply, want in zip(replies, expected, strict=True):  # a batch never changes an answer
         assert_result(reply, models["bert"], want)
 
@@ -237,11 +316,8 @@ async def test_a_partial_batch_goes_when_its_oldest_request_waited_max_wait(
         serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=300) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
-        started = time.perf_counter()
         replies = await client.send_many("text", "bert", texts, timeout=10)
-        elapsed = time.perf_counter() - started
     assert [r["timing"]["batch_size"] for r in replies] == [3] * 3
-    assert 0.3 <= elapsed < 2.5, f"answered after {elapsed:.3f} s; max_wait is 0.3 s"
     # From the broker timestamp (set when produced) to the batch start, in whole ms.
     assert all(r["timing"]["queue_ms"] >= 299 for r in replies), [r["timing"] for r in replies]
 
@@ -252,7 +328,8 @@ async def test_requests_of_different_lengths_that_waited_share_one_run(
     texts = [{"text": "Hi."}, {"text": " ".join(["word"] * 20)}, {"text": "A few more words here."}]
     model = models["bert"]
     assert len({model.prepare(TextInput(t["text"])).shape_key for t in texts}) == 3
-    alone = [model.infer([TextInput(t["text"])])[0] for t in texts]
+    # Reference: each text alone through the bare ONNX session (tests/references.py).
+    alone = text_classification_by_raw_onnx("bert", [t["text"] for t in texts])
     async with (
         serving(kafka_bootstrap, {"bert": model}, max_batch_size=64, max_wait_ms=300) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
@@ -361,10 +438,12 @@ async def test_bad_input_gets_a_typed_error_reply_and_a_dlq_copy_and_serving_goe
                 partition=0,
                 headers=[("correlation_id", b"good")],
             )
-            answered = await replies.wait_for(2)
-            [copy] = await dlq.wait_for(1)
-            await asyncio.sleep(0.3)
-            assert len(replies.records) == 2 and len(dlq.records) == 1
+            await replies.wait_for(2)
+            await dlq.wait_for(1)
+            await worker.drain()
+            answered = await replies.settle()
+            [copy] = await dlq.settle()
+            assert len(answered) == 2
     by_correlation = {headers_of(r)["correlation_id"]: body_of(r) for r in answered}
     error_reply = by_correlation[b"the-bad-one"]
     assert error_reply["error"]["code"] == case.code, error_reply
@@ -429,9 +508,8 @@ async def test_a_message_too_large_to_copy_to_the_dlq_is_still_answered_and_comm
                 topic, request_bytes("good", "bert", {"text": "ok"}), partition=0, key=b"good"
             )
             answered = {headers_of(r)["correlation_id"]: body_of(r) for r in await replies.wait_for(2)}
-            with contextlib.suppress(TimeoutError):
-                await dlq.wait_for(1, timeout=1)
             await worker.drain()
+            [copy] = await dlq.settle()
             tp = TopicPartition(topic, 0)
             committed = await committed_offsets(kafka_bootstrap, worker.settings.group_id, [tp])
             in_flight = worker.tracker.in_flight
@@ -439,7 +517,10 @@ async def test_a_message_too_large_to_copy_to_the_dlq_is_still_answered_and_comm
     assert "error" not in answered[b"good"]
     assert committed == {tp: 2}, "the partition's commit is stuck before the oversize message"
     assert in_flight == 0
-    assert [headers_of(r)["error_code"] for r in dlq.records] == [b"payload_too_large"]
+    # The DLQ copy keeps the head that fits one produce request and says how large the message was.
+    assert headers_of(copy)["error_code"] == b"payload_too_large"
+    assert headers_of(copy)["dlq_truncated_from_bytes"] == str(len(huge)).encode()
+    assert copy.value is not None and 0 < len(copy.value) < len(huge) and huge.startswith(copy.value)
 
 
 # --- one reply per request ----------------------------------------------------------------
@@ -481,9 +562,9 @@ async def test_every_request_gets_exactly_one_reply(kafka_bootstrap: str, models
             ]
             await asyncio.gather(*delivered)
             await replies.wait_for(count)
-            await asyncio.sleep(1.0)  # a duplicate would arrive within this
-            answered = list(replies.records)
-            copies = list(dlq.records)
+            await worker.drain()  # what it sends from here on is a bug; settle() reads up to now
+            answered = await replies.settle()
+            copies = await dlq.settle()
     correlation = Counter(headers_of(r)["correlation_id"].decode() for r in answered)
     assert sorted(correlation) == sorted(f"c{i}" for i in range(count))
     assert set(correlation.values()) == {1}, f"duplicates: {[c for c, n in correlation.items() if n > 1]}"
@@ -544,6 +625,52 @@ async def test_backpressure_pauses_intake_and_every_request_is_still_answered(
     assert any(paused for paused, _ in samples), "intake was never paused"
     peak = max(in_flight for _, in_flight in samples)
     assert peak <= max_in_flight + fetch_max_records, f"{peak} requests in flight"
+
+
+@dataclass(frozen=True)
+class PoisonModel(ServedModel):
+    """Fault injection: the engine call refuses any batch holding the text "poison" with a typed error,
+    as the engine refuses a request it cannot run (raised in the executor thread, inside model.run)."""
+
+    def run(self, batch: Any, key: Any = None) -> Any:
+        if any(item.context.get("text") == "poison" for item in batch):
+            raise PayloadTooLarge("the poison request does not fit this model")
+        return super().run(batch, key)
+
+
+async def test_a_failing_batch_is_rerun_one_by_one_and_a_typed_error_keeps_its_code(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """Issue 12 defect 5: an InferenceError raised inside a model run was answered ``internal``. The
+    batch fails as a whole; each request is run again alone, so only the faulty one gets an error.
+    Reference for the others: each text alone through the bare ONNX session (tests/references.py)."""
+    bert = models["bert"]
+    poison = PoisonModel(bert.metadata, bert.preprocessor, bert.engine, bert.head)
+    texts = ["first of four", "poison", "third of four", "fourth of four"]
+    expected = text_classification_by_raw_onnx("bert", texts)
+    async with serving(kafka_bootstrap, {"bert": poison}, max_batch_size=4, max_wait_ms=600_000) as worker:
+        prefix = prefix_of(worker)
+        topic = requests_topic("text", prefix)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
+            TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            for i, text in enumerate(texts):
+                # One partition: the four are read in one fetch and form one full batch of 4.
+                await producer.send(topic, request_bytes(f"r{i}", "bert", {"text": text}), partition=0)
+            await producer.flush()
+            await replies.wait_for(4)
+            await worker.drain()
+            answered = {body_of(r)["id"]: body_of(r) for r in await replies.settle()}
+            [copy] = await dlq.settle()
+    assert sorted(answered) == ["r0", "r1", "r2", "r3"]
+    assert answered["r1"]["error"]["code"] == "payload_too_large", answered["r1"]
+    assert answered["r1"]["error"]["message"] == "the poison request does not fit this model"
+    assert headers_of(copy)["error_code"] == b"payload_too_large"
+    for i in (0, 2, 3):
+        assert_result(answered[f"r{i}"], bert, expected[i])
+        assert answered[f"r{i}"]["timing"]["batch_size"] == 1, "re-run alone after the batch failed"
 
 
 # --- commits ------------------------------------------------------------------------------

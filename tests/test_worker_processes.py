@@ -10,15 +10,17 @@ Bugs found here are pinned as strict xfails at the end of the file.
 
 from __future__ import annotations
 
-import asyncio
 import os
+import re
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process_support import (
     FAST_GROUP_FLAGS,
@@ -101,6 +103,7 @@ def split(*assignments: set[int]) -> bool:
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
     workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
 ) -> None:
@@ -128,6 +131,7 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_workers_split_partitions_and_a_joiner_loses_nothing(
     workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
 ) -> None:
@@ -187,6 +191,7 @@ async def test_workers_split_partitions_and_a_joiner_loses_nothing(
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_sigkill_one_of_two_workers_mid_stream_loses_nothing(
     workers: WorkerLauncher, stream: Stream, record_property: RecordProperty
 ) -> None:
@@ -224,7 +229,25 @@ async def test_sigkill_one_of_two_workers_mid_stream_loses_nothing(
     print(f"answered at SIGKILL: {answered_at_kill}; a ran {a.answered()}, b ran {b.answered()}")
 
 
+def metrics_port(worker: WorkerProcess) -> int:
+    """The port a worker started with --metrics-port 0 serves /metrics on (from its log)."""
+    found = re.search(r"metrics and health on http://[^:]+:(\d+)/metrics", worker.log())
+    assert found is not None, worker.log_tail()
+    return int(found[1])
+
+
+def in_flight(port: int) -> float:
+    """The worker's inference_in_flight gauge (read, not yet answered; refreshed once a second)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "inference_in_flight":
+            return float(family.samples[0].value)
+    raise AssertionError("no inference_in_flight gauge")
+
+
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_sigterm_drains_in_flight_batches(workers: WorkerLauncher, stream: Stream) -> None:
     # The batch timer (10 s) must not be what answers: SIGTERM comes first and flushes.
     max_wait_s, drain_timeout_s = 10.0, 15.0
@@ -238,15 +261,15 @@ async def test_sigterm_drains_in_flight_batches(workers: WorkerLauncher, stream:
         str(int(max_wait_s * 1000)),
         "--drain-timeout-s",
         str(drain_timeout_s),
+        "--metrics-port",
+        "0",
     )
     await worker.wait_for_log("worker started", START_TIMEOUT_S)
-    handled = worker.count("Processed")
+    port = metrics_port(worker)
     ids = await stream.send(20)
     sent_at = time.monotonic()
-    # "Processed" (debug) ends a fetch's handler: its records sit in the batcher. The other
-    # partitions' records come in the same or the next fetch, 20 ms apart; 1 s covers them.
-    await wait_until(lambda: worker.count("Processed") > handled, 30, "the fetch being handled", [worker])
-    await asyncio.sleep(1.0)
+    # Every request read and waiting in the batcher: the worker's own in-flight gauge says so.
+    await wait_until(lambda: in_flight(port) == 20, 30, "all 20 requests in flight", [worker])
     assert stream.answered(ids) == 0, "replies before SIGTERM: the batch timer fired, nothing to drain"
 
     worker.send(signal.SIGTERM)
@@ -328,6 +351,7 @@ async def test_a_worker_started_before_its_broker_waits_then_serves(
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_run_processes_restarts_a_killed_child(workers: WorkerLauncher, stream: Stream) -> None:
     parent = workers.start("parent", stream.group_id, stream.prefix, *FAST_GROUP_FLAGS, "--processes", "2")
     await parent.wait_for_log("worker started", START_TIMEOUT_S, process="worker-0")

@@ -588,10 +588,12 @@ class Worker:
         begin = time.perf_counter()
         try:
             outputs = model.run([j.prepared for j in jobs], key)
-        except Exception:
+        except Exception as exc:
             if len(jobs) == 1:
-                log.exception("internal error running %s", model.name)
                 job = jobs[0]
+                if isinstance(exc, InferenceError):  # the request's own fault, with its code
+                    return [self._error(job.origin, job.request_id, model.name, exc.code, exc.message)]
+                log.exception("internal error running %s", model.name)
                 return [
                     self._error(job.origin, job.request_id, model.name, ErrorCode.INTERNAL, "internal error")
                 ]

@@ -1030,7 +1030,7 @@ class Host:
         """Load the benched model (and the extra models) with ``point``'s engine settings."""
         folders = [ctx.model_dir]
         if with_extras and ctx.extra_models is not None:
-            from worker.demo import model_folders
+            from worker.registry import model_folders
 
             folders += model_folders([ctx.extra_models])
         spec = {

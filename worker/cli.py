@@ -104,20 +104,10 @@ def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
     # Imported here so `inspect` and `settings` stay free of Kafka and ORT start-up cost.
     from worker.app import Worker
-    from worker.engine import EngineOptions
-    from worker.registry import load_models
+    from worker.registry import load_configured
 
     configure_logging(settings.log_level)
-    models = load_models(
-        models_dir,
-        overrides=settings.metadata_overrides(),
-        engine_options=EngineOptions(
-            intra_op_threads=settings.intra_op_threads,
-            provider=settings.provider,
-            spin=settings.intra_op_spinning,
-        ),
-        skip_bad=settings.skip_bad_models,
-    )
+    models = load_configured([models_dir], settings)
 
     async def main() -> None:
         await Worker(settings, models).serve()

@@ -23,8 +23,7 @@ from tqdm import tqdm
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.embedded_broker import EmbeddedBroker
-from worker.metadata import iter_model_folders
-from worker.registry import ServedModel, load_model
+from worker.registry import ServedModel, load_configured
 from worker.settings import Settings
 
 SAMPLES = Path(__file__).resolve().parent.parent / "models" / "samples"
@@ -111,23 +110,11 @@ async def _bootstrap(settings: Settings) -> AsyncIterator[str]:
         await broker.astop()
 
 
-def model_folders(paths: list[Path]) -> list[Path]:
-    """Each path is a model folder itself, or a folder of model folders."""
-    folders: list[Path] = []
-    for path in paths:
-        folders += [path] if any(path.glob("*.onnx")) else list(iter_model_folders(path))
-    return folders
-
-
 def load_with_progress(paths: list[Path], settings: Settings) -> dict[str, ServedModel]:
-    """Load every model folder found under ``paths`` with a progress bar."""
-    folders = model_folders(paths)
-    overrides = settings.metadata_overrides()
-    models: dict[str, ServedModel] = {}
-    for folder in tqdm(folders, desc="loading models", unit="model"):
-        model = load_model(folder, overrides=overrides.get(folder.name))
-        models[model.name] = model
-    return models
+    """Every model folder found under ``paths``, loaded as ``run`` loads them, with a progress bar."""
+    return load_configured(
+        paths, settings, progress=lambda folders: tqdm(folders, desc="loading models", unit="model")
+    )
 
 
 async def run_demo(paths: list[Path], settings: Settings, burst: int = 300) -> int:

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -174,7 +174,7 @@ class Engine:
         key: Bucket | None = None,
         pad_values: Mapping[str, int] | None = None,
     ) -> list[dict[str, np.ndarray]]:
-        """Outputs per request, in order; splits batches larger than the largest bucket.
+        """Outputs per request, in order; splits batches, and requests, larger than the largest bucket.
 
         ``key`` is the batch's shape (default: the requests' one shared ``shape_key``). Requests
         of a smaller shape run in it lengthened with ``pad_values`` (a masked tail), and get their
@@ -193,25 +193,64 @@ class Engine:
                     f"a request of shape {own} cannot run in a batch of shape {shape}; group requests by "
                     "Prepared.shape_key, or give pad_values to lengthen shorter ones"
                 )
-        rows = [self.rows(item) for item in items]
-        results: list[dict[str, np.ndarray]] = []
+        split = [self._split(item) for item in items]
+        parts = [part for pieces in split for part in pieces]
+        rows = [self.rows(part) for part in parts]
+        outputs: list[dict[str, np.ndarray]] = []
         for chunk in self._chunks(rows):
-            results.extend(
-                self._run_chunk([items[i] for i in chunk], [rows[i] for i in chunk], key, pad_values or {})
+            outputs.extend(
+                self._run_chunk([parts[i] for i in chunk], [rows[i] for i in chunk], key, pad_values or {})
             )
+        results: list[dict[str, np.ndarray]] = []
+        start = 0
+        for item, pieces in zip(items, split, strict=True):
+            results.append(self._merge(item, outputs[start : start + len(pieces)]))
+            start += len(pieces)
         return results
+
+    def _split(self, item: Prepared) -> list[Prepared]:
+        """A request with more rows along a batch dim than one run holds (CLIP with 40 candidate
+        labels, at most 32 text rows), cut along that dim into parts that fit; the rest repeats."""
+        need = self.rows(item)
+        over = [dim for dim, count in need.items() if count > self._capacity[dim]]
+        if not over:
+            return [item]
+        if len(over) > 1:
+            raise InvalidRequest(
+                f"a request needs {need} rows; model {self.metadata.name!r} runs at most "
+                f"{self._capacity} and can split a request along one batch dim only"
+            )
+        [dim] = over
+        size = self._capacity[dim]
+        return [
+            replace(
+                item,
+                arrays={
+                    name: array[start : start + size] if self._row_dims[name] == dim else array
+                    for name, array in item.arrays.items()
+                },
+            )
+            for start in range(0, need[dim], size)
+        ]
+
+    def _merge(self, item: Prepared, pieces: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The outputs of a split request's parts as one: joined along the split dim's axes; outputs
+        without that dim (CLIP's image_embeds) are the same in every part, so the first part's."""
+        if len(pieces) == 1:
+            return pieces[0]
+        need = self.rows(item)
+        [dim] = [d for d, count in need.items() if count > self._capacity[d]]
+        merged: dict[str, np.ndarray] = {}
+        for name, first in pieces[0].items():
+            axes = [axis for axis, d in self._row_axes[name].items() if d == dim]
+            merged[name] = np.concatenate([p[name] for p in pieces], axis=axes[0]) if axes else first
+        return merged
 
     def _chunks(self, rows: Sequence[Mapping[str, int]]) -> Iterator[list[int]]:
         """Indices of requests, cut into runs that fit the largest bucket."""
         chunk: list[int] = []
         used = dict.fromkeys(self._capacity, 0)
         for index, need in enumerate(rows):
-            for dim, count in need.items():
-                if count > self._capacity[dim]:
-                    raise InvalidRequest(
-                        f"a request needs {count} rows along {dim!r}; model {self.metadata.name!r} "
-                        f"runs at most {self._capacity[dim]}"
-                    )
             if chunk and any(used[d] + n > self._capacity[d] for d, n in need.items()):
                 yield chunk
                 chunk, used = [], dict.fromkeys(self._capacity, 0)

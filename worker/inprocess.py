@@ -126,15 +126,26 @@ def pipeline(
     intra_op_threads: int = 0,
     provider: str = "auto",
 ) -> Pipeline:
-    """Load a model folder for in-process use; ``task`` must agree with its metadata if given."""
+    """Load a model folder for in-process use; ``task`` must agree with its metadata if given.
+
+    As transformers refuses a task the model has no head for, a ``task`` that contradicts the
+    folder's (after transformers' aliases, e.g. sentiment-analysis) is a ValueError naming both;
+    to change what a folder says, use ``overrides={"task": ...}``.
+    """
     if model is None:
         raise ValueError("pipeline() needs model=<path to a model folder or .onnx file>")
     options = EngineOptions(intra_op_threads=intra_op_threads, provider=provider)
-    merged = dict(overrides or {})
-    if task is not None:
-        merged.setdefault("task", task)
-    served = load_model(model, overrides=merged, engine_options=options)
+    served = load_model(model, overrides=overrides, engine_options=options)
+    if task is not None and _TASK_ALIASES.get(task, task) != served.metadata.task:
+        raise ValueError(
+            f"task {task!r} contradicts model {served.name!r} ({model}), whose task is "
+            f"{served.metadata.task!r} ({served.metadata.sources.get('task', 'metadata')})"
+        )
     return Pipeline(served)
+
+
+#: transformers.pipelines.TASK_ALIASES for the tasks served here.
+_TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 
 __all__: Sequence[str] = ("Pipeline", "pipeline")

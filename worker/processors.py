@@ -2,7 +2,8 @@
 
 Each wrapper turns one decoded input into the graph's exact input names and dtypes at
 one of the model's bucket shapes, and says whether it had to cut anything off. The
-factory caches one wrapper per folder; every consumer in a process shares it.
+factory caches one wrapper per folder and resolved metadata (buckets, shapes, overrides);
+every consumer in a process shares it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -492,16 +492,28 @@ _WRAPPERS: dict[ProcessorKind, type[Any]] = {
 }
 
 
+def _cache_key(metadata: ModelMetadata) -> tuple[Any, ...]:
+    """Everything a wrapper's output can depend on: the graph's path and every resolved field
+    (buckets, shapes, task, overrides), not the record of where each came from."""
+    values: list[Any] = [metadata.onnx_path.resolve()]
+    for spec in fields(metadata):
+        if spec.name in ("sources", "onnx_metadata", "onnx_path"):
+            continue
+        value = getattr(metadata, spec.name)
+        values.append(tuple(sorted(value.items())) if isinstance(value, Mapping) else value)
+    return tuple(values)
+
+
 class ProcessorFactory:
-    """Builds one wrapped processor per model folder and hands the same one to every caller."""
+    """Builds one wrapped processor per model folder and resolved metadata, shared by every caller."""
 
     def __init__(self) -> None:
-        self._cache: dict[Path, Preprocessor] = {}
+        self._cache: dict[tuple[Any, ...], Preprocessor] = {}
         self._lock = threading.Lock()
 
     def get(self, metadata: ModelMetadata) -> Preprocessor:
-        """The cached processor for ``metadata``'s folder, loading it on first use."""
-        key = metadata.onnx_path.resolve()
+        """The cached processor for ``metadata`` (folder and resolved fields), loading it on first use."""
+        key = _cache_key(metadata)
         with self._lock:
             cached = self._cache.get(key)
             if cached is None:

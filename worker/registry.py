@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import numpy as np
 from worker.engine import Engine, EngineOptions
 from worker.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
 from worker.processors import ModelInput, Prepared, Preprocessor, ProcessorFactory, processor_factory
+from worker.settings import Settings
 from worker.tasks import Head, Outputs, head_for
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,31 @@ def load_model(
     return ServedModel(metadata, preprocessor, engine, head)
 
 
+def model_folders(paths: Iterable[str | Path]) -> list[Path]:
+    """Each path is a model folder itself, or a folder of model folders (one level deep)."""
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise MetadataError(f"{path}: no such models directory")
+        folders += [path] if any(path.glob("*.onnx")) else list(iter_model_folders(path))
+    return folders
+
+
 def load_models(
-    models_dir: str | Path,
+    paths: str | Path | Iterable[str | Path],
     *,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     engine_options: EngineOptions | None = None,
     skip_bad: bool = False,
+    progress: Callable[[list[Path]], Iterable[Path]] = iter,
 ) -> dict[str, ServedModel]:
-    """Every model folder under ``models_dir``; a bad folder fails fast, or is skipped with a warning."""
-    root = Path(models_dir)
-    if not root.is_dir():
-        raise MetadataError(f"{root}: no such models directory")
+    """Every model folder under ``paths``; a bad folder fails fast, or is skipped with a warning.
+
+    ``progress`` wraps the list of folders (the demo's progress bar).
+    """
+    roots = [paths] if isinstance(paths, str | Path) else list(paths)
     models: dict[str, ServedModel] = {}
-    for folder in iter_model_folders(root):
+    for folder in progress(model_folders(roots)):
         try:
             model = load_model(
                 folder, overrides=(overrides or {}).get(folder.name), engine_options=engine_options
@@ -113,5 +126,25 @@ def load_models(
             continue
         models[model.name] = model
     if not models:
-        raise MetadataError(f"{root}: no servable model folders")
+        raise MetadataError(f"{', '.join(map(str, roots))}: no servable model folders")
     return models
+
+
+def load_configured(
+    paths: Iterable[str | Path],
+    settings: Settings,
+    *,
+    progress: Callable[[list[Path]], Iterable[Path]] = iter,
+) -> dict[str, ServedModel]:
+    """The one loading path of ``run`` and ``demo``: the settings' overrides, engine knobs and skip choice."""
+    return load_models(
+        paths,
+        overrides=settings.metadata_overrides(),
+        engine_options=EngineOptions(
+            intra_op_threads=settings.intra_op_threads,
+            provider=settings.provider,
+            spin=settings.intra_op_spinning,
+        ),
+        skip_bad=settings.skip_bad_models,
+        progress=progress,
+    )
