@@ -8,7 +8,8 @@ pooling, each with and without Normalize, and one folder whose graph does the po
 The ONNX files carry no worker metadata: the worker reads pooling, normalisation, the longest sequence
 and the prompts from the sentence-transformers files alone. ``reference.json`` holds what
 ``SentenceTransformer(folder).encode`` returns for SENTENCES (and the token vectors of the first).
-Needs the export extra: ``.venv-export/bin/python -m models build sentence``.
+Needs the export extra: ``.venv-export/bin/python -m models build sentence`` (``make models``); with
+sentence-transformers 6.2.0 and torch 2.13.0 a rebuild is byte-identical.
 """
 
 import json
