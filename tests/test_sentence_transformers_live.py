@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,3 +67,18 @@ async def test_over_kafka_matches_live_encode(kafka_bootstrap: str) -> None:
     for name in FOLDERS:
         answers = [next(got)["outputs"] for _ in sentences]
         assert min(cosines(answers, encode(name, sentences))) >= MIN_COSINE, name
+
+
+@pytest.mark.parametrize(
+    "mode", ["weightedmean", "lasttoken", "mean_sqrt_len_tokens", "cls", "mean", ["cls", "max"]]
+)
+def test_every_pooling_mode_matches_live_encode_with_the_prompt_left_out(tmp_path: Path, mode: Any) -> None:
+    """The "max" folder (a default prompt, include_prompt false) with its Pooling module switched."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = shutil.copytree(SENTENCE / "max", tmp_path / "folder")
+    config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(config | {"pooling_mode": mode}))
+    sentences = reference("max")["sentences"]
+    expected = SentenceTransformer(str(folder), device="cpu", local_files_only=True).encode(sentences)
+    assert min(cosines(pipeline(model=folder)(sentences), expected)) >= MIN_COSINE
