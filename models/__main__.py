@@ -8,6 +8,7 @@ from typing import Any
 
 DEFAULT_TINY_OUT = Path(__file__).resolve().parent / "tiny"
 DEFAULT_MINILM_OUT = Path(__file__).resolve().parent / "minilm"
+DEFAULT_SENTENCE_OUT = Path(__file__).resolve().parent / "sentence"
 
 
 def assignment(text: str) -> tuple[str, Any]:
@@ -32,6 +33,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     minilm = targets.add_parser("minilm", help="all-MiniLM-L6-v2 embeddings, checked against PyTorch")
     minilm.add_argument("--out", type=Path, default=DEFAULT_MINILM_OUT, help="the model folder")
     minilm.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    sentence = targets.add_parser(
+        "sentence", help="tiny sentence-transformers folders (mean, CLS, max pooling) with references"
+    )
+    sentence.add_argument("--out", type=Path, default=DEFAULT_SENTENCE_OUT, help="parent of the folders")
     pack = commands.add_parser("pack", help="make a self-describing, offline model folder")
     pack.add_argument("source", type=Path, metavar="HF_DIR_OR_ONNX", help="model folder or .onnx file")
     pack.add_argument("--out", type=Path, required=True, help="the packed model folder")
@@ -67,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from models.minilm import build_minilm
 
         build_minilm(args.out, force=args.force)
+    elif args.target == "sentence":
+        from models.sentence_fixture import build_sentence
+
+        build_sentence(args.out)
     return 0
 
 

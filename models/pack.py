@@ -20,7 +20,13 @@ from PIL import Image
 from schemas.requests import Modality
 from worker.cli import render_metadata
 from worker.errors import InferenceError
-from worker.metadata import METADATA_PREFIX, Declared, MetadataError, ModelMetadata
+from worker.metadata import (
+    METADATA_PREFIX,
+    Declared,
+    MetadataError,
+    ModelMetadata,
+    SentenceTransformerFiles,
+)
 from worker.processors import (
     AudioInput,
     AudioPreprocessor,
@@ -48,6 +54,10 @@ PROCESSOR_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
     "generation_config.json",
+    # sentence-transformers: its modules, the longest sequence, the prompts (plus each module's JSON config).
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
 # Fields that name a place rather than describe the model; every other resolved field must survive packing.
 _LOCATION_FIELDS = ("name", "path", "sources")
@@ -95,7 +105,13 @@ def copy_processor_files(source: Path, target: Path) -> list[str]:
     """Copy the Hugging Face config and processor files that exist in source; return their names."""
     names = [name for name in PROCESSOR_FILES if (source / name).is_file()]
     names += sorted(path.name for path in source.glob("vocab.*") if path.is_file())
+    sentence = SentenceTransformerFiles.read(source)
+    for _, module in sentence.modules if sentence is not None else ():
+        if module and (source / module).is_dir():
+            # Module configs only (1_Pooling/config.json); a module with weights is refused unless in the graph.
+            names += sorted(f"{module}/{path.name}" for path in (source / module).glob("*.json"))
     for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, target / name)
     return names
 

