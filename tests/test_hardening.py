@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from schemas import Modality, RequestRejected, parse_request
+from tests.media_files import encode_audio, mp4_clip
 from tests.references import TINY
 from worker.app import Job, Origin, Outgoing, Worker
 from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs
@@ -181,6 +182,17 @@ def worker() -> Worker:
     return Worker(Settings(bootstrap_servers="127.0.0.1:9", max_text_chars=2_000), models)
 
 
+_MP3 = encode_audio("mp3", 44_100, 2, seconds=0.2)
+_MP4 = mp4_clip(frames=6)
+
+
+def _media_file(whole: bytes) -> st.SearchStrategy[str]:
+    """A real file, cut anywhere or followed by noise: decoders must answer each with a typed error or a result."""
+    cut = st.integers(0, len(whole)).map(lambda n: whole[:n])
+    noisy = st.binary(max_size=64).map(lambda tail: whole[: len(whole) // 2] + tail)
+    return st.one_of(st.just(whole), cut, noisy, st.binary(max_size=200)).map(b64)
+
+
 def _inputs(modality: Modality) -> st.SearchStrategy[Any]:
     image = st.sampled_from([b64(png_bytes()), b64(png_bytes(1, 300)), b64(png_claiming(9, 9)), "@@", ""])
     by_modality: dict[Modality, st.SearchStrategy[Any]] = {
@@ -191,10 +203,12 @@ def _inputs(modality: Modality) -> st.SearchStrategy[Any]:
         Modality.AUDIO: st.fixed_dictionaries(
             {
                 "array": st.lists(st.floats(width=32, allow_nan=False), min_size=0, max_size=50),
-                "sampling_rate": st.sampled_from([8_000, 16_000, 0, -1]),
+                "sampling_rate": st.sampled_from([8_000, 16_000, 48_000, 0, -1]),
             }
-        ),
-        Modality.VIDEO: st.fixed_dictionaries({"frames": st.lists(image, max_size=6)}),
+        )
+        | st.fixed_dictionaries({"audio": _media_file(_MP3)}),
+        Modality.VIDEO: st.fixed_dictionaries({"frames": st.lists(image, max_size=6)})
+        | st.fixed_dictionaries({"video": _media_file(_MP4)}),
         Modality.MULTIMODAL: st.fixed_dictionaries(
             {"image": image},
             optional={

@@ -77,6 +77,11 @@ def test_an_array_at_another_rate_is_resampled_not_refused() -> None:
     assert int(prepared.arrays["attention_mask"].sum()) == 1_600  # 0.1 s at the model's 16 kHz
 
 
+def test_audio_shorter_than_one_sample_at_the_model_rate_is_undecodable() -> None:
+    with pytest.raises(UndecodableInput, match="shorter"):
+        load_model(TINY / "wav2vec2").prepare(AudioInput(np.ones(1, dtype=np.float32), 48_000))
+
+
 def test_audio_over_the_duration_limit_is_payload_too_large_once_decoded() -> None:
     mp3 = encode_audio("mp3", 44_100, 2, seconds=2.0)
     with pytest.raises(PayloadTooLarge, match="limit"):

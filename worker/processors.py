@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from worker.errors import InvalidRequest
+from worker.errors import InvalidRequest, UndecodableInput
 from worker.media import Clip, pipeline_indices, resample, uniform_indices
 from worker.metadata import Bucket, MetadataError, ModelMetadata, ProcessorKind
 
@@ -365,6 +365,8 @@ class AudioPreprocessor(Preprocessor):
         if not isinstance(item, AudioInput):
             raise InvalidRequest(f"model {self.metadata.name!r} takes audio")
         audio = resample(np.asarray(item.array, dtype=np.float32), item.sampling_rate, self.sampling_rate)
+        if audio.size == 0:
+            raise UndecodableInput(f"audio is shorter than one sample at the model's {self.sampling_rate} Hz")
         if self.sample_buckets:
             return self._encode_samples(audio, self.sample_buckets)
         return self._encode_features(audio)
