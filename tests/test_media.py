@@ -8,6 +8,8 @@ colours chosen here. Model answers are compared with an independent path (see ea
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,12 +97,20 @@ def test_audio_over_the_duration_limit_is_payload_too_large_once_decoded() -> No
         (b"\x00" * 300, "container"),
         (b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n", "container"),  # a playlist never opens what it names
         (b"OggS" + bytes(200), "container"),
-        (None, "no audio stream"),  # an MP4 clip with video only
+        ("mp4", "no audio stream"),  # an MP4 clip with video only
+        ("unknown codec", "codec"),  # a WAV whose format tag names no codec FFmpeg knows
     ],
 )
-def test_unreadable_audio_is_undecodable_naming_why(data: bytes | None, reason: str) -> None:
+def test_unreadable_audio_is_undecodable_naming_why(data: bytes | str, reason: str) -> None:
+    if data == "mp4":
+        data = mp4_clip(frames=4)
+    elif data == "unknown codec":
+        wav = bytearray(encode_audio("wav", 16_000, 1))
+        wav[20:22] = (0x1234).to_bytes(2, "little")  # the fmt chunk's format tag (1 = PCM)
+        data = bytes(wav)
+    assert isinstance(data, bytes)
     with pytest.raises(UndecodableInput, match=reason):
-        decode_audio(mp4_clip(frames=4) if data is None else data, MediaLimits())
+        decode_audio(data, MediaLimits())
 
 
 def test_a_truncated_audio_file_answers_with_a_typed_error_or_its_readable_part() -> None:
@@ -306,3 +316,13 @@ def test_pipeline_takes_a_path_bytes_or_an_array_and_rate(tmp_path: Any) -> None
     video = pipeline(model=TINY / "videomae")
     assert video(tmp_path / "clip.mp4") == video(clip)
     assert len(video([clip, clip])) == 2  # a list of files is a batch
+
+
+def test_the_exported_json_schemas_describe_the_file_inputs() -> None:
+    folder = Path(__file__).resolve().parent.parent / "schemas" / "json"
+    video = json.loads((folder / "request.video.schema.json").read_text())
+    audio = json.loads((folder / "request.audio.schema.json").read_text())
+    video_file = video["$defs"]["VideoFileInputs"]["properties"]["video"]
+    assert video_file["contentMediaType"] == "video/*" and video_file["contentEncoding"] == "base64"
+    assert audio["$defs"]["AudioFileInputs"]["properties"]["audio"]["contentMediaType"] == "audio/*"
+    assert '"VideoFileInputs"' in (folder / "asyncapi.json").read_text()

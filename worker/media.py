@@ -69,8 +69,10 @@ def decode_audio(raw: bytes, limits: AVLimits) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise UndecodableInput("audio: the file has no audio stream")
         stream = container.streams.audio[0]
-        if stream.codec_context is None or stream.rate is None or stream.rate <= 0:
-            raise UndecodableInput(f"audio: the codec {_codec_name(stream)!r} cannot be decoded")
+        if stream.codec_context is None:
+            raise UndecodableInput("audio: the stream's codec is not one this FFmpeg build decodes")
+        if not stream.rate or stream.rate <= 0:
+            raise UndecodableInput(f"audio: the {_codec_name(stream)!r} stream has no sampling rate")
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_audio_seconds:
             raise PayloadTooLarge(f"audio is {declared:.1f} s; the limit is {limits.max_audio_seconds:g} s")
@@ -189,7 +191,7 @@ def probe_video(raw: bytes, limits: AVLimits) -> Clip:
         stream = container.streams.video[0]
         context = stream.codec_context
         if context is None:
-            raise UndecodableInput("video: the codec cannot be decoded")
+            raise UndecodableInput("video: the stream's codec is not one this FFmpeg build decodes")
         width, height = int(context.width), int(context.height)
         if width * height > limits.max_video_pixels:
             raise PayloadTooLarge(
