@@ -2,8 +2,8 @@
 
 Every container is opened from memory with a short list of demuxers: FFmpeg's playlist and
 concat demuxers (HLS, ``ffconcat``) would otherwise open further files or URLs named in a message.
-What the container declares (duration, frame count, frame size) is checked before decoding,
-and what decoding produces is counted as it goes, since a header can lie.
+What a video container declares (duration, frame count, frame size) is checked before decoding;
+audio samples and video frames are counted as they are decoded, since a header can lie.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ VIDEO_FORMATS = "mov,mp4,m4a,matroska,webm,avi,mpegts,ogg,flv"
 
 @dataclass(frozen=True)
 class AVLimits:
-    """The bounds this module enforces; ``MediaLimits`` fills them from the worker's settings."""
+    """The bounds this module enforces; ``MediaLimits.av`` fills them."""
 
     max_audio_seconds: float
     max_video_seconds: float
@@ -73,9 +73,8 @@ def decode_audio(raw: bytes, limits: AVLimits) -> tuple[np.ndarray, int]:
             raise UndecodableInput("audio: the stream's codec is not one this FFmpeg build decodes")
         if not stream.rate or stream.rate <= 0:
             raise UndecodableInput(f"audio: the {_codec_name(stream)!r} stream has no sampling rate")
-        declared = _declared_seconds(container, stream)
-        if declared is not None and declared > limits.max_audio_seconds:
-            raise PayloadTooLarge(f"audio is {declared:.1f} s; the limit is {limits.max_audio_seconds:g} s")
+        # No check of the declared duration: MP3 and ADTS files without an index only estimate it from
+        # the bitrate. Decoding stops as soon as the samples pass the limit, so the cost stays bounded.
         chunks, rate = _decode_audio_stream(container, stream, limits)
     if not chunks:
         raise UndecodableInput("audio: the stream holds no decodable samples")
