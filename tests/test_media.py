@@ -7,8 +7,10 @@ colours chosen here. Model answers are compared with an independent path (see ea
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +328,17 @@ def test_the_exported_json_schemas_describe_the_file_inputs() -> None:
     assert video_file["contentMediaType"] == "video/*" and video_file["contentEncoding"] == "base64"
     assert audio["$defs"]["AudioFileInputs"]["properties"]["audio"]["contentMediaType"] == "audio/*"
     assert '"VideoFileInputs"' in (folder / "asyncapi.json").read_text()
+
+
+def test_a_folder_with_a_video_processor_samples_across_the_whole_clip(tmp_path: Path) -> None:
+    """Which rule applies follows the folder, as in transformers: a video_preprocessor_config.json means a
+    video processor, which samples arange(n) * total // n. (Video processors need torch and torchvision,
+    so the worker's torch-free runtime cannot load one; the rule is pinned here with the image processor.)"""
+    folder = tmp_path / "videomae"
+    shutil.copytree(TINY / "videomae", folder)
+    (folder / "video_preprocessor_config.json").write_text("{}")
+    original = load_model(TINY / "videomae").preprocessor
+    assert isinstance(original, VideoPreprocessor)
+    metadata = dataclasses.replace(original.metadata, folder=folder)
+    processor = VideoPreprocessor(metadata, original.video_processor)
+    assert processor.clip_indices(decode_video(mp4_clip(), MediaLimits()).clip) == [0, 15, 30, 45]
