@@ -98,7 +98,7 @@ def _decode_audio_stream(
             # Counted as decoded: a header that under-states the duration stops here, not in memory.
             if samples / rate > limits.max_audio_seconds:
                 raise PayloadTooLarge(
-                    f"audio is longer than the limit of {limits.max_audio_seconds:g} s once decoded"
+                    f"audio is more than {limits.max_audio_seconds:g} s; the limit is {limits.max_audio_seconds:g} s"
                 )
     except av.error.FFmpegError as exc:
         raise UndecodableInput(f"audio: the {_codec_name(stream)!r} stream is corrupt ({exc})") from exc
