@@ -14,7 +14,8 @@ MAX_ID_CHARS: Final = 256
 MAX_MODEL_CHARS: Final = 128
 #: Characters of one text field; token truncation to the model's length happens later.
 MAX_TEXT_CHARS: Final = 100_000
-#: Base64 characters of one image, WAV file or video frame (about 6 MiB decoded).
+#: Base64 characters of one image, audio file, video file or video frame (about 6 MiB decoded):
+#: the byte limit checked before any decoder sees the file.
 MAX_MEDIA_B64_CHARS: Final = 8 * 1024 * 1024
 #: Samples of a raw audio array (60 s at 16 kHz).
 MAX_AUDIO_SAMPLES: Final = 960_000

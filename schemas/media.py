@@ -1,7 +1,8 @@
-"""Base64 media fields: checks syntax, size and file signature, and holds the decoded bytes.
+"""Base64 media fields: checks syntax, size and (for images) file signature, and holds the decoded bytes.
 
-Turning those bytes into pixels or samples is the worker's job; this only makes sure they
-are plausibly the promised format, so nothing else reaches an image or audio decoder.
+Turning those bytes into pixels, samples or frames is the worker's job. Images must carry the
+signature of a format Pillow reads; audio and video files are any non-empty bytes, because the
+worker's FFmpeg demuxers (a fixed list of them) are what recognise a container.
 """
 
 from __future__ import annotations
@@ -16,17 +17,28 @@ from pydantic_core import PydanticCustomError
 
 from schemas.limits import MAX_MEDIA_B64_CHARS
 
-_PNG = b"\x89PNG\r\n\x1a\n"
-_JPEG = b"\xff\xd8\xff"
 _MAX_DATA_URL_HEADER = 128
+#: Leading bytes of PNG, JPEG, GIF, BMP, TIFF (both byte orders), ICO and PNM (P1-P7) files.
+_IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x01\x00",
+    *(b"P%d" % n for n in range(1, 8)),
+)
 
 
 def _is_image(data: bytes) -> bool:
-    return data.startswith((_PNG, _JPEG))
+    is_webp = len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return is_webp or data.startswith(_IMAGE_SIGNATURES)
 
 
-def _is_wav(data: bytes) -> bool:
-    return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+def _is_nonempty(data: bytes) -> bool:
+    return len(data) > 0
 
 
 def _decoder(kind: str, accepts: Callable[[bytes], bool]) -> Callable[[Any], bytes]:
@@ -66,7 +78,7 @@ def _encode(data: bytes) -> str:
 
 _SERIALIZER = PlainSerializer(_encode, return_type=str, when_used="json")
 
-#: One PNG or JPEG file, base64 in JSON; the decoded file bytes in Python.
+#: One image file (PNG, JPEG, GIF, WebP, BMP, TIFF, ICO, PNM), base64 in JSON; the decoded file bytes in Python.
 ImageB64 = Annotated[
     bytes,
     PlainValidator(_decoder("image", _is_image)),
@@ -75,25 +87,46 @@ ImageB64 = Annotated[
         {
             "type": "string",
             "contentEncoding": "base64",
-            "contentMediaType": "image/png, image/jpeg",
+            "contentMediaType": "image/*",
             "maxLength": MAX_MEDIA_B64_CHARS,
-            "description": "A PNG or JPEG file: standard base64 without line breaks, or a data: URL.",
+            "description": "A PNG, JPEG, GIF, WebP, BMP, TIFF, ICO or PNM file (animated: the first frame): "
+            "standard base64 without line breaks, or a data: URL.",
         }
     ),
 ]
 
-#: One RIFF/WAVE file, base64 in JSON; the decoded file bytes in Python.
-WavB64 = Annotated[
+#: One audio file, base64 in JSON; the decoded file bytes in Python.
+AudioB64 = Annotated[
     bytes,
-    PlainValidator(_decoder("audio", _is_wav)),
+    PlainValidator(_decoder("audio", _is_nonempty)),
     _SERIALIZER,
     WithJsonSchema(
         {
             "type": "string",
             "contentEncoding": "base64",
-            "contentMediaType": "audio/wav",
+            "contentMediaType": "audio/*",
+            "minLength": 1,
             "maxLength": MAX_MEDIA_B64_CHARS,
-            "description": "A WAV (RIFF/WAVE) file: standard base64 without line breaks, or a data: URL.",
+            "description": "An audio file FFmpeg reads (WAV, FLAC, MP3, Ogg Vorbis/Opus, M4A/AAC, WebM, AIFF, ...): "
+            "standard base64 without line breaks, or a data: URL. Mixed down to mono and resampled to the model's rate.",
+        }
+    ),
+]
+
+#: One video file, base64 in JSON; the decoded file bytes in Python.
+VideoB64 = Annotated[
+    bytes,
+    PlainValidator(_decoder("video", _is_nonempty)),
+    _SERIALIZER,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "contentEncoding": "base64",
+            "contentMediaType": "video/*",
+            "minLength": 1,
+            "maxLength": MAX_MEDIA_B64_CHARS,
+            "description": "A video file FFmpeg reads (MP4, MOV, WebM, MKV, AVI; H.264, H.265, VP8, VP9, AV1, ...): "
+            "standard base64 without line breaks, or a data: URL. Frames are sampled to the model's frame count.",
         }
     ),
 ]

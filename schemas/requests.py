@@ -40,7 +40,7 @@ from schemas.limits import (
     MAX_VIDEO_FRAMES,
     MIN_SAMPLING_RATE,
 )
-from schemas.media import ImageB64, WavB64
+from schemas.media import AudioB64, ImageB64, VideoB64
 from schemas.tensors import InferTensor
 
 
@@ -86,7 +86,7 @@ class TextInputs(BaseModel):
 
 
 class ImageInputs(BaseModel):
-    """One PNG or JPEG image."""
+    """One image file (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)."""
 
     model_config = _FROZEN
 
@@ -94,15 +94,15 @@ class ImageInputs(BaseModel):
 
 
 class AudioFileInputs(BaseModel):
-    """One WAV file."""
+    """One audio file in any container and codec FFmpeg decodes (WAV, FLAC, MP3, Ogg, M4A, WebM, ...)."""
 
     model_config = _FROZEN
 
-    audio: WavB64
+    audio: AudioB64
 
 
 class AudioArrayInputs(BaseModel):
-    """Mono samples as floats, with their sampling rate in Hz."""
+    """Mono samples as floats, with their sampling rate in Hz (resampled to the model's rate)."""
 
     model_config = _FROZEN
 
@@ -111,11 +111,19 @@ class AudioArrayInputs(BaseModel):
 
 
 class VideoInputs(BaseModel):
-    """Video as an ordered list of PNG/JPEG frames."""
+    """Video as an ordered list of image frames."""
 
     model_config = _FROZEN
 
     frames: list[ImageB64] = Field(min_length=1, max_length=MAX_VIDEO_FRAMES)
+
+
+class VideoFileInputs(BaseModel):
+    """One video file in any container and codec FFmpeg decodes (MP4, MOV, WebM, MKV, AVI, ...)."""
+
+    model_config = _FROZEN
+
+    video: VideoB64
 
 
 class ZeroShotImageInputs(BaseModel):
@@ -156,7 +164,11 @@ def _tensor_or_named(value: Any) -> str:
 
 
 def _audio_form(value: Any) -> str:
-    return "samples" if isinstance(value, dict) and "array" in value else "wav"
+    return "samples" if isinstance(value, dict) and "array" in value else "file"
+
+
+def _video_form(value: Any) -> str:
+    return "file" if isinstance(value, dict) and "video" in value else "frames"
 
 
 def _multimodal_form(value: Any) -> str:
@@ -164,8 +176,12 @@ def _multimodal_form(value: Any) -> str:
 
 
 AudioInputs = Annotated[
-    Annotated[AudioFileInputs, Tag("wav")] | Annotated[AudioArrayInputs, Tag("samples")],
+    Annotated[AudioFileInputs, Tag("file")] | Annotated[AudioArrayInputs, Tag("samples")],
     Discriminator(_audio_form),
+]
+VideoNamedInputs = Annotated[
+    Annotated[VideoInputs, Tag("frames")] | Annotated[VideoFileInputs, Tag("file")],
+    Discriminator(_video_form),
 ]
 MultimodalInputs = Annotated[
     Annotated[ZeroShotImageInputs, Tag("zero_shot")] | Annotated[ImageTextInputs, Tag("image_text")],
@@ -213,7 +229,7 @@ class AudioRequest(BaseRequest[AudioInputs]):
     modality: ClassVar[Modality] = Modality.AUDIO
 
 
-class VideoRequest(BaseRequest[VideoInputs]):
+class VideoRequest(BaseRequest[VideoNamedInputs]):
     """A request on `<prefix>.video.requests`."""
 
     modality: ClassVar[Modality] = Modality.VIDEO

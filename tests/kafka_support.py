@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from tests.references import ROOT
 from worker.app import Worker
-from worker.decoding import MediaLimits, decode_wav
+from worker.decoding import MediaLimits, decode_audio
 from worker.registry import ServedModel
 from worker.settings import Settings
 
@@ -49,7 +49,7 @@ def wire_inputs(raw: dict[str, Any], *, audio_as_array: bool = False) -> dict[st
     if "frames" in inputs:
         inputs["frames"] = [b64_file(frame) for frame in inputs["frames"]]
     if audio_as_array and "audio" in raw:
-        array, rate = decode_wav((ROOT / raw["audio"]).read_bytes(), MediaLimits())
+        array, rate = decode_audio((ROOT / raw["audio"]).read_bytes(), MediaLimits())
         del inputs["audio"]
         inputs.update(array=array.tolist(), sampling_rate=rate)
     return inputs

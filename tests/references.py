@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker.decoding import MediaLimits, decode_wav
+from worker.decoding import MediaLimits, decode_audio
 from worker.processors import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def to_model_input(raw: dict[str, Any]) -> ModelInput:
     if "image" in raw:
         return ImageInput(_image(raw["image"]))
     if "audio" in raw:
-        array, rate = decode_wav((ROOT / raw["audio"]).read_bytes(), MediaLimits())
+        array, rate = decode_audio((ROOT / raw["audio"]).read_bytes(), MediaLimits())
         return AudioInput(array, rate)
     if "frames" in raw:
         return VideoInput([_image(f) for f in raw["frames"]])
@@ -102,7 +102,7 @@ def pipeline_call(task: str, raw: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if "image" in raw:
         return str(ROOT / raw["image"]), {}
     if "audio" in raw:
-        array, rate = decode_wav((ROOT / raw["audio"]).read_bytes(), MediaLimits())
+        array, rate = decode_audio((ROOT / raw["audio"]).read_bytes(), MediaLimits())
         return {"raw": array, "sampling_rate": rate}, {}
     if "frames" in raw:
         return [str(ROOT / frame) for frame in raw["frames"]], {}

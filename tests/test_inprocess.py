@@ -17,7 +17,7 @@ from tests.references import (
     zero_shot_by_raw_onnx,
 )
 from worker import pipeline
-from worker.decoding import MediaLimits, decode_wav
+from worker.decoding import MediaLimits, decode_audio
 
 IMAGE = ROOT / "models" / "samples" / "image.png"
 WAV = ROOT / "models" / "samples" / "audio.wav"
@@ -52,7 +52,7 @@ def test_an_image_path_and_a_pil_image_give_the_same_answer() -> None:
 
 def test_audio_takes_a_file_an_array_or_a_raw_dict() -> None:
     clf = pipeline(model=TINY / "wav2vec2")
-    array, rate = decode_wav(WAV.read_bytes(), MediaLimits())
+    array, rate = decode_audio(WAV.read_bytes(), MediaLimits())
     from_file = clf(str(WAV))
     assert clf(array) == from_file
     assert clf({"raw": array, "sampling_rate": rate}) == from_file

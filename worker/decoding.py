@@ -1,17 +1,17 @@
 """Validated requests -> decoded model inputs; every size is bounded before anything is inflated.
 
-schemas/ has already checked structure, base64 and file signatures; this turns the bytes
-into pixels, samples and arrays under the worker's limits (settings).
+schemas/ has already checked structure, base64, byte sizes and image signatures; this turns the
+bytes into pixels, samples, frames and arrays under the worker's limits (settings). Audio and
+video files go through PyAV (worker/media.py).
 """
 
 from __future__ import annotations
 
 import io
-import wave
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import (
     AudioArrayInputs,
@@ -21,9 +21,11 @@ from schemas import (
     InferTensor,
     Request,
     TextInputs,
+    VideoFileInputs,
     VideoInputs,
     ZeroShotImageInputs,
 )
+from worker import media
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
 from worker.processors import (
     AudioInput,
@@ -32,6 +34,7 @@ from worker.processors import (
     MultimodalInput,
     TensorInput,
     TextInput,
+    VideoFileInput,
     VideoInput,
 )
 
@@ -44,10 +47,28 @@ class MediaLimits:
     max_audio_seconds: float = 60.0
     max_video_frames: int = 64
     max_text_chars: int = 100_000
+    max_video_seconds: float = 60.0
+    #: Frames in one video file (60 s at 30 fps); decoding stops after the last sampled one.
+    max_video_frames_decoded: int = 1800
+    max_video_pixels: int = 1920 * 1088
+
+    @property
+    def av(self) -> media.AVLimits:
+        """The bounds worker/media.py enforces on audio and video files."""
+        return media.AVLimits(
+            max_audio_seconds=self.max_audio_seconds,
+            max_video_seconds=self.max_video_seconds,
+            max_video_frames_decoded=self.max_video_frames_decoded,
+            max_video_pixels=self.max_video_pixels,
+        )
 
 
 def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.Image:
-    """PNG/JPEG/... bytes -> RGB image; the pixel count is checked from the header first."""
+    """Any image file Pillow opens -> RGB, as transformers' ``load_image`` converts it.
+
+    The pixel count is checked from the header before anything is inflated; an animated
+    GIF/WebP gives its first frame.
+    """
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above ours, checked at open
@@ -60,55 +81,27 @@ def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.
         raise PayloadTooLarge(f"{what} is {width}x{height} pixels; the limit is {limits.max_image_pixels}")
     try:
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UndecodableInput(f"{what} is truncated or corrupt") from exc
-    return image.convert("RGB")
 
 
-def decode_wav(raw: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
-    """PCM WAV bytes -> mono float32 waveform in [-1, 1] and its sampling rate."""
-    try:
-        with wave.open(io.BytesIO(raw)) as wav:
-            channels, width, rate, frames = (
-                wav.getnchannels(),
-                wav.getsampwidth(),
-                wav.getframerate(),
-                wav.getnframes(),
-            )
-            if rate <= 0 or channels <= 0:
-                raise UndecodableInput("audio has no sampling rate or channels")
-            if frames / rate > limits.max_audio_seconds:
-                raise PayloadTooLarge(
-                    f"audio is {frames / rate:.1f} s; the limit is {limits.max_audio_seconds:g} s"
-                )
-            data = wav.readframes(frames)
-    except (wave.Error, EOFError, OSError) as exc:
-        raise UndecodableInput(f"audio is not a readable PCM WAV file ({exc})") from exc
-    samples = _pcm_to_float(data, width)
-    usable = len(samples) - len(samples) % channels
-    return samples[:usable].reshape(-1, channels).mean(axis=1).astype(np.float32), rate
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then RGB: what transformers' ``load_image`` does to every image.
+
+    Palette, alpha, CMYK, greyscale and 16-bit modes take Pillow's own conversion, as there.
+    """
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def _pcm_to_float(data: bytes, width: int) -> np.ndarray:
-    if width < 1:
-        raise UndecodableInput("audio sample width is 0 bytes")
-    data = data[: len(data) - len(data) % width]  # a truncated file may end mid-sample
-    if width == 1:
-        return (np.frombuffer(data, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    if width == 2:
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    if width == 3:
-        bytes3 = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3)
-        ints = (
-            bytes3[:, 0].astype(np.int32)
-            | bytes3[:, 1].astype(np.int32) << 8
-            | bytes3[:, 2].astype(np.int32) << 16
-        )
-        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
-        return ints.astype(np.float32) / float(1 << 23)
-    if width == 4:
-        return np.frombuffer(data, dtype="<i4").astype(np.float32) / float(1 << 31)
-    raise UndecodableInput(f"audio sample width {width} bytes is not supported")
+def decode_audio(raw: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
+    """Any audio file FFmpeg reads -> mono float32 waveform in [-1, 1] and its own sampling rate."""
+    return media.decode_audio(raw, limits.av)
+
+
+def decode_video(raw: bytes, limits: MediaLimits) -> VideoFileInput:
+    """A video file whose container passed the limits; its processor decodes the frames it samples."""
+    return VideoFileInput(media.probe_video(raw, limits.av))
 
 
 def check_waveform(array: np.ndarray, sampling_rate: int, limits: MediaLimits) -> np.ndarray:
@@ -167,7 +160,7 @@ def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
     if isinstance(inputs, ImageInputs):
         return ImageInput(decode_image(inputs.image, limits))
     if isinstance(inputs, AudioFileInputs):
-        array, rate = decode_wav(inputs.audio, limits)
+        array, rate = decode_audio(inputs.audio, limits)
         return AudioInput(array, rate)
     if isinstance(inputs, AudioArrayInputs):
         array = check_waveform(np.asarray(inputs.array, dtype=np.float64), inputs.sampling_rate, limits)
@@ -176,6 +169,8 @@ def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
         if len(inputs.frames) > limits.max_video_frames:
             raise PayloadTooLarge(f"{len(inputs.frames)} frames; the limit is {limits.max_video_frames}")
         return VideoInput([decode_image(f, limits, f"frame {i}") for i, f in enumerate(inputs.frames)])
+    if isinstance(inputs, VideoFileInputs):
+        return decode_video(inputs.video, limits)
     if isinstance(inputs, ZeroShotImageInputs):
         template = inputs.hypothesis_template or "This is a photo of {}."
         return MultimodalInput(

@@ -63,9 +63,15 @@ def demo_inputs(model: ServedModel) -> list[tuple[str, dict[str, Any]]]:
         if model.metadata.input("input_features") is not None:
             array, rate = _wav_samples(SAMPLES / "audio.wav")
             return [("audio.wav as a float array", {"array": array, "sampling_rate": rate})]
-        return [("audio.wav", {"audio": _b64(SAMPLES / "audio.wav")})]
+        return [
+            ("audio.wav", {"audio": _b64(SAMPLES / "audio.wav")}),
+            ("audio.mp3 (44.1 kHz stereo)", {"audio": _b64(SAMPLES / "audio.mp3")}),
+        ]
     if modality == "video":
-        return [(f"{len(frames)} PNG frames", {"frames": [_b64(f) for f in frames]})]
+        return [
+            (f"{len(frames)} PNG frames", {"frames": [_b64(f) for f in frames]}),
+            ("video.mp4 (H.264)", {"video": _b64(SAMPLES / "video.mp4")}),
+        ]
     labels = ["a circle", "a square", "a dog"]
     return [(f"image.png vs {labels}", {"image": _b64(SAMPLES / "image.png"), "candidate_labels": labels})]
 

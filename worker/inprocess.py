@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from schemas.requests import Modality
-from worker.decoding import MediaLimits, decode_wav
+from worker.decoding import MediaLimits, decode_audio, decode_image, decode_video, to_rgb
 from worker.engine import EngineOptions
 from worker.errors import InvalidRequest
 from worker.processors import (
@@ -24,18 +24,36 @@ from worker.processors import (
     ModelInput,
     MultimodalInput,
     TextInput,
+    VideoFileInput,
     VideoInput,
 )
 from worker.registry import ServedModel, load_model
 
 
-def _image(value: Any) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+def _file_bytes(value: Any) -> bytes | None:
+    """A path's or a bytes object's content; None for anything else (an array, an image, a dict)."""
+    if isinstance(value, bytes):
+        return value
     if isinstance(value, str | Path):
-        with Image.open(value) as image:
-            return image.convert("RGB")
-    raise InvalidRequest(f"expected a PIL image or an image path, got {type(value).__name__}")
+        return Path(value).read_bytes()
+    return None
+
+
+def _image(value: Any) -> Image.Image:
+    """A PIL image, an image path or image file bytes, converted as transformers' ``load_image`` does."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    raw = _file_bytes(value)
+    if raw is not None:
+        return decode_image(raw, MediaLimits())
+    raise InvalidRequest(f"expected a PIL image, an image path or image bytes, got {type(value).__name__}")
+
+
+def _is_frame(value: Any) -> bool:
+    """A video frame rather than a video file: a PIL image, or a path with an image suffix."""
+    if isinstance(value, Image.Image):
+        return True
+    return isinstance(value, str | Path) and Path(value).suffix.lower() in Image.registered_extensions()
 
 
 class Pipeline:
@@ -77,9 +95,9 @@ class Pipeline:
         )
 
     def _is_one_video(self, inputs: list[Any]) -> bool:
-        """A video is itself a list of frames: a list of frames is one input, not a batch."""
+        """A list of frames is one video; a list of frame lists or of video files is a batch."""
         modality = self.model.metadata.modality
-        return modality is Modality.VIDEO and bool(inputs) and not isinstance(inputs[0], list)
+        return modality is Modality.VIDEO and bool(inputs) and _is_frame(inputs[0])
 
     def _decode(self, item: Any, parameters: dict[str, Any]) -> ModelInput:
         modality = self.model.metadata.modality
@@ -94,16 +112,26 @@ class Pipeline:
         if modality is Modality.AUDIO:
             return self._audio(item, parameters)
         if modality is Modality.VIDEO:
-            return VideoInput([_image(frame) for frame in item])
+            return self._video(item)
         labels = parameters.get("candidate_labels")
         template = parameters.get("hypothesis_template") or "This is a photo of {}."
         if labels is not None:
             return MultimodalInput(_image(item), tuple(labels), hypothesis_template=template)
         return MultimodalInput(_image(item), text=parameters.get("text"))
 
+    @staticmethod
+    def _video(item: Any) -> VideoInput | VideoFileInput:
+        """A video file (path or bytes), or its frames (PIL images or image paths)."""
+        raw = _file_bytes(item)
+        if raw is not None:
+            return decode_video(raw, MediaLimits())
+        return VideoInput([_image(frame) for frame in item])
+
     def _audio(self, item: Any, parameters: dict[str, Any]) -> AudioInput:
-        if isinstance(item, str | Path):
-            array, rate = decode_wav(Path(item).read_bytes(), MediaLimits())
+        """An audio file (path or bytes), a ``{"raw"|"array", "sampling_rate"}`` dict, or bare samples."""
+        raw = _file_bytes(item)
+        if raw is not None:
+            array, rate = decode_audio(raw, MediaLimits())
             return AudioInput(array, rate)
         if isinstance(item, dict):
             return AudioInput(

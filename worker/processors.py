@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from worker.errors import InvalidRequest
+from worker.errors import InvalidRequest, UndecodableInput
+from worker.media import Clip, pipeline_indices, resample, uniform_indices
 from worker.metadata import Bucket, MetadataError, ModelMetadata, ProcessorKind
 
 # --- decoded inputs (what the wire format becomes once validated and decoded) -------------
@@ -40,7 +41,7 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class AudioInput:
-    """A mono waveform in [-1, 1] and its sampling rate."""
+    """A mono waveform in [-1, 1] and its sampling rate (resampled to the model's if they differ)."""
 
     array: np.ndarray
     sampling_rate: int
@@ -51,6 +52,13 @@ class VideoInput:
     """A clip as a list of decoded frames."""
 
     frames: Sequence[Image.Image]
+
+
+@dataclass(frozen=True)
+class VideoFileInput:
+    """A video file, checked but not decoded: the processor samples and decodes the frames it needs."""
+
+    clip: Clip
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class TensorInput:
     tensors: Mapping[str, np.ndarray]
 
 
-ModelInput = TextInput | ImageInput | AudioInput | VideoInput | MultimodalInput | TensorInput
+ModelInput = TextInput | ImageInput | AudioInput | VideoInput | VideoFileInput | MultimodalInput | TensorInput
 
 
 @dataclass(frozen=True)
@@ -369,11 +377,9 @@ class AudioPreprocessor(Preprocessor):
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
         if not isinstance(item, AudioInput):
             raise InvalidRequest(f"model {self.metadata.name!r} takes audio")
-        if item.sampling_rate != self.sampling_rate:
-            raise InvalidRequest(
-                f"audio is {item.sampling_rate} Hz; model {self.metadata.name!r} expects {self.sampling_rate} Hz"
-            )
-        audio = np.asarray(item.array, dtype=np.float32)
+        audio = resample(np.asarray(item.array, dtype=np.float32), item.sampling_rate, self.sampling_rate)
+        if audio.size == 0:
+            raise UndecodableInput(f"audio is shorter than one sample at the model's {self.sampling_rate} Hz")
         if self.sample_buckets:
             return self._encode_samples(audio, self.sample_buckets)
         return self._encode_features(audio)
@@ -426,6 +432,15 @@ class VideoPreprocessor(Preprocessor):
         self.frames = metadata.video_frames
         self.input_name = next(spec.name for spec in metadata.inputs if "pixel" in spec.name)
         self.resize = _resize_to_graph(lambda image, extra: self._pixels([image], extra), metadata.image_size)
+        # A video processor samples evenly over the whole clip; with an image processor (VideoMAE and kin)
+        # transformers' video-classification pipeline reads the clip's first frames instead.
+        self.samples_whole_clip = (metadata.folder / "video_preprocessor_config.json").is_file()
+
+    def clip_indices(self, clip: Clip) -> list[int]:
+        """Which frames of a video file this model's transformers preprocessing would take."""
+        if self.samples_whole_clip:
+            return uniform_indices(clip.total_frames, self.frames)
+        return pipeline_indices(self.frames)
 
     def _pixels(self, frames: Sequence[Image.Image], extra: Mapping[str, Any]) -> np.ndarray:
         clip = [_rgb(frame) for frame in sample_frames(frames, self.frames)]
@@ -433,8 +448,15 @@ class VideoPreprocessor(Preprocessor):
         return np.asarray(features.get("pixel_values", features.get("pixel_values_videos")))
 
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
+        if isinstance(item, VideoFileInput):
+            frames = item.clip.frames(self.clip_indices(item.clip))
+            return (
+                {self.input_name: self._pixels(frames, self.resize)},
+                False,
+                {"frames": item.clip.total_frames},
+            )
         if not isinstance(item, VideoInput):
-            raise InvalidRequest(f"model {self.metadata.name!r} takes video frames")
+            raise InvalidRequest(f"model {self.metadata.name!r} takes video frames or a video file")
         pixels = self._pixels(item.frames, self.resize)
         return {self.input_name: pixels}, False, {"frames": len(item.frames)}
 

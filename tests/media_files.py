@@ -1,0 +1,109 @@
+"""Media the tests make themselves: tones in audio formats, short clips, images in each Pillow mode.
+
+Encoded with PyAV and Pillow in memory (milliseconds each), so no binary fixture is committed
+and every expected value (a 440 Hz tone, frame i painted grey level 4*i) is known by construction.
+"""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+TONE_HZ = 440.0
+TONE_AMPLITUDE = 0.5
+CLIP_FPS = 30
+CLIP_SIZE = (64, 48)  # width, height: not the model's 32x32, so resizing is exercised
+
+#: (name, container format, encoder) for each audio format the issue names.
+AUDIO_FORMATS = {
+    "wav": ("wav", "pcm_s16le"),
+    "flac": ("flac", "flac"),
+    "mp3": ("mp3", "libmp3lame"),
+    "ogg-vorbis": ("ogg", "vorbis"),
+    "opus": ("ogg", "libopus"),
+    "m4a-aac": ("ipod", "aac"),
+    "webm-opus": ("webm", "libopus"),
+}
+#: Encoders that need an option to run at all: FFmpeg's own Vorbis encoder is marked experimental.
+_ENCODER_OPTIONS = {"vorbis": {"strict": "experimental"}}
+
+
+def tone(rate: int, channels: int = 1, seconds: float = 1.0) -> np.ndarray:
+    """A 440 Hz sine of amplitude 0.5, one row per channel (float32)."""
+    t = np.arange(round(rate * seconds)) / rate
+    wave = (TONE_AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    return np.tile(wave, (channels, 1))
+
+
+def encode_audio(name: str, rate: int, channels: int, seconds: float = 1.0) -> bytes:
+    """The tone as a file in format ``name`` (a key of AUDIO_FORMATS)."""
+    container_format, codec = AUDIO_FORMATS[name]
+    layout = "stereo" if channels == 2 else "mono"
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        stream.codec_context.options = _ENCODER_OPTIONS.get(codec, {})
+        frame = av.AudioFrame.from_ndarray(tone(rate, channels, seconds), format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in stream.encode(frame):  # PyAV converts to the encoder's format and frame size
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def frame_pixels(index: int, size: tuple[int, int] = CLIP_SIZE) -> np.ndarray:
+    """Frame ``index`` of a test clip: a flat grey of level 4*index, so a decoded frame tells its index."""
+    width, height = size
+    return np.full((height, width, 3), 4 * index, dtype=np.uint8)
+
+
+def encode_clip(
+    container_format: str, codec: str, frames: int = 2 * CLIP_FPS, size: tuple[int, int] = CLIP_SIZE
+) -> bytes:
+    """A clip of ``frames`` frames at 30 fps (2 s by default), frame i painted grey level 4*i."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=CLIP_FPS)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            frame = av.VideoFrame.from_ndarray(frame_pixels(index, size), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def mp4_clip(frames: int = 2 * CLIP_FPS, size: tuple[int, int] = CLIP_SIZE) -> bytes:
+    """A 2 s MP4/H.264 clip."""
+    return encode_clip("mp4", "libx264", frames, size)
+
+
+def webm_clip(frames: int = 2 * CLIP_FPS) -> bytes:
+    """A 2 s WebM/VP9 clip."""
+    return encode_clip("webm", "libvpx-vp9", frames)
+
+
+def frames_read_directly(data: bytes, count: int) -> list[np.ndarray]:
+    """The first ``count`` frames as RGB arrays, read with PyAV here rather than by the worker's code."""
+    with av.open(io.BytesIO(data)) as container:
+        frames = []
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == count:
+                break
+    return frames
+
+
+def audio_read_directly(data: bytes) -> tuple[np.ndarray, int]:
+    """An audio file as channel-averaged float samples and rate, read with PyAV here, not by the worker."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        chunks = [frame.to_ndarray() for frame in container.decode(stream)]
+        rate = int(stream.rate)
+    # mp3float decodes to planar float: one row per channel.
+    return np.concatenate(chunks, axis=1).mean(axis=0), rate
