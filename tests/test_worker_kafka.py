@@ -261,6 +261,7 @@ async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_to
     async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
         prefix = prefix_of(worker)
         refused = f"{prefix}.refused-replies"
+        await create_topics(kafka_bootstrap, [refused], 1)  # it exists: only the broker's write refuses
         publish = worker.broker.publish
         refusals: list[str] = []
 
@@ -287,6 +288,7 @@ async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_to
     assert refusals == [refused], "tried once on the reply_to topic, then re-routed"
     assert body_of(reply)["id"] == "refused-reply-to" and "error" not in body_of(reply)
     assert headers_of(reply)["correlation_id"] == b"corr-7"
+    assert headers_of(reply)["reply_to_refused"] == b"refused_by_broker"
 
 
 # --- batching -----------------------------------------------------------------------------

@@ -127,6 +127,9 @@ class Worker:
             max_audio_seconds=settings.max_audio_seconds,
             max_video_frames=settings.max_video_frames,
             max_text_chars=settings.max_text_chars,
+            max_video_seconds=settings.max_video_seconds,
+            max_video_frames_decoded=settings.max_video_frames_decoded,
+            max_video_pixels=settings.max_video_pixels,
         )
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")

@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     )
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted, in seconds.")
     max_video_frames: int = Field(64, ge=1, description="Most video frames accepted in one request.")
+    max_video_seconds: float = Field(60.0, gt=0, description="Longest video file accepted, in seconds.")
+    max_video_frames_decoded: int = Field(
+        1800,
+        ge=1,
+        description="Most frames one video file may hold (checked before decoding where the container says).",
+    )
+    max_video_pixels: int = Field(
+        1920 * 1088,
+        ge=1,
+        description="Largest video frame accepted (width x height), checked before decoding.",
+    )
     max_in_flight_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024 * 1024,
