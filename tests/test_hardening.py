@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import struct
 import wave
 import zlib
@@ -21,10 +22,13 @@ from PIL import Image
 from schemas import Modality, RequestRejected, parse_request
 from tests.media_files import encode_audio, mp4_clip
 from tests.references import TINY
-from worker.app import Job, Origin, Outgoing, Worker
 from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs
+from worker.envelopes import Origin, Outgoing
 from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
+from worker.intake import Intake, Job
+from worker.metrics import WorkerMetrics
 from worker.registry import ServedModel, load_model
+from worker.routing import ReplyPolicy
 from worker.settings import Settings
 
 # Generous deadlines: the suite shares 2 cores with broker and worker processes.
@@ -175,11 +179,13 @@ def test_audio_decoder_answers_garbage_with_typed_errors(tail: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker() -> Worker:
-    """A worker that is never started: its intake path is pure, no broker needed."""
+def intake() -> Intake:
+    """The worker's intake on its own: pure, no broker needed."""
     names = ("bert", "vit", "wav2vec2", "videomae", "clip")
     models: dict[str, ServedModel] = {name: load_model(TINY / name) for name in names}
-    return Worker(Settings(bootstrap_servers="127.0.0.1:9", max_text_chars=2_000), models)
+    settings = Settings(bootstrap_servers="127.0.0.1:9", max_text_chars=2_000)
+    topics = {f"inference.{m.value}.requests": m for m in Modality}
+    return Intake(settings, models, topics, ReplyPolicy("inference", re.compile(".*")), WorkerMetrics())
 
 
 _MP3 = encode_audio("mp3", 44_100, 2, seconds=0.2)
@@ -230,14 +236,14 @@ def _inputs(modality: Modality) -> st.SearchStrategy[Any]:
 
 @FUZZ
 @given(st.data())
-def test_every_fuzzed_message_is_queued_or_answered(worker: Worker, data: st.DataObject) -> None:
+def test_every_fuzzed_message_is_queued_or_answered(intake: Intake, data: st.DataObject) -> None:
     modality = data.draw(st.sampled_from(list(Modality)))
     model = data.draw(st.sampled_from(["bert", "vit", "wav2vec2", "videomae", "clip", "nope"]))
     body = {"id": "fuzz", "model": model, "inputs": data.draw(_inputs(modality))}
     raw = json.dumps(body).encode()
     topic = f"inference.{modality.value}.requests"
     origin = Origin(modality, TopicPartition(topic, 0), 0, f"inference.{modality.value}.results", "c", raw, 0)
-    outcome = worker._prepare(origin)
+    outcome = intake.prepare(origin)
     assert isinstance(outcome, Job | Outgoing)
     if isinstance(outcome, Outgoing):
         assert outcome.error is not None

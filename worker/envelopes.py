@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
-from schemas import ErrorDetail, Modality
+from schemas import ErrorCode, ErrorDetail, ErrorReply, Modality
 from worker.routing import Refusal
 
 
@@ -39,3 +39,12 @@ class Outgoing:
     model: str | None
     body: bytes | None
     error: ErrorDetail | None = None
+
+
+def rejection(
+    origin: Origin, request_id: str | None, model: str | None, code: ErrorCode, message: str
+) -> Outgoing:
+    """The error answer for a request (and, by its ``error``, a DLQ copy)."""
+    detail = ErrorDetail(code=code, message=message)
+    body = ErrorReply(id=request_id, model=model, error=detail).model_dump_json().encode()
+    return Outgoing(origin, request_id, model, body, detail)

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         "worker pauses its partitions; memory stays under this plus one fetch (fetch_max_bytes).",
     )
     fetch_max_bytes: int = Field(
-        16 * 1024 * 1024,
+        2 * 1024 * 1024,
         ge=1024 * 1024,
         description="Most bytes one fetch from the broker may return (Kafka still returns one whole "
         "record batch that is larger).",

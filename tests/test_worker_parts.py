@@ -1,0 +1,81 @@
+"""The worker's parts alone, without a broker: the reply_to policy, byte accounting and rewinds."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from schemas import Modality
+from worker.offsets import OffsetTracker
+from worker.routing import Refusal, ReplyPolicy, legal_topic
+
+POLICY = ReplyPolicy("inference", re.compile(r"team-a\.replies\..+"))
+
+
+@pytest.mark.parametrize(
+    ("reply_to", "expected"),
+    [
+        ("inference.text.results", None),  # the modality's own results topic is always fine
+        ("team-a.replies.svc1", None),
+        ("team-b.replies.svc1", Refusal.NOT_ALLOWED),
+        ("inference.vision.results", Refusal.RESERVED),
+        ("inference.audio.requests", Refusal.RESERVED),
+        ("inference.text.requests", Refusal.RESERVED),
+        ("inference.dlq", Refusal.RESERVED),
+        ("__consumer_offsets", Refusal.RESERVED),
+        ("__team-a.replies.x", Refusal.RESERVED),
+        ("bad name", Refusal.ILLEGAL),
+        ("..", Refusal.ILLEGAL),
+        ("x" * 250, Refusal.ILLEGAL),
+    ],
+)
+def test_reply_policy_refuses_reserved_and_unmatched_topics(reply_to: str, expected: Refusal | None) -> None:
+    assert POLICY.refusal(reply_to, Modality.TEXT) == expected
+
+
+def test_reserved_topics_stay_refused_when_the_pattern_allows_everything() -> None:
+    anything = ReplyPolicy("inference", re.compile(".*"))
+    for modality in Modality:
+        assert anything.refusal(f"inference.{modality.value}.requests", Modality.TEXT) is Refusal.RESERVED
+    assert anything.refusal("inference.dlq", Modality.VIDEO) is Refusal.RESERVED
+    assert anything.refusal("payments.events", Modality.TEXT) is None  # existence is checked on publish
+
+
+def test_legal_topic_follows_kafkas_rule() -> None:
+    assert legal_topic("a.b-c_D9") and legal_topic("x" * 249)
+    assert (
+        not legal_topic("") and not legal_topic(".") and not legal_topic("x" * 250) and not legal_topic("é")
+    )
+
+
+def test_bytes_in_flight_count_raw_and_prepared_until_answered() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p", 0, 100)
+    tracker.track("p", 1, 50)
+    tracker.add_bytes("p", 0, 1000)
+    assert tracker.bytes_in_flight == 1150
+    tracker.done("p", 1)
+    assert tracker.bytes_in_flight == 1100 and tracker.take_commits() == {}
+    tracker.done("p", 0)
+    assert tracker.bytes_in_flight == 0 and tracker.take_commits() == {"p": 2}
+    tracker.add_bytes("p", 0, 10)  # answered: nothing to count
+    assert tracker.bytes_in_flight == 0
+
+
+def test_a_rewound_offset_is_never_committed_until_answered_again() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in range(4):
+        tracker.track("p", offset, 10)
+    tracker.done("p", 0)
+    tracker.done("p", 2)
+    tracker.rewind("p", 1)  # 1's reply could not be published: 1, 2, 3 are read again
+    assert tracker.in_flight == 0 and tracker.bytes_in_flight == 0
+    assert tracker.take_commits() == {"p": 1}
+    tracker.done("p", 3)  # a late answer of the forgotten run changes nothing
+    assert tracker.take_commits() == {}
+    for offset in (1, 2, 3):
+        tracker.track("p", offset, 10)
+    for offset in (1, 2, 3):
+        tracker.done("p", offset)
+    assert tracker.take_commits() == {"p": 4}
