@@ -154,6 +154,12 @@ class ModelMetadata:
         """The graph input called ``name``, if any."""
         return next((spec for spec in self.inputs if spec.name == name), None)
 
+    def row_dim(self, input_name: str) -> str:
+        """The batch dim an input's axis 0 belongs to; a fixed batch (or no such input) counts as 'batch'."""
+        spec = self.input(input_name)
+        dim = spec.shape[0] if spec is not None else None
+        return dim if isinstance(dim, str) else "batch"
+
     def to_json(self) -> dict[str, Any]:
         """What ``inspect --json`` prints."""
         return {
