@@ -31,7 +31,7 @@ from worker.metadata.keys import (
     ProcessorKind,
     Source,
 )
-from worker.metadata.record import DimRole, ModelMetadata
+from worker.metadata.record import DimRole, ModelMetadata, TensorSpec
 from worker.metadata.sentence_transformers import SentenceTransformerFiles
 
 #: Sources that describe the model in general: a value the graph fixes beats them, without a conflict.
@@ -83,16 +83,7 @@ def resolve(path: Path, overrides: Mapping[str, Any]) -> ModelMetadata:
     fixed = fixed_dims(inputs)
     _check_conflicts(layers, fixed, onnx_path)
     chosen = Precedence(layers, fixed)
-
-    modality = Modality(chosen.pick("modality") or infer_modality(inputs))
-    chosen.sources.setdefault("modality", Source.GRAPH)
-    processor = ProcessorKind(chosen.pick("processor") or PROCESSOR_FOR_MODALITY[modality])
-    chosen.sources.setdefault("processor", Source.GRAPH)
-    processor_class = chosen.pick("processor_class") or hf.processor_class()
-    if processor_class:
-        chosen.sources.setdefault("processor_class", Source.HF)
-    task = resolve_task(chosen.pick("task") or infer_task(modality, outputs), modality)
-    chosen.sources.setdefault("task", Source.GRAPH)
+    modality, processor, processor_class, task = _kind(chosen, inputs, outputs, hf)
     labels = chosen.pick("labels")
     _check_processor_files(folder, processor, hf)
     if sentence is not None:
@@ -128,6 +119,22 @@ def resolve(path: Path, overrides: Mapping[str, Any]) -> ModelMetadata:
         sources=dict(chosen.sources),
         onnx_metadata=props,
     )
+
+
+def _kind(
+    chosen: Precedence, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], hf: HFFiles
+) -> tuple[Modality, ProcessorKind, str | None, str]:
+    """Modality, processor kind and class, task: declared, else what the HF files or the graph say."""
+    modality = Modality(chosen.pick("modality") or infer_modality(inputs))
+    chosen.sources.setdefault("modality", Source.GRAPH)
+    processor = ProcessorKind(chosen.pick("processor") or PROCESSOR_FOR_MODALITY[modality])
+    chosen.sources.setdefault("processor", Source.GRAPH)
+    processor_class = chosen.pick("processor_class") or hf.processor_class()
+    if processor_class:
+        chosen.sources.setdefault("processor_class", Source.HF)
+    task = resolve_task(chosen.pick("task") or infer_task(modality, outputs), modality)
+    chosen.sources.setdefault("task", Source.GRAPH)
+    return modality, processor, processor_class, task
 
 
 def _read_layers(
