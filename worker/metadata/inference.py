@@ -9,7 +9,6 @@ from worker.metadata.keys import MetadataError
 from worker.metadata.record import DimRole, TensorSpec
 
 _TEXT_INPUTS = {"input_ids", "inputs_embeds"}
-_IMAGE_INPUTS = {"pixel_values"}
 _VIDEO_INPUTS = {"pixel_values_videos"}
 
 
