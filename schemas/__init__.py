@@ -1,6 +1,7 @@
 """The wire format: request, result and error models, and the JSON Schemas made from them."""
 
 from schemas.codes import ErrorCode
+from schemas.errors import InferenceError
 from schemas.limits import MAX_REQUEST_BYTES
 from schemas.replies import ErrorDetail, ErrorReply, Result, Timing
 from schemas.requests import (
@@ -40,6 +41,7 @@ __all__ = [
     "ImageInputs",
     "ImageTextInputs",
     "InferTensor",
+    "InferenceError",
     "Modality",
     "MultimodalRequest",
     "Request",

@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, from_json
 
 from schemas.codes import ErrorCode
+from schemas.errors import InferenceError
 from schemas.limits import (
     MAX_AUDIO_SAMPLES,
     MAX_CANDIDATE_LABELS,
@@ -248,7 +249,7 @@ REQUEST_TYPES: Final[dict[Modality, type[Request]]] = {
 }
 
 
-class RequestRejected(ValueError):
+class RequestRejected(InferenceError, ValueError):
     """Raised by `parse_request`: why the bytes are no valid request, with the id/model it could read."""
 
     def __init__(
@@ -259,11 +260,8 @@ class RequestRejected(ValueError):
         request_id: str | None = None,
         model: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, request_id=request_id, model=model)
         self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.model = model
 
 
 def parse_request(raw: bytes, modality: Modality, *, max_bytes: int = MAX_REQUEST_BYTES) -> Request:

@@ -18,6 +18,7 @@ from tests.references import (
     load_samples,
     to_model_input,
 )
+from worker.assembly import group_by_shape
 from worker.errors import InvalidRequest
 from worker.metadata import ModelMetadata
 from worker.processors import (
@@ -321,3 +322,12 @@ def test_raw_tensors_bypass_the_processor(models: dict[str, ServedModel]) -> Non
     np.testing.assert_allclose(outputs["logits"], samples[0].outputs["logits"], atol=tolerance, rtol=0)
     with pytest.raises(InvalidRequest, match="fixes it at 32"):
         model.prepare(TensorInput({"pixel_values": np.zeros((1, 3, 16, 16), dtype=np.float32)}))
+
+
+def test_requests_group_by_shape_in_order_of_first_appearance() -> None:
+    # Hand-made shape keys: two of 16 tokens around one of 32 share a batch; the order is the requests'.
+    def at(length: int) -> Prepared:
+        return Prepared({"input_ids": np.zeros((1, length), dtype=np.int64)}, (("sequence", length),))
+
+    assert group_by_shape([at(16), at(32), at(16)]) == [[0, 2], [1]]
+    assert group_by_shape([]) == []

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.onnx_graphs import Cross, Dim, Output, PerToken, Pooled, write_onnx
+from worker.budget import batch_limit
 from worker.metadata import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_SEQUENCE_LENGTHS,
@@ -587,12 +588,12 @@ def test_the_token_budget_caps_rows_per_sequence_bucket(
 ) -> None:
     meta = ModelMetadata.load(text_model(tmp_path / "m"))
     assert meta.batch_sizes == DEFAULT_BATCH_SIZES
-    assert meta.batch_limit((("sequence", sequence),), max_rows, max_tokens) == expected
+    assert batch_limit(meta, (("sequence", sequence),), max_rows, max_tokens) == expected
 
 
 def test_a_shape_key_without_a_sequence_keeps_max_rows(tmp_path: Path) -> None:
     meta = ModelMetadata.load(text_model(tmp_path / "m"))
-    assert meta.batch_limit((), 32, 1) == 32
+    assert batch_limit(meta, (), 32, 1) == 32
 
 
 def test_clip_text_sequence_is_capped_by_the_nested_text_config(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from models.__main__ import main as models_main
 from tests.kafka_support import serving
 from tests.references import ROOT
 from worker import pipeline
-from worker.cli import render_metadata
 from worker.client import InferenceClient
 from worker.metadata import METADATA_PREFIX, MetadataError, ModelMetadata, Source
+from worker.metadata.render import render_metadata
 from worker.processors import ProcessorFactory, TextInput
 from worker.registry import ServedModel, load_model
 

@@ -27,7 +27,8 @@ from schemas import (
 )
 from worker import media
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.processors import (
+from worker.inputs import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
     ImageInput,
     ModelInput,
@@ -172,7 +173,7 @@ def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
     if isinstance(inputs, VideoFileInputs):
         return decode_video(inputs.video, limits)
     if isinstance(inputs, ZeroShotImageInputs):
-        template = inputs.hypothesis_template or "This is a photo of {}."
+        template = inputs.hypothesis_template or DEFAULT_HYPOTHESIS_TEMPLATE
         return MultimodalInput(
             decode_image(inputs.image, limits), tuple(inputs.candidate_labels), hypothesis_template=template
         )

@@ -1,10 +1,7 @@
-"""ONNX Runtime: one session per model, fixed-shape batches from pre-allocated bucket buffers.
+"""ONNX Runtime: one session per model and the provider it runs on; runs batches at bucket shapes.
 
-Every batch is padded to a bucket: one value per named dynamic dim (batch size, token
-length, audio samples...). The bucket's input buffers are allocated once at load; buckets
-that differ only in batch size are views of one buffer sized for the largest batch, so
-the set of shapes a model ever runs is fixed and small. Padding rows repeat the first
-real row (no all-zero mask can produce NaNs) and are dropped from the outputs.
+How requests fill the bucket buffers and how outputs are cut back per request is
+``worker.assembly``'s job; this module owns the session, the lock and the run itself.
 
 One session per model, not one per bucket: measured on all-MiniLM-L6-v2 (2-core EPYC),
 a session pinned to one shape with free-dimension overrides ran no faster than the
@@ -19,16 +16,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from worker.errors import InvalidRequest
+from worker.assembly import BucketLayout
+from worker.inputs import Prepared
 from worker.metadata import Bucket, ModelMetadata
-from worker.processors import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -112,61 +108,26 @@ class Engine:
         self.options = options or EngineOptions()
         self.session, self.provider = open_session(metadata, self.options)
         self.output_names = [spec.name for spec in metadata.outputs]
-        self._row_dims = {spec.name: _row_dim(spec.shape[0]) for spec in metadata.inputs}
-        self._capacity = {
-            self._row_dims[spec.name]: (
-                max(metadata.dims[dim]) if isinstance(dim := spec.shape[0], str) else int(dim or 1)
-            )
-            for spec in metadata.inputs
-        }
-        self._row_axes = {spec.name: self._output_row_axes(spec.shape) for spec in metadata.outputs}
-        self._sequence_axes = {
-            spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in metadata.sequence_dims}
-            for spec in metadata.outputs
-        }
-        self.buffers = self._allocate_inputs()
+        self.layout = BucketLayout(metadata)
         self._device_inputs: dict[Bucket, dict[str, ort.OrtValue]] = {}
         """CUDA: a device copy of a bucket's inputs, made when the bucket first runs, refreshed per run."""
         self._lock = threading.Lock()
         self.runs: Counter[Bucket] = Counter()
         """Batches run per bucket, since load."""
 
-    def _allocate_inputs(self) -> dict[Bucket, dict[str, np.ndarray]]:
-        """Input buffers per bucket: buckets that differ only in rows share one buffer's first rows."""
-        largest: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
-        buffers: dict[Bucket, dict[str, np.ndarray]] = {}
-        for bucket in self.metadata.buckets():
-            values = dict(bucket)
-            views: dict[str, np.ndarray] = {}
-            for spec in self.metadata.inputs:
-                rows, *rest = (values[d] if isinstance(d, str) else int(d or 1) for d in spec.shape)
-                key = (spec.name, tuple(rest))
-                if key not in largest:
-                    capacity = self._capacity[self._row_dims[spec.name]]
-                    largest[key] = np.zeros((capacity, *rest), dtype=spec.dtype)
-                views[spec.name] = largest[key][:rows]  # the first rows of a C-order array: contiguous
-            buffers[bucket] = views
-        return buffers
-
-    def _output_row_axes(self, shape: tuple[int | str | None, ...]) -> dict[int, str]:
-        """Axes of an output that run over requests (CLIP's logits_per_image has two)."""
-        named = {
-            axis: dim for axis, dim in enumerate(shape) if isinstance(dim, str) and dim in self._capacity
-        }
-        if named or len(self._capacity) != 1 or not shape:
-            return named
-        # One batch dim and an output whose axis 0 the exporter left unnamed or fixed.
-        ((only_dim, capacity),) = self._capacity.items()
-        return {0: only_dim} if shape[0] in (capacity, None) or isinstance(shape[0], str) else {}
+    @property
+    def buffers(self) -> dict[Bucket, dict[str, np.ndarray]]:
+        """Input buffers per bucket, allocated at load."""
+        return self.layout.buffers
 
     @property
     def bucket_count(self) -> int:
         """How many fixed shapes (buckets) this model runs at."""
-        return len(self.buffers)
+        return len(self.layout.buffers)
 
     def rows(self, item: Prepared) -> dict[str, int]:
         """Rows a request occupies in each batch dim."""
-        return {self._row_dims[name]: array.shape[0] for name, array in item.arrays.items()}
+        return self.layout.rows(item)
 
     def run(
         self,
@@ -183,82 +144,21 @@ class Engine:
         if not items:
             return []
         key = items[0].shape_key if key is None else key
-        shape = dict(key)
-        for item in items:
-            if item.shape_key == key:
-                continue
-            own = dict(item.shape_key)
-            if not pad_values or own.keys() != shape.keys() or any(own[d] > shape[d] for d in own):
-                raise ValueError(
-                    f"a request of shape {own} cannot run in a batch of shape {shape}; group requests by "
-                    "Prepared.shape_key, or give pad_values to lengthen shorter ones"
-                )
-        split = [self._split(item) for item in items]
+        self.layout.check_shapes(items, key, pad_values)
+        split = [self.layout.split(item) for item in items]
         parts = [part for pieces in split for part in pieces]
-        rows = [self.rows(part) for part in parts]
+        rows = [self.layout.rows(part) for part in parts]
         outputs: list[dict[str, np.ndarray]] = []
-        for chunk in self._chunks(rows):
+        for chunk in self.layout.chunks(rows):
             outputs.extend(
                 self._run_chunk([parts[i] for i in chunk], [rows[i] for i in chunk], key, pad_values or {})
             )
         results: list[dict[str, np.ndarray]] = []
         start = 0
         for item, pieces in zip(items, split, strict=True):
-            results.append(self._merge(item, outputs[start : start + len(pieces)]))
+            results.append(self.layout.merge(item, outputs[start : start + len(pieces)]))
             start += len(pieces)
         return results
-
-    def _split(self, item: Prepared) -> list[Prepared]:
-        """A request with more rows along a batch dim than one run holds (CLIP with 40 candidate
-        labels, at most 32 text rows), cut along that dim into parts that fit; the rest repeats."""
-        need = self.rows(item)
-        over = [dim for dim, count in need.items() if count > self._capacity[dim]]
-        if not over:
-            return [item]
-        if len(over) > 1:
-            raise InvalidRequest(
-                f"a request needs {need} rows; model {self.metadata.name!r} runs at most "
-                f"{self._capacity} and can split a request along one batch dim only"
-            )
-        [dim] = over
-        size = self._capacity[dim]
-        return [
-            replace(
-                item,
-                arrays={
-                    name: array[start : start + size] if self._row_dims[name] == dim else array
-                    for name, array in item.arrays.items()
-                },
-            )
-            for start in range(0, need[dim], size)
-        ]
-
-    def _merge(self, item: Prepared, pieces: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """The outputs of a split request's parts as one: joined along the split dim's axes; outputs
-        without that dim (CLIP's image_embeds) are the same in every part, so the first part's."""
-        if len(pieces) == 1:
-            return pieces[0]
-        need = self.rows(item)
-        [dim] = [d for d, count in need.items() if count > self._capacity[d]]
-        merged: dict[str, np.ndarray] = {}
-        for name, first in pieces[0].items():
-            axes = [axis for axis, d in self._row_axes[name].items() if d == dim]
-            merged[name] = np.concatenate([p[name] for p in pieces], axis=axes[0]) if axes else first
-        return merged
-
-    def _chunks(self, rows: Sequence[Mapping[str, int]]) -> Iterator[list[int]]:
-        """Indices of requests, cut into runs that fit the largest bucket."""
-        chunk: list[int] = []
-        used = dict.fromkeys(self._capacity, 0)
-        for index, need in enumerate(rows):
-            if chunk and any(used[d] + n > self._capacity[d] for d, n in need.items()):
-                yield chunk
-                chunk, used = [], dict.fromkeys(self._capacity, 0)
-            chunk.append(index)
-            for dim, count in need.items():
-                used[dim] += count
-        if chunk:
-            yield chunk
 
     def _run_chunk(
         self,
@@ -267,36 +167,14 @@ class Engine:
         key: Bucket,
         pad_values: Mapping[str, int],
     ) -> list[dict[str, np.ndarray]]:
-        spans: list[dict[str, slice]] = []
-        offsets = dict.fromkeys(self._capacity, 0)
-        for need in rows:
-            spans.append({d: slice(offsets[d], offsets[d] + n) for d, n in need.items()})
-            for dim, count in need.items():
-                offsets[dim] += count
-        values = dict(key)
-        for dim, total in offsets.items():
-            if dim in self.metadata.dims:
-                values[dim] = next(v for v in self.metadata.dims[dim] if v >= total)
-        bucket: Bucket = tuple(sorted(values.items()))
-        inputs = self.buffers.get(bucket)
-        if inputs is None:
-            raise InvalidRequest(f"model {self.metadata.name!r} has no bucket {values}")
+        bucket, spans, used = self.layout.place(rows, key)
         with self._lock:
-            for name, buffer in inputs.items():
-                dim = self._row_dims[name]
-                for item, span in zip(chunk, spans, strict=True):
-                    array = item.arrays[name]
-                    if array.shape[1:] == buffer.shape[1:]:
-                        buffer[span[dim]] = array
-                    else:  # a shorter request in a longer bucket: its tail is padding the mask hides
-                        buffer[span[dim]] = pad_values[name]
-                        buffer[(span[dim], *(slice(0, n) for n in array.shape[1:]))] = array
-                # Padding rows copy a real row: the model sees valid input, and the rows are dropped.
-                buffer[offsets[dim] :] = buffer[0]
+            inputs = self.layout.fill(bucket, chunk, spans, used, pad_values)
             outputs = self._run(bucket, inputs)
             self.runs[bucket] += 1
         return [
-            self._slice(outputs, span, item.shape_key, key) for item, span in zip(chunk, spans, strict=True)
+            self.layout.cut_outputs(outputs, span, item.shape_key, key)
+            for item, span in zip(chunk, spans, strict=True)
         ]
 
     def _run(self, bucket: Bucket, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -318,24 +196,3 @@ class Engine:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
-
-    def _slice(
-        self, outputs: Mapping[str, np.ndarray], span: Mapping[str, slice], own: Bucket, key: Bucket
-    ) -> dict[str, np.ndarray]:
-        """One request's part of the outputs: its rows, and along sequence axes its own length."""
-        lengths = dict(own) if own != key else {}
-        result: dict[str, np.ndarray] = {}
-        for name, array in outputs.items():
-            index: list[Any] = [slice(None)] * array.ndim
-            for axis, dim in self._row_axes[name].items():
-                index[axis] = span[dim]
-            for axis, dim in self._sequence_axes[name].items():
-                if dim in lengths:
-                    index[axis] = slice(0, lengths[dim])
-            result[name] = array[tuple(index)]
-        return result
-
-
-def _row_dim(dim: int | str | None) -> str:
-    """The batch dim an input's axis 0 belongs to; a fixed batch counts as 'batch'."""
-    return dim if isinstance(dim, str) else "batch"

@@ -1,26 +1,22 @@
-"""The one exception hierarchy for request failures; each maps to a stable error code."""
+"""The worker's request failures, one class per code, under the one hierarchy in ``schemas.errors``.
+
+``InferenceError`` lives in ``schemas.errors`` and is re-exported here; ``schemas.RequestRejected``
+(bytes that are no valid request) is one too, so one ``except InferenceError`` catches every failure.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from schemas.codes import ErrorCode
+from schemas.errors import InferenceError
 
-
-class InferenceError(Exception):
-    """A request that gets an error reply; ``code`` is what the client sees."""
-
-    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidJSON(InferenceError):
-    """The message body is not JSON."""
-
-    code = ErrorCode.INVALID_JSON
+__all__ = [
+    "DeadlineExceeded",
+    "InferenceError",
+    "InvalidRequest",
+    "PayloadTooLarge",
+    "UndecodableInput",
+    "UnknownModel",
+]
 
 
 class InvalidRequest(InferenceError):
@@ -51,9 +47,3 @@ class DeadlineExceeded(InferenceError):
     """The request's deadline passed before it could be answered."""
 
     code = ErrorCode.DEADLINE_EXCEEDED
-
-
-class Internal(InferenceError):
-    """A fault on our side; logged with its traceback."""
-
-    code = ErrorCode.INTERNAL

@@ -18,7 +18,8 @@ from schemas.requests import Modality
 from worker.decoding import MediaLimits, decode_audio, decode_image, decode_video, to_rgb
 from worker.engine import EngineOptions
 from worker.errors import InvalidRequest
-from worker.processors import (
+from worker.inputs import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
     ImageInput,
     ModelInput,
@@ -114,7 +115,7 @@ class Pipeline:
         if modality is Modality.VIDEO:
             return self._video(item)
         labels = parameters.get("candidate_labels")
-        template = parameters.get("hypothesis_template") or "This is a photo of {}."
+        template = parameters.get("hypothesis_template") or DEFAULT_HYPOTHESIS_TEMPLATE
         if labels is not None:
             return MultimodalInput(_image(item), tuple(labels), hypothesis_template=template)
         return MultimodalInput(_image(item), text=parameters.get("text"))

@@ -18,7 +18,7 @@ import numpy as np
 import soxr
 from PIL import Image
 
-from worker.errors import PayloadTooLarge, UndecodableInput
+from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
 
 #: Demuxers for audio files: WAV/W64, FLAC, MP3, Ogg (Vorbis, Opus), MP4/M4A/MOV, Matroska/WebM, ADTS AAC, AIFF, CAF, AMR, AU.
 AUDIO_FORMATS = "wav,w64,flac,mp3,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,au"
@@ -245,3 +245,13 @@ def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
     if total_frames < num_frames:
         return list(range(total_frames)) + [total_frames - 1] * (num_frames - total_frames)
     return [int(i) for i in np.arange(num_frames, dtype=np.int64) * total_frames // num_frames]
+
+
+def sample_frames(frames: Sequence[Image.Image], count: int) -> list[Image.Image]:
+    """Exactly ``count`` frames: evenly spaced when there are more, last repeated when fewer."""
+    if not frames:
+        raise InvalidRequest("a video needs at least one frame")
+    if len(frames) >= count:
+        picks = np.linspace(0, len(frames) - 1, num=count).round().astype(int)
+        return [frames[i] for i in picks]
+    return list(frames) + [frames[-1]] * (count - len(frames))

@@ -8,130 +8,56 @@ every consumer in a process shares it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest, UndecodableInput
-from worker.media import Clip, pipeline_indices, resample, uniform_indices
-from worker.metadata import Bucket, MetadataError, ModelMetadata, ProcessorKind
+from worker.inputs import (
+    AudioInput,
+    ImageInput,
+    ModelInput,
+    MultimodalInput,
+    Prepared,
+    TensorInput,
+    TextInput,
+    VideoFileInput,
+    VideoInput,
+)
+from worker.media import Clip, pipeline_indices, resample, sample_frames, uniform_indices
+from worker.metadata import MetadataError, ModelMetadata, ProcessorKind
+from worker.tokenizing import (
+    ALIGNED_TASKS,
+    bucket_for,
+    encode_text,
+    pad_to_bucket,
+    prompt_length,
+    sequence_pad_values,
+    token_alignment,
+    tokenize_text,
+)
 
-# --- decoded inputs (what the wire format becomes once validated and decoded) -------------
-
-
-@dataclass(frozen=True)
-class TextInput:
-    """A text, optionally paired (NLI, question answering)."""
-
-    text: str
-    text_pair: str | None = None
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One decoded image."""
-
-    image: Image.Image
-
-
-@dataclass(frozen=True)
-class AudioInput:
-    """A mono waveform in [-1, 1] and its sampling rate (resampled to the model's if they differ)."""
-
-    array: np.ndarray
-    sampling_rate: int
-
-
-@dataclass(frozen=True)
-class VideoInput:
-    """A clip as a list of decoded frames."""
-
-    frames: Sequence[Image.Image]
-
-
-@dataclass(frozen=True)
-class VideoFileInput:
-    """A video file, checked but not decoded: the processor samples and decodes the frames it needs."""
-
-    clip: Clip
-
-
-@dataclass(frozen=True)
-class MultimodalInput:
-    """An image with candidate labels (zero-shot) or with one text (similarity)."""
-
-    image: Image.Image
-    candidate_labels: tuple[str, ...] | None = None
-    text: str | None = None
-    hypothesis_template: str = "This is a photo of {}."
-
-    def texts(self) -> list[str]:
-        """The texts the text tower sees, one row each."""
-        if self.candidate_labels:
-            return [self.hypothesis_template.format(label) for label in self.candidate_labels]
-        if self.text is not None:
-            return [self.text]
-        raise InvalidRequest("a multimodal input needs 'candidate_labels' or 'text'")
-
-
-@dataclass(frozen=True)
-class TensorInput:
-    """Raw named tensors (Open Inference Protocol); they bypass the processor."""
-
-    tensors: Mapping[str, np.ndarray]
-
-
-ModelInput = TextInput | ImageInput | AudioInput | VideoInput | VideoFileInput | MultimodalInput | TensorInput
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One request ready for the engine.
-
-    ``arrays`` maps graph input names to arrays whose axis 0 runs over this request's rows
-    (one row, or one per candidate label); ``shape_key`` holds the non-batch bucket dims,
-    and requests with equal keys can share a batch.
-    """
-
-    arrays: Mapping[str, np.ndarray]
-    shape_key: Bucket
-    truncated: bool = False
-    context: Mapping[str, Any] = field(default_factory=dict)
-
-
-#: Tasks whose heads map tokens back to characters, so the text processor records where each came from.
-ALIGNED_TASKS = frozenset({"token-classification", "question-answering"})
-
-
-@dataclass(frozen=True)
-class TokenAlignment:
-    """Per real token of one text row: what the token and answer-span heads need besides logits."""
-
-    ids: tuple[int, ...]
-    tokens: tuple[str, ...]
-    #: Character span of each token in its own text (the first text or the pair).
-    offsets: tuple[tuple[int, int], ...]
-    special: tuple[bool, ...]
-    #: 0 for the first text, 1 for the pair, None for special tokens.
-    sequence_ids: tuple[int | None, ...]
-    word_ids: tuple[int | None, ...]
-    unk_id: int | None
-    cls_id: int | None
-    #: The tokenizer's tokens -> text (joins word pieces, tidies spaces before punctuation).
-    detokenize: Callable[[list[str]], str]
-
+# Re-exported: callers that take the decoded inputs along with the processors import them from here.
+__all__ = [
+    "AudioInput",
+    "ImageInput",
+    "ModelInput",
+    "MultimodalInput",
+    "Prepared",
+    "TensorInput",
+    "TextInput",
+    "VideoFileInput",
+    "VideoInput",
+    "sample_frames",
+]
 
 # --- the wrappers ------------------------------------------------------------------------
-
-
-def _bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket that holds ``length`` (callers cut to the largest first)."""
-    return next(b for b in buckets if b >= length)
 
 
 class Preprocessor(ABC):
@@ -197,15 +123,10 @@ class Preprocessor(ABC):
                     if key.setdefault(dim, size) != size:
                         raise InvalidRequest(f"inputs disagree on dim {dim!r}")
             out[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
-        rows = {self._row_dim(name): a.shape[0] for name, a in out.items()}
+        rows = {meta.row_dim(name): a.shape[0] for name, a in out.items()}
         if any(n < 1 for n in rows.values()):
             raise InvalidRequest("an input has no rows")
         return Prepared(out, tuple(sorted(key.items())), truncated, context)
-
-    def _row_dim(self, input_name: str) -> str:
-        spec = self.metadata.input(input_name)
-        dim = spec.shape[0] if spec is not None else None
-        return dim if isinstance(dim, str) else "batch"
 
     def _default_input(self, name: str, have: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """Inputs some processors omit but the graph wants: zeros for token types."""
@@ -250,86 +171,18 @@ class TextPreprocessor(Preprocessor):
         if self.prompt:
             context["prompt_tokens"] = self.prompt_tokens
         if self.aligned:
-            context["alignment"] = self._alignment(encoding)
+            context["alignment"] = token_alignment(self.tokenizer, encoding)
         return pad_to_bucket(self.tokenizer, encoding, self.buckets), truncated, context
-
-    def _alignment(self, encoding: Any) -> TokenAlignment:
-        """The row's token alignment; takes the offsets and special-token mask out of ``encoding``."""
-        ids = [int(i) for i in encoding["input_ids"][0]]
-        return TokenAlignment(
-            ids=tuple(ids),
-            tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids)),
-            offsets=tuple((int(start), int(end)) for start, end in encoding.pop("offset_mapping")[0]),
-            special=tuple(bool(flag) for flag in encoding.pop("special_tokens_mask")[0]),
-            sequence_ids=tuple(encoding.sequence_ids(0)),
-            word_ids=tuple(encoding.word_ids(0)),
-            unk_id=self.tokenizer.unk_token_id,
-            cls_id=self.tokenizer.cls_token_id,
-            detokenize=self.tokenizer.convert_tokens_to_string,
-        )
-
-
-def prompt_length(tokenizer: Any, prompt: str) -> int:
-    """Tokens a prompt takes at the start of a text, its leading special token included and a trailing
-    one (SEP, EOS) not: how sentence-transformers measures it to leave the prompt out of pooling."""
-    ids = list(tokenizer(prompt)["input_ids"])
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    return len(ids) - 1 if ids and ids[-1] in special else len(ids)
-
-
-def sequence_pad_values(metadata: ModelMetadata, tokenizer: Any) -> dict[str, int]:
-    """How the tokenizer pads each token input, when the attention mask hides padding from the model.
-
-    Empty (requests keep their own bucket) without an ``attention_mask`` input, or when another
-    input runs along the sequence too (its padding value is unknown).
-    """
-    if metadata.input("attention_mask") is None:
-        return {}
-    known = {
-        "input_ids": int(tokenizer.pad_token_id or 0),
-        "attention_mask": 0,
-        "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
-    }
-    along = [spec.name for spec in metadata.inputs if any(d in metadata.sequence_dims for d in spec.shape)]
-    if any(name not in known for name in along):
-        return {}
-    return {name: known[name] for name in along}
-
-
-def tokenize_text(
-    tokenizer: Any, texts: Sequence[tuple[str, str | None]], buckets: Sequence[int], **extra: Any
-) -> tuple[Any, bool]:
-    """Tokenize rows unpadded, cut at the largest bucket (flagged); ``extra`` goes to the tokenizer."""
-    firsts = [t for t, _ in texts]
-    pairs = [p for _, p in texts]
-    with_pairs = any(p is not None for p in pairs)
-    kwargs: dict[str, Any] = {"text_pair": [p or "" for p in pairs]} if with_pairs else {}
-    encoding = tokenizer(firsts, truncation=False, verbose=False, **kwargs, **extra)
-    truncated = max(len(ids) for ids in encoding["input_ids"]) > buckets[-1]
-    if truncated:
-        encoding = tokenizer(
-            firsts, truncation=True, max_length=buckets[-1], verbose=False, **kwargs, **extra
-        )
-    return encoding, truncated
-
-
-def pad_to_bucket(tokenizer: Any, encoding: Any, buckets: Sequence[int]) -> dict[str, np.ndarray]:
-    """Pad every row to the smallest bucket that holds the longest one."""
-    length = _bucket_for(max(len(ids) for ids in encoding["input_ids"]), buckets)
-    padded = tokenizer.pad(encoding, padding="max_length", max_length=length, return_tensors="np")
-    return {k: np.asarray(v) for k, v in padded.items()}
-
-
-def encode_text(
-    tokenizer: Any, texts: Sequence[tuple[str, str | None]], buckets: Sequence[int]
-) -> tuple[dict[str, np.ndarray], bool]:
-    """Tokenize rows, cut at the largest bucket (flagged), pad all to one bucket length."""
-    encoding, truncated = tokenize_text(tokenizer, texts, buckets)
-    return pad_to_bucket(tokenizer, encoding, buckets), truncated
 
 
 def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_pixels(image_processor: Any, image: Image.Image, extra: Mapping[str, Any]) -> np.ndarray:
+    """One image through an image processor: its ``pixel_values``, one row."""
+    features = image_processor(images=[_rgb(image)], return_tensors="np", **extra)
+    return np.asarray(features["pixel_values"])
 
 
 def _resize_to_graph(run: Any, image_size: tuple[int, int] | None) -> dict[str, Any]:
@@ -351,11 +204,8 @@ class ImagePreprocessor(Preprocessor):
     def __init__(self, metadata: ModelMetadata, image_processor: Any) -> None:
         super().__init__(metadata)
         self.image_processor = image_processor
+        self._pixels = functools.partial(image_pixels, image_processor)
         self.resize = _resize_to_graph(self._pixels, metadata.image_size)
-
-    def _pixels(self, image: Image.Image, extra: Mapping[str, Any]) -> np.ndarray:
-        features = self.image_processor(images=[_rgb(image)], return_tensors="np", **extra)
-        return np.asarray(features["pixel_values"])
 
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
         if not isinstance(item, ImageInput):
@@ -389,7 +239,7 @@ class AudioPreprocessor(Preprocessor):
     ) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
         truncated = len(audio) > buckets[-1]
         audio = audio[: buckets[-1]]
-        length = _bucket_for(len(audio), buckets)
+        length = bucket_for(len(audio), buckets)
         features = self.feature_extractor(
             audio,
             sampling_rate=self.sampling_rate,
@@ -407,16 +257,6 @@ class AudioPreprocessor(Preprocessor):
         truncated = limit is not None and len(audio) > limit
         features = self.feature_extractor(audio, sampling_rate=self.sampling_rate, return_tensors="np")
         return {k: np.asarray(v) for k, v in features.items()}, bool(truncated), {}
-
-
-def sample_frames(frames: Sequence[Image.Image], count: int) -> list[Image.Image]:
-    """Exactly ``count`` frames: evenly spaced when there are more, last repeated when fewer."""
-    if not frames:
-        raise InvalidRequest("a video needs at least one frame")
-    if len(frames) >= count:
-        picks = np.linspace(0, len(frames) - 1, num=count).round().astype(int)
-        return [frames[i] for i in picks]
-    return list(frames) + [frames[-1]] * (count - len(frames))
 
 
 class VideoPreprocessor(Preprocessor):
@@ -470,6 +310,7 @@ class MultimodalPreprocessor(Preprocessor):
         super().__init__(metadata)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
+        self._pixels = functools.partial(image_pixels, processor.image_processor)
         self.resize = _resize_to_graph(self._pixels, metadata.image_size)
         buckets = metadata.sequence_lengths
         if not buckets:
@@ -485,10 +326,6 @@ class MultimodalPreprocessor(Preprocessor):
         arrays["pixel_values"] = self._pixels(item.image, self.resize)
         labels = list(item.candidate_labels) if item.candidate_labels else [item.text]
         return arrays, truncated, {"candidate_labels": labels}
-
-    def _pixels(self, image: Image.Image, extra: Mapping[str, Any]) -> np.ndarray:
-        features = self.image_processor(images=[_rgb(image)], return_tensors="np", **extra)
-        return np.asarray(features["pixel_values"])
 
 
 # --- the factory --------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from worker.assembly import group_by_shape
 from worker.engine import Engine, EngineOptions
+from worker.inputs import ModelInput, Prepared
 from worker.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
-from worker.processors import ModelInput, Prepared, Preprocessor, ProcessorFactory, processor_factory
+from worker.processors import Preprocessor, ProcessorFactory, processor_factory
 from worker.settings import Settings
 from worker.tasks import Head, Outputs, head_for
 
@@ -56,10 +58,7 @@ class ServedModel:
         """Synchronous convenience path: prepare, batch by shape, run, post-process."""
         prepared = [self.prepare(item) for item in items]
         results: list[Any] = [None] * len(prepared)
-        groups: dict[Any, list[int]] = {}
-        for index, item in enumerate(prepared):
-            groups.setdefault(item.shape_key, []).append(index)
-        for indices in groups.values():
+        for indices in group_by_shape(prepared):
             outputs = self.run([prepared[i] for i in indices])
             for i, out in zip(indices, outputs, strict=True):
                 results[i] = self.postprocess(out, prepared[i], parameters or {})
