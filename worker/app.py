@@ -33,6 +33,7 @@ from faststream.kafka import KafkaBroker
 
 from worker.answers import run_batch, split_expired
 from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
+from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
 from worker.envelopes import Outgoing
@@ -146,7 +147,7 @@ class Worker:
             queue: BatchQueue[Bucket, Job] = BatchQueue(
                 size,
                 wait,
-                size_of=functools.partial(model.metadata.batch_limit, max_rows=size, max_tokens=tokens),
+                size_of=functools.partial(batch_limit, model.metadata, max_rows=size, max_tokens=tokens),
                 rank_of=model.merge_rank,
             )
             batcher = MicroBatcher(queue)

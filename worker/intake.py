@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from schemas import ErrorCode, ErrorDetail, Modality, RequestRejected, parse_request
+from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.topics import results_topic
 from worker.decoding import MediaLimits, decode_inputs
 from worker.envelopes import Origin, Outgoing, rejection
@@ -153,10 +153,10 @@ class Intake:
                 raise DeadlineExceeded("the request's deadline passed before it was read")
             prepared = model.prepare(decode_inputs(request, self.limits))
             return Job(origin, request.id, model, prepared, request.parameters, request.deadline_ms)
-        except RequestRejected as exc:
-            return rejection(origin, exc.request_id, exc.model, exc.code, exc.message)
-        except InferenceError as exc:
-            return rejection(origin, request_id, model_name, exc.code, exc.message)
+        except InferenceError as exc:  # schemas' RequestRejected included: one hierarchy, one code each
+            rejected_id = exc.request_id or request_id
+            rejected_model = exc.model or model_name
+            return rejection(origin, rejected_id, rejected_model, exc.code, exc.message)
         except Exception:
             log.exception("internal error preparing %s offset %d", origin.tp, origin.offset)
             return rejection(origin, request_id, model_name, ErrorCode.INTERNAL, "internal error")

@@ -124,12 +124,6 @@ class ModelMetadata:
         combos = itertools.product(*(self.dims[n] for n in names))
         return [tuple(zip(names, combo, strict=True)) for combo in combos]
 
-    def batch_limit(self, key: Bucket, max_rows: int, max_tokens: int) -> int:
-        """The token budget's row limit for ``key``: see ``worker.budget.batch_limit`` (kept for callers)."""
-        from worker.budget import batch_limit
-
-        return batch_limit(self, key, max_rows, max_tokens)
-
     @property
     def pooled_output(self) -> str | None:
         """The graph output that already holds the sentence embedding, if the graph pools itself."""
