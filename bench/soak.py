@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as a script: the tests' helpers and the worker must be importable from the repository root.
+# Run as a script (python bench/soak.py): bench/ and the worker must be importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
@@ -52,9 +52,11 @@ from aiokafka.structs import RecordMetadata
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from schemas.limits import MAX_TEXT_CHARS
-from tests.kafka_support import b64, request_bytes, wire_inputs
-from tests.process_support import (
+from bench.plan import ROOT
+from bench.procstats import ProcessGone, cpu_seconds, rss_mib
+from bench.samples import TINY, TINY_MODELS, b64, request_bytes, stored_inputs, wire_inputs
+from bench.stats import percentiles
+from bench.worker_processes import (
     FAST_GROUP_FLAGS,
     Reply,
     WorkerLauncher,
@@ -62,7 +64,7 @@ from tests.process_support import (
     replies_agree,
     wait_until,
 )
-from tests.references import ROOT, TINY, TINY_MODELS, load_samples
+from schemas.limits import MAX_TEXT_CHARS
 from worker.embedded_broker import EmbeddedBroker, free_port
 from worker.topics import create_topics, requests_topic
 
@@ -112,9 +114,9 @@ def request_kinds() -> list[Kind]:
     """The mix: each tiny model's stored samples, and five malformed kinds (one error code each)."""
     kinds = []
     for model in TINY_MODELS:
-        samples, _ = load_samples(model)
+        samples = stored_inputs(model)
         for i, sample in enumerate(samples):
-            template = request_bytes(_ID.decode(), model, wire_inputs(sample.raw))
+            template = request_bytes(_ID.decode(), model, wire_inputs(sample))
             kinds.append(
                 Kind(f"{model}#{i}", MODALITY[model], template, "ok", MODEL_MIX[model] / len(samples))
             )
@@ -297,33 +299,10 @@ class Fleet:
         now = time.monotonic() - self.t0
         for member in self.live:
             pid = member.process.pid
-            rss, cpu = vm_rss_mb(pid), cpu_seconds(pid)
-            if rss is not None:
-                member.rss_mb.append((now, rss))
-            if cpu is not None:
-                member.cpu_s = cpu
-
-
-def vm_rss_mb(pid: int) -> float | None:
-    """VmRSS of a process in MiB (None once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (None once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with contextlib.suppress(ProcessGone):
+                member.rss_mb.append((now, rss_mib(pid)))
+            with contextlib.suppress(ProcessGone):
+                member.cpu_s = cpu_seconds(pid)
 
 
 def scrape(port: int) -> dict[str, Any]:
@@ -598,18 +577,9 @@ async def measure(r: Run, fleet: Fleet, began: float) -> dict[str, Any]:
 # --- the figures ---------------------------------------------------------------------------
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
+def latency_percentiles(values: Sequence[float]) -> dict[str, float]:
     """p50, p90, p99, max and mean, rounded to 0.1."""
-    if not values:
-        return {}
-    a = np.asarray(values)
-    return {
-        "p50": round(float(np.percentile(a, 50)), 1),
-        "p90": round(float(np.percentile(a, 90)), 1),
-        "p99": round(float(np.percentile(a, 99)), 1),
-        "max": round(float(a.max()), 1),
-        "mean": round(float(a.mean()), 1),
-    }
+    return percentiles(values, (50, 90, 99), mean=True)
 
 
 def rss_figures(member: Member, warm_from: float, end_at: float) -> dict[str, Any]:
@@ -707,8 +677,8 @@ def summarise(
         "unexpected_outcomes": unexpected[:20],
         "throughput_rps": round(ledger.answered / span, 1),
         "worker_cpu_ms_per_request": round(cpu_s * 1000 / max(ledger.answered, 1), 1),
-        "latency_ms": percentiles(list(ledger.latency_ms.values())),
-        "latency_by_model_ms": {k: percentiles(v) for k, v in sorted(by_model.items())},
+        "latency_ms": latency_percentiles(list(ledger.latency_ms.values())),
+        "latency_by_model_ms": {k: latency_percentiles(v) for k, v in sorted(by_model.items())},
         "rss": {m.name: rss_figures(m, max(warm_at, m.started_at + 30), stream_ended) for m in fleet.members},
         "metrics_at_end": {
             "per_worker": metrics,
@@ -739,11 +709,11 @@ def chaos_figures(r: Run) -> dict[str, Any]:
     if soak_file.exists():
         baseline, source = json.loads(soak_file.read_text())["latency_ms"].get("p99"), "soak.json p99"
     elif before:
-        baseline, source = percentiles(before)["p99"], "this run's pre-chaos p99"
+        baseline, source = latency_percentiles(before)["p99"], "this run's pre-chaos p99"
     worst = max(during, default=None)
     return {
-        "latency_before_chaos_ms": percentiles(before),
-        "latency_during_chaos_ms": percentiles(during),
+        "latency_before_chaos_ms": latency_percentiles(before),
+        "latency_during_chaos_ms": latency_percentiles(during),
         "baseline_p99_ms": baseline,
         "baseline": source,
         "max_added_latency_ms": round(worst - baseline, 1) if worst is not None and baseline else None,

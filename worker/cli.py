@@ -224,14 +224,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Raw ONNX Runtime vs the worker end to end vs naive consumers; writes bench.json and a plot."""
-    from worker.bench import main as bench_main
-
-    configure_logging(logging.WARNING)
-    return bench_main(args)
-
-
 def settings_table() -> str:
     """The README's settings table, generated from the Settings class."""
     rows = ["| setting | env var | default | description |", "|---|---|---|---|"]
@@ -276,17 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     broker.set_defaults(func=cmd_broker)
-
-    bench = sub.add_parser("bench", help="benchmark: raw ONNX Runtime vs the worker vs naive consumers")
-    bench.add_argument("--out", default="bench/out", help="folder for bench.json, bench.png and logs")
-    bench.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    bench.add_argument("--sentences", type=int, default=None, help="sentences in the mix (default 2000)")
-    bench.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (default 3)")
-    bench.add_argument("--model", default=None, help="model folder to bench (default models/minilm)")
-    bench.add_argument(
-        "--extra-models", default=None, help="also loaded in the worker (default models/tiny; '' for none)"
-    )
-    bench.set_defaults(func=cmd_bench)
 
     settings = sub.add_parser("settings", help="print the settings table (markdown)")
     settings.set_defaults(func=cmd_settings)
