@@ -1,4 +1,8 @@
-"""Command line: ``python -m worker inspect | run | demo | broker``."""
+"""Command line: ``python -m worker inspect | run | demo | broker | settings``.
+
+Each command imports what it needs when it runs: ``import worker.cli`` (and ``--help``,
+``settings``) loads neither ONNX Runtime, transformers, FastStream nor aiokafka.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, get_origin
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_origin
 
 from pydantic import ValidationError
 
-from worker.metadata import MetadataError, ModelMetadata
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.metadata import ModelMetadata
 
 log = logging.getLogger("worker")
 
@@ -82,6 +89,8 @@ def _embedding_lines(meta: ModelMetadata) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what the worker works out from a model folder."""
+    from worker.metadata import MetadataError, ModelMetadata
+
     try:
         meta = ModelMetadata.load(args.path)
     except MetadataError as exc:
@@ -130,7 +139,7 @@ def configure_logging(level: str | int) -> None:
 
 def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
-    # Imported here so `inspect` and `settings` stay free of Kafka and ORT start-up cost.
+    # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
     from worker.app import Worker
     from worker.registry import load_configured
 
@@ -145,6 +154,8 @@ def _serve(models_dir: str, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
+    from worker.metadata import MetadataError
+
     settings = settings_from(args)
     if not settings.bootstrap_servers:
         print("error: set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS (or use `demo`)", file=sys.stderr)
@@ -202,9 +213,8 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker + worker + client in one process: a few requests per modality and a burst."""
-    from pathlib import Path
-
     from worker.demo import run_demo
+    from worker.metadata import MetadataError
 
     settings = settings_from(args)
     configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
