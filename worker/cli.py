@@ -213,14 +213,15 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker + worker + client in one process: a few requests per modality and a burst."""
-    from worker.demo import run_demo
+    from worker.demo import TINY_MODELS, run_demo
     from worker.metadata import MetadataError
 
     settings = settings_from(args)
     configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
     logging.getLogger("worker").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     try:
-        return asyncio.run(run_demo([Path(p) for p in args.models], settings, burst=args.burst))
+        paths = [Path(p) for p in args.models] or [TINY_MODELS]
+        return asyncio.run(run_demo(paths, settings, burst=args.burst))
     except MetadataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -269,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="embedded broker + worker + client: answers shown, then a burst")
     demo.add_argument(
-        "models", nargs="*", default=["models/tiny"], help="model folders, or folders of model folders"
+        "models",
+        nargs="*",
+        default=[],
+        help="model folders, or folders of model folders (default: the tiny models shipped with the worker)",
     )
     demo.add_argument("--burst", type=int, default=300, help="text requests in the throughput burst")
     add_settings_flags(demo)
