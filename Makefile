@@ -70,7 +70,7 @@ models: $(EXPORT_VENV)/.installed
 bench: $(VENV)/.installed $(EXPORT_VENV)/.installed
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(EXPORT_VENV)/bin/python -m models build minilm
-	$(VENV)/bin/python -m worker bench --out bench/out
+	$(VENV)/bin/python -m bench --out bench/out
 
 clean:
 	rm -rf $(VENV) $(EXPORT_VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,7 +18,6 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from PIL import Image
 
 from schemas.requests import Modality
-from worker.cli import render_metadata
 from worker.errors import InferenceError
 from worker.metadata import (
     METADATA_PREFIX,
@@ -27,6 +26,7 @@ from worker.metadata import (
     ModelMetadata,
     SentenceTransformerFiles,
 )
+from worker.metadata.render import render_metadata
 from worker.processors import (
     AudioInput,
     AudioPreprocessor,

@@ -8,7 +8,6 @@ delay on tansu), so a test sees every reply, DLQ copy or request that reached a 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import uuid
@@ -18,46 +17,16 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
-from tests.references import ROOT
+# The request builders live in bench/samples.py (the soak run builds its stream with them too).
+from bench.samples import b64 as b64
+from bench.samples import b64_file as b64_file
+from bench.samples import request_bytes as request_bytes
+from bench.samples import wire_inputs as wire_inputs
 from worker.app import Worker
-from worker.decoding import MediaLimits, decode_audio
 from worker.registry import ServedModel
 from worker.settings import Settings
 
 Record = ConsumerRecord[bytes, bytes]
-
-
-def b64(data: bytes) -> str:
-    """Bytes as standard base64 text, as requests carry media."""
-    return base64.b64encode(data).decode("ascii")
-
-
-def b64_file(path: str) -> str:
-    """A file under the repository root as standard base64."""
-    return b64((ROOT / path).read_bytes())
-
-
-def wire_inputs(raw: dict[str, Any], *, audio_as_array: bool = False) -> dict[str, Any]:
-    """A stored raw sample (file paths) as the JSON ``inputs`` of a request (base64 media).
-
-    ``audio_as_array`` sends the WAV's decoded samples as ``{"array", "sampling_rate"}``.
-    """
-    inputs = dict(raw)
-    for key in ("image", "audio"):
-        if key in inputs:
-            inputs[key] = b64_file(inputs[key])
-    if "frames" in inputs:
-        inputs["frames"] = [b64_file(frame) for frame in inputs["frames"]]
-    if audio_as_array and "audio" in raw:
-        array, rate = decode_audio((ROOT / raw["audio"]).read_bytes(), MediaLimits())
-        del inputs["audio"]
-        inputs.update(array=array.tolist(), sampling_rate=rate)
-    return inputs
-
-
-def request_bytes(request_id: str, model: str, inputs: Any, **fields: Any) -> bytes:
-    """One request message body as the worker reads it."""
-    return json.dumps({"id": request_id, "model": model, "inputs": inputs, **fields}).encode()
 
 
 def headers_of(record: Record) -> dict[str, bytes]:

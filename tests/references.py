@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.samples import TINY as TINY
+from bench.samples import TINY_MODELS as TINY_MODELS
 from worker.decoding import MediaLimits, decode_audio
 from worker.processors import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "models" / "tiny"
-TINY_MODELS = ("bert", "vit", "wav2vec2", "whisper-encoder", "videomae", "clip")
 #: The text-task models that only the task-head tests and the live checks cover so far.
 TEXT_TASK_MODELS = ("bert-ner", "bert-qa", "bert-embed")
 ALL_TINY_MODELS = (*TINY_MODELS, *TEXT_TASK_MODELS)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from worker import bench
+from bench import contenders, corpus, hosts, load, plan, profile, raw, report, stats, sweep
 from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
 from worker.registry import load_model
 
@@ -32,30 +32,30 @@ def test_harvest_keeps_plain_sentences_only_and_is_deterministic(tmp_path: Path)
     )
     (tmp_path / "module.py").write_text('def f():\n    """Return the answer to the question."""\n')
     (tmp_path / "notes.bin").write_text("Binary files are never read by the harvester.")
-    sentences, files = bench.harvest_sentences([tmp_path], 10)
+    sentences, files = corpus.harvest_sentences([tmp_path], 10)
     assert files == 2
     assert sorted(sentences) == [
         "It answers every one of them!",
         "Return the answer to the question.",
         "The worker reads requests from Kafka.",
     ]
-    assert bench.harvest_sentences([tmp_path], 2)[0] == bench.harvest_sentences([tmp_path], 2)[0]
-    assert len(bench.harvest_sentences([tmp_path], 2)[0]) == 2
+    assert corpus.harvest_sentences([tmp_path], 2)[0] == corpus.harvest_sentences([tmp_path], 2)[0]
+    assert len(corpus.harvest_sentences([tmp_path], 2)[0]) == 2
 
 
 def test_fixed_length_texts_tokenize_to_exactly_that_length(tokenizer: Any) -> None:
     sentences = ["The cat sat on the mat while the dog slept.", "Prices rose again this spring."] * 5
-    texts = bench.fixed_length_texts(tokenizer, sentences, 24, 3)
+    texts = corpus.fixed_length_texts(tokenizer, sentences, 24, 3)
     assert len(texts) == 3
-    assert bench.token_lengths(tokenizer, texts) == [24, 24, 24]
+    assert corpus.token_lengths(tokenizer, texts) == [24, 24, 24]
 
 
 def test_padded_batches_are_length_sorted_and_padded_to_their_longest_row() -> None:
     encodings = [[1] * n for n in (5, 2, 9, 3, 7)]
-    batches = bench.padded_batches(encodings, 2, ["input_ids", "attention_mask"])
+    batches = raw.padded_batches(encodings, 2, ["input_ids", "attention_mask"])
     assert [b["input_ids"].shape for b in batches] == [(2, 3), (2, 7), (1, 9)]
     assert [b["attention_mask"].sum(axis=1).tolist() for b in batches] == [[2, 3], [5, 7], [9]]
-    fixed = bench.padded_batches(encodings, 4, ["input_ids", "attention_mask", "token_type_ids"], pad_to=8)
+    fixed = raw.padded_batches(encodings, 4, ["input_ids", "attention_mask", "token_type_ids"], pad_to=8)
     assert {b["input_ids"].shape[1] for b in fixed} == {8}
     assert fixed[-1]["attention_mask"].sum() == 8  # the 9-token row is cut to 8
 
@@ -63,53 +63,53 @@ def test_padded_batches_are_length_sorted_and_padded_to_their_longest_row() -> N
 def test_raw_compare_runs_every_case_on_the_tiny_model(tokenizer: Any) -> None:
     encodings = tokenizer(["a short one", "a somewhat longer sentence than that"] * 4)["input_ids"]
     cases = {
-        "one at a time": bench.RawCase(encodings, 1),
-        "fours, padded to 16, no spinning": bench.RawCase(
+        "one at a time": raw.RawCase(encodings, 1),
+        "fours, padded to 16, no spinning": raw.RawCase(
             encodings, 4, 16, {"session.intra_op.allow_spinning": "0"}
         ),
     }
-    rates = bench.raw_compare(TINY / "model.onnx", cases, repeats=2)
+    rates = raw.raw_compare(TINY / "model.onnx", cases, repeats=2)
     assert set(rates) == set(cases)
     assert all(len(s.values) == 2 and s.low <= s.median <= s.high and s.low > 0 for s in rates.values())
 
 
 def test_the_fused_copy_computes_what_the_model_does(tokenizer: Any, tmp_path: Path) -> None:
-    fused, report = bench.fused_copy(TINY / "model.onnx", tmp_path / "fused.onnx")
+    fused, report = raw.fused_copy(TINY / "model.onnx", tmp_path / "fused.onnx")
     assert fused is not None, report
     assert report["fused_operators"].get("Attention") == 2, "both tiny BERT layers' attention is fused"
     encoded = tokenizer(
         ["a short one", "a somewhat longer sentence than that"], padding=True, return_tensors="np"
     )
-    plain, joined = (bench.raw_session(path) for path in (TINY / "model.onnx", fused))
+    plain, joined = (raw.raw_session(path) for path in (TINY / "model.onnx", fused))
     names = [i.name for i in plain.get_inputs()]
     feed = {name: encoded[name].astype(np.int64) for name in names}
     np.testing.assert_allclose(joined.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-4)
-    rates = bench.raw_compare(
-        TINY / "model.onnx", {"fused": bench.RawCase(encoded["input_ids"], 2, model=fused)}, 1
+    rates = raw.raw_compare(
+        TINY / "model.onnx", {"fused": raw.RawCase(encoded["input_ids"], 2, model=fused)}, 1
     )
     assert rates["fused"].median > 0
 
 
 def test_spread_and_percentiles_summarise_measurements() -> None:
-    spread = bench.Spread.of([3.0, 1.0, 2.0])
+    spread = stats.Spread.of([3.0, 1.0, 2.0])
     assert (spread.median, spread.low, spread.high) == (2.0, 1.0, 3.0)
     assert str(spread) == "2 [1-3]"
-    summary = bench.percentiles(list(np.arange(1.0, 101.0)), (50, 99))
+    summary = stats.percentiles(list(np.arange(1.0, 101.0)), (50, 99))
     assert summary == {"p50": 50.5, "p99": 99.0, "max": 100.0}
-    assert bench.percentiles([]) == {}
+    assert stats.percentiles([]) == {}
 
 
 def test_spaced_sample_keeps_the_spread_of_the_input() -> None:
-    assert bench.spaced_sample(list(range(10)), 5) == [0, 2, 4, 6, 8]
-    assert bench.spaced_sample([1, 2], 5) == [1, 2]
+    assert corpus.spaced_sample(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert corpus.spaced_sample([1, 2], 5) == [1, 2]
 
 
 def test_classify_names_the_first_known_frame_from_the_innermost_out() -> None:
     frame = sys._getframe()
-    assert bench.classify(frame)[0] == "other"
-    assert bench.classify(None)[0] == bench.IDLE
-    assert bench.thread_group("inference_0") == "executor threads"
-    assert bench.thread_group("MainThread") == "event loop thread"
+    assert profile.classify(frame)[0] == "other"
+    assert profile.classify(None)[0] == profile.IDLE
+    assert profile.thread_group("inference_0") == "executor threads"
+    assert profile.thread_group("MainThread") == "event loop thread"
 
 
 def test_stack_sampler_attributes_a_busy_executor_thread() -> None:
@@ -120,21 +120,21 @@ def test_stack_sampler_attributes_a_busy_executor_thread() -> None:
             sum(range(1000))
 
     busy = threading.Thread(target=spin, name="inference_0")
-    sampler = bench.StackSampler(interval=0.002)
+    sampler = profile.StackSampler(interval=0.002)
     busy.start()
     sampler.start()
     time.sleep(0.2)
-    profile = sampler.stop()
+    summary = sampler.stop()
     stop.set()
     busy.join()
-    assert profile["samples"] > 0
-    assert profile["thread_time_pct_by_group"]["executor threads"]["other"] > 50
-    assert "executor threads" in profile["cpu_s_by_thread_group"]
+    assert summary["samples"] > 0
+    assert summary["thread_time_pct_by_group"]["executor threads"]["other"] > 50
+    assert "executor threads" in summary["cpu_s_by_thread_group"]
 
 
 def test_stage_costs_cover_every_stage_of_the_worker_on_a_tiny_model() -> None:
     model = load_model(TINY)
-    costs = bench.stage_costs(model, ["Hello there.", "A longer sentence about nothing much."] * 3, 8)
+    costs = profile.stage_costs(model, ["Hello there.", "A longer sentence about nothing much."] * 3, 8)
     assert costs["sentences"] == 6
     assert len(costs["ms_per_sentence"]) == 5
     assert abs(sum(costs["share_pct"].values()) - 100) < 1
@@ -155,7 +155,7 @@ def _runs(throughput: float, p99: float = 40.0, batch_ms: float = 5.0) -> list[d
 
 
 def _spread(value: float) -> dict[str, Any]:
-    return bench.Spread.of([value]).to_json()
+    return stats.Spread.of([value]).to_json()
 
 
 def fake_result() -> dict[str, Any]:
@@ -213,7 +213,7 @@ def fake_result() -> dict[str, Any]:
 
 def test_assess_computes_ratios_and_judges_each_target() -> None:
     result = fake_result()
-    bench.assess(result)
+    report.assess(result)
     assert result["ratios"] == {
         "worker/raw_ort_best": 0.95,
         "worker_128/raw_ort_padded_128_best": 0.75,
@@ -235,28 +235,28 @@ def _row(label: str, throughput: float, p99: float) -> dict[str, Any]:
 def test_best_setting_must_meet_the_latency_target_before_it_can_win() -> None:
     fast_but_slow_to_answer = _row("fast", 300.0, 900.0)
     steady = _row("steady", 250.0, 30.0)
-    assert bench.pick_best([fast_but_slow_to_answer, steady]) == "steady"
-    assert bench.pick_best([fast_but_slow_to_answer]) == "fast"
+    assert sweep.pick_best([fast_but_slow_to_answer, steady]) == "steady"
+    assert sweep.pick_best([fast_but_slow_to_answer]) == "fast"
     # None meets the target: the quickest to answer among those within 10% of the fastest.
     nearly_as_fast = _row("nearly", 280.0, 600.0)
     slow = _row("slow", 200.0, 100.0)
-    assert bench.pick_best([fast_but_slow_to_answer, nearly_as_fast, slow]) == "nearly"
+    assert sweep.pick_best([fast_but_slow_to_answer, nearly_as_fast, slow]) == "nearly"
 
 
 def test_report_renders_a_table_and_a_plot(tmp_path: Path) -> None:
     result = fake_result()
-    bench.assess(result)
-    table = bench.render_table(result)
+    report.assess(result)
+    table = report.render_table(result)
     assert "raw ORT" in table and "worker e2e" in table and "naive ONNX" in table
     assert "no torch" in table
-    if bench.plot(result, tmp_path / "bench.png"):
+    if report.plot(result, tmp_path / "bench.png"):
         assert (tmp_path / "bench.png").stat().st_size > 0
 
 
 def test_quick_plan_shrinks_every_size_and_explicit_counts_win() -> None:
-    full, quick = bench.Plan.make(quick=False, sentences=None, repeats=None), bench.Plan()
+    full, quick = plan.Plan.make(quick=False, sentences=None, repeats=None), plan.Plan()
     assert full == quick
-    small = bench.Plan.make(quick=True, sentences=50, repeats=1)
+    small = plan.Plan.make(quick=True, sentences=50, repeats=1)
     assert (small.sentences, small.repeats) == (50, 1)
     assert small.sweep_sentences < full.sweep_sentences and len(small.sweep) < len(full.sweep)
     assert full.sweep[0].settings == {} and full.sweep[0].overrides == {}, "the first point is the defaults"
@@ -266,28 +266,28 @@ def test_quick_plan_shrinks_every_size_and_explicit_counts_win() -> None:
 async def test_worker_and_naive_consumer_answer_every_bench_request(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    plan = bench.Plan(repeats=1, warmup=4, naive_sentences=6)
-    ctx = bench.Context(plan, TINY, None, tmp_path, bootstrap=kafka_bootstrap, model_name="bert")
+    sizes = plan.Plan(repeats=1, warmup=4, naive_sentences=6)
+    ctx = plan.Context(sizes, TINY, None, tmp_path, bootstrap=kafka_bootstrap, model_name="bert")
     texts = [f"Sentence number {i} is short." for i in range(12)]
-    inputs = bench.Inputs(mix=texts, fixed=["a b c d e f g h"], encodings=[], files_read=0)
+    inputs = plan.Inputs(mix=texts, fixed=["a b c d e f g h"], encodings=[], files_read=0)
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(bench.LoadClient(kafka_bootstrap, "bert"))
-        host = await bench.Host.start(ctx, bench.SweepPoint("defaults"), with_extras=False)
+        client = await stack.enter_async_context(load.LoadClient(kafka_bootstrap, "bert"))
+        host = await hosts.Host.start(ctx, plan.SweepPoint("defaults"), with_extras=False)
         stack.push_async_callback(host.child.close)
         assert host.buckets == {"bert": len(DEFAULT_BATCH_SIZES) * len(DEFAULT_SEQUENCE_LENGTHS)}
         topics = [
-            await host.serve(ctx, bench.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
+            await host.serve(ctx, plan.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
         ]
-        naive = await bench.start_naive(ctx, client, "onnx", inputs, stack)
-        assert isinstance(naive, bench.Contender)
+        naive = await contenders.start_naive(ctx, client, "onnx", inputs, stack)
+        assert isinstance(naive, contenders.Contender)
         for topic in topics:
-            await bench.warm_up(client, topic, ctx, inputs)
+            await hosts.warm_up(client, topic, ctx, inputs)
             saturated = (await client.run(topic, texts)).summary()
             assert (saturated["answered"], saturated["errors"]) == (12, 0)
             assert 1 <= saturated["batch_size"]["max"] <= 12
             paced = (await client.run(topic, texts[:5], rate=50.0)).summary()
             assert paced["answered"] == 5 and paced["offered_per_s"] == 50.0
             await host.stop(topic)  # drained and stopped: the next point runs alone
-        answered = await bench.measured(ctx, naive.name, naive.pid, client.run(naive.topic, naive.texts))
+        answered = await contenders.measured(ctx, naive.name, naive.pid, client.run(naive.topic, naive.texts))
         assert (answered["answered"], answered["errors"]) == (6, 0)
         assert answered["cpu_s"][naive.name] > 0 and answered["peak_rss_mib"] > 0

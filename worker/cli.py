@@ -1,4 +1,8 @@
-"""Command line: ``python -m worker inspect | run | demo | broker``."""
+"""Command line: ``python -m worker inspect | run | demo | broker | settings``.
+
+Each command imports what it needs when it runs: ``import worker.cli`` (and ``--help``,
+``settings``) loads neither ONNX Runtime, transformers, FastStream nor aiokafka.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,24 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, get_origin
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_origin
 
 from pydantic import ValidationError
 
-from worker.metadata import MetadataError, ModelMetadata
-from worker.metadata.render import render_metadata
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger("worker")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what the worker works out from a model folder."""
+    from worker.metadata import MetadataError, ModelMetadata
+    from worker.metadata.render import render_metadata
+
     try:
         meta = ModelMetadata.load(args.path)
     except MetadataError as exc:
@@ -72,7 +81,7 @@ def configure_logging(level: str | int) -> None:
 
 def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
-    # Imported here so `inspect` and `settings` stay free of Kafka and ORT start-up cost.
+    # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
     from worker.app import Worker
     from worker.registry import load_configured
 
@@ -87,6 +96,8 @@ def _serve(models_dir: str, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
+    from worker.metadata import MetadataError
+
     settings = settings_from(args)
     if not settings.bootstrap_servers:
         print("error: set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS (or use `demo`)", file=sys.stderr)
@@ -144,15 +155,15 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker + worker + client in one process: a few requests per modality and a burst."""
-    from pathlib import Path
-
-    from worker.demo import run_demo
+    from worker.demo import TINY_MODELS, run_demo
+    from worker.metadata import MetadataError
 
     settings = settings_from(args)
     configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
     logging.getLogger("worker").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     try:
-        return asyncio.run(run_demo([Path(p) for p in args.models], settings, burst=args.burst))
+        paths = [Path(p) for p in args.models] or [TINY_MODELS]
+        return asyncio.run(run_demo(paths, settings, burst=args.burst))
     except MetadataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -164,14 +175,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     serve_forever(args.port)
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Raw ONNX Runtime vs the worker end to end vs naive consumers; writes bench.json and a plot."""
-    from worker.bench import main as bench_main
-
-    configure_logging(logging.WARNING)
-    return bench_main(args)
 
 
 def settings_table() -> str:
@@ -209,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="embedded broker + worker + client: answers shown, then a burst")
     demo.add_argument(
-        "models", nargs="*", default=["models/tiny"], help="model folders, or folders of model folders"
+        "models",
+        nargs="*",
+        default=[],
+        help="model folders, or folders of model folders (default: the tiny models shipped with the worker)",
     )
     demo.add_argument("--burst", type=int, default=300, help="text requests in the throughput burst")
     add_settings_flags(demo)
@@ -218,17 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     broker.set_defaults(func=cmd_broker)
-
-    bench = sub.add_parser("bench", help="benchmark: raw ONNX Runtime vs the worker vs naive consumers")
-    bench.add_argument("--out", default="bench/out", help="folder for bench.json, bench.png and logs")
-    bench.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    bench.add_argument("--sentences", type=int, default=None, help="sentences in the mix (default 2000)")
-    bench.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (default 3)")
-    bench.add_argument("--model", default=None, help="model folder to bench (default models/minilm)")
-    bench.add_argument(
-        "--extra-models", default=None, help="also loaded in the worker (default models/tiny; '' for none)"
-    )
-    bench.set_defaults(func=cmd_bench)
 
     settings = sub.add_parser("settings", help="print the settings table (markdown)")
     settings.set_defaults(func=cmd_settings)

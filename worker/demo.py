@@ -14,6 +14,7 @@ import statistics
 import time
 import wave
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ from worker.embedded_broker import EmbeddedBroker
 from worker.registry import ServedModel, load_configured
 from worker.settings import Settings
 
-SAMPLES = Path(__file__).resolve().parent.parent / "models" / "samples"
+#: Shipped inside the package (package data; in the repository, links to models/tiny and models/samples).
+DEMO_DATA = Path(str(resources.files("worker") / "demo_models"))
+#: The nine tiny models (random weights) the demo serves unless given other folders.
+TINY_MODELS = DEMO_DATA / "tiny"
+SAMPLES = DEMO_DATA / "samples"
 SENTENCES = (
     "The service was quick and the food was wonderful.",
     "I waited an hour and nobody answered the phone.",

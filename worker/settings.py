@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import ssl
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from faststream.kafka.security import parse_security
-from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # FastStream loads aiokafka: only the commands that talk to Kafka pay for it
+    from faststream.security import BaseSecurity
 
 
 class Settings(BaseSettings):
@@ -215,6 +216,8 @@ class Settings(BaseSettings):
 
     def kafka_security(self) -> BaseSecurity | None:
         """The FastStream security object for these settings (None: plaintext)."""
+        from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
         context = None
         if self.security_protocol in ("SSL", "SASL_SSL"):
             context = ssl.create_default_context(cafile=self.ssl_cafile)
@@ -236,6 +239,8 @@ class Settings(BaseSettings):
 
     def kafka_client_kwargs(self) -> dict[str, Any]:
         """The same security as keyword arguments of plain aiokafka clients (admin, producer)."""
+        from faststream.kafka.security import parse_security
+
         return parse_security(self.kafka_security())
 
     def metadata_overrides(self) -> dict[str, dict[str, Any]]:

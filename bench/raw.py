@@ -1,0 +1,158 @@
+"""Raw ONNX Runtime: the model's graph called directly on length-sorted or padded batches, no worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.corpus import spaced_sample
+from bench.plan import FIXED_TOKENS, Context, Inputs
+from bench.stats import Spread
+
+
+def padded_batches(
+    encodings: Sequence[Sequence[int]],
+    batch_size: int,
+    input_names: Sequence[str],
+    pad_to: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Length-sorted batches, each padded to its longest row (or every row cut/padded to ``pad_to``)."""
+    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = [list(encodings[i])[: pad_to or None] for i in order[start : start + batch_size]]
+        width = pad_to or max(len(row) for row in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        batches.append({name: arrays[name] for name in input_names})
+    return batches
+
+
+def raw_session(onnx_path: Path, config: Mapping[str, str] | None = None) -> Any:
+    """A plain dynamic-shape CPU session, as a user of ONNX Runtime would create it (plus ``config``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class RawCase:
+    """One raw ONNX Runtime measurement: which rows, how batched and padded, which session options."""
+
+    encodings: Sequence[Sequence[int]]
+    batch_size: int
+    pad_to: int | None = None
+    config: Mapping[str, str] = field(default_factory=dict)
+    model: Path | None = None
+    """Another model file (the fused copy); None: the benched one."""
+
+
+def raw_compare(
+    onnx_path: Path, cases: Mapping[str, RawCase], repeats: int, tick: Callable[[], None] = lambda: None
+) -> dict[str, Spread]:
+    """Rows per second of each case over whole passes; repetitions interleave the cases, so that
+    a change in the machine's load touches every case alike."""
+    sessions: dict[str, Any] = {}
+    passes = {}
+    for label, case in cases.items():
+        path = case.model or onnx_path
+        key = json.dumps([str(path), case.config], sort_keys=True)
+        if key not in sessions:
+            sessions[key] = raw_session(path, case.config)
+        session = sessions[key]
+        names = [i.name for i in session.get_inputs()]
+        batches = padded_batches(case.encodings, case.batch_size, names, case.pad_to)
+        for batch in batches[:2]:
+            session.run(None, batch)
+        passes[label] = (session, batches)
+    rates: dict[str, list[float]] = {label: [] for label in cases}
+    for _ in range(repeats):
+        for label, (session, batches) in passes.items():
+            began = time.perf_counter()
+            for batch in batches:
+                session.run(None, batch)
+            rates[label].append(len(cases[label].encodings) / (time.perf_counter() - began))
+            tick()
+    return {label: Spread.of(values) for label, values in rates.items()}
+
+
+def fused_copy(onnx_path: Path, out: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The model after ONNX Runtime's offline transformer optimizer (attention, LayerNorm, GELU fused)."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        config = json.loads((onnx_path.parent / "config.json").read_text())
+        model = optimize_model(
+            str(onnx_path),
+            model_type="bert",
+            num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]),
+            opt_level=0,
+        )
+    except (ImportError, KeyError, OSError) as exc:  # no sympy, no BERT config: report, do not fail
+        return None, {"skipped": f"{type(exc).__name__}: {exc}"}
+    model.save_model_to_file(str(out))
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    return out, {"file": str(out), "fused_operators": fused}
+
+
+def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
+    """Raw ONNX Runtime: length-sorted batches, the same padded to 128 tokens, session options, fusion."""
+    plan = ctx.plan
+    onnx_path = ctx.model_dir / "model.onnx"
+    sample = spaced_sample(inputs.encodings, plan.raw_rows)
+    sample_128 = spaced_sample(inputs.encodings, plan.raw_rows_128)
+    ctx.say("raw ONNX Runtime: batch sizes")
+    cases = {f"sorted {b}": RawCase(sample, b) for b in plan.batch_sizes}
+    cases |= {f"padded {b}": RawCase(sample_128, b, FIXED_TOKENS) for b in plan.batch_sizes}
+    rates = raw_compare(onnx_path, cases, plan.repeats, ctx.tick)
+
+    def described(kind: str, rows: int) -> dict[str, Any]:
+        by_size = {b: rates[f"{kind} {b}"] for b in plan.batch_sizes}
+        best = max(by_size, key=lambda b: by_size[b].median)
+        return {
+            "rows_per_pass": rows,
+            "by_batch_size": {str(b): spread.to_json() for b, spread in by_size.items()},
+            "best": {"batch_size": best, "sentences_per_s": by_size[best].to_json()},
+        }
+
+    found: dict[str, Any] = {
+        "session": "onnxruntime.InferenceSession, dynamic shapes, ORT_ENABLE_ALL, default threads (1/core)",
+        "length_sorted": described("sorted", len(sample)),
+        "padded_128": described("padded", len(sample_128)),
+    }
+    ctx.say("raw ONNX Runtime: session options and a fused graph")
+    fused, found["fusion"] = fused_copy(onnx_path, ctx.out / "fused.onnx")
+    variants: dict[str, tuple[Mapping[str, str], Path | None]] = {
+        "default (as worker/engine.py)": ({}, None),
+        "no spinning": ({"session.intra_op.allow_spinning": "0"}, None),
+        "no pre-packing": ({"session.disable_prepacking": "1"}, None),
+    }
+    if fused is not None:
+        variants["fused graph (transformer optimizer)"] = ({}, fused)
+    options: dict[str, RawCase] = {}
+    for kind, rows, pad_to in (("length_sorted", sample, None), ("padded_128", sample_128, FIXED_TOKENS)):
+        size = found[kind]["best"]["batch_size"]
+        options |= {f"{kind}|{v}": RawCase(rows, size, pad_to, c, m) for v, (c, m) in variants.items()}
+    compared = raw_compare(onnx_path, options, plan.repeats, ctx.tick)
+    found["session_options"] = {
+        kind: {"batch_size": found[kind]["best"]["batch_size"]}
+        | {v: compared[f"{kind}|{v}"].to_json() for v in variants}
+        for kind in ("length_sorted", "padded_128")
+    }
+    return found
