@@ -79,3 +79,17 @@ def test_a_rewound_offset_is_never_committed_until_answered_again() -> None:
     for offset in (1, 2, 3):
         tracker.done("p", offset)
     assert tracker.take_commits() == {"p": 4}
+
+
+def test_a_record_aiokafka_skips_as_too_large_becomes_a_dlq_record_not_a_silent_loss() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.errors import RecordTooLargeError
+
+    from worker.fetching import _skipped_as_too_large
+
+    tp = TopicPartition("inference.text.requests", 3)
+    # Built as aiokafka 0.14's Fetcher builds it when a record exceeds max_partition_fetch_bytes.
+    error = RecordTooLargeError("There are some messages at [Partition=Offset]: %s=%s ...", tp, 41, 1024)
+    [skipped] = _skipped_as_too_large(error)
+    assert (skipped.tp, skipped.offset) == (tp, 41)
+    assert _skipped_as_too_large(RecordTooLargeError("no coordinates")) == []

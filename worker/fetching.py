@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    CorruptRecordException,
+    KafkaError,
+    RecordTooLargeError,
+    UnsupportedCodecError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,9 @@ class PartitionFetcher:
             if skipped is not None:
                 out.undecodable.append(skipped)
             return
+        except RecordTooLargeError as exc:
+            out.undecodable += _skipped_as_too_large(exc)
+            return
         except KafkaError as exc:
             self._broker_error(exc)
             return
@@ -144,6 +153,9 @@ class PartitionFetcher:
         except CONTENT_ERRORS as exc:
             log.debug("a record failed to decode while waiting (%r); locating it", exc)
             self._suspect_rounds = SUSPECT_ROUNDS
+            return
+        except RecordTooLargeError as exc:
+            out.undecodable += _skipped_as_too_large(exc)
             return
         except KafkaError as exc:
             self._broker_error(exc)
@@ -172,3 +184,17 @@ class PartitionFetcher:
         self._failing[tp] = (position + 1, 0)
         self.consumer.seek(tp, position + 1)
         return Undecodable(tp, position, f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _skipped_as_too_large(exc: RecordTooLargeError) -> list[Undecodable]:
+    """A record larger than max_partition_fetch_bytes: aiokafka has already moved past it, silently.
+
+    Its error carries the partition and offset (``Fetcher._proc_fetch_request`` in aiokafka 0.14):
+    the skipped record becomes a DLQ record instead of a silent loss.
+    """
+    args = exc.args
+    if len(args) >= 3 and isinstance(args[1], TopicPartition) and isinstance(args[2], int):
+        log.error("%s offset %d is larger than the fetch size; skipped to the DLQ", args[1], args[2])
+        return [Undecodable(args[1], args[2], "the record is larger than the consumer's fetch size")]
+    log.error("a record larger than the fetch size was skipped where it cannot be named: %r", exc)
+    return []
