@@ -12,7 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 #: Modules that import torch (and the MiniLM wheel) at the top, every test in them marked `torch`.
-TORCH_MODULES = frozenset({"test_minilm.py", "test_reference_live.py"})
+TORCH_MODULES = frozenset({"test_minilm.py", "test_reference_live.py", "test_media_live.py"})
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
