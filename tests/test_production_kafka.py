@@ -374,3 +374,58 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
     # One fetch round may land on top of the bound before the partitions pause: at most fetch_max_bytes.
     assert peak <= bound + 2 * 1024 * 1024 + len(body) * 2, peak
     assert peak >= bound // 2, f"the flood never reached the bound ({peak} bytes): the test proves nothing"
+
+
+#: What a worker process may grow by under a flood, beyond max_in_flight_bytes: one fetch, the
+#: largest batch's ONNX Runtime arena and decode buffers, and allocator slack. Measured on this
+#: 2-core machine: 275 MiB for 300 requests of 55 s audio, whatever the byte bound (a87b228: the
+#: issue measured +1.7 GB for the same flood).
+RSS_SLACK_MIB = 320
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.slow
+async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_large_audio(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """150 requests of 55 s audio (345 MB of JSON) at once into a `python -m worker run` process."""
+    from tests.process_support import WorkerLauncher, wait_until
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "whisper-encoder").symlink_to(TINY / "whisper-encoder", target_is_directory=True)
+    prefix = f"rss{uuid.uuid4().hex[:8]}"
+    bound_mib = 32
+    launcher = WorkerLauncher(kafka_bootstrap, tmp_path / "models", tmp_path)
+    worker = launcher.start(
+        "flooded", f"{prefix}.workers", prefix, "--max-in-flight-bytes", str(bound_mib * 2**20)
+    )
+    try:
+        await worker.wait_for_log("worker started", 120)
+        idle = peak = _rss_mib(worker.pid)
+        body = _wav_request("template", 55.0)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
+            raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
+        ):
+            for i in range(150):
+                await producer.send_and_wait(
+                    requests_topic("audio", prefix), body.replace(b'"template"', f'"a{i}"'.encode())
+                )
+
+            def answered_all() -> bool:
+                nonlocal peak
+                peak = max(peak, _rss_mib(worker.pid))
+                return len(answers.records) >= 150
+
+            await wait_until(answered_all, 240, "150 answers", [worker])
+        print(f"RSS idle {idle:.0f} MiB, peak {peak:.0f} MiB, growth {peak - idle:.0f} MiB")
+        assert peak - idle <= bound_mib + RSS_SLACK_MIB, f"grew {peak - idle:.0f} MiB\n{worker.log_tail()}"
+    finally:
+        launcher.kill_all()
