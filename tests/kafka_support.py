@@ -12,6 +12,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -22,8 +23,9 @@ from bench.samples import b64 as b64
 from bench.samples import b64_file as b64_file
 from bench.samples import request_bytes as request_bytes
 from bench.samples import wire_inputs as wire_inputs
+from tests.references import TINY
 from worker.app import Worker
-from worker.registry import ServedModel
+from worker.registry import ServedModel, load_models
 from worker.settings import Settings
 
 Record = ConsumerRecord[bytes, bytes]
@@ -172,3 +174,10 @@ async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: An
     finally:
         await worker.drain()
         await worker.stop()
+
+
+def tiny_models(folder: Path, *names: str) -> dict[str, ServedModel]:
+    """Only the named tiny models, loaded from links in ``folder`` (a test's own models dir)."""
+    for name in names:
+        (folder / name).symlink_to(TINY / name, target_is_directory=True)
+    return load_models(folder)

@@ -23,10 +23,19 @@ from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
-from tests.kafka_support import TopicReader, body_of, headers_of, raw_producer, request_bytes, serving, until
+from tests.kafka_support import (
+    TopicReader,
+    body_of,
+    headers_of,
+    raw_producer,
+    request_bytes,
+    serving,
+    tiny_models,
+    until,
+)
 from tests.references import TINY
 from worker.app import Worker
-from worker.registry import ServedModel, load_models
+from worker.registry import ServedModel
 from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -37,9 +46,7 @@ TEXT = {"text": "a production request"}
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
     """The tiny text classifier only: these faults are in the transport, not the model."""
-    folder = tmp_path_factory.mktemp("models")
-    (folder / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-    return load_models(folder)
+    return tiny_models(tmp_path_factory.mktemp("models"), "bert")
 
 
 def ids_of(records: list[Any]) -> Counter[str]:
@@ -318,6 +325,12 @@ async def test_a_reply_that_keeps_failing_past_the_bound_is_read_again_not_lost(
         assert sum(offset or 0 for offset in ends.values()) == 1
 
 
+async def _send_copies(producer: Any, topic: str, body: bytes, count: int) -> None:
+    """``count`` copies of a request whose id is "template", each with its own id (a0, a1, ...)."""
+    for i in range(count):
+        await producer.send_and_wait(topic, body.replace(b'"template"', f'"a{i}"'.encode()))
+
+
 def _wav_request(request_id: str, seconds: float) -> bytes:
     """A request carrying ``seconds`` of 16 kHz mono 16-bit silence-plus-tone as a WAV."""
     import base64
@@ -342,8 +355,7 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """60 requests of 55 s audio (2.3 MB of JSON each, ~140 MB in all) against a 24 MiB bound."""
-    (tmp_path / "whisper-encoder").symlink_to(TINY / "whisper-encoder", target_is_directory=True)
-    served = load_models(tmp_path)
+    served = tiny_models(tmp_path, "whisper-encoder")
     bound = 24 * 1024 * 1024
     async with serving(
         kafka_bootstrap, served, max_in_flight_bytes=bound, fetch_max_bytes=2 * 1024 * 1024
@@ -363,10 +375,7 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
             TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
             raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
         ):
-            for i in range(60):
-                await producer.send_and_wait(
-                    requests_topic("audio", prefix), body.replace(b'"template"', f'"a{i}"'.encode())
-                )
+            await _send_copies(producer, requests_topic("audio", prefix), body, 60)
             await answers.wait_for(60, timeout=240)
         watcher.cancel()
     assert len(ids_of(answers.records)) == 60
@@ -414,10 +423,7 @@ async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_l
             TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
             raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
         ):
-            for i in range(150):
-                await producer.send_and_wait(
-                    requests_topic("audio", prefix), body.replace(b'"template"', f'"a{i}"'.encode())
-                )
+            await _send_copies(producer, requests_topic("audio", prefix), body, 150)
 
             def answered_all() -> bool:
                 nonlocal peak

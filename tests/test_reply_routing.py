@@ -11,9 +11,16 @@ import uuid
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.kafka_support import TopicReader, body_of, headers_of, raw_producer, request_bytes, serving
-from tests.references import TINY
-from worker.registry import ServedModel, load_models
+from tests.kafka_support import (
+    TopicReader,
+    body_of,
+    headers_of,
+    raw_producer,
+    request_bytes,
+    serving,
+    tiny_models,
+)
+from worker.registry import ServedModel
 from worker.topics import MissingTopics, create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -24,9 +31,7 @@ TEXT = {"text": "routing check"}
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
     """The tiny text classifier only: routing does not depend on the model."""
-    folder = tmp_path_factory.mktemp("models")
-    (folder / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-    return load_models(folder)
+    return tiny_models(tmp_path_factory.mktemp("models"), "bert")
 
 
 async def topic_names(bootstrap: str) -> set[str]:
