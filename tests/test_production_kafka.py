@@ -435,3 +435,33 @@ async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_l
         assert peak - idle <= bound_mib + RSS_SLACK_MIB, f"grew {peak - idle:.0f} MiB\n{worker.log_tail()}"
     finally:
         launcher.kill_all()
+
+
+async def test_a_fault_while_taking_records_in_costs_a_redelivery_not_a_request(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: the first preparation round raises (a bug of ours); its records are read again."""
+    async with serving(kafka_bootstrap, models) as worker:
+        prefix = worker.settings.topic_prefix
+        original = worker.intake.prepare_all
+        faults = iter([RuntimeError("injected intake fault")])
+
+        def prepare_all(origins: list[Any]) -> list[Any]:
+            fault = next(faults, None)
+            if fault is not None:
+                raise fault
+            return original(origins)
+
+        monkeypatch.setattr(worker.intake, "prepare_all", prepare_all)
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            for i in range(8):
+                await producer.send_and_wait(
+                    requests_topic("text", prefix), request_bytes(f"r{i}", "bert", TEXT), partition=i % 4
+                )
+            await answers.wait_until(lambda records: set(ids_of(records)) == {f"r{i}" for i in range(8)})
+            await until(lambda: worker.tracker.in_flight == 0)
+        ends = await committed(kafka_bootstrap, worker)
+        assert ends == {0: 2, 1: 2, 2: 2, 3: 2}

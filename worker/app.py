@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
 
@@ -298,12 +298,23 @@ class Worker:
             try:
                 await self._take(fetched)
                 log.debug("Processed a fetch of %d records", len(fetched.records) + len(fetched.undecodable))
-            except Exception:
-                # Their offsets stay tracked and unanswered: nothing past them is committed.
+            except Exception as exc:
+                # A fault here costs a redelivery: read this round's partitions again from its first offsets.
                 log.exception("internal error taking in %d records", len(fetched.records))
+                self._read_again(fetched, exc)
             finally:
                 self._state.fetching_rounds -= 1
                 self.flow.progressed()
+
+    def _read_again(self, fetched: Fetched, why: BaseException) -> None:
+        """Rewind every partition of a round that could not be taken in to its first offset."""
+        coordinates = [(TopicPartition(r.topic, r.partition), r.offset) for r in fetched.records]
+        coordinates += [(u.tp, u.offset) for u in fetched.undecodable]
+        first: dict[TopicPartition, int] = {}
+        for tp, offset in coordinates:
+            first[tp] = min(offset, first.get(tp, offset))
+        for tp, offset in first.items():
+            self.flow.redeliver(tp, offset, why)
 
     async def _take(self, fetched: Fetched) -> None:
         """Track, prepare and queue one fetched round; errors are answered off the intake path."""
