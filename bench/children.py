@@ -90,13 +90,11 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
         await worker.stop()
 
 
-def _torch_embedder(model_dir: Path, max_tokens: int, threads: int | None) -> Callable[[str], list[float]]:
+def _torch_embedder(model_dir: Path, max_tokens: int) -> Callable[[str], list[float]]:
     """What a user writes first: transformers' BertModel, mean pooling, L2 normalisation."""
     import torch
     from transformers import AutoTokenizer, BertModel
 
-    if threads:
-        torch.set_num_threads(threads)
     source = model_dir
     if not any(model_dir.glob("*.safetensors")):
         # The ONNX folder keeps no PyTorch weights; the build's source package does.
@@ -118,16 +116,13 @@ def _torch_embedder(model_dir: Path, max_tokens: int, threads: int | None) -> Ca
     return embed
 
 
-def _onnx_embedder(model_dir: Path, max_tokens: int, threads: int | None) -> Callable[[str], list[float]]:
+def _onnx_embedder(model_dir: Path, max_tokens: int) -> Callable[[str], list[float]]:
     """The same with a plain dynamic-shape ONNX Runtime session (default options)."""
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def embed(text: str) -> list[float]:
@@ -147,11 +142,8 @@ async def _naive_main(spec: Mapping[str, Any]) -> None:
     """Child: one aiokafka consumer, the model called per message, each reply sent and awaited."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    if spec["backend"] == "torch":
-        embed = _torch_embedder(Path(spec["model_dir"]), int(spec["max_tokens"]), spec.get("threads"))
-    else:
-        embed = _onnx_embedder(Path(spec["model_dir"]), int(spec["max_tokens"]), spec.get("threads"))
-    tuning = {k: spec[k] for k in ("fetch_max_wait_ms",) if spec.get(k) is not None}
+    maker = _torch_embedder if spec["backend"] == "torch" else _onnx_embedder
+    embed = maker(Path(spec["model_dir"]), int(spec["max_tokens"]))
     consumer = AIOKafkaConsumer(
         spec["topic"],
         bootstrap_servers=spec["bootstrap"],
@@ -159,7 +151,6 @@ async def _naive_main(spec: Mapping[str, Any]) -> None:
         auto_offset_reset="earliest",
         session_timeout_ms=SESSION_TIMEOUT_MS,
         heartbeat_interval_ms=HEARTBEAT_MS,
-        **tuning,
     )
     producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], enable_idempotence=False)
     await consumer.start()
@@ -171,14 +162,12 @@ async def _naive_main(spec: Mapping[str, Any]) -> None:
             vector = embed(request["inputs"]["text"])
             headers = dict(message.headers)
             body = {"id": request["id"], "model": request["model"], "outputs": vector}
-            sent = await producer.send(
+            await producer.send_and_wait(
                 headers["reply_to"].decode(),
                 json.dumps(body).encode(),
                 key=message.key,
                 headers=[("correlation_id", headers.get("correlation_id", b""))],
             )
-            if spec.get("await_each_reply", True):
-                await sent
 
     task = asyncio.create_task(consume())
     _emit({"event": "ready"})

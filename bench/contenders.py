@@ -8,7 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +47,7 @@ def torch_python() -> tuple[str | None, str]:
 
 
 async def start_naive(
-    ctx: Context,
-    client: LoadClient,
-    backend: str,
-    inputs: Inputs,
-    stack: contextlib.AsyncExitStack,
-    tuning: Mapping[str, Any] | None = None,
+    ctx: Context, client: LoadClient, backend: str, inputs: Inputs, stack: contextlib.AsyncExitStack
 ) -> Contender | str:
     """A naive consumer (torch or onnx) in its own process, warmed up; or why it was skipped."""
     from worker.topics import create_topics
@@ -69,7 +64,6 @@ async def start_naive(
         "topic": topic,
         "group": topic,
         "bootstrap": ctx.bootstrap,
-        **(tuning or {}),
     }
     ctx.say(f"naive {backend}: loading")
     child = await Child.spawn(python, "naive", spec, ctx.out / "logs" / f"{unique_name(backend)}.log")

@@ -78,7 +78,7 @@ class Plan:
     """Sentences of the naive consumers' saturation runs (None: the whole mix, as every contender)."""
     loads: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
     """Offered load as fractions of the worker's saturation throughput."""
-    idle_seconds: float = 10.0
+    idle_seconds: float = 20.0
     """How long an idle Worker's CPU (and the broker's) is read."""
     load_seconds: float = 8.0
     warmup: int = 64

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         "adds to latency there.",
     )
     idle_fetch_max_wait_ms: int = Field(
-        500,
+        1000,
         ge=1,
         description="The same once a whole fetch_timeout_ms found no record, until the next record: an idle "
         "worker then sends the broker 1000/this fetches a second. On the embedded broker the first request "
