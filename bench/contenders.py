@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bench.corpus import spaced_sample
-from bench.hosts import Child, Host, unique_name, warm_up
+from bench.hosts import Child, Host, alone, unique_name, warm_up
 from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
 from bench.procstats import peak_rss_mib, rss_mib, watched
@@ -70,7 +70,7 @@ async def start_naive(
     stack.push_async_callback(child.close)
     await child.event("ready", limit_s=600)
     await warm_up(client, topic, ctx, inputs, count=8)
-    texts = spaced_sample(inputs.mix, ctx.plan.naive_sentences)
+    texts = spaced_sample(inputs.mix, ctx.plan.naive_sentences or len(inputs.mix))
     return Contender(f"naive {backend}", child.pid, topic, texts, note)
 
 
@@ -85,13 +85,25 @@ async def measured(ctx: Context, name: str, pid: int, run: Coroutine[Any, Any, R
     return done.summary() | seen
 
 
-async def measure_main(
-    ctx: Context, client: LoadClient, point: SweepPoint, inputs: Inputs
-) -> dict[str, dict[str, Any]]:
-    """The chosen configuration with the extra models loaded, head to head with the naive consumers,
-    then alone: 128-token inputs, latency against offered load, a profile, RSS throughout."""
+async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[str, dict[str, Any]]:
+    """The chosen configuration, then each naive consumer: every one alone with a fresh broker.
+
+    Nothing else is attached to the broker while a contender is measured (an idle consumer polls
+    it, and the broker's answers cost CPU on the same cores), so the contenders run one after the
+    other rather than in turns.
+    """
+    found: dict[str, dict[str, Any]] = {"worker": await measure_worker(ctx, point, inputs)}
+    capacity = float(np.median([r["throughput_per_s"] for r in found["worker"]["saturation_mix"]]))
+    for backend in ("onnx", "torch"):
+        found[f"naive_{backend}"] = await measure_naive(ctx, backend, inputs, capacity)
+    return found
+
+
+async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
+    """The chosen configuration with the extra models loaded: idle cost, saturation on the mix and on
+    128-token inputs, latency against offered load, a profile, RSS throughout."""
     plan = ctx.plan
-    async with contextlib.AsyncExitStack() as stack:
+    async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
         host = await Host.start(ctx, point, with_extras=True)
         stack.push_async_callback(host.child.close)
         pid = host.child.pid
@@ -119,27 +131,16 @@ async def measure_main(
         worker["stage_costs_128_tokens"] = (await host.child.ask(command, "stages"))["stages"]
         hwm["stage costs"] = peak_rss_mib(pid)
         ctx.tick()
+        worker["idle"] = await idle_cost(ctx, host)
         topic = await host.serve(ctx, point)
         await warm_up(client, topic, ctx, inputs)
         await asyncio.sleep(1.0)
         worker["rss_idle_mib"] = round(rss_mib(pid), 1)
-        contenders = [Contender("worker", pid, topic, inputs.mix)]
-        skipped: dict[str, str] = {}
-        async with contextlib.AsyncExitStack() as naive_processes:
-            for backend in ("onnx", "torch"):
-                started = await start_naive(ctx, client, backend, inputs, naive_processes)
-                if isinstance(started, Contender):
-                    contenders.append(started)
-                else:
-                    skipped[backend] = started
-            # Repetitions take turns, so that a change in the machine's load touches every contender.
-            for _ in range(plan.repeats):
-                for contender in contenders:
-                    ctx.say(f"saturation: {contender.name}")
-                    run = client.run(contender.topic, contender.texts)
-                    contender.runs.append(await measured(ctx, contender.name, contender.pid, run))
-                ctx.tick(len(skipped))
-        worker["saturation_mix"] = contenders[0].runs
+        runs = []
+        for _ in range(plan.repeats):
+            ctx.say("saturation: worker")
+            runs.append(await measured(ctx, "worker", pid, client.run(topic, inputs.mix)))
+        worker["saturation_mix"] = runs
         hwm["saturation, mix"] = peak_rss_mib(pid)
         ctx.say("worker: 128-token texts")
         worker["saturation_fixed_128"] = [
@@ -147,7 +148,7 @@ async def measure_main(
         ]
         hwm["saturation, 128 tokens"] = peak_rss_mib(pid)
         capacity = float(np.median([r["throughput_per_s"] for r in worker["saturation_mix"]]))
-        worker["latency_vs_load"] = await latency_sweep(ctx, client, topic, pid, inputs, capacity)
+        worker["latency_vs_load"] = await latency_sweep(ctx, client, topic, "worker", pid, inputs, capacity)
         hwm["paced runs"] = peak_rss_mib(pid)
         ctx.say("worker: profiled saturation run")
         await host.child.ask({"cmd": "profile_start"}, "profiling")
@@ -158,28 +159,91 @@ async def measure_main(
         watched_runs = worker["saturation_mix"] + worker["saturation_fixed_128"] + worker["latency_vs_load"]
         worker["rss_peak_mib"] = round(max(r["peak_rss_mib"] for r in [*watched_runs, profiled]), 1)
         worker["vm_hwm_mib_after"] = {phase: round(mib, 1) for phase, mib in hwm.items()}
-    found = {"worker": worker}
-    for contender in contenders[1:]:
-        found[contender.name.replace(" ", "_")] = {
-            "process": contender.note,
-            "saturation_mix": contender.runs,
-        }
-    for backend, note in skipped.items():
-        found[f"naive_{backend}"] = {"skipped": note}
+    return worker
+
+
+#: Worker settings of the idle comparison: the defaults, and the fetch settings before this issue.
+IDLE_POINTS = (
+    SweepPoint("defaults"),
+    SweepPoint(
+        "before: fetch_timeout_ms 20, fetch_max_wait_ms 20 busy and idle",
+        {"fetch_timeout_ms": 20, "fetch_max_wait_ms": 20, "idle_fetch_max_wait_ms": 20},
+    ),
+)
+
+
+async def idle_cost(ctx: Context, host: Host) -> dict[str, Any]:
+    """CPU of an idle Worker (extra models loaded: every modality's topics) and of the broker answering
+    it, in percent of one core; first with no Worker attached (what the broker costs alone)."""
+    seconds = ctx.plan.idle_seconds
+    pids = {"worker": host.child.pid}
+    if ctx.broker_pid is not None:
+        pids["broker (tansu)"] = ctx.broker_pid
+
+    async def percent_of_a_core() -> dict[str, float]:
+        async with watched(pids, None) as seen:
+            await asyncio.sleep(seconds)
+        return {name: round(100 * cpu / seconds, 2) for name, cpu in seen["cpu_s"].items()}
+
+    ctx.say("idle cost")
+    await asyncio.sleep(IDLE_SETTLE_S)  # ONNX Runtime's threads stop spinning after the stage costs
+    found: dict[str, Any] = {"seconds": seconds, "no Worker attached": await percent_of_a_core()}
+    for point in IDLE_POINTS:
+        topic = await host.serve(ctx, point)
+        await asyncio.sleep(IDLE_SETTLE_S)  # joined; a whole empty fetch round switches to the idle wait
+        found[point.label] = await percent_of_a_core()
+        await host.stop(topic)
+    return found
+
+
+#: After a Worker joins, before its idle cost is read (more than one default fetch_timeout_ms).
+IDLE_SETTLE_S = 3.0
+
+
+async def measure_naive(ctx: Context, backend: str, inputs: Inputs, worker_capacity: float) -> dict[str, Any]:
+    """A naive consumer alone with a fresh broker: saturation on the mix; the ONNX one also paced, at
+    the worker's offered rates that it can keep up with."""
+    plan = ctx.plan
+    python, _ = torch_python() if backend == "torch" else (sys.executable, "")
+    if python is None:
+        ctx.tick(plan.repeats)
+        return {"skipped": torch_python()[1]}
+    async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
+        started = await start_naive(ctx, client, backend, inputs, stack)
+        if not isinstance(started, Contender):
+            return {"skipped": started}
+        for _ in range(plan.repeats):
+            ctx.say(f"saturation: {started.name}")
+            run = client.run(started.topic, started.texts)
+            started.runs.append(await measured(ctx, started.name, started.pid, run))
+        found: dict[str, Any] = {"process": started.note, "saturation_mix": started.runs}
+        if backend == "onnx":
+            capacity = float(np.median([r["throughput_per_s"] for r in started.runs]))
+            fractions = tuple(f for f in plan.loads if f * worker_capacity <= capacity)
+            found["latency_vs_load"] = await latency_sweep(
+                ctx, client, started.topic, started.name, started.pid, inputs, worker_capacity, fractions
+            )
     return found
 
 
 async def latency_sweep(
-    ctx: Context, client: LoadClient, topic: str, pid: int, inputs: Inputs, capacity: float
+    ctx: Context,
+    client: LoadClient,
+    topic: str,
+    name: str,
+    pid: int,
+    inputs: Inputs,
+    capacity: float,
+    fractions: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Paced runs at fractions of the measured capacity; the 50% point is repeated."""
+    """Paced runs at fractions of the worker's measured capacity; the 50% point is repeated."""
     runs = []
-    for fraction in ctx.plan.loads:
+    for fraction in ctx.plan.loads if fractions is None else fractions:
         rate = max(1.0, fraction * capacity)
         count = max(20, int(rate * ctx.plan.load_seconds))
         texts = [inputs.mix[i % len(inputs.mix)] for i in range(count)]
         for _ in range(ctx.plan.repeats if fraction == 0.5 else 1):
-            ctx.say(f"worker: paced at {fraction:.0%} ({rate:.0f}/s)")
+            ctx.say(f"{name}: paced at {fraction:.0%} ({rate:.0f}/s)")
             run = client.run(topic, texts, rate=rate, limit_s=ctx.plan.load_seconds + 120)
-            runs.append({"fraction": fraction} | await measured(ctx, "worker", pid, run))
+            runs.append({"fraction": fraction} | await measured(ctx, name, pid, run))
     return runs

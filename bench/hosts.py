@@ -9,13 +9,35 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.corpus import spaced_sample
 from bench.load import LoadClient
 from bench.plan import HEARTBEAT_MS, ROOT, SESSION_TIMEOUT_MS, Context, Inputs, SweepPoint
+
+
+@contextlib.asynccontextmanager
+async def kafka(ctx: Context) -> AsyncIterator[None]:
+    """KAFKA_BOOTSTRAP_SERVERS when set, else a fresh embedded broker for the length of the block."""
+    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if servers:
+        ctx.bootstrap, ctx.broker_pid = servers, None
+        yield
+        return
+    from worker.embedded_broker import EmbeddedBroker
+
+    async with EmbeddedBroker() as broker:
+        ctx.bootstrap, ctx.broker_pid = broker.bootstrap_servers, broker.pid
+        yield
+
+
+@contextlib.asynccontextmanager
+async def alone(ctx: Context) -> AsyncIterator[LoadClient]:
+    """A fresh broker and a load client on it: whatever runs in the block has the broker to itself."""
+    async with kafka(ctx), LoadClient(ctx.bootstrap, ctx.model_name) as client:
+        yield client
 
 
 class ChildError(RuntimeError):

@@ -64,9 +64,10 @@ class RawCase:
 
 def raw_compare(
     onnx_path: Path, cases: Mapping[str, RawCase], repeats: int, tick: Callable[[], None] = lambda: None
-) -> dict[str, Spread]:
-    """Rows per second of each case over whole passes; repetitions interleave the cases, so that
-    a change in the machine's load touches every case alike."""
+) -> tuple[dict[str, Spread], dict[str, Spread]]:
+    """Rows per second of each case over whole passes, and this process's CPU milliseconds per row
+    (every thread: ONNX Runtime's included); repetitions interleave the cases, so that a change in
+    the machine's load touches every case alike."""
     sessions: dict[str, Any] = {}
     passes = {}
     for label, case in cases.items():
@@ -81,14 +82,20 @@ def raw_compare(
             session.run(None, batch)
         passes[label] = (session, batches)
     rates: dict[str, list[float]] = {label: [] for label in cases}
+    cpu_ms: dict[str, list[float]] = {label: [] for label in cases}
     for _ in range(repeats):
         for label, (session, batches) in passes.items():
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             for batch in batches:
                 session.run(None, batch)
-            rates[label].append(len(cases[label].encodings) / (time.perf_counter() - began))
+            rows = len(cases[label].encodings)
+            rates[label].append(rows / (time.perf_counter() - began))
+            cpu_ms[label].append(1000 * (time.process_time() - cpu) / rows)
             tick()
-    return {label: Spread.of(values) for label, values in rates.items()}
+    return (
+        {label: Spread.of(values) for label, values in rates.items()},
+        {label: Spread.of(values) for label, values in cpu_ms.items()},
+    )
 
 
 def fused_copy(onnx_path: Path, out: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -120,7 +127,7 @@ def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
     ctx.say("raw ONNX Runtime: batch sizes")
     cases = {f"sorted {b}": RawCase(sample, b) for b in plan.batch_sizes}
     cases |= {f"padded {b}": RawCase(sample_128, b, FIXED_TOKENS) for b in plan.batch_sizes}
-    rates = raw_compare(onnx_path, cases, plan.repeats, ctx.tick)
+    rates, cpu_ms = raw_compare(onnx_path, cases, plan.repeats, ctx.tick)
 
     def described(kind: str, rows: int) -> dict[str, Any]:
         by_size = {b: rates[f"{kind} {b}"] for b in plan.batch_sizes}
@@ -128,7 +135,12 @@ def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
         return {
             "rows_per_pass": rows,
             "by_batch_size": {str(b): spread.to_json() for b, spread in by_size.items()},
-            "best": {"batch_size": best, "sentences_per_s": by_size[best].to_json()},
+            "cpu_ms_per_sentence": {str(b): cpu_ms[f"{kind} {b}"].to_json() for b in plan.batch_sizes},
+            "best": {
+                "batch_size": best,
+                "sentences_per_s": by_size[best].to_json(),
+                "cpu_ms_per_sentence": cpu_ms[f"{kind} {best}"].to_json(),
+            },
         }
 
     found: dict[str, Any] = {
@@ -149,7 +161,7 @@ def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
     for kind, rows, pad_to in (("length_sorted", sample, None), ("padded_128", sample_128, FIXED_TOKENS)):
         size = found[kind]["best"]["batch_size"]
         options |= {f"{kind}|{v}": RawCase(rows, size, pad_to, c, m) for v, (c, m) in variants.items()}
-    compared = raw_compare(onnx_path, options, plan.repeats, ctx.tick)
+    compared, _ = raw_compare(onnx_path, options, plan.repeats, ctx.tick)
     found["session_options"] = {
         kind: {"batch_size": found[kind]["best"]["batch_size"]}
         | {v: compared[f"{kind}|{v}"].to_json() for v in variants}

@@ -12,16 +12,45 @@ from bench.stats import Spread, median_of
 from bench.sweep import p99_bound
 
 
+def cpu_ms_per_request(runs: Sequence[Mapping[str, Any]], name: str) -> Spread:
+    """CPU milliseconds of process ``name`` per answered request, over runs (from /proc)."""
+    return Spread.of(1000 * run["cpu_s"][name] / max(run["answered"], 1) for run in runs)
+
+
+def idle_percent(idle: Mapping[str, Any], label: str = "defaults") -> float | None:
+    """An idle Worker's CPU plus the broker's beyond its own idle cost, percent of one core."""
+    if label not in idle:
+        return None
+    with_worker, alone = idle[label], idle["no Worker attached"]
+    broker = "broker (tansu)"
+    caused = max(0.0, float(with_worker.get(broker, 0.0)) - float(alone.get(broker, 0.0)))
+    return round(float(with_worker["worker"]) + caused, 2)
+
+
+def p99_by_load(runs: Sequence[Mapping[str, Any]]) -> dict[float, float]:
+    """Median p99 per offered-load fraction."""
+    by_load: dict[float, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        by_load.setdefault(run["fraction"], []).append(run)
+    return {f: median_of(rs, "latency_ms", "p99").median for f, rs in sorted(by_load.items())}
+
+
+def _target(name: str, measured: float | None, limit: float | None, at_most: bool = False) -> dict[str, Any]:
+    met = None
+    if measured is not None and limit is not None:
+        met = measured <= limit if at_most else measured >= limit
+    return {"target": name, "measured": measured, "limit": limit, "met": met}
+
+
 def assess(result: dict[str, Any]) -> None:
     """Ratios and the issue's targets, from the measurements already in ``result``."""
     worker = result["worker"]
     raw = result["raw_ort"]
+    raw_best = raw["length_sorted"]["best"]["sentences_per_s"]["median"]
     throughput = median_of(worker["saturation_mix"], "throughput_per_s")
     fixed = median_of(worker["saturation_fixed_128"], "throughput_per_s")
     ratios: dict[str, Any] = {
-        "worker/raw_ort_best": round(
-            throughput.median / raw["length_sorted"]["best"]["sentences_per_s"]["median"], 2
-        ),
+        "worker/raw_ort_best": round(throughput.median / raw_best, 2),
         "worker_128/raw_ort_padded_128_best": round(
             fixed.median / raw["padded_128"]["best"]["sentences_per_s"]["median"], 2
         ),
@@ -32,36 +61,52 @@ def assess(result: dict[str, Any]) -> None:
     for name in ("naive_torch", "naive_onnx"):
         runs = result[name].get("saturation_mix")
         if runs:
-            ratios[f"worker/{name}"] = round(
-                throughput.median / median_of(runs, "throughput_per_s").median, 2
-            )
+            naive = median_of(runs, "throughput_per_s").median
+            ratios[f"worker/{name}"] = round(throughput.median / naive, 2)
+            ratios[f"{name}/raw_ort_best"] = round(naive / raw_best, 2)
+    raw_cpu = raw["length_sorted"]["best"].get("cpu_ms_per_sentence")
+    worker_cpu = cpu_ms_per_request(worker["saturation_mix"], "worker").median
+    if raw_cpu:
+        ratios["worker_cpu_per_request/raw_ort_cpu_per_sentence"] = round(worker_cpu / raw_cpu["median"], 2)
+    full = [r for r in worker["latency_vs_load"] if r["fraction"] == 1.0]
+    if full:
+        ratios["worker_paced_capacity/flood"] = round(full[0]["throughput_per_s"] / throughput.median, 2)
     half = [r for r in worker["latency_vs_load"] if r["fraction"] == 0.5]
     p99 = median_of(half, "latency_ms", "p99").median if half else None
     bound = p99_bound(half, float(worker["settings"].get("max_wait_ms", 10.0)))
+    worse = None
+    naive_paced = result["naive_onnx"].get("latency_vs_load")
+    if naive_paced:
+        ours, theirs = p99_by_load(worker["latency_vs_load"]), p99_by_load(naive_paced)
+        worse = max(round(ours[f] / theirs[f], 2) for f in theirs if f in ours)
+        ratios["worst worker p99 / naive ONNX p99 at one offered load"] = worse
+    idle = idle_percent(worker["idle"]) if "idle" in worker else None
     targets = [
-        {"target": "worker >= 0.9 x raw ORT best", "measured": ratios["worker/raw_ort_best"], "limit": 0.9},
-        {"target": "worker >= 4 x naive PyTorch", "measured": ratios.get("worker/naive_torch"), "limit": 4.0},
-        {"target": "worker >= 2 x naive ONNX", "measured": ratios.get("worker/naive_onnx"), "limit": 2.0},
+        _target("naive ONNX >= 0.45 x raw ORT best", ratios.get("naive_onnx/raw_ort_best"), 0.45),
+        _target("naive PyTorch >= 0.24 x raw ORT best", ratios.get("naive_torch/raw_ort_best"), 0.24),
+        _target("worker >= 0.85 x raw ORT best", ratios["worker/raw_ort_best"], 0.85),
+        _target(
+            "worker CPU per request <= 1.2 x raw ORT CPU per sentence (best batch)",
+            ratios.get("worker_cpu_per_request/raw_ort_cpu_per_sentence"),
+            1.2,
+            at_most=True,
+        ),
+        _target("worker >= 1.8 x naive ONNX", ratios.get("worker/naive_onnx"), 1.8),
+        _target(
+            "p99 at 50% load <= max_wait_ms + 2 x batch inference (median at that load)",
+            p99,
+            bound,
+            at_most=True,
+        ),
+        _target("worker p99 <= naive ONNX p99 at every offered load both ran", worse, 1.0, at_most=True),
+        _target("idle worker + the broker CPU it causes <= 2% of one core", idle, 2.0, at_most=True),
+        _target(
+            "worker RSS <= 1 GiB (peak under saturation, extra models loaded)",
+            worker["rss_peak_mib"],
+            1024,
+            at_most=True,
+        ),
     ]
-    for target in targets:
-        measured = target["measured"]
-        target["met"] = None if measured is None else measured >= target["limit"]
-    targets.append(
-        {
-            "target": "p99 at 50% load <= max_wait_ms + 2 x batch inference (median at that load)",
-            "measured": p99,
-            "limit": bound,
-            "met": None if p99 is None or bound is None else p99 <= bound,
-        }
-    )
-    targets.append(
-        {
-            "target": "worker RSS <= 1 GiB (peak under saturation, extra models loaded)",
-            "measured": worker["rss_peak_mib"],
-            "limit": 1024,
-            "met": worker["rss_peak_mib"] <= 1024,
-        }
-    )
     result["ratios"] = ratios
     result["targets"] = targets
 
@@ -73,6 +118,20 @@ def _row(name: str, inputs: str, setting: str, runs: Sequence[Mapping[str, Any]]
     p50 = median_of(runs, "latency_ms", "p50").median
     p99 = median_of(runs, "latency_ms", "p99").median
     return [name, inputs, setting, str(throughput), f"{p50:.0f}", f"{p99:.0f}"]
+
+
+def _paced_rows(label: str, runs: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            label,
+            "mix",
+            f"{run['fraction']:.0%} = {run['offered_per_s']}/s",
+            f"{run['throughput_per_s']:.0f}",
+            f"{run['latency_ms'].get('p50', 0):.0f}",
+            f"{run['latency_ms'].get('p99', 0):.0f}",
+        ]
+        for run in runs
+    ]
 
 
 def render_table(result: Mapping[str, Any]) -> str:
@@ -92,23 +151,14 @@ def render_table(result: Mapping[str, Any]) -> str:
         rows.append(["worker engine", label, f"no Kafka, batches of <= {mbs}", speed, "-", "-"])
     rows.append(_row("worker e2e", "mix", worker["label"][:40], worker["saturation_mix"]))
     rows.append(_row("worker e2e", "128 tokens", worker["label"][:40], worker["saturation_fixed_128"]))
-    for run in worker["latency_vs_load"]:
-        rows.append(
-            [
-                "worker paced",
-                "mix",
-                f"{run['fraction']:.0%} = {run['offered_per_s']}/s",
-                f"{run['throughput_per_s']:.0f}",
-                f"{run['latency_ms'].get('p50', 0):.0f}",
-                f"{run['latency_ms'].get('p99', 0):.0f}",
-            ]
-        )
+    for label, runs in (("worker paced", worker["latency_vs_load"]),):
+        rows += _paced_rows(label, runs)
     for key, label in (("naive_onnx", "naive ONNX"), ("naive_torch", "naive PyTorch")):
         if "saturation_mix" in result[key]:
-            rows.append(_row(label, "mix (sample)", "1 message at a time", result[key]["saturation_mix"]))
+            rows.append(_row(label, "mix", "1 message at a time", result[key]["saturation_mix"]))
+            rows += _paced_rows(f"{label} paced", result[key].get("latency_vs_load", []))
         else:
             rows.append([label, "-", result[key]["skipped"], "-", "-", "-"])
-    requests = max(worker["saturation_mix"][0]["requests"], 1)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -120,10 +170,33 @@ def render_table(result: Mapping[str, Any]) -> str:
         f"{result['inputs']['fixed_128']['texts']} texts of 128 tokens",
         f"worker RSS: idle {worker['rss_idle_mib']:.0f} MiB, peak under saturation {worker['rss_peak_mib']:.0f} MiB "
         f"({worker['ort_sessions']} ORT sessions, one per model; {worker['buckets']['total']} buckets)",
-        "CPU ms per request at saturation (mix): "
-        + ", ".join(
-            f"{name} {1000 * median_of(worker['saturation_mix'], 'cpu_s', name).median / requests:.2f}"
-            for name in worker["saturation_mix"][0].get("cpu_s", {})
+        "CPU ms per request at saturation (mix), each process: "
+        + "; ".join(
+            f"{label}: "
+            + ", ".join(
+                f"{name} {cpu_ms_per_request(result[key]['saturation_mix'], name).median:.2f}"
+                for name in result[key]["saturation_mix"][0].get("cpu_s", {})
+            )
+            for key, label in (
+                ("worker", "worker"),
+                ("naive_onnx", "naive ONNX"),
+                ("naive_torch", "naive PyTorch"),
+            )
+            if "saturation_mix" in result[key]
+        ),
+        f"raw ORT CPU ms per sentence (this process, all threads), best batch: "
+        f"{raw['length_sorted']['best'].get('cpu_ms_per_sentence', {}).get('median', '-')}",
+        *(
+            [
+                f"idle CPU, % of one core over {worker['idle']['seconds']:.0f} s: "
+                + "; ".join(
+                    f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                    for label, cpu in worker["idle"].items()
+                    if label != "seconds"
+                )
+            ]
+            if "idle" in worker
+            else []
         ),
         "ratios: " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()),
         f"worker settings tried ({result['meta']['model']} alone; saturation sent/s, then p99 at half that "
@@ -178,24 +251,43 @@ def plot(result: Mapping[str, Any], path: Path) -> bool:
     left.set_ylabel("sentences / s")
     left.set_title("throughput (median, min-max bars)")
     left.legend(fontsize=8)
-    by_load: dict[float, list[Mapping[str, Any]]] = {}
-    for run in worker["latency_vs_load"]:
-        by_load.setdefault(run["fraction"], []).append(run)
-    loads = sorted(by_load)
-    offered = [float(np.median([r["offered_per_s"] for r in by_load[f]])) for f in loads]
-    for key in ("p50", "p90", "p99"):
-        spreads = [median_of(by_load[f], "latency_ms", key) for f in loads]
-        errors = [[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]]
-        right.errorbar(offered, [s.median for s in spreads], yerr=errors, marker="o", capsize=3, label=key)
+    curves: list[tuple[str, Any, tuple[str, ...], str]] = [
+        ("worker", worker["latency_vs_load"], ("p50", "p90", "p99"), "-")
+    ]
+    curves.append(("naive ONNX", result["naive_onnx"].get("latency_vs_load", []), ("p50", "p99"), ":"))
+    loads, offered = [], []
+    for name, runs, keys, style in curves:
+        by_load: dict[float, list[Mapping[str, Any]]] = {}
+        for run in runs:
+            by_load.setdefault(run["fraction"], []).append(run)
+        at = sorted(by_load)
+        rates = [float(np.median([r["offered_per_s"] for r in by_load[f]])) for f in at]
+        if name == "worker":
+            loads, offered = at, rates
+        for key in keys:
+            spreads = [median_of(by_load[f], "latency_ms", key) for f in at]
+            errors = [[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]]
+            right.errorbar(
+                rates,
+                [s.median for s in spreads],
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                linestyle=style,
+                label=f"{name} {key}",
+            )
+    flood = median_of(worker["saturation_mix"], "throughput_per_s").median
+    right.axvline(flood, linestyle="--", color="k", label=f"worker flood throughput {flood:.0f}/s")
     for target in result["targets"]:
-        if target["target"].startswith("p99") and target["limit"] is not None and 0.5 in by_load:
-            half = offered[loads.index(0.5)]
+        if target["target"].startswith("p99 at 50%") and target["limit"] is not None and 0.5 in loads:
+            half = offered[loads.index(0.5)]  # the worker's 50% point
             right.scatter(
                 [half], [target["limit"]], marker="x", s=80, color="k", label="p99 target at 50% load"
             )
     right.set_xlabel("offered load (requests / s)")
     right.set_ylabel("latency, ms (send to reply)")
-    right.set_title("worker latency vs offered load")
+    right.set_yscale("log")
+    right.set_title("latency vs offered load (10% to 100% of the worker's flood rate)")
     right.legend(fontsize=8)
     figure.suptitle(f"{result['meta']['model']} on {result['meta']['cpus']} CPUs")
     figure.tight_layout()

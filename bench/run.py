@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +14,12 @@ import numpy as np
 
 from bench.contenders import measure_main
 from bench.corpus import doc_roots, fixed_length_texts, harvest_sentences, token_lengths
-from bench.load import LoadClient
+from bench.hosts import alone
 from bench.plan import DEFAULT_EXTRA_MODELS, DEFAULT_MODEL, FIXED_TOKENS, ROOT, Context, Inputs, Plan
 from bench.raw import measure_raw
 from bench.report import assess
 from bench.stats import percentiles
 from bench.sweep import pick_best, worker_sweep
-
-
-@contextlib.asynccontextmanager
-async def kafka(ctx: Context) -> AsyncIterator[None]:
-    """KAFKA_BOOTSTRAP_SERVERS when set, else the embedded broker for the length of the run."""
-    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if servers:
-        ctx.bootstrap = servers
-        yield
-        return
-    from worker.embedded_broker import EmbeddedBroker
-
-    async with EmbeddedBroker() as broker:
-        ctx.bootstrap, ctx.broker_pid = broker.bootstrap_servers, broker.pid
-        yield
 
 
 def prepare_inputs(ctx: Context, tokenizer: Any) -> tuple[Inputs, dict[str, Any]]:
@@ -87,10 +70,9 @@ async def run_bench(
         + plan.repeats * (2 * len(plan.batch_sizes) + 8)  # raw ORT passes
         + plan.sweep_repeats * len(plan.sweep)
         + 1  # stage costs
-        + plan.repeats * 3  # worker, naive ONNX, naive PyTorch in turns
+        + plan.repeats * 3  # worker, naive ONNX, naive PyTorch, each alone
         + plan.repeats  # 128-token texts
-        + len(plan.loads)
-        + (plan.repeats - 1) * (0.5 in plan.loads)
+        + 2 * (len(plan.loads) + (plan.repeats - 1) * (0.5 in plan.loads))  # paced: worker, naive ONNX
         + 1  # profiled run
     )
     with tqdm(total=steps, desc="bench", unit="step", disable=not progress, file=sys.stderr) as bar:
@@ -100,12 +82,16 @@ async def run_bench(
         ctx.tick()
         result: dict[str, Any] = {"meta": _meta(ctx, plan), "inputs": described}
         result["raw_ort"] = measure_raw(ctx, inputs)
-        async with kafka(ctx), LoadClient(ctx.bootstrap, ctx.model_name) as client:
-            result["meta"]["kafka"] = "embedded tansu broker" if ctx.broker_pid else ctx.bootstrap
+        async with alone(ctx) as client:
+            result["meta"]["kafka"] = (
+                "a fresh embedded tansu broker for the sweep and for each contender"
+                if ctx.broker_pid
+                else ctx.bootstrap
+            )
             result["sweep"] = await worker_sweep(ctx, client, inputs)
-            best = pick_best(result["sweep"])
-            point = next(p for p in plan.sweep if p.label == best)
-            result |= await measure_main(ctx, client, point, inputs)
+        best = pick_best(result["sweep"])
+        point = next(p for p in plan.sweep if p.label == best)
+        result |= await measure_main(ctx, point, inputs)
     assess(result)
     result["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
     return result

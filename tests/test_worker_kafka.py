@@ -310,6 +310,37 @@ async def test_a_full_batch_goes_at_once_without_waiting(kafka_bootstrap: str, m
         assert_result(reply, models["bert"], want)
 
 
+async def test_an_idle_worker_asks_the_broker_for_long_waits_and_short_ones_once_records_flow(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    # aiokafka reads Fetcher._fetch_max_wait_ms for every fetch request it builds (0.14): the one
+    # private attribute the idle switch relies on; if it goes, this test says so.
+    async with (
+        serving(
+            kafka_bootstrap,
+            {"bert": models["bert"]},
+            fetch_timeout_ms=200,
+            fetch_max_wait_ms=20,
+            idle_fetch_max_wait_ms=400,
+        ) as worker,
+        InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
+    ):
+        fetcher = worker.consumer._fetcher  # type: ignore[union-attr]
+        await until(lambda: fetcher._fetch_max_wait_ms == 400, timeout=5)  # a whole round found nothing
+        assert worker.fetcher is not None and worker.fetcher.broker_wait is not None
+        wait = worker.fetcher.broker_wait
+        switches: list[bool] = []
+        set_idle = wait.set_idle
+        wait.set_idle = lambda idle: (switches.append(idle), set_idle(idle))[1]  # type: ignore[method-assign]
+        began = time.perf_counter()
+        reply = await client.request("text", "bert", {"text": "after an idle spell"}, timeout=10)
+        assert "error" not in reply
+        assert False in switches, "the record switched the fetches to short waits"
+        # The first request after idling pays at most the idle wait (tansu) on top of a normal answer.
+        assert time.perf_counter() - began < 5
+        await until(lambda: fetcher._fetch_max_wait_ms == 400, timeout=5)
+
+
 async def test_a_partial_batch_goes_when_its_oldest_request_waited_max_wait(
     kafka_bootstrap: str, models: Models
 ) -> None:

@@ -37,7 +37,7 @@ from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
 from worker.envelopes import Outgoing
-from worker.fetching import Fetched, PartitionFetcher
+from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
 from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
 from worker.metadata import Bucket
@@ -140,7 +140,10 @@ class Worker:
         self.delivery.limit_bytes = await self.clients.record_limit(written)
         assert self.clients.consumer is not None
         self.flow.consumer = self.clients.consumer
-        self.fetcher = PartitionFetcher(self.clients.consumer, max_attempts=s.max_decode_attempts)
+        broker_wait = BrokerWait(self.clients.consumer, s.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
+        self.fetcher = PartitionFetcher(
+            self.clients.consumer, max_attempts=s.max_decode_attempts, broker_wait=broker_wait
+        )
         self.flow.on_revoked = self.fetcher.forget
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
@@ -283,7 +286,7 @@ class Worker:
             room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
             byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
             if self.flow.paused or room <= 0:
-                await asyncio.sleep(s.fetch_timeout_ms / 1000)
+                await asyncio.sleep(POLL_MS / 1000)  # answers free room soon: look again shortly
                 continue
             try:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)

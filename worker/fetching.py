@@ -44,6 +44,11 @@ CONTENT_ERRORS: tuple[type[BaseException], ...] = (
 
 #: Fetch rounds polled partition by partition after a decode error that named no partition.
 SUSPECT_ROUNDS = 100
+#: Pause between rounds while a failing partition is read one record at a time, and while no
+#: partition is assigned: short, because these rounds poll instead of waiting on the client.
+POLL_MS = 20
+#: Pause between rounds while no partition is assigned (a member without partitions idles).
+UNASSIGNED_POLL_MS = 100
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,49 @@ class Fetched:
         return sum(len(r.value or b"") for r in self.records)
 
 
+class BrokerWait:
+    """How long the broker may hold the consumer's fetches: short while records flow, long once idle.
+
+    Apache Kafka answers a fetch as soon as records arrive, so there the wait costs only the
+    empty fetches of an idle consumer (1000 / wait_ms a second). tansu answers only when the wait
+    runs out, so there it is also latency. Short while busy keeps that latency low under load;
+    long once a whole fetch round found nothing keeps an idle worker (and the broker answering it)
+    near zero CPU; the first request after an idle spell pays up to ``idle_ms`` on tansu, nothing
+    on Kafka. aiokafka reads ``Fetcher._fetch_max_wait_ms`` each time it builds a fetch request
+    (aiokafka 0.14, ``Fetcher._get_actions_per_node``); there is no public setter.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, busy_ms: int, idle_ms: int) -> None:
+        self._fetcher = getattr(consumer, "_fetcher", None)
+        self.busy_ms = busy_ms
+        self.idle_ms = max(idle_ms, busy_ms)
+        self.idle = False
+        if self._fetcher is not None and not hasattr(self._fetcher, "_fetch_max_wait_ms"):
+            log.warning("this aiokafka keeps no _fetch_max_wait_ms: the fetch wait stays %d ms", busy_ms)
+            self._fetcher = None
+
+    def set_idle(self, idle: bool) -> None:
+        """Switch between the busy and the idle wait (takes effect from the next fetch request)."""
+        if idle != self.idle and self._fetcher is not None:
+            self.idle = idle
+            self._fetcher._fetch_max_wait_ms = self.idle_ms if idle else self.busy_ms
+
+    @property
+    def wait_ms(self) -> int:
+        """The wait the next fetch request will carry."""
+        return self.idle_ms if self.idle else self.busy_ms
+
+
 class PartitionFetcher:
     """Takes records from a started, subscribed consumer one partition per call."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, *, max_attempts: int = 3, broker_wait: BrokerWait | None = None
+    ) -> None:
         self.consumer = consumer
         self.max_attempts = max_attempts
+        #: switched to its idle wait after a round that found nothing, back on the first record
+        self.broker_wait = broker_wait
         #: partition -> (position that failed, failures there); such partitions are read one record at a time
         self._failing: dict[TopicPartition, tuple[int, int]] = {}
         #: rounds left to poll partition by partition after an error that named no partition
@@ -100,7 +142,7 @@ class PartitionFetcher:
         out = Fetched([], [])
         if not fetchable or max_records <= 0 or (max_bytes is not None and max_bytes <= 0):
             # Nothing to read (no partitions yet, or all paused): wait instead of spinning.
-            await asyncio.sleep(max(timeout_ms, 100) / 1000)
+            await asyncio.sleep(UNASSIGNED_POLL_MS / 1000)
             return out
         for tp in fetchable:
             room = max_records - len(out.records)
@@ -111,9 +153,11 @@ class PartitionFetcher:
             # A failure not yet located or passed: poll one partition per call, so the fault shows
             # in the partition that has it (a multi-partition wait would hide whose it is).
             self._suspect_rounds = max(0, self._suspect_rounds - 1)
-            await asyncio.sleep(timeout_ms / 1000)
+            await asyncio.sleep(min(timeout_ms, POLL_MS) / 1000)
         elif out.empty:
-            await self._wait(fetchable, timeout_ms, out)
+            await self._wait(timeout_ms, out)
+        if self.broker_wait is not None and out.records:
+            self.broker_wait.set_idle(False)
         return out
 
     async def _take(self, tp: TopicPartition, limit: int, out: Fetched) -> None:
@@ -140,14 +184,16 @@ class PartitionFetcher:
             # Everything buffered since the failure decoded: back to whole batches.
             del self._failing[tp]
 
-    async def _wait(self, fetchable: list[TopicPartition], timeout_ms: int, out: Fetched) -> None:
+    async def _wait(self, timeout_ms: int, out: Fetched) -> None:
         """Nothing buffered: wait for the next fetch, taking at most one record so a fault costs nothing.
 
         With ``max_records=1`` aiokafka stops at the first record, so no other partition has been
         drained when it raises; which partition failed shows on the next round, one partition per call.
+        It returns as soon as a record arrives, so a long ``timeout_ms`` costs no latency; it names
+        no partition, so one assigned during the wait counts too (paused ones return nothing).
         """
         try:
-            taken = await self.consumer.getmany(*fetchable, timeout_ms=timeout_ms, max_records=1)
+            taken = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1)
         except ConsumerStoppedError:
             raise
         except CONTENT_ERRORS as exc:
@@ -164,6 +210,8 @@ class PartitionFetcher:
             if records:
                 self.consecutive_errors = 0
             out.records.extend(records)
+        if not out.records and self.broker_wait is not None:
+            self.broker_wait.set_idle(True)
 
     def _broker_error(self, exc: KafkaError) -> None:
         self.consecutive_errors += 1

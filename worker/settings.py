@@ -74,13 +74,24 @@ class Settings(BaseSettings):
     )
     fetch_max_records: int = Field(256, ge=1, description="Most records taken from Kafka in one fetch.")
     fetch_timeout_ms: int = Field(
-        20, ge=1, description="How long one fetch waits for records before returning."
+        1000,
+        ge=1,
+        description="How long the fetch loop waits for records before it looks again. It returns as soon as "
+        "a record arrives, so a long wait costs no latency; a short one wakes an idle worker often.",
     )
     fetch_max_wait_ms: int = Field(
         20,
         ge=1,
-        description="How long the broker may hold a fetch that has no records yet. Kafka answers as soon as "
-        "records arrive; some brokers (the embedded one) only when this expires, so it adds to latency there.",
+        description="How long the broker may hold a fetch that has no records yet, while records flow. Kafka "
+        "answers as soon as records arrive; some brokers (the embedded one) only when this expires, so it "
+        "adds to latency there.",
+    )
+    idle_fetch_max_wait_ms: int = Field(
+        1000,
+        ge=1,
+        description="The same once a whole fetch_timeout_ms found no record, until the next record: an idle "
+        "worker then sends the broker 1000/this fetches a second. On the embedded broker the first request "
+        "after an idle spell waits up to this; on Kafka it costs nothing.",
     )
     session_timeout_ms: int = Field(
         10_000,
