@@ -54,8 +54,15 @@ async def create_topics(
         )
     finally:
         await admin.close()
+    return _created(response)
+
+
+def _created(response: Any) -> list[str]:
+    """The topics a CreateTopics response says were created; raises for any failure but "exists".
+
+    aiokafka reports per-topic failures in the response instead of raising.
+    """
     created = []
-    # aiokafka reports per-topic failures in the response instead of raising.
     for topic, code, *rest in response.topic_errors:
         if code == 0:
             created.append(topic)
@@ -97,20 +104,13 @@ async def ensure_topics(
     admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int, *, create: bool
 ) -> list[str]:
     """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created."""
-    wanted = list(dict.fromkeys(names))
-    missing = [name for name in wanted if name not in set(await admin.list_topics())]
+    existing = set(await admin.list_topics())
+    missing = [name for name in dict.fromkeys(names) if name not in existing]
     if not missing:
         return []
     if not create:
         raise MissingTopics(missing)
-    response = await admin.create_topics([NewTopic(name, partitions, 1) for name in missing])
-    created = []
-    for topic, code, *rest in response.topic_errors:
-        if code == 0:
-            created.append(topic)
-        elif code != TopicAlreadyExistsError.errno:
-            raise for_code(code)(f"creating topic {topic!r}: {rest[0] if rest else None}")
-    return created
+    return _created(await admin.create_topics([NewTopic(name, partitions, 1) for name in missing]))
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
