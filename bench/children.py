@@ -45,7 +45,11 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
 
     began = time.perf_counter()
     options = EngineOptions(
-        intra_op_threads=int(spec["intra_op_threads"]), provider="cpu", spin=bool(spec["spin"])
+        intra_op_threads=int(spec["intra_op_threads"]),
+        batches_in_flight=int(spec["batches_in_flight"]),
+        batch_shapes=str(spec["batch_shapes"]),
+        provider="cpu",
+        spin=bool(spec["spin"]),
     )
     models = {}
     for folder in spec["models"]:

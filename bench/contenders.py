@@ -8,29 +8,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
 
 from bench.corpus import spaced_sample
-from bench.hosts import Child, Host, alone, unique_name, warm_up
+from bench.hosts import Child, Host, alone, served, unique_name, warm_up
 from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
 from bench.procstats import peak_rss_mib, rss_mib, watched
-
-
-@dataclass
-class Contender:
-    """A system measured head to head with the others: where to send, what, and its runs."""
-
-    name: str
-    pid: int
-    topic: str
-    texts: Sequence[str]
-    note: str = ""
-    runs: list[dict[str, Any]] = field(default_factory=list)
 
 
 def torch_python() -> tuple[str | None, str]:
@@ -47,14 +34,16 @@ def torch_python() -> tuple[str | None, str]:
 
 
 async def start_naive(
-    ctx: Context, client: LoadClient, backend: str, inputs: Inputs, stack: contextlib.AsyncExitStack
-) -> Contender | str:
-    """A naive consumer (torch or onnx) in its own process, warmed up; or why it was skipped."""
+    ctx: Context,
+    client: LoadClient,
+    backend: str,
+    inputs: Inputs,
+    stack: contextlib.AsyncExitStack,
+    python: str,
+) -> tuple[int, str]:
+    """A naive consumer (torch or onnx) in its own process, warmed up: its pid and request topic."""
     from worker.topics import create_topics
 
-    python, note = torch_python() if backend == "torch" else (sys.executable, "subprocess, this interpreter")
-    if python is None:
-        return note
     topic = f"{unique_name('naive')}.text.requests"
     await create_topics(ctx.bootstrap, [topic], partitions=4)
     spec = {
@@ -70,8 +59,7 @@ async def start_naive(
     stack.push_async_callback(child.close)
     await child.event("ready", limit_s=600)
     await warm_up(client, topic, ctx, inputs, count=8)
-    texts = spaced_sample(inputs.mix, ctx.plan.naive_sentences or len(inputs.mix))
-    return Contender(f"naive {backend}", child.pid, topic, texts, note)
+    return child.pid, topic
 
 
 async def measured(ctx: Context, name: str, pid: int, run: Coroutine[Any, Any, Run]) -> dict[str, Any]:
@@ -90,7 +78,8 @@ async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[
 
     Nothing else is attached to the broker while a contender is measured (an idle consumer polls
     it, and the broker's answers cost CPU on the same cores), so the contenders run one after the
-    other rather than in turns.
+    other rather than in turns; and every measured run gets a fresh broker (tansu keeps every
+    record in memory, and its CPU per request grew run by run: 0.49, 0.83, 1.33 ms).
     """
     found: dict[str, dict[str, Any]] = {"worker": await measure_worker(ctx, point, inputs)}
     capacity = float(np.median([r["throughput_per_s"] for r in found["worker"]["saturation_mix"]]))
@@ -101,9 +90,9 @@ async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[
 
 async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     """The chosen configuration with the extra models loaded: idle cost, saturation on the mix and on
-    128-token inputs, latency against offered load, a profile, RSS throughout."""
+    128-token inputs, latency against offered load, profiles at saturation and at half load, RSS."""
     plan = ctx.plan
-    async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         host = await Host.start(ctx, point, with_extras=True)
         stack.push_async_callback(host.child.close)
         pid = host.child.pid
@@ -131,33 +120,43 @@ async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dic
         worker["stage_costs_128_tokens"] = (await host.child.ask(command, "stages"))["stages"]
         hwm["stage costs"] = peak_rss_mib(pid)
         ctx.tick()
-        worker["idle"] = await idle_cost(ctx, host)
-        topic = await host.serve(ctx, point)
-        await warm_up(client, topic, ctx, inputs)
-        await asyncio.sleep(1.0)
-        worker["rss_idle_mib"] = round(rss_mib(pid), 1)
+        async with alone(ctx):
+            worker["idle"] = await idle_cost(ctx, host)
+
+        async def one_run(
+            texts: Sequence[str], rate: float | None = None, profile: str | None = None
+        ) -> dict[str, Any]:
+            async with served(ctx, host, point, inputs) as (client, topic):
+                await asyncio.sleep(1.0)
+                worker.setdefault("rss_idle_mib", round(rss_mib(pid), 1))
+                limit = None if rate is None else plan.load_seconds + 120
+                if profile:  # sampled while this Worker's threads live (they end with it)
+                    await host.child.ask({"cmd": "profile_start"}, "profiling")
+                run = await measured(ctx, "worker", pid, client.run(topic, texts, rate=rate, limit_s=limit))
+                if profile:
+                    worker[profile] = (await host.child.ask({"cmd": "profile_stop"}, "profile"))["profile"]
+                    worker[profile]["run"] = run
+                return run
+
         runs = []
         for _ in range(plan.repeats):
             ctx.say("saturation: worker")
-            runs.append(await measured(ctx, "worker", pid, client.run(topic, inputs.mix)))
+            runs.append(await one_run(inputs.mix))
         worker["saturation_mix"] = runs
         hwm["saturation, mix"] = peak_rss_mib(pid)
         ctx.say("worker: 128-token texts")
-        worker["saturation_fixed_128"] = [
-            await measured(ctx, "worker", pid, client.run(topic, inputs.fixed)) for _ in range(plan.repeats)
-        ]
+        worker["saturation_fixed_128"] = [await one_run(inputs.fixed) for _ in range(plan.repeats)]
         hwm["saturation, 128 tokens"] = peak_rss_mib(pid)
         capacity = float(np.median([r["throughput_per_s"] for r in worker["saturation_mix"]]))
-        worker["latency_vs_load"] = await latency_sweep(ctx, client, topic, "worker", pid, inputs, capacity)
+        worker["latency_vs_load"] = await latency_sweep(ctx, "worker", inputs, capacity, one_run)
         hwm["paced runs"] = peak_rss_mib(pid)
-        ctx.say("worker: profiled saturation run")
-        await host.child.ask({"cmd": "profile_start"}, "profiling")
-        profiled = await measured(ctx, "worker", pid, client.run(topic, inputs.mix))
-        worker["profile"] = (await host.child.ask({"cmd": "profile_stop"}, "profile"))["profile"]
-        worker["profile"]["run"] = profiled
-        hwm["profiled run"] = peak_rss_mib(pid)
+        for label, rate in (("profile", None), ("profile_half_load", capacity / 2)):
+            ctx.say(f"worker: profiled run ({label})")
+            await one_run(inputs.mix if rate is None else paced_texts(ctx, inputs, rate), rate, label)
+        hwm["profiled runs"] = peak_rss_mib(pid)
         watched_runs = worker["saturation_mix"] + worker["saturation_fixed_128"] + worker["latency_vs_load"]
-        worker["rss_peak_mib"] = round(max(r["peak_rss_mib"] for r in [*watched_runs, profiled]), 1)
+        profiled_runs = [worker["profile"]["run"], worker["profile_half_load"]["run"]]
+        worker["rss_peak_mib"] = round(max(r["peak_rss_mib"] for r in [*watched_runs, *profiled_runs]), 1)
         worker["vm_hwm_mib_after"] = {phase: round(mib, 1) for phase, mib in hwm.items()}
     return worker
 
@@ -201,49 +200,54 @@ IDLE_SETTLE_S = 3.0
 
 
 async def measure_naive(ctx: Context, backend: str, inputs: Inputs, worker_capacity: float) -> dict[str, Any]:
-    """A naive consumer alone with a fresh broker: saturation on the mix; the ONNX one also paced, at
-    the worker's offered rates that it can keep up with."""
+    """A naive consumer, each run alone with a fresh broker and a fresh process: saturation on the mix;
+    the ONNX one also paced, at the worker's offered rates that it can keep up with."""
     plan = ctx.plan
-    python, _ = torch_python() if backend == "torch" else (sys.executable, "")
+    python, note = torch_python() if backend == "torch" else (sys.executable, "subprocess, this interpreter")
     if python is None:
         ctx.tick(plan.repeats)
-        return {"skipped": torch_python()[1]}
-    async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
-        started = await start_naive(ctx, client, backend, inputs, stack)
-        if not isinstance(started, Contender):
-            return {"skipped": started}
-        for _ in range(plan.repeats):
-            ctx.say(f"saturation: {started.name}")
-            run = client.run(started.topic, started.texts)
-            started.runs.append(await measured(ctx, started.name, started.pid, run))
-        found: dict[str, Any] = {"process": started.note, "saturation_mix": started.runs}
-        if backend == "onnx":
-            capacity = float(np.median([r["throughput_per_s"] for r in started.runs]))
-            fractions = tuple(f for f in plan.loads if f * worker_capacity <= capacity)
-            found["latency_vs_load"] = await latency_sweep(
-                ctx, client, started.topic, started.name, started.pid, inputs, worker_capacity, fractions
-            )
+        return {"skipped": note}
+    name = f"naive {backend}"
+
+    async def one_run(texts: Sequence[str] | None, rate: float | None = None) -> dict[str, Any]:
+        async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
+            pid, topic = await start_naive(ctx, client, backend, inputs, stack, python)
+            run = client.run(topic, texts or spaced_sample(inputs.mix, plan.naive_sentences or len(inputs.mix)),
+                             rate=rate, limit_s=None if rate is None else plan.load_seconds + 120)  # fmt: skip
+            return await measured(ctx, name, pid, run)
+
+    runs = []
+    for _ in range(plan.repeats):
+        ctx.say(f"saturation: {name}")
+        runs.append(await one_run(None))
+    found: dict[str, Any] = {"process": note, "saturation_mix": runs}
+    if backend == "onnx":
+        capacity = float(np.median([r["throughput_per_s"] for r in runs]))
+        fractions = tuple(f for f in plan.loads if f * worker_capacity <= capacity)
+        found["latency_vs_load"] = await latency_sweep(ctx, name, inputs, worker_capacity, one_run, fractions)
     return found
+
+
+def paced_texts(ctx: Context, inputs: Inputs, rate: float) -> list[str]:
+    """The mix, cycled, for ``load_seconds`` at ``rate``."""
+    count = max(20, int(rate * ctx.plan.load_seconds))
+    return [inputs.mix[i % len(inputs.mix)] for i in range(count)]
 
 
 async def latency_sweep(
     ctx: Context,
-    client: LoadClient,
-    topic: str,
     name: str,
-    pid: int,
     inputs: Inputs,
     capacity: float,
+    one_run: Callable[[Sequence[str], float], Awaitable[dict[str, Any]]],
     fractions: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Paced runs at fractions of the worker's measured capacity; the 50% point is repeated."""
+    """Paced runs at fractions of the worker's measured capacity, each with a fresh broker; the 50%
+    point is repeated."""
     runs = []
     for fraction in ctx.plan.loads if fractions is None else fractions:
         rate = max(1.0, fraction * capacity)
-        count = max(20, int(rate * ctx.plan.load_seconds))
-        texts = [inputs.mix[i % len(inputs.mix)] for i in range(count)]
         for _ in range(ctx.plan.repeats if fraction == 0.5 else 1):
             ctx.say(f"{name}: paced at {fraction:.0%} ({rate:.0f}/s)")
-            run = client.run(topic, texts, rate=rate, limit_s=ctx.plan.load_seconds + 120)
-            runs.append({"fraction": fraction} | await measured(ctx, name, pid, run))
+            runs.append({"fraction": fraction} | await one_run(paced_texts(ctx, inputs, rate), rate))
     return runs

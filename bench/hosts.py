@@ -134,6 +134,8 @@ class Host:
         spec = {
             "models": [str(f) for f in folders],
             "intra_op_threads": point.settings.get("intra_op_threads", 0),
+            "batches_in_flight": point.settings.get("batches_in_flight", 0),
+            "batch_shapes": point.settings.get("batch_shapes", "auto"),
             "overrides": {ctx.model_name: dict(point.overrides)},
             "spin": point.settings.get("intra_op_spinning", True),
         }
@@ -164,6 +166,21 @@ class Host:
     async def stop(self, topic: str) -> None:
         """Drain and stop the Worker serving ``topic``: an idle consumer still polls the broker."""
         await self.child.ask({"cmd": "stop", "prefix": topic.split(".", 1)[0]}, "stopped", limit_s=120)
+
+
+@contextlib.asynccontextmanager
+async def served(
+    ctx: Context, host: Host, point: SweepPoint, inputs: Inputs
+) -> AsyncIterator[tuple[LoadClient, str]]:
+    """A fresh broker, a load client, and ``host`` serving ``point`` on it, warmed up: tansu keeps every
+    record in memory and its CPU per request grows with them, so each measured run gets its own."""
+    async with alone(ctx) as client:
+        topic = await host.serve(ctx, point)
+        await warm_up(client, topic, ctx, inputs)
+        try:
+            yield client, topic
+        finally:
+            await host.stop(topic)
 
 
 async def warm_up(client: LoadClient, topic: str, ctx: Context, inputs: Inputs, count: int = 0) -> None:

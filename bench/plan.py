@@ -29,7 +29,8 @@ class SweepPoint:
     @property
     def engine_key(self) -> str:
         """Points with equal keys can share one loaded set of models."""
-        engine = [self.settings.get(k) for k in ("intra_op_threads", "intra_op_spinning")]
+        knobs = ("intra_op_threads", "intra_op_spinning", "batches_in_flight", "batch_shapes")
+        engine = [self.settings.get(k) for k in knobs]
         return json.dumps([engine, self.overrides], sort_keys=True)
 
 
@@ -37,25 +38,32 @@ class SweepPoint:
 COARSE_SEQUENCES = [16, 32, 64, 128, 256]
 
 FULL_SWEEP = (
-    SweepPoint("defaults (intra_op 0 = 1/core, spinning, executor 2, batch 32, 2048 tokens, wait 10 ms)"),
-    SweepPoint("executor_threads 1", {"executor_threads": 1}),
+    SweepPoint(
+        "defaults (CPU: longest shapes, 2 batches in flight x 1 thread, executor 3, batch 32, "
+        "2048 tokens, wait 10 ms)"
+    ),
+    SweepPoint("max_batch_tokens 1024", {"max_batch_tokens": 1024}),
+    SweepPoint("max_batch_size 16", {"max_batch_size": 16}),
+    SweepPoint("max_wait_ms 2", {"max_wait_ms": 2.0}),
+    SweepPoint("eager_when_idle off (an idle model waits max_wait_ms too)", {"eager_when_idle": False}),
+    SweepPoint("batches_in_flight 1 (one batch on both cores, longest shapes)", {"batches_in_flight": 1}),
+    SweepPoint(
+        "batch_shapes buckets (the previous defaults: fixed shapes, one batch on both cores, executor 2)",
+        {"batch_shapes": "buckets", "executor_threads": 2},
+    ),
     SweepPoint(
         "fetch_max_wait_ms 500 busy and idle (the Kafka client's default)",
         {"fetch_max_wait_ms": 500, "idle_fetch_max_wait_ms": 500},
     ),
-    SweepPoint("max_wait_ms 2", {"max_wait_ms": 2.0}),
-    SweepPoint("intra_op_threads 1", {"intra_op_threads": 1}),
-    SweepPoint("intra_op_spinning off", {"intra_op_spinning": False}),
-    SweepPoint("max_batch_size 16", {"max_batch_size": 16}),
-    SweepPoint("max_batch_tokens 1024", {"max_batch_tokens": 1024}),
     SweepPoint(
-        "coarse buckets (the old defaults): batch 1,8,32; sequence 16,32,64,128,256",
+        "coarse buckets: batch 1,8,32; sequence 16,32,64,128,256",
         {},
         {"batch_sizes": [1, 8, 32], "sequence_lengths": COARSE_SEQUENCES},
     ),
 )
-"""Points measured before (bench/results/ of issue 11) and left out for time: max_wait_ms 25 (176/s
-against 185), batch buckets up to 64 (165/s), no token budget (178/s)."""
+"""Points measured before and left out for time: max_wait_ms 25 (176/s against 185), batch buckets up to
+64 (165/s), no token budget (178/s) (issue 11); executor_threads 1 (266/s against 277), intra_op_spinning
+off (274/s) with one batch on both cores (issue 15, run 3; spinning does nothing with one thread a run)."""
 
 
 @dataclass(frozen=True)

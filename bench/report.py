@@ -207,14 +207,31 @@ def render_table(result: Mapping[str, Any]) -> str:
             for r in result["sweep"]
         ),
         f"  chosen: {worker['label']}",
-        "where the worker's busy time went: "
-        + ", ".join(f"{k} {v}%" for k, v in worker["profile"]["busy_share_by_category_pct"].items()),
+        *(
+            _profile_line(label, worker[key])
+            for key, label in (("profile", "saturated"), ("profile_half_load", "at half load"))
+            if key in worker
+        ),
         "targets:",
     ]
     for target in result["targets"]:
         verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
         lines.append(f"  {verdict:<6} {target['target']}: {target['measured']} (limit {target['limit']})")
     return "\n".join(lines)
+
+
+def _profile_line(label: str, profile: Mapping[str, Any]) -> str:
+    """A profiled run: the CPU per request of each thread group and process, and the busy time's shares."""
+    run = profile["run"]
+    answered = max(run["answered"], 1)
+    threads = ", ".join(f"{k} {1000 * v / answered:.2f}" for k, v in profile["cpu_s_by_thread_group"].items())
+    processes = ", ".join(f"{k} {1000 * v / answered:.2f}" for k, v in run.get("cpu_s", {}).items())
+    shares = ", ".join(f"{k} {v}%" for k, v in profile["busy_share_by_category_pct"].items())
+    return (
+        f"profiled run, {label} ({run['throughput_per_s']:.0f}/s, batch mean "
+        f"{run.get('batch_size', {}).get('mean', '-')}): CPU ms per request by worker thread group: {threads}; "
+        f"by process: {processes}; the worker's busy time: {shares}"
+    )
 
 
 def plot(result: Mapping[str, Any], path: Path) -> bool:

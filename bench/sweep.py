@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from bench.corpus import spaced_sample
-from bench.hosts import Host, warm_up
-from bench.load import LoadClient
+from bench.hosts import Host, served
 from bench.plan import Context, Inputs, SweepPoint
 from bench.procstats import rss_mib
 from bench.stats import Spread
@@ -66,8 +65,9 @@ def pick_best(sweep: Sequence[Mapping[str, Any]]) -> str:
     return str(min(close, key=lambda row: row["half_load_p99_ms"]["median"])["label"])
 
 
-async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list[dict[str, Any]]:
-    """Each sweep point served and measured in turns (points sharing models share a process)."""
+async def worker_sweep(ctx: Context, inputs: Inputs) -> list[dict[str, Any]]:
+    """Each sweep point served and measured in turns (points sharing models share a process), each
+    time with a fresh broker."""
     plan = ctx.plan
     texts = spaced_sample(inputs.mix, plan.sweep_sentences)
     entries: list[SweepEntry] = []
@@ -83,14 +83,12 @@ async def worker_sweep(ctx: Context, client: LoadClient, inputs: Inputs) -> list
             for entry in entries:
                 host = hosts[entry.point.engine_key]
                 ctx.say(f"sweep: {entry.point.label}")
-                topic = await host.serve(ctx, entry.point)
-                await warm_up(client, topic, ctx, inputs)
-                entry.host_rss_mib = max(entry.host_rss_mib, round(rss_mib(host.child.pid), 1))
-                saturation = (await client.run(topic, texts)).summary()
-                rate = max(1.0, saturation["throughput_per_s"] / 2)
-                paced = [texts[i % len(texts)] for i in range(max(20, int(rate * plan.sweep_paced_s)))]
-                half = await client.run(topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
-                await host.stop(topic)
+                async with served(ctx, host, entry.point, inputs) as (client, topic):
+                    entry.host_rss_mib = max(entry.host_rss_mib, round(rss_mib(host.child.pid), 1))
+                    saturation = (await client.run(topic, texts)).summary()
+                    rate = max(1.0, saturation["throughput_per_s"] / 2)
+                    paced = [texts[i % len(texts)] for i in range(max(20, int(rate * plan.sweep_paced_s)))]
+                    half = await client.run(topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
                 entry.saturation.append(saturation)
                 entry.half_load.append(half.summary())
                 ctx.tick()

@@ -184,6 +184,29 @@ async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:
     assert await asyncio.wait_for(getter, 2.0) == ("a", [0, 1, 2])
 
 
+async def test_an_eager_get_takes_what_is_queued_without_waiting_and_at_most_one_batch() -> None:
+    now = 0.0
+    batcher: MicroBatcher[str, int] = MicroBatcher(
+        BatchQueue(max_batch_size=2, max_wait=60.0), clock=lambda: now
+    )
+    getter = asyncio.create_task(batcher.get(eager=True))
+    await _let_the_getter_run()
+    assert not getter.done(), "nothing queued: even an eager get waits"
+    batcher.put("b", 1)
+    assert await asyncio.wait_for(getter, 2.0) == ("b", [1]), "no max_wait for an idle model"
+    for i in range(2, 5):
+        batcher.put("a", i)
+    batcher.put("b", 5)
+    assert await batcher.get(eager=True) == ("a", [2, 3]), "the oldest bucket, one batch of it"
+    assert await batcher.get(eager=True) == ("a", [4])
+    later = asyncio.create_task(batcher.get())
+    await _let_the_getter_run()
+    assert not later.done(), "a plain get still waits for size or time"
+    now = 60.0
+    batcher.put("c", 6)
+    assert await asyncio.wait_for(later, 2.0) == ("b", [5])
+
+
 async def test_micro_batcher_flushes_on_close_then_stops() -> None:
     batcher: MicroBatcher[str, int] = MicroBatcher(BatchQueue(max_batch_size=10, max_wait=60.0))
     batcher.put("a", 1)

@@ -292,8 +292,9 @@ async def test_worker_and_naive_consumer_answer_every_bench_request(
         topics = [
             await host.serve(ctx, plan.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
         ]
-        naive = await contenders.start_naive(ctx, client, "onnx", inputs, stack)
-        assert isinstance(naive, contenders.Contender)
+        naive_pid, naive_topic = await contenders.start_naive(
+            ctx, client, "onnx", inputs, stack, sys.executable
+        )
         for topic in topics:
             await hosts.warm_up(client, topic, ctx, inputs)
             saturated = (await client.run(topic, texts)).summary()
@@ -302,6 +303,7 @@ async def test_worker_and_naive_consumer_answer_every_bench_request(
             paced = (await client.run(topic, texts[:5], rate=50.0)).summary()
             assert paced["answered"] == 5 and paced["offered_per_s"] == 50.0
             await host.stop(topic)  # drained and stopped: the next point runs alone
-        answered = await contenders.measured(ctx, naive.name, naive.pid, client.run(naive.topic, naive.texts))
+        run = client.run(naive_topic, texts[:6])
+        answered = await contenders.measured(ctx, "naive onnx", naive_pid, run)
         assert (answered["answered"], answered["errors"]) == (6, 0)
-        assert answered["cpu_s"][naive.name] > 0 and answered["peak_rss_mib"] > 0
+        assert answered["cpu_s"]["naive onnx"] > 0 and answered["peak_rss_mib"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.references import (
     to_model_input,
 )
 from worker.assembly import group_by_shape
+from worker.engine import EngineOptions, RunPlan, usable_cores
 from worker.errors import InvalidRequest
 from worker.metadata import ModelMetadata
 from worker.processors import (
@@ -44,9 +46,11 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models() -> dict[str, ServedModel]:
-    return {name: load_model(TINY / name) for name in TINY_MODELS}
+@pytest.fixture(scope="module", params=["longest", "buckets"])
+def models(request: pytest.FixtureRequest) -> dict[str, ServedModel]:
+    """Every tiny model, run at each batch shape policy (longest is the CPU default, buckets CUDA's)."""
+    options = EngineOptions(batch_shapes=request.param)
+    return {name: load_model(TINY / name, engine_options=options) for name in TINY_MODELS}
 
 
 def _random_image(rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> Image.Image:
@@ -139,7 +143,11 @@ LENGTHS = ("Hi.", "A sentence of a dozen or so tokens, give or take.", " ".join(
 def test_shorter_requests_ride_in_a_longer_bucket_with_the_same_answers(
     models: dict[str, ServedModel], name: str
 ) -> None:
-    model = models[name] if name in models else load_model(TINY / name)
+    model = (
+        models[name]
+        if name in models
+        else load_model(TINY / name, engine_options=models["bert"].engine.options)
+    )
     rng = np.random.default_rng(5)
     make: Callable[[str], ModelInput] = {
         "bert-qa": lambda text: TextInput("What is it?", text),
@@ -149,10 +157,22 @@ def test_shorter_requests_ride_in_a_longer_bucket_with_the_same_answers(
     keys = [p.shape_key for p in prepared]
     assert len(set(keys)) >= 2, "requests of different buckets"
     longest = max(keys, key=lambda k: dict(k)["sequence"])
-    assert all(model.merge_rank(k) == dict(k)["sequence"] for k in keys)
+    # The batcher merges buckets only at fixed shapes; the engine runs such a batch at either policy.
+    ranks = [dict(k)["sequence"] if model.engine.fixed_shapes else None for k in keys]
+    assert [model.merge_rank(k) for k in keys] == ranks
     together = model.run(prepared, longest)
     for item, result in zip(prepared, together, strict=True):
-        _close(result, model.run([item])[0], atol=1e-5)  # own shapes too: outputs cut back to length
+        [alone] = model.run([item])
+        assert {k: v.shape for k, v in result.items()} == {k: v.shape for k, v in alone.items()}, "own length"
+        _close(_real_tokens(result, item), _real_tokens(alone, item), atol=1e-5)
+
+
+def _real_tokens(outputs: dict[str, np.ndarray], item: Prepared) -> dict[str, np.ndarray]:
+    """Outputs along the token axis cut to the request's real tokens: what follows is padding, which
+    the heads never read (a bucket run leaves the model's outputs there, a longest-length run zeros)."""
+    mask = item.arrays["attention_mask"]
+    real = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+    return {k: v[:, :real] if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v for k, v in outputs.items()}
 
 
 def test_a_longer_request_never_fits_a_shorter_bucket(models: dict[str, ServedModel]) -> None:
@@ -331,3 +351,45 @@ def test_requests_group_by_shape_in_order_of_first_appearance() -> None:
 
     assert group_by_shape([at(16), at(32), at(16)]) == [[0, 2], [1]]
     assert group_by_shape([]) == []
+
+
+def test_the_run_plan_shares_the_cores_among_batches_on_cpu_and_keeps_fixed_shapes_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.engine.usable_cores", lambda: 8)
+    assert RunPlan.of(EngineOptions(), on_cuda=False) == RunPlan(False, 2, 4)
+    assert RunPlan.of(EngineOptions(batches_in_flight=4), on_cuda=False) == RunPlan(False, 4, 2)
+    assert RunPlan.of(EngineOptions(intra_op_threads=3), on_cuda=False) == RunPlan(False, 2, 3)
+    assert RunPlan.of(EngineOptions(), on_cuda=True) == RunPlan(True, 1, 0)
+    # A bucket's buffers take one batch at a time, whatever was asked.
+    assert RunPlan.of(EngineOptions(batch_shapes="buckets", batches_in_flight=3), on_cuda=False) == RunPlan(
+        True, 1, 0
+    )
+    monkeypatch.setattr("worker.engine.usable_cores", lambda: 1)
+    assert RunPlan.of(EngineOptions(), on_cuda=False) == RunPlan(False, 1, 1)
+
+
+def test_batches_in_flight_at_once_get_the_answers_they_get_alone() -> None:
+    model = load_model(TINY / "bert-embed", engine_options=EngineOptions(batch_shapes="longest"))
+    assert model.engine.batches_in_flight == min(2, usable_cores()) and not model.engine.fixed_shapes
+    batches = [[model.prepare(TextInput(f"{text} {i}")) for text in SENTENCES[:5]] for i in range(8)] + [
+        [model.prepare(TextInput(text)) for text in LENGTHS]
+    ]
+
+    def run(batch: list[Prepared]) -> list[dict[str, np.ndarray]]:
+        return model.run(batch, max((p.shape_key for p in batch), key=lambda k: dict(k)["sequence"]))
+
+    alone = [run(batch) for batch in batches]
+    start = threading.Barrier(4)
+
+    def together(batch: list[Prepared]) -> list[dict[str, np.ndarray]]:
+        start.wait()
+        return [run(batch) for _ in range(5)][-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        for i in range(0, len(batches), 4):
+            group = batches[i : i + 4]
+            start = threading.Barrier(len(group))
+            for got, want in zip(pool.map(together, group), alone[i : i + 4], strict=True):
+                for a, b in zip(got, want, strict=True):
+                    _close(a, b, atol=0)

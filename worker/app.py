@@ -79,7 +79,11 @@ class Worker:
         self.models = dict(models)
         self.modalities = sorted({m.metadata.modality for m in self.models.values()})
         self.metrics = WorkerMetrics()
-        self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")
+        # Every model's batches in flight at once, and one more thread for the intake's preprocessing.
+        threads = (
+            settings.executor_threads or max(m.engine.batches_in_flight for m in self.models.values()) + 1
+        )
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="inference")
         self.clients = KafkaClients(settings)
         modality_of = {requests_topic(m, settings.topic_prefix): m for m in self.modalities}
         policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
@@ -360,24 +364,41 @@ class Worker:
             self._state.dead_loops.discard(model.name)
 
     async def _model_loop(self, model: ServedModel, batcher: MicroBatcher[Bucket, Job]) -> None:
-        """Take ready batches of one model, run them in the executor, hand replies on."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                key, jobs = await batcher.get()
-            except BatcherClosed:
-                return
-            now = now_ms()
-            jobs, replies = split_expired(jobs, now)
-            if jobs:
-                started = time.perf_counter()
-                run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
-                replies += await loop.run_in_executor(self.executor, run)
-                log.debug(
-                    "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
-                )
-            # Publishing runs beside the next batch: the executor stays busy meanwhile.
-            self._spawn(self._publish(replies))
+        """Take ready batches of one model and run as many at once as its engine takes, in the executor;
+        each hands its replies on as it ends."""
+        slots = asyncio.Semaphore(model.engine.batches_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                for task in [t for t in running if t.done()]:
+                    running.discard(task)
+                    task.result()  # a batch that failed outside run_batch's own handling ends the loop
+                try:
+                    # An idle model takes what is queued at once: waiting for max_wait would only add latency.
+                    key, jobs = await batcher.get(eager=not running and self.settings.eager_when_idle)
+                except BatcherClosed:
+                    return
+                task = asyncio.create_task(self._answer(model, key, jobs))
+                running.add(task)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _answer(self, model: ServedModel, key: Bucket, jobs: list[Job]) -> None:
+        """Run one batch in the executor and hand its replies to delivery."""
+        now = now_ms()
+        jobs, replies = split_expired(jobs, now)
+        if jobs:
+            started = time.perf_counter()
+            run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
+            replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            log.debug(
+                "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
+            )
+        # Publishing runs beside the next batch: the executor stays busy meanwhile.
+        self._spawn(self._publish(replies))
 
     # --- replies -----------------------------------------------------------------------
 

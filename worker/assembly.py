@@ -49,6 +49,10 @@ class BucketLayout:
             spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in metadata.sequence_dims}
             for spec in metadata.outputs
         }
+        self._input_sequence_axes = {
+            spec.name: {axis: d for axis, d in enumerate(spec.shape) if d in metadata.sequence_dims}
+            for spec in metadata.inputs
+        }
         self.buffers = self._allocate_inputs()
 
     def _allocate_inputs(self) -> dict[Bucket, dict[str, np.ndarray]]:
@@ -192,18 +196,75 @@ class BucketLayout:
             buffer[used[dim] :] = buffer[0]
         return inputs
 
-    def cut_outputs(
-        self, outputs: Mapping[str, np.ndarray], span: Span, own: Bucket, key: Bucket
+    def real_lengths(self, item: Prepared, pad_values: Mapping[str, int]) -> dict[str, int]:
+        """Per sequence dim, how far a request's real tokens reach: past its last non-padding position
+        of the attention mask (at least 1). Empty without an attention mask among ``pad_values``."""
+        mask = item.arrays.get("attention_mask") if "attention_mask" in pad_values else None
+        if mask is None:
+            return {}
+        lengths: dict[str, int] = {}
+        for axis, dim in self._input_sequence_axes["attention_mask"].items():
+            other = tuple(a for a in range(mask.ndim) if a != axis)
+            real = np.flatnonzero(np.any(mask != pad_values["attention_mask"], axis=other))
+            lengths[dim] = int(real[-1]) + 1 if real.size else 1
+        return lengths
+
+    def assemble(
+        self,
+        chunk: Sequence[Prepared],
+        spans: Sequence[Span],
+        used: Mapping[str, int],
+        pad_values: Mapping[str, int],
     ) -> dict[str, np.ndarray]:
-        """One request's part of the outputs: its rows, and along sequence axes its own length."""
-        lengths = dict(own) if own != key else {}
+        """A run's inputs in new arrays at exactly its rows and, along sequence dims, its longest real
+        length (no bucket buffer, no lock): what a CPU runs fastest; GPUs keep the fixed bucket shapes."""
+        lengths: dict[str, int] = {}
+        for item in chunk:
+            for dim, length in self.real_lengths(item, pad_values).items():
+                lengths[dim] = max(length, lengths.get(dim, 0))
+        inputs: dict[str, np.ndarray] = {}
+        for spec in self.metadata.inputs:
+            dim = self._row_dims[spec.name]
+            first = chunk[0].arrays[spec.name]
+            rows = used[dim] if dim in self.metadata.dims else self._capacity[dim]
+            shape = [rows, *first.shape[1:]]
+            for axis, seq_dim in self._input_sequence_axes[spec.name].items():
+                shape[axis] = lengths.get(seq_dim, max(item.arrays[spec.name].shape[axis] for item in chunk))
+            buffer = np.full(shape, pad_values.get(spec.name, 0), dtype=first.dtype)
+            for item, span in zip(chunk, spans, strict=True):
+                array = item.arrays[spec.name]
+                fit = tuple(
+                    slice(0, min(n, limit)) for n, limit in zip(array.shape[1:], shape[1:], strict=True)
+                )
+                buffer[(span[dim], *fit)] = array[(slice(None), *fit)]
+            buffer[used[dim] :] = buffer[0]  # a fixed batch dim: padding rows copy a real row
+            inputs[spec.name] = buffer
+        return inputs
+
+    def cut_outputs(
+        self, outputs: Mapping[str, np.ndarray], span: Span, own: Bucket
+    ) -> dict[str, np.ndarray]:
+        """One request's part of the outputs: its rows, and along sequence axes its own length.
+
+        A run at the bucket's length is cut back to the request's; a run at the batch's longest real
+        length (``assemble``) is padded back with zeros past it: heads read only real tokens.
+        """
+        lengths = dict(own)
         result: dict[str, np.ndarray] = {}
         for name, array in outputs.items():
             index: list[Any] = [slice(None)] * array.ndim
             for axis, dim in self._row_axes[name].items():
                 index[axis] = span[dim]
+            short: list[tuple[int, int]] = []
             for axis, dim in self._sequence_axes[name].items():
                 if dim in lengths:
                     index[axis] = slice(0, lengths[dim])
-            result[name] = array[tuple(index)]
+                    short.append((axis, lengths[dim] - min(lengths[dim], array.shape[axis])))
+            part = array[tuple(index)]
+            if any(missing for _, missing in short):
+                widths = [(0, 0)] * part.ndim
+                for axis, missing in short:
+                    widths[axis] = (0, missing)
+                part = np.pad(part, widths)
+            result[name] = part
         return result

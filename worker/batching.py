@@ -6,6 +6,9 @@ when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size
 ``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
 close every queued item is flushed.
 
+A consumer whose model is idle may take what is queued at once (``get(eager=True)``): the
+batch then holds what arrived together, and batches grow only while the model is busy.
+
 A full bucket goes alone, at its own shape. A batch that goes on time takes every queued item
 of the buckets that ``rank_of`` ranks (token lengths), at the longest shape among them, when
 they all fit one batch of that shape: at low load a few short and long requests are answered
@@ -150,10 +153,15 @@ class MicroBatcher(Generic[K, T]):
         self._closing = True
         self._wakeup.set()
 
-    async def get(self) -> tuple[K, list[T]]:
-        """The next ready batch (by size, by time, or by flush on close)."""
+    async def get(self, *, eager: bool = False) -> tuple[K, list[T]]:
+        """The next ready batch (by size, by time, or by flush on close).
+
+        ``eager``: whatever is queued is ready (the oldest bucket's items, at most one batch), without
+        waiting for max_wait: the caller's model is idle, so waiting would only add latency; while
+        it is busy, batches fill up as before.
+        """
         while True:
-            ready = self.queue.pop_ready(self._clock(), flush=self._closing)
+            ready = self.queue.pop_ready(self._clock(), flush=self._closing or eager)
             if ready is not None:
                 return ready
             if self._closing:

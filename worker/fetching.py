@@ -77,36 +77,41 @@ class Fetched:
 
 
 class BrokerWait:
-    """How long the broker may hold the consumer's fetches: short while records flow, long once idle.
+    """How long the broker may hold the consumer's fetches: short while records flow, longer the longer
+    the worker has been idle.
 
     Apache Kafka answers a fetch as soon as records arrive, so there the wait costs only the
     empty fetches of an idle consumer (1000 / wait_ms a second). tansu answers only when the wait
     runs out, so there it is also latency. Short while busy keeps that latency low under load;
-    long once a whole fetch round found nothing keeps an idle worker (and the broker answering it)
-    near zero CPU; the first request after an idle spell pays up to ``idle_ms`` on tansu, nothing
-    on Kafka. aiokafka reads ``Fetcher._fetch_max_wait_ms`` each time it builds a fetch request
-    (aiokafka 0.14, ``Fetcher._get_actions_per_node``); there is no public setter.
+    doubled after each fetch round that found nothing, up to ``idle_ms``, it keeps a worker idle for
+    long (and the broker answering it) near zero CPU, while a stream that pauses for a second or two
+    resumes with a short wait: on tansu the first request after an idle spell pays up to the wait
+    reached, on Kafka nothing. aiokafka reads ``Fetcher._fetch_max_wait_ms`` each time it builds a
+    fetch request (aiokafka 0.14, ``Fetcher._get_actions_per_node``); there is no public setter.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer, busy_ms: int, idle_ms: int) -> None:
         self._fetcher = getattr(consumer, "_fetcher", None)
         self.busy_ms = busy_ms
         self.idle_ms = max(idle_ms, busy_ms)
-        self.idle = False
+        self.wait_ms = busy_ms
+        """The wait the next fetch request will carry."""
         if self._fetcher is not None and not hasattr(self._fetcher, "_fetch_max_wait_ms"):
             log.warning("this aiokafka keeps no _fetch_max_wait_ms: the fetch wait stays %d ms", busy_ms)
             self._fetcher = None
 
-    def set_idle(self, idle: bool) -> None:
-        """Switch between the busy and the idle wait (takes effect from the next fetch request)."""
-        if idle != self.idle and self._fetcher is not None:
-            self.idle = idle
-            self._fetcher._fetch_max_wait_ms = self.idle_ms if idle else self.busy_ms
-
     @property
-    def wait_ms(self) -> int:
-        """The wait the next fetch request will carry."""
-        return self.idle_ms if self.idle else self.busy_ms
+    def idle(self) -> bool:
+        """Whether the wait has grown past the busy one (a whole round found nothing)."""
+        return self.wait_ms > self.busy_ms
+
+    def round_ended(self, found: bool) -> None:
+        """A fetch round found records (back to the busy wait) or none (the wait doubles, up to idle_ms)."""
+        wait = self.busy_ms if found else min(self.idle_ms, max(2 * self.wait_ms, 1))
+        if wait != self.wait_ms:
+            self.wait_ms = wait
+            if self._fetcher is not None:
+                self._fetcher._fetch_max_wait_ms = wait
 
 
 class PartitionFetcher:
@@ -117,7 +122,7 @@ class PartitionFetcher:
     ) -> None:
         self.consumer = consumer
         self.max_attempts = max_attempts
-        #: switched to its idle wait after a round that found nothing, back on the first record
+        #: lengthened after each round that found nothing, back to the busy wait on the first record
         self.broker_wait = broker_wait
         #: partition -> (position that failed, failures there); such partitions are read one record at a time
         self._failing: dict[TopicPartition, tuple[int, int]] = {}
@@ -157,7 +162,7 @@ class PartitionFetcher:
         elif out.empty:
             await self._wait(timeout_ms, out)
         if self.broker_wait is not None and out.records:
-            self.broker_wait.set_idle(False)
+            self.broker_wait.round_ended(found=True)
         return out
 
     async def _take(self, tp: TopicPartition, limit: int, out: Fetched) -> None:
@@ -211,7 +216,7 @@ class PartitionFetcher:
                 self.consecutive_errors = 0
             out.records.extend(records)
         if not out.records and self.broker_wait is not None:
-            self.broker_wait.set_idle(True)
+            self.broker_wait.round_ended(found=False)
 
     def _broker_error(self, exc: KafkaError) -> None:
         self.consecutive_errors += 1

@@ -45,8 +45,12 @@ class ServedModel:
 
     def merge_rank(self, key: Bucket) -> int | None:
         """Where requests of shape ``key`` rank among shapes that can share a batch (a shorter request
-        rides in a longer bucket, its padding masked): the token length; None when they never share."""
-        if not self.preprocessor.pad_values or len(key) != 1:
+        rides in a longer bucket, its padding masked): the token length; None when they never share.
+
+        Only at fixed bucket shapes: there a short request pads to a bucket anyway, and one run saves
+        several. At the batch's longest length (CPU) the short ones would pay for the long one's
+        tokens: measured at half load on MiniLM, merging cost 8.3 ms of CPU per request, not 7.3."""
+        if not self.engine.fixed_shapes or not self.preprocessor.pad_values or len(key) != 1:
             return None
         return self.metadata.sequence_length(key)
 
@@ -141,8 +145,10 @@ def load_configured(
         overrides=settings.metadata_overrides(),
         engine_options=EngineOptions(
             intra_op_threads=settings.intra_op_threads,
+            batches_in_flight=settings.batches_in_flight,
             provider=settings.provider,
             spin=settings.intra_op_spinning,
+            batch_shapes=settings.batch_shapes,
         ),
         skip_bad=settings.skip_bad_models,
         progress=progress,

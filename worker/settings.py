@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         32, ge=1, description="Dispatch a batch once a model's bucket holds this many requests."
     )
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
+    eager_when_idle: bool = Field(
+        True,
+        description="A model with no batch running takes what is queued at once instead of waiting up to "
+        "max_wait_ms: at low load requests run as they arrive; under load batches still fill up.",
+    )
     max_batch_tokens: int = Field(
         2048,
         ge=1,
@@ -56,10 +61,27 @@ class Settings(BaseSettings):
         'e.g. {"bert": {"max_batch_size": 8, "sequence_lengths": [32, 64]}}.',
     )
     executor_threads: int = Field(
-        2, ge=1, description="Threads of the one executor that runs preprocessing and ONNX Runtime."
+        0,
+        ge=0,
+        description="Threads of the one executor that runs preprocessing and ONNX Runtime (0: the most "
+        "batches in flight of any model, plus one for preprocessing).",
+    )
+    batches_in_flight: int = Field(
+        0,
+        ge=0,
+        description="Batches of one model that run at once, each on an executor thread (0: two on CPU, "
+        "one on CUDA). More than one needs batch_shapes longest: a bucket's buffers take one batch at a time.",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads per session (0: one per core)."
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads of one batch's run (0: on CPU the cores shared out among "
+        "the batches in flight, on CUDA one per core).",
+    )
+    batch_shapes: Literal["auto", "buckets", "longest"] = Field(
+        "auto",
+        description="Shapes batches run at: buckets (fixed shapes, padded rows and tokens), longest (exactly "
+        "the batch's rows and its longest real token length), auto (buckets on CUDA, longest on CPU).",
     )
     intra_op_spinning: bool = Field(
         True,
@@ -89,9 +111,10 @@ class Settings(BaseSettings):
     idle_fetch_max_wait_ms: int = Field(
         1000,
         ge=1,
-        description="The same once a whole fetch_timeout_ms found no record, until the next record: an idle "
-        "worker then sends the broker 1000/this fetches a second. On the embedded broker the first request "
-        "after an idle spell waits up to this; on Kafka it costs nothing.",
+        description="The longest fetch wait: it doubles from fetch_max_wait_ms after each fetch_timeout_ms that "
+        "found no record, up to this, and drops back on the next record; an idle worker then sends the broker "
+        "1000/this fetches a second. On the embedded broker the first request after an idle spell waits up to "
+        "the wait reached (20-160 ms within 4 s of idle, this after 6 s); on Kafka it costs nothing.",
     )
     session_timeout_ms: int = Field(
         10_000,
