@@ -107,19 +107,6 @@ async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dic
             "buckets": {"total": sum(host.buckets.values()), **host.buckets},
             "rss_loaded_mib": round(rss_mib(pid), 1),
         }
-        ctx.say("stage costs")
-        command = {
-            "cmd": "stages",
-            "model": ctx.model_name,
-            "texts": spaced_sample(inputs.mix, min(len(inputs.mix), 512)),
-            "max_batch_size": int(point.settings.get("max_batch_size", 32)),
-        }
-        worker["stage_costs"] = (await host.child.ask(command, "stages"))["stages"]
-        # The same shapes as raw ORT padded to 128 at batch 32: what the engine alone costs on top.
-        command["texts"] = inputs.fixed
-        worker["stage_costs_128_tokens"] = (await host.child.ask(command, "stages"))["stages"]
-        hwm["stage costs"] = peak_rss_mib(pid)
-        ctx.tick()
         async with alone(ctx):
             worker["idle"] = await idle_cost(ctx, host)
 
@@ -154,6 +141,20 @@ async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dic
             ctx.say(f"worker: profiled run ({label})")
             await one_run(inputs.mix if rate is None else paced_texts(ctx, inputs, rate), rate, label)
         hwm["profiled runs"] = peak_rss_mib(pid)
+        ctx.say("stage costs")
+        command = {
+            "cmd": "stages",
+            "model": ctx.model_name,
+            "texts": spaced_sample(inputs.mix, min(len(inputs.mix), 512)),
+            "max_batch_size": int(point.settings.get("max_batch_size", 32)),
+        }
+        worker["stage_costs"] = (await host.child.ask(command, "stages"))["stages"]
+        # The same shapes as raw ORT padded to 128 at batch 32: what the engine alone costs on top.
+        # Last: it holds every output of 512 + 256 texts at once, which would raise the RSS figures.
+        command["texts"] = inputs.fixed
+        worker["stage_costs_128_tokens"] = (await host.child.ask(command, "stages"))["stages"]
+        hwm["stage costs"] = peak_rss_mib(pid)
+        ctx.tick()
         watched_runs = worker["saturation_mix"] + worker["saturation_fixed_128"] + worker["latency_vs_load"]
         profiled_runs = [worker["profile"]["run"], worker["profile_half_load"]["run"]]
         worker["rss_peak_mib"] = round(max(r["peak_rss_mib"] for r in [*watched_runs, *profiled_runs]), 1)

@@ -148,7 +148,7 @@ def render_table(result: Mapping[str, Any]) -> str:
     mbs = worker["settings"].get("max_batch_size", 32)
     for key, label in (("stage_costs", "mix"), ("stage_costs_128_tokens", "128 tokens")):
         speed = f"{worker[key]['engine_sentences_per_s']:.0f}"
-        rows.append(["worker engine", label, f"no Kafka, batches of <= {mbs}", speed, "-", "-"])
+        rows.append(["worker engine", label, f"no Kafka, <= {mbs} rows, as the worker runs", speed, "-", "-"])
     rows.append(_row("worker e2e", "mix", worker["label"][:40], worker["saturation_mix"]))
     rows.append(_row("worker e2e", "128 tokens", worker["label"][:40], worker["saturation_fixed_128"]))
     for label, runs in (("worker paced", worker["latency_vs_load"]),):

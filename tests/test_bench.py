@@ -204,7 +204,16 @@ def fake_result() -> dict[str, Any]:
             "rss_peak_mib": 500.0,
             "ort_sessions": 1,
             "buckets": {"total": 48, "bert": 48},
-            "profile": {"busy_share_by_category_pct": {"engine (ONNX Runtime, buffers)": 90.0}},
+            "profile": {
+                "busy_share_by_category_pct": {"engine (ONNX Runtime, buffers)": 90.0},
+                "cpu_s_by_thread_group": {"executor threads": 10.0},
+                "run": _runs(190.0)[0],
+            },
+            "profile_half_load": {
+                "busy_share_by_category_pct": {"asyncio event loop": 20.0},
+                "cpu_s_by_thread_group": {"event loop thread": 1.5},
+                "run": {**_runs(95.0)[0], "batch_size": {"mean": 1.8}},
+            },
             "stage_costs": {"engine_sentences_per_s": 210.0},
             "stage_costs_128_tokens": {"engine_sentences_per_s": 45.0},
             "idle": {
@@ -263,6 +272,7 @@ def test_report_renders_a_table_and_a_plot(tmp_path: Path) -> None:
     table = report.render_table(result)
     assert "raw ORT" in table and "worker e2e" in table and "naive ONNX" in table
     assert "no torch" in table
+    assert "profiled run, at half load (95/s, batch mean 1.8)" in table, "the CPU breakdown at half load"
     if report.plot(result, tmp_path / "bench.png"):
         assert (tmp_path / "bench.png").stat().st_size > 0
 
