@@ -302,7 +302,13 @@ async def test_a_full_batch_goes_at_once_without_waiting(kafka_bootstrap: str, m
     expected = text_classification_by_raw_onnx("bert", [t["text"] for t in texts])
     # A ten-minute max_wait: answered within the client's 20 s only if the full batch went at once.
     async with (
-        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=8, max_wait_ms=600_000) as worker,
+        serving(
+            kafka_bootstrap,
+            {"bert": models["bert"]},
+            max_batch_size=8,
+            max_wait_ms=600_000,
+            eager_when_idle=False,
+        ) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
         replies = await client.send_many("text", "bert", texts, timeout=20)
@@ -349,7 +355,13 @@ async def test_a_partial_batch_goes_when_its_oldest_request_waited_max_wait(
 ) -> None:
     texts = [{"text": f"short text {i}"} for i in range(3)]
     async with (
-        serving(kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=300) as worker,
+        serving(
+            kafka_bootstrap,
+            {"bert": models["bert"]},
+            max_batch_size=64,
+            max_wait_ms=300,
+            eager_when_idle=False,
+        ) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
         replies = await client.send_many("text", "bert", texts, timeout=10)
@@ -370,7 +382,9 @@ async def test_requests_of_different_lengths_that_waited_share_one_run_at_fixed_
     # Reference: each text alone through the bare ONNX session (tests/references.py).
     alone = text_classification_by_raw_onnx("bert", [t["text"] for t in texts])
     async with (
-        serving(kafka_bootstrap, {"bert": model}, max_batch_size=64, max_wait_ms=300) as worker,
+        serving(
+            kafka_bootstrap, {"bert": model}, max_batch_size=64, max_wait_ms=300, eager_when_idle=False
+        ) as worker,
         InferenceClient(kafka_bootstrap, topic_prefix=prefix_of(worker)) as client,
     ):
         replies = await client.send_many("text", "bert", texts, timeout=10)
@@ -502,7 +516,7 @@ async def test_a_deadline_that_passes_in_the_queue_is_answered_deadline_exceeded
     kafka_bootstrap: str, models: Models
 ) -> None:
     async with serving(
-        kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=800
+        kafka_bootstrap, {"bert": models["bert"]}, max_batch_size=64, max_wait_ms=800, eager_when_idle=False
     ) as worker:
         prefix = prefix_of(worker)
         async with (
@@ -687,7 +701,9 @@ async def test_a_failing_batch_is_rerun_one_by_one_and_a_typed_error_keeps_its_c
     poison = PoisonModel(bert.metadata, bert.preprocessor, bert.engine, bert.head)
     texts = ["first of four", "poison", "third of four", "fourth of four"]
     expected = text_classification_by_raw_onnx("bert", texts)
-    async with serving(kafka_bootstrap, {"bert": poison}, max_batch_size=4, max_wait_ms=600_000) as worker:
+    async with serving(
+        kafka_bootstrap, {"bert": poison}, max_batch_size=4, max_wait_ms=600_000, eager_when_idle=False
+    ) as worker:
         prefix = prefix_of(worker)
         topic = requests_topic("text", prefix)
         async with (

@@ -259,6 +259,8 @@ async def test_sigterm_drains_in_flight_batches(workers: WorkerLauncher, stream:
         "64",
         "--max-wait-ms",
         str(int(max_wait_s * 1000)),
+        "--eager-when-idle",  # an idle model would run the first requests at once: none left to drain
+        "false",
         "--drain-timeout-s",
         str(drain_timeout_s),
         "--metrics-port",
