@@ -163,7 +163,8 @@ def pipeline(
     """
     if model is None:
         raise ValueError("pipeline() needs model=<path to a model folder or .onnx file>")
-    options = EngineOptions(intra_op_threads=intra_op_threads, provider=provider)
+    # The caller runs one batch at a time: all the cores go to it (the worker runs two, sharing them).
+    options = EngineOptions(intra_op_threads=intra_op_threads, provider=provider, batches_in_flight=1)
     served = load_model(model, overrides=overrides, engine_options=options)
     if task is not None and _TASK_ALIASES.get(task, task) != served.metadata.task:
         raise ValueError(
