@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.corpus import spaced_sample
+from bench.corpus import cycled, spaced_sample
 from bench.hosts import Child, Host, alone, served, unique_name, warm_up
 from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
@@ -139,7 +139,9 @@ async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dic
         hwm["paced runs"] = peak_rss_mib(pid)
         for label, rate in (("profile", None), ("profile_half_load", capacity / 2)):
             ctx.say(f"worker: profiled run ({label})")
-            await one_run(inputs.mix if rate is None else paced_texts(ctx, inputs, rate), rate, label)
+            await one_run(
+                inputs.mix if rate is None else cycled(inputs.mix, rate, ctx.plan.load_seconds), rate, label
+            )
         hwm["profiled runs"] = peak_rss_mib(pid)
         ctx.say("stage costs")
         command = {
@@ -210,29 +212,23 @@ async def measure_naive(ctx: Context, backend: str, inputs: Inputs, worker_capac
         return {"skipped": note}
     name = f"naive {backend}"
 
-    async def one_run(texts: Sequence[str] | None, rate: float | None = None) -> dict[str, Any]:
+    async def one_run(texts: Sequence[str], rate: float | None = None) -> dict[str, Any]:
         async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
             pid, topic = await start_naive(ctx, client, backend, inputs, stack, python)
-            run = client.run(topic, texts or spaced_sample(inputs.mix, plan.naive_sentences or len(inputs.mix)),
-                             rate=rate, limit_s=None if rate is None else plan.load_seconds + 120)  # fmt: skip
-            return await measured(ctx, name, pid, run)
+            limit = None if rate is None else plan.load_seconds + 120
+            return await measured(ctx, name, pid, client.run(topic, texts, rate=rate, limit_s=limit))
 
+    saturation = spaced_sample(inputs.mix, plan.naive_sentences or len(inputs.mix))
     runs = []
     for _ in range(plan.repeats):
         ctx.say(f"saturation: {name}")
-        runs.append(await one_run(None))
+        runs.append(await one_run(saturation))
     found: dict[str, Any] = {"process": note, "saturation_mix": runs}
     if backend == "onnx":
         capacity = float(np.median([r["throughput_per_s"] for r in runs]))
         fractions = tuple(f for f in plan.loads if f * worker_capacity <= capacity)
         found["latency_vs_load"] = await latency_sweep(ctx, name, inputs, worker_capacity, one_run, fractions)
     return found
-
-
-def paced_texts(ctx: Context, inputs: Inputs, rate: float) -> list[str]:
-    """The mix, cycled, for ``load_seconds`` at ``rate``."""
-    count = max(20, int(rate * ctx.plan.load_seconds))
-    return [inputs.mix[i % len(inputs.mix)] for i in range(count)]
 
 
 async def latency_sweep(
@@ -250,5 +246,7 @@ async def latency_sweep(
         rate = max(1.0, fraction * capacity)
         for _ in range(ctx.plan.repeats if fraction == 0.5 else 1):
             ctx.say(f"{name}: paced at {fraction:.0%} ({rate:.0f}/s)")
-            runs.append({"fraction": fraction} | await one_run(paced_texts(ctx, inputs, rate), rate))
+            runs.append(
+                {"fraction": fraction} | await one_run(cycled(inputs.mix, rate, ctx.plan.load_seconds), rate)
+            )
     return runs

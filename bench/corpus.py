@@ -84,6 +84,11 @@ def fixed_length_texts(tokenizer: Any, sentences: Sequence[str], tokens: int, co
     return texts
 
 
+def cycled(items: Sequence[Any], rate: float, seconds: float) -> list[Any]:
+    """``items`` repeated in order, enough for ``seconds`` at ``rate`` per second (at least 20)."""
+    return [items[i % len(items)] for i in range(max(20, int(rate * seconds)))]
+
+
 def spaced_sample(items: Sequence[Any], count: int) -> list[Any]:
     """``count`` items evenly spaced through ``items`` (all of them when there are fewer)."""
     if count >= len(items):

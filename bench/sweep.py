@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.corpus import spaced_sample
+from bench.corpus import cycled, spaced_sample
 from bench.hosts import Host, served
 from bench.plan import Context, Inputs, SweepPoint
 from bench.procstats import rss_mib
@@ -87,7 +87,7 @@ async def worker_sweep(ctx: Context, inputs: Inputs) -> list[dict[str, Any]]:
                     entry.host_rss_mib = max(entry.host_rss_mib, round(rss_mib(host.child.pid), 1))
                     saturation = (await client.run(topic, texts)).summary()
                     rate = max(1.0, saturation["throughput_per_s"] / 2)
-                    paced = [texts[i % len(texts)] for i in range(max(20, int(rate * plan.sweep_paced_s)))]
+                    paced = cycled(texts, rate, plan.sweep_paced_s)
                     half = await client.run(topic, paced, rate=rate, limit_s=plan.sweep_paced_s + 120)
                 entry.saturation.append(saturation)
                 entry.half_load.append(half.summary())

@@ -117,14 +117,12 @@ class RunPlan:
 
 
 def open_session(
-    metadata: ModelMetadata, options: EngineOptions, intra_op_threads: int | None = None
+    metadata: ModelMetadata, options: EngineOptions, intra_op_threads: int
 ) -> tuple[ort.InferenceSession, str]:
-    """The model's one session and the provider it really got."""
+    """The model's one session, with ``intra_op_threads`` (the run plan's), and the provider it really got."""
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session_options.intra_op_num_threads = (
-        options.intra_op_threads if intra_op_threads is None else intra_op_threads
-    )
+    session_options.intra_op_num_threads = intra_op_threads
     session_options.inter_op_num_threads = 1
     session_options.log_severity_level = 3
     # The arena would keep the largest bucket's activations for good (2.9 GB for wav2vec2 at 32 x 10 s).

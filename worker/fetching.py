@@ -100,11 +100,6 @@ class BrokerWait:
             log.warning("this aiokafka keeps no _fetch_max_wait_ms: the fetch wait stays %d ms", busy_ms)
             self._fetcher = None
 
-    @property
-    def idle(self) -> bool:
-        """Whether the wait has grown past the busy one (a whole round found nothing)."""
-        return self.wait_ms > self.busy_ms
-
     def round_ended(self, found: bool) -> None:
         """A fetch round found records (back to the busy wait) or none (the wait doubles, up to idle_ms)."""
         wait = self.busy_ms if found else min(self.idle_ms, max(2 * self.wait_ms, 1))
