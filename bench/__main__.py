@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--sentences", type=int, default=None, help="sentences in the mix (default 2000)")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the head-to-head at saturation (default 5)"
+    )
     parser.add_argument("--model", default=None, help="model folder to bench (default models/minilm)")
     parser.add_argument(
         "--extra-models", default=None, help="also loaded in the worker (default models/tiny; '' for none)"
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
         force=True,
     )
-    plan = Plan.make(quick=args.quick, sentences=args.sentences, repeats=args.repeats)
+    plan = Plan.make(quick=args.quick, sentences=args.sentences, repeats=args.repeats, rounds=args.rounds)
     out = Path(args.out)
     model = Path(args.model) if args.model else DEFAULT_MODEL
     extra = (

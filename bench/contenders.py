@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from bench.hosts import Child, Host, alone, served, unique_name, warm_up
 from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
 from bench.procstats import peak_rss_mib, rss_mib, watched
+from bench.raw import RawPass
 
 
 def torch_python() -> tuple[str | None, str]:
@@ -73,24 +75,48 @@ async def measured(ctx: Context, name: str, pid: int, run: Coroutine[Any, Any, R
     return done.summary() | seen
 
 
-async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[str, dict[str, Any]]:
-    """The chosen configuration, then each naive consumer: every one alone with a fresh broker.
+async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs, raw_batch: int) -> dict[str, Any]:
+    """The head-to-head in rounds, then the worker's and the naive ONNX consumer's paced runs.
 
-    Nothing else is attached to the broker while a contender is measured (an idle consumer polls
-    it, and the broker's answers cost CPU on the same cores), so the contenders run one after the
-    other rather than in turns; and every measured run gets a fresh broker (tansu keeps every
-    record in memory, and its CPU per request grew run by run: 0.49, 0.83, 1.33 ms).
+    Each round times, one after the other and each alone with a fresh broker: the worker on the
+    whole mix, raw ONNX Runtime at its best batch size (``raw_batch``) on the same sentences, and
+    each naive consumer in a fresh process. Ratios are taken within a round and their median
+    reported: this machine's speed drifts by up to a third within minutes (raw ORT 314 to 433/s in
+    one quarter hour), far more than the differences being judged, so a contender timed minutes
+    apart from another would compare the machine's moods, not the code.
     """
-    found: dict[str, dict[str, Any]] = {"worker": await measure_worker(ctx, point, inputs)}
-    capacity = float(np.median([r["throughput_per_s"] for r in found["worker"]["saturation_mix"]]))
-    for backend in ("onnx", "torch"):
-        found[f"naive_{backend}"] = await measure_naive(ctx, backend, inputs, capacity)
+    raw = RawPass(ctx.model_dir / "model.onnx", inputs.encodings, raw_batch)
+    naive = {backend: Naive.of(ctx, backend, inputs) for backend in ("onnx", "torch")}
+    rounds: list[dict[str, Any]] = []
+
+    async def rivals() -> None:
+        ctx.say("saturation: raw ONNX Runtime")
+        found: dict[str, Any] = {"raw_ort": raw.measure()}
+        ctx.tick()
+        for backend, consumer in naive.items():
+            ctx.say(f"saturation: naive {backend}")
+            found[f"naive_{backend}"] = await consumer.saturation()
+        rounds.append(found)
+
+    worker = await measure_worker(ctx, point, inputs, rivals)
+    capacity = float(np.median([r["throughput_per_s"] for r in worker["saturation_mix"]]))
+    head_to_head = {
+        "order": "per round: worker, raw ORT, naive ONNX, naive PyTorch; each alone, a fresh broker per run",
+        "raw_ort_batch_size": raw_batch,
+        "raw_ort": [r["raw_ort"] for r in rounds],
+    }
+    found: dict[str, Any] = {"head_to_head": head_to_head, "worker": worker}
+    for backend, consumer in naive.items():
+        found[f"naive_{backend}"] = await consumer.summary([r[f"naive_{backend}"] for r in rounds], capacity)
     return found
 
 
-async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
-    """The chosen configuration with the extra models loaded: idle cost, saturation on the mix and on
-    128-token inputs, latency against offered load, profiles at saturation and at half load, RSS."""
+async def measure_worker(
+    ctx: Context, point: SweepPoint, inputs: Inputs, rivals: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
+    """The chosen configuration with the extra models loaded: idle cost, saturation on the mix (after
+    each run, ``rivals`` time the other contenders while this process idles, attached to nothing) and
+    on 128-token inputs, latency against offered load, profiles at saturation and at half load, RSS."""
     plan = ctx.plan
     async with contextlib.AsyncExitStack() as stack:
         host = await Host.start(ctx, point, with_extras=True)
@@ -126,9 +152,10 @@ async def measure_worker(ctx: Context, point: SweepPoint, inputs: Inputs) -> dic
                 return run
 
         runs = []
-        for _ in range(plan.repeats):
+        for _ in range(plan.rounds):
             ctx.say("saturation: worker")
             runs.append(await one_run(inputs.mix))
+            await rivals()
         worker["saturation_mix"] = runs
         hwm["saturation, mix"] = peak_rss_mib(pid)
         ctx.say("worker: 128-token texts")
@@ -202,33 +229,58 @@ async def idle_cost(ctx: Context, host: Host) -> dict[str, Any]:
 IDLE_SETTLE_S = 3.0
 
 
-async def measure_naive(ctx: Context, backend: str, inputs: Inputs, worker_capacity: float) -> dict[str, Any]:
-    """A naive consumer, each run alone with a fresh broker and a fresh process: saturation on the mix;
-    the ONNX one also paced, at the worker's offered rates that it can keep up with."""
-    plan = ctx.plan
-    python, note = torch_python() if backend == "torch" else (sys.executable, "subprocess, this interpreter")
-    if python is None:
-        ctx.tick(plan.repeats)
-        return {"skipped": note}
-    name = f"naive {backend}"
+@dataclass
+class Naive:
+    """A naive consumer: its runs each alone, with a fresh broker and a fresh process."""
 
-    async def one_run(texts: Sequence[str], rate: float | None = None) -> dict[str, Any]:
-        async with alone(ctx) as client, contextlib.AsyncExitStack() as stack:
-            pid, topic = await start_naive(ctx, client, backend, inputs, stack, python)
-            limit = None if rate is None else plan.load_seconds + 120
-            return await measured(ctx, name, pid, client.run(topic, texts, rate=rate, limit_s=limit))
+    ctx: Context
+    backend: str
+    inputs: Inputs
+    python: str | None
+    note: str
 
-    saturation = spaced_sample(inputs.mix, plan.naive_sentences or len(inputs.mix))
-    runs = []
-    for _ in range(plan.repeats):
-        ctx.say(f"saturation: {name}")
-        runs.append(await one_run(saturation))
-    found: dict[str, Any] = {"process": note, "saturation_mix": runs}
-    if backend == "onnx":
-        capacity = float(np.median([r["throughput_per_s"] for r in runs]))
-        fractions = tuple(f for f in plan.loads if f * worker_capacity <= capacity)
-        found["latency_vs_load"] = await latency_sweep(ctx, name, inputs, worker_capacity, one_run, fractions)
-    return found
+    @classmethod
+    def of(cls, ctx: Context, backend: str, inputs: Inputs) -> Naive:
+        """The ONNX consumer in this interpreter; the PyTorch one where torch imports (else skipped)."""
+        python, note = (
+            torch_python() if backend == "torch" else (sys.executable, "subprocess, this interpreter")
+        )
+        return cls(ctx, backend, inputs, python, note)
+
+    @property
+    def name(self) -> str:
+        return f"naive {self.backend}"
+
+    async def run(self, texts: Sequence[str], rate: float | None = None) -> dict[str, Any]:
+        """One run of ``texts``: flooded, or ``rate`` per second."""
+        assert self.python is not None
+        async with alone(self.ctx) as client, contextlib.AsyncExitStack() as stack:
+            pid, topic = await start_naive(self.ctx, client, self.backend, self.inputs, stack, self.python)
+            limit = None if rate is None else self.ctx.plan.load_seconds + 120
+            return await measured(
+                self.ctx, self.name, pid, client.run(topic, texts, rate=rate, limit_s=limit)
+            )
+
+    async def saturation(self) -> dict[str, Any]:
+        """One flooded run on the mix (a spaced sample of it in a quick plan); skipped without torch."""
+        if self.python is None:
+            self.ctx.tick()
+            return {"skipped": self.note}
+        plan = self.ctx.plan
+        return await self.run(spaced_sample(self.inputs.mix, plan.naive_sentences or len(self.inputs.mix)))
+
+    async def summary(self, runs: Sequence[dict[str, Any]], worker_capacity: float) -> dict[str, Any]:
+        """The rounds' runs; the ONNX consumer also paced, at the worker's offered rates it can keep up with."""
+        if self.python is None:
+            return {"skipped": self.note}
+        found: dict[str, Any] = {"process": self.note, "saturation_mix": list(runs)}
+        if self.backend == "onnx":
+            capacity = float(np.median([r["throughput_per_s"] for r in runs]))
+            fractions = tuple(f for f in self.ctx.plan.loads if f * worker_capacity <= capacity)
+            found["latency_vs_load"] = await latency_sweep(
+                self.ctx, self.name, self.inputs, worker_capacity, self.run, fractions
+            )
+        return found
 
 
 async def latency_sweep(

@@ -72,6 +72,8 @@ class Plan:
 
     sentences: int = 2000
     repeats: int = 3
+    rounds: int = 5
+    """Rounds of the head-to-head (worker, raw ORT, naive ONNX, naive PyTorch at saturation, in turn)."""
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
     raw_rows: int = 384
     """Sentences per raw ONNX Runtime pass (a deterministic, evenly spaced sample of the mix)."""
@@ -93,13 +95,16 @@ class Plan:
     sweep: tuple[SweepPoint, ...] = FULL_SWEEP
 
     @classmethod
-    def make(cls, *, quick: bool, sentences: int | None, repeats: int | None) -> Plan:
+    def make(
+        cls, *, quick: bool, sentences: int | None, repeats: int | None, rounds: int | None = None
+    ) -> Plan:
         """The full plan, or the quick one; explicit counts win over either."""
         plan = cls()
         if quick:
             plan = cls(
                 sentences=200,
                 repeats=2,
+                rounds=2,
                 batch_sizes=(1, 8, 32),
                 raw_rows=64,
                 raw_rows_128=32,
@@ -118,6 +123,8 @@ class Plan:
             plan = replace(plan, sentences=sentences)
         if repeats is not None:
             plan = replace(plan, repeats=max(1, repeats))
+        if rounds is not None:
+            plan = replace(plan, rounds=max(1, rounds))
         return plan
 
 

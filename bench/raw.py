@@ -50,6 +50,33 @@ def raw_session(onnx_path: Path, config: Mapping[str, str] | None = None) -> Any
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def timed_pass(session: Any, batches: Sequence[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """One pass over ``batches``: rows per second, and this process's CPU milliseconds per row."""
+    began, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        session.run(None, batch)
+    rows = sum(len(next(iter(batch.values()))) for batch in batches)
+    return rows / (time.perf_counter() - began), 1000 * (time.process_time() - cpu) / rows
+
+
+class RawPass:
+    """Raw ONNX Runtime at one batch size over every sentence of the mix, built once and timed again
+    in each round of the head-to-head, next to the worker's and the naive consumers' runs."""
+
+    def __init__(self, onnx_path: Path, encodings: Sequence[Sequence[int]], batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._session = raw_session(onnx_path)
+        names = [i.name for i in self._session.get_inputs()]
+        self._batches = padded_batches(encodings, batch_size, names)
+        for batch in self._batches[:2]:
+            self._session.run(None, batch)
+
+    def measure(self) -> dict[str, float]:
+        """One timed pass."""
+        rate, cpu_ms = timed_pass(self._session, self._batches)
+        return {"sentences_per_s": round(rate, 1), "cpu_ms_per_sentence": round(cpu_ms, 3)}
+
+
 @dataclass(frozen=True)
 class RawCase:
     """One raw ONNX Runtime measurement: which rows, how batched and padded, which session options."""
@@ -85,12 +112,9 @@ def raw_compare(
     cpu_ms: dict[str, list[float]] = {label: [] for label in cases}
     for _ in range(repeats):
         for label, (session, batches) in passes.items():
-            began, cpu = time.perf_counter(), time.process_time()
-            for batch in batches:
-                session.run(None, batch)
-            rows = len(cases[label].encodings)
-            rates[label].append(rows / (time.perf_counter() - began))
-            cpu_ms[label].append(1000 * (time.process_time() - cpu) / rows)
+            rate, cpu = timed_pass(session, batches)
+            rates[label].append(rate)
+            cpu_ms[label].append(cpu)
             tick()
     return (
         {label: Spread.of(values) for label, values in rates.items()},

@@ -42,32 +42,43 @@ def _target(name: str, measured: float | None, limit: float | None, at_most: boo
     return {"target": name, "measured": measured, "limit": limit, "met": met}
 
 
+def within_rounds(numerators: Sequence[float], denominators: Sequence[float]) -> Spread:
+    """Ratios of two contenders taken round by round (each pair timed within a minute or so)."""
+    return Spread.of(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
 def assess(result: dict[str, Any]) -> None:
-    """Ratios and the issue's targets, from the measurements already in ``result``."""
+    """Ratios and the issue's targets, from the measurements already in ``result``: the head-to-head
+    ratios are medians of ratios taken within each round (``ratios_by_round`` keeps every one)."""
     worker = result["worker"]
     raw = result["raw_ort"]
-    raw_best = raw["length_sorted"]["best"]["sentences_per_s"]["median"]
-    throughput = median_of(worker["saturation_mix"], "throughput_per_s")
+    rounds = result["head_to_head"]["raw_ort"]
+    raw_rates = [r["sentences_per_s"] for r in rounds]
+    rates = [r["throughput_per_s"] for r in worker["saturation_mix"]]
     fixed = median_of(worker["saturation_fixed_128"], "throughput_per_s")
-    ratios: dict[str, Any] = {
-        "worker/raw_ort_best": round(throughput.median / raw_best, 2),
-        "worker_128/raw_ort_padded_128_best": round(
-            fixed.median / raw["padded_128"]["best"]["sentences_per_s"]["median"], 2
-        ),
-    }
-    fused = raw["session_options"]["length_sorted"].get("fused graph (transformer optimizer)")
-    if fused:
-        ratios["worker/raw_ort_fused_graph"] = round(throughput.median / fused["median"], 2)
+    by_round = {"worker/raw_ort_best": within_rounds(rates, raw_rates)}
     for name in ("naive_torch", "naive_onnx"):
         runs = result[name].get("saturation_mix")
         if runs:
-            naive = median_of(runs, "throughput_per_s").median
-            ratios[f"worker/{name}"] = round(throughput.median / naive, 2)
-            ratios[f"{name}/raw_ort_best"] = round(naive / raw_best, 2)
-    raw_cpu = raw["length_sorted"]["best"].get("cpu_ms_per_sentence")
-    worker_cpu = cpu_ms_per_request(worker["saturation_mix"], "worker").median
-    if raw_cpu:
-        ratios["worker_cpu_per_request/raw_ort_cpu_per_sentence"] = round(worker_cpu / raw_cpu["median"], 2)
+            naive = [r["throughput_per_s"] for r in runs]
+            by_round[f"worker/{name}"] = within_rounds(rates, naive)
+            by_round[f"{name}/raw_ort_best"] = within_rounds(naive, raw_rates)
+    by_round["worker_cpu_per_request/raw_ort_cpu_per_sentence"] = within_rounds(
+        cpu_ms_per_request(worker["saturation_mix"], "worker").values,
+        [r["cpu_ms_per_sentence"] for r in rounds],
+    )
+    ratios: dict[str, Any] = {name: round(spread.median, 2) for name, spread in by_round.items()}
+    result["ratios_by_round"] = {
+        name: [round(v, 2) for v in spread.values] for name, spread in by_round.items()
+    }
+    # From the raw stage at the start (not in rounds): the 128-token and fused-graph comparisons.
+    throughput = median_of(worker["saturation_mix"], "throughput_per_s")
+    ratios["worker_128/raw_ort_padded_128_best"] = round(
+        fixed.median / raw["padded_128"]["best"]["sentences_per_s"]["median"], 2
+    )
+    fused = raw["session_options"]["length_sorted"].get("fused graph (transformer optimizer)")
+    if fused:
+        ratios["worker/raw_ort_fused_graph"] = round(throughput.median / fused["median"], 2)
     full = [r for r in worker["latency_vs_load"] if r["fraction"] == 1.0]
     if full:
         ratios["worker_paced_capacity/flood"] = round(full[0]["throughput_per_s"] / throughput.median, 2)
@@ -145,6 +156,11 @@ def render_table(result: Mapping[str, Any]) -> str:
         size = options.pop("batch_size")
         for variant, spread in options.items():
             rows.append(_row("raw ORT", label, f"batch {size}, {variant}"[:40], Spread.from_json(spread)))
+    h2h = result["head_to_head"]
+    in_rounds = Spread.of(r["sentences_per_s"] for r in h2h["raw_ort"])
+    rows.append(
+        _row("raw ORT", "mix, length-sorted", f"batch {h2h['raw_ort_batch_size']}, in rounds", in_rounds)
+    )
     mbs = worker["settings"].get("max_batch_size", 32)
     for key, label in (("stage_costs", "mix"), ("stage_costs_128_tokens", "128 tokens")):
         speed = f"{worker[key]['engine_sentences_per_s']:.0f}"
@@ -184,8 +200,12 @@ def render_table(result: Mapping[str, Any]) -> str:
             )
             if "saturation_mix" in result[key]
         ),
-        f"raw ORT CPU ms per sentence (this process, all threads), best batch: "
-        f"{raw['length_sorted']['best'].get('cpu_ms_per_sentence', {}).get('median', '-')}",
+        f"raw ORT CPU ms per sentence (this process, all threads), best batch, in rounds: "
+        f"{Spread.of(r['cpu_ms_per_sentence'] for r in h2h['raw_ort']).median:.2f}",
+        "head-to-head in rounds ("
+        + h2h["order"]
+        + "); ratios within each round: "
+        + "; ".join(f"{k} {v}" for k, v in result["ratios_by_round"].items()),
         *(
             [
                 f"idle CPU, % of one core over {worker['idle']['seconds']:.0f} s: "

@@ -69,7 +69,7 @@ async def run_bench(
         + plan.repeats * (2 * len(plan.batch_sizes) + 8)  # raw ORT passes
         + plan.sweep_repeats * len(plan.sweep)
         + 1  # stage costs
-        + plan.repeats * 3  # worker, naive ONNX, naive PyTorch, each alone
+        + plan.rounds * 4  # worker, raw ORT, naive ONNX, naive PyTorch, each alone, in turn
         + plan.repeats  # 128-token texts
         + 2 * (len(plan.loads) + (plan.repeats - 1) * (0.5 in plan.loads))  # paced: worker, naive ONNX
         + 1  # profiled run
@@ -88,7 +88,8 @@ async def run_bench(
         result["sweep"] = await worker_sweep(ctx, inputs)
         best = pick_best(result["sweep"])
         point = next(p for p in plan.sweep if p.label == best)
-        result |= await measure_main(ctx, point, inputs)
+        raw_batch = int(result["raw_ort"]["length_sorted"]["best"]["batch_size"])
+        result |= await measure_main(ctx, point, inputs, raw_batch)
     assess(result)
     result["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -125,6 +126,7 @@ def _meta(ctx: Context, plan: Plan) -> dict[str, Any]:
         "plan": {
             "sentences": plan.sentences,
             "repeats": plan.repeats,
+            "rounds": plan.rounds,
             "batch_sizes": list(plan.batch_sizes),
             "sweep_sentences": plan.sweep_sentences,
             "naive_sentences": plan.naive_sentences,
