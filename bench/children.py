@@ -17,10 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.plan import HEARTBEAT_MS, SESSION_TIMEOUT_MS
 from bench.profile import StackSampler, stage_costs
+from bench.raw import mean_pooled
 
 
 def _emit(event: Mapping[str, Any]) -> None:
@@ -132,11 +131,7 @@ def _onnx_embedder(model_dir: Path, max_tokens: int) -> Callable[[str], list[flo
     def embed(text: str) -> list[float]:
         encoded = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="np")
         hidden = session.run(None, {name: encoded[name] for name in names})[0]
-        if hidden.ndim == 3:  # token vectors: mean over real tokens, then unit length
-            mask = encoded["attention_mask"][..., None].astype(hidden.dtype)
-            hidden = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
-            hidden = hidden / np.maximum(np.linalg.norm(hidden, axis=-1, keepdims=True), 1e-12)
-        vector: list[float] = hidden[0].tolist()
+        vector: list[float] = mean_pooled(hidden, encoded["attention_mask"])[0].tolist()
         return vector
 
     return embed

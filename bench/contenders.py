@@ -85,7 +85,8 @@ async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs, raw_batc
     one quarter hour), far more than the differences being judged, so a contender timed minutes
     apart from another would compare the machine's moods, not the code.
     """
-    raw = RawPass(ctx.model_dir / "model.onnx", inputs.encodings, raw_batch)
+    lengths = [len(ids) for ids in inputs.encodings]
+    raw = RawPass(ctx.model_dir, inputs.mix, lengths, raw_batch)
     naive = {backend: Naive.of(ctx, backend, inputs) for backend in ("onnx", "torch")}
     rounds: list[dict[str, Any]] = []
 

@@ -72,8 +72,23 @@ def test_raw_compare_runs_every_case_on_the_tiny_model(tokenizer: Any) -> None:
     assert set(rates) == set(cases) == set(cpu_ms)
     assert all(len(s.values) == 2 and s.low <= s.median <= s.high and s.low > 0 for s in rates.values())
     assert all(s.low >= 0 for s in cpu_ms.values())
-    # The head-to-head's pass: every sentence at one batch size, timed again in each round.
-    one_size = raw.RawPass(TINY / "model.onnx", encodings, 4)
+
+
+def test_the_head_to_heads_raw_pass_embeds_as_the_naive_consumer_does(tokenizer: Any) -> None:
+    """Tokenize, run and mean-pool in one process, at one batch size, timed again in each round."""
+    import onnxruntime as ort
+
+    texts = ["a short one", "a somewhat longer sentence than that", "mid length text"] * 3
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    one_size = raw.RawPass(TINY, texts, lengths, 4)
+    batched = one_size.embed(texts[:3])
+    session = ort.InferenceSession(str(TINY / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for row, text in zip(batched, texts[:3], strict=True):
+        alone = tokenizer([text], return_tensors="np")
+        hidden = session.run(None, {name: alone[name] for name in names})[0]
+        np.testing.assert_allclose(row, raw.mean_pooled(hidden, alone["attention_mask"])[0], atol=1e-5)
+    assert abs(float(np.linalg.norm(batched[0])) - 1.0) < 1e-5
     passes = [one_size.measure() for _ in range(2)]
     assert all(p["sentences_per_s"] > 0 and p["cpu_ms_per_sentence"] >= 0 for p in passes)
 
