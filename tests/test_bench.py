@@ -89,8 +89,13 @@ def test_the_head_to_heads_raw_pass_embeds_as_the_naive_consumer_does(tokenizer:
         hidden = session.run(None, {name: alone[name] for name in names})[0]
         np.testing.assert_allclose(row, raw.mean_pooled(hidden, alone["attention_mask"])[0], atol=1e-5)
     assert abs(float(np.linalg.norm(batched[0])) - 1.0) < 1e-5
-    passes = [one_size.measure() for _ in range(2)]
+    two_at_once = raw.RawPass(TINY, texts, lengths, 4, in_flight=2)
+    np.testing.assert_allclose(two_at_once.embed(texts[:3]), batched, atol=1e-5)
+    passes = [one_size.measure(), two_at_once.measure(), two_at_once.measure()]
     assert all(p["sentences_per_s"] > 0 and p["cpu_ms_per_sentence"] >= 0 for p in passes)
+    best = contenders.best_of({"1 at once": passes[0], "2 at once": passes[1]})
+    assert best["sentences_per_s"] == max(p["sentences_per_s"] for p in passes[:2])
+    assert best["passes"]["2 at once"] == passes[1]
 
 
 def test_the_fused_copy_computes_what_the_model_does(tokenizer: Any, tmp_path: Path) -> None:
