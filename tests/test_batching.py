@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
+from worker.batching import ALIKE_WINDOW, BatcherClosed, BatchQueue, MicroBatcher
 from worker.offsets import OffsetTracker
 
 
@@ -150,6 +150,50 @@ def test_merged_batches_lose_nothing_and_never_shrink_a_request(
                 seen += items
     assert sorted(seen) == list(range(len(arrivals)))
     assert len(queue) == 0
+
+
+def _lengths() -> BatchQueue[str, tuple[str, int]]:
+    """Items are (name, real token length); a batch runs at its longest item's length."""
+    return BatchQueue(max_batch_size=3, max_wait=1.0, length_of=lambda item: item[1])
+
+
+def test_a_full_bucket_batches_its_oldest_item_with_the_nearest_lengths() -> None:
+    queue = _lengths()
+    for name, length in [("a", 12), ("b", 16), ("c", 9), ("d", 12), ("e", 16), ("f", 11)]:
+        queue.add("9-16", (name, length), now=0.0)
+    # In arrival order the first batch would be a, b, c: three runs of 16 tokens. Like lengths instead:
+    assert queue.pop_ready(now=0.0) == ("9-16", [("a", 12), ("d", 12), ("f", 11)])
+    assert queue.pop_ready(now=0.0) == ("9-16", [("b", 16), ("c", 9), ("e", 16)])
+    assert len(queue) == 0
+
+
+def test_a_batch_that_goes_on_time_or_eagerly_keeps_arrival_order() -> None:
+    queue = _lengths()
+    queue.add("9-16", ("a", 16), now=0.0)
+    queue.add("9-16", ("b", 9), now=0.1)
+    assert queue.pop_ready(now=0.2, flush=True) == ("9-16", [("a", 16), ("b", 9)])
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.booleans()), max_size=80), st.integers(1, 6))
+def test_like_length_batches_lose_nothing_and_always_take_the_oldest(
+    arrivals: list[tuple[int, bool]], size: int
+) -> None:
+    queue: BatchQueue[str, int] = BatchQueue(
+        max_batch_size=size, max_wait=1.0, length_of=lambda i: arrivals[i][0]
+    )
+    seen: list[int] = []
+    for index, (_, pop) in enumerate(arrivals):
+        queue.add("bucket", index, now=0.0)
+        while pop and (ready := queue.pop_ready(now=0.0)) is not None:
+            batch = ready[1]
+            waiting = [i for i in range(index + 1) if i not in seen]
+            assert min(batch) == waiting[0], "every batch takes the oldest waiting item"
+            assert len(batch) == size and batch == sorted(batch)
+            assert set(batch) <= set(waiting[: ALIKE_WINDOW * size]), "chosen among the oldest waiting"
+            seen += batch
+    while (ready := queue.pop_ready(now=2.0)) is not None:
+        seen += ready[1]
+    assert sorted(seen) == list(range(len(arrivals)))
 
 
 async def _let_the_getter_run() -> None:

@@ -393,3 +393,17 @@ def test_batches_in_flight_at_once_get_the_answers_they_get_alone() -> None:
             for got, want in zip(pool.map(together, group), alone[i : i + 4], strict=True):
                 for a, b in zip(got, want, strict=True):
                     _close(a, b, atol=0)
+
+
+def test_the_batcher_groups_by_real_length_only_where_a_batch_runs_at_its_longest(
+    models: dict[str, ServedModel],
+) -> None:
+    bert = models["bert"]
+    short, long = bert.prepare(TextInput("Good book.")), bert.prepare(TextInput(LENGTHS[-1]))
+    if bert.engine.fixed_shapes:  # every request pads to its bucket: nothing to group by
+        assert bert.batch_length(short) is None and bert.batch_length(long) is None
+        return
+    real = [int(item.arrays["attention_mask"].sum()) for item in (short, long)]
+    assert [bert.batch_length(short), bert.batch_length(long)] == real and real[0] < real[1]
+    vit = models["vit"]
+    assert vit.batch_length(vit.prepare(other_inputs("vit", 1)[0])) is None, "no token sequence"

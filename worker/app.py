@@ -156,6 +156,7 @@ class Worker:
                 wait,
                 size_of=functools.partial(batch_limit, model.metadata, max_rows=size, max_tokens=tokens),
                 rank_of=model.merge_rank,
+                length_of=functools.partial(_job_length, model),
             )
             batcher = MicroBatcher(queue)
             self.batchers[name] = batcher
@@ -439,3 +440,8 @@ class Worker:
         self._state.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _job_length(model: ServedModel, job: Job) -> int | None:
+    """A queued request's real token length, where its model's batches run at their longest one."""
+    return model.batch_length(job.prepared)

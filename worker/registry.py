@@ -54,6 +54,15 @@ class ServedModel:
             return None
         return self.metadata.sequence_length(key)
 
+    def batch_length(self, prepared: Prepared) -> int | None:
+        """How far a request's real tokens reach, where a batch runs at its longest request (CPU): the
+        batcher then fills a batch with like lengths under load. None at fixed shapes (every request
+        pads to its bucket anyway) or without a token sequence."""
+        if self.engine.fixed_shapes or not self.preprocessor.pad_values:
+            return None
+        lengths = self.engine.layout.real_lengths(prepared, self.preprocessor.pad_values)
+        return max(lengths.values()) if lengths else None
+
     def postprocess(self, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]) -> Any:
         """Raw outputs of one request -> pipeline-shaped result."""
         return self.head(self.metadata, outputs, prepared, parameters)
