@@ -139,6 +139,7 @@ class StackSampler:
 def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[str, Any]:
     """Milliseconds per sentence of each stage the worker runs, called directly (no Kafka)."""
     from schemas import Modality, Result, Timing, parse_request
+    from worker.batching import BatchQueue
     from worker.decoding import MediaLimits, decode_inputs
 
     bodies = [
@@ -155,15 +156,16 @@ def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[s
     began = clock()
     prepared = [model.prepare(item) for item in items]
     took["tokenize + pad to bucket"] = clock() - began
-    groups: dict[Any, list[int]] = {}
+    # Batched as the worker's batcher does when all of them are queued at once (a flood).
+    queue: BatchQueue[Any, int] = BatchQueue(
+        max_batch_size, 0.0, length_of=lambda index: model.batch_length(prepared[index])
+    )
     for index, item in enumerate(prepared):
-        groups.setdefault(item.shape_key, []).append(index)
+        queue.add(item.shape_key, index, 0.0)
+    chunks = []
+    while (ready := queue.pop_ready(0.0)) is not None:
+        chunks.append(ready[1])
     outputs: list[Any] = [None] * len(prepared)
-    chunks = [
-        indices[start : start + max_batch_size]
-        for indices in groups.values()
-        for start in range(0, len(indices), max_batch_size)
-    ]
     in_flight = model.engine.batches_in_flight
     began = clock()
     # As the worker runs them: as many batches at once as the engine takes, one executor thread each.
@@ -173,7 +175,9 @@ def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[s
         ):
             for i, out in zip(chunk, outs, strict=True):
                 outputs[i] = out
-    took[f"engine (per bucket, batches of <= {max_batch_size}, {in_flight} at once)"] = clock() - began
+    took[f"engine (per bucket, like lengths, batches of <= {max_batch_size}, {in_flight} at once)"] = (
+        clock() - began
+    )
     began = clock()
     heads = [model.postprocess(out, p, {}) for out, p in zip(outputs, prepared, strict=True)]
     took["task head (mean pooling, normalise)"] = clock() - began
