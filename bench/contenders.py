@@ -19,7 +19,7 @@ from bench.hosts import Child, Host, alone, served, unique_name, warm_up
 from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
 from bench.procstats import peak_rss_mib, rss_mib, watched
-from bench.raw import RawPass
+from bench.raw import RawPass, in_flight_label
 
 
 def torch_python() -> tuple[str | None, str]:
@@ -87,7 +87,8 @@ async def measure_main(ctx: Context, point: SweepPoint, inputs: Inputs, raw_batc
     """
     lengths = [len(ids) for ids in inputs.encodings]
     raws = {
-        f"{n} at once": RawPass(ctx.model_dir, inputs.mix, lengths, raw_batch, in_flight=n) for n in (1, 2)
+        in_flight_label(n): RawPass(ctx.model_dir, inputs.mix, lengths, raw_batch, in_flight=n)
+        for n in (1, 2)
     }
     naive = {backend: Naive.of(ctx, backend, inputs) for backend in ("onnx", "torch")}
     rounds: list[dict[str, Any]] = []

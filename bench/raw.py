@@ -76,6 +76,11 @@ def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return normalised
 
 
+def in_flight_label(batches: int) -> str:
+    """How a round names a raw pass by the batches it runs at once."""
+    return f"{batches} at once"
+
+
 class RawPass:
     """Raw ONNX Runtime as the issue's reference: tokenize, run and mean-pool length-sorted batches of
     one size, in one process, over every sentence of the mix. Built once and timed again in each

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.raw import in_flight_label
 from bench.stats import Spread, median_of
 from bench.sweep import p99_bound
 
@@ -57,12 +58,18 @@ def assess(result: dict[str, Any]) -> None:
     rates = [r["throughput_per_s"] for r in worker["saturation_mix"]]
     fixed = median_of(worker["saturation_fixed_128"], "throughput_per_s")
     by_round = {"worker/raw_ort_best": within_rounds(rates, raw_rates)}
+    # Also against the issue's own reference alone: one batch at a time on a default session.
+    one_at_a_time = [r["passes"][in_flight_label(1)]["sentences_per_s"] for r in rounds if "passes" in r]
+    if len(one_at_a_time) == len(rounds):
+        by_round["worker/raw_ort_one_batch_at_a_time"] = within_rounds(rates, one_at_a_time)
     for name in ("naive_torch", "naive_onnx"):
         runs = result[name].get("saturation_mix")
         if runs:
             naive = [r["throughput_per_s"] for r in runs]
             by_round[f"worker/{name}"] = within_rounds(rates, naive)
             by_round[f"{name}/raw_ort_best"] = within_rounds(naive, raw_rates)
+            if len(one_at_a_time) == len(rounds):
+                by_round[f"{name}/raw_ort_one_batch_at_a_time"] = within_rounds(naive, one_at_a_time)
     by_round["worker_cpu_per_request/raw_ort_cpu_per_sentence"] = within_rounds(
         cpu_ms_per_request(worker["saturation_mix"], "worker").values,
         [r["cpu_ms_per_sentence"] for r in rounds],

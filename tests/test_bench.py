@@ -185,6 +185,14 @@ def _rounds(*throughputs: float) -> list[dict[str, Any]]:
     return [run for value in throughputs for run in _runs(value)]
 
 
+def _passes(one: float, two: float) -> dict[str, dict[str, float]]:
+    """A round's raw passes: one batch at a time, and two at once."""
+    return {
+        raw.in_flight_label(n): {"sentences_per_s": rate, "cpu_ms_per_sentence": 1.0}
+        for n, rate in ((1, one), (2, two))
+    }
+
+
 def _spread(value: float) -> dict[str, Any]:
     return stats.Spread.of([value]).to_json()
 
@@ -219,8 +227,8 @@ def fake_result() -> dict[str, Any]:
             "raw_ort_batch_size": 8,
             # The machine ran faster in round 2: every contender's figure moves with it.
             "raw_ort": [
-                {"sentences_per_s": 200.0, "cpu_ms_per_sentence": 45.0},
-                {"sentences_per_s": 400.0, "cpu_ms_per_sentence": 50.0},
+                {"sentences_per_s": 200.0, "cpu_ms_per_sentence": 45.0, "passes": _passes(200.0, 190.0)},
+                {"sentences_per_s": 400.0, "cpu_ms_per_sentence": 50.0, "passes": _passes(300.0, 400.0)},
             ],
         },
         "sweep": [
@@ -273,6 +281,8 @@ def test_assess_takes_ratios_within_rounds_and_judges_each_target() -> None:
     report.assess(result)
     assert result["ratios"] == {
         "worker/raw_ort_best": 0.9,  # 0.95 and 0.85 within rounds; the ratio of medians would be 0.88
+        "worker/raw_ort_one_batch_at_a_time": 1.04,  # 0.95 and 1.13: round 2's best ran two at once
+        "naive_onnx/raw_ort_one_batch_at_a_time": 0.36,  # 0.25 and 0.47
         "worker/naive_onnx": 3.11,  # 3.8 and 2.43
         "naive_onnx/raw_ort_best": 0.3,  # 0.25 and 0.35
         "worker_cpu_per_request/raw_ort_cpu_per_sentence": 1.06,  # 50 ms a request vs 45 and 50 ms
