@@ -45,7 +45,7 @@ FULL_SWEEP = (
     SweepPoint("max_batch_tokens 1024", {"max_batch_tokens": 1024}),
     SweepPoint("max_batch_size 16", {"max_batch_size": 16}),
     SweepPoint("max_wait_ms 2", {"max_wait_ms": 2.0}),
-    SweepPoint("eager_when_idle off (an idle model waits max_wait_ms too)", {"eager_when_idle": False}),
+    SweepPoint("eager_when_idle off (a free batch slot waits max_wait_ms too)", {"eager_when_idle": False}),
     SweepPoint("batches_in_flight 1 (one batch on both cores, longest shapes)", {"batches_in_flight": 1}),
     SweepPoint(
         "batch_shapes buckets (the previous defaults: fixed shapes, one batch on both cores, executor 2)",

@@ -376,8 +376,9 @@ class Worker:
                     running.discard(task)
                     task.result()  # a batch that failed outside run_batch's own handling ends the loop
                 try:
-                    # An idle model takes what is queued at once: waiting for max_wait would only add latency.
-                    key, jobs = await batcher.get(eager=not running and self.settings.eager_when_idle)
+                    # A batch slot is free (the semaphore): what is queued runs at once, as waiting for
+                    # max_wait would only add latency. Under load the slots are busy and batches fill.
+                    key, jobs = await batcher.get(eager=self.settings.eager_when_idle)
                 except BatcherClosed:
                     return
                 task = asyncio.create_task(self._answer(model, key, jobs))

@@ -6,8 +6,8 @@ when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size
 ``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
 close every queued item is flushed.
 
-A consumer whose model is idle may take what is queued at once (``get(eager=True)``): the
-batch then holds what arrived together, and batches grow only while the model is busy.
+A consumer with room for another batch may take what is queued at once (``get(eager=True)``):
+the batch then holds what arrived together, and batches grow only while the model is busy.
 
 A full bucket goes alone, at its own shape. A batch that goes on time takes every queued item
 of the buckets that ``rank_of`` ranks (token lengths), at the longest shape among them, when
@@ -187,8 +187,8 @@ class MicroBatcher(Generic[K, T]):
         """The next ready batch (by size, by time, or by flush on close).
 
         ``eager``: whatever is queued is ready (the oldest bucket's items, at most one batch), without
-        waiting for max_wait: the caller's model is idle, so waiting would only add latency; while
-        it is busy, batches fill up as before.
+        waiting for max_wait: the caller has a batch slot free, so waiting would only add latency;
+        while its slots are busy, batches fill up as before.
         """
         while True:
             ready = self.queue.pop_ready(self._clock(), flush=self._closing or eager)

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
         True,
-        description="A model with no batch running takes what is queued at once instead of waiting up to "
-        "max_wait_ms: at low load requests run as they arrive; under load batches still fill up.",
+        description="A model with a batch slot free (fewer than batches_in_flight running) takes what is "
+        "queued at once instead of waiting up to max_wait_ms: at low load requests run as they arrive; "
+        "under load the slots are busy and batches still fill up.",
     )
     max_batch_tokens: int = Field(
         2048,
