@@ -315,6 +315,17 @@ def test_best_setting_must_meet_the_latency_target_before_it_can_win() -> None:
     assert sweep.pick_best([fast_but_slow_to_answer, nearly_as_fast, slow]) == "nearly"
 
 
+def test_the_defaults_stay_unless_another_point_beats_them_by_more_than_the_noise() -> None:
+    # None meets its bound (50 ms): the quickest to answer, unless the defaults are as quick within 10%.
+    defaults, tied = _row("defaults", 335.0, 70.0), _row("coarse", 332.0, 68.0)
+    assert sweep.pick_best([defaults, tied]) == "defaults", "a tie within the noise keeps the defaults"
+    assert sweep.pick_best([defaults, tied, _row("quicker", 330.0, 55.0)]) == "quicker"
+    # Both meet it: the fastest, unless the defaults are as fast within 10%.
+    meeting = _row("defaults", 335.0, 20.0)
+    assert sweep.pick_best([meeting, _row("a bit faster", 360.0, 20.0)]) == "defaults"
+    assert sweep.pick_best([meeting, _row("much faster", 400.0, 20.0)]) == "much faster"
+
+
 def test_report_renders_a_table_and_a_plot(tmp_path: Path) -> None:
     result = fake_result()
     report.assess(result)
