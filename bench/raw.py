@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import queue
@@ -57,12 +58,16 @@ def raw_session(onnx_path: Path, config: Mapping[str, str] | None = None, thread
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def timed_pass(session: Any, batches: Sequence[dict[str, np.ndarray]]) -> tuple[float, float]:
-    """One pass over ``batches``: rows per second, and this process's CPU milliseconds per row."""
-    began, cpu = time.perf_counter(), time.process_time()
+def run_all(session: Any, batches: Sequence[dict[str, np.ndarray]]) -> None:
+    """Every batch through the session, one after the other."""
     for batch in batches:
         session.run(None, batch)
-    rows = sum(len(next(iter(batch.values()))) for batch in batches)
+
+
+def timed(rows: int, work: Callable[[], object]) -> tuple[float, float]:
+    """``work`` run once: ``rows`` per second, and this process's CPU milliseconds per row."""
+    began, cpu = time.perf_counter(), time.process_time()
+    work()
     return rows / (time.perf_counter() - began), 1000 * (time.process_time() - cpu) / rows
 
 
@@ -101,7 +106,6 @@ class RawPass:
     ) -> None:
         from transformers import AutoTokenizer
 
-        self.batch_size = batch_size
         self.in_flight = in_flight
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -132,16 +136,11 @@ class RawPass:
 
     def measure(self) -> dict[str, float]:
         """One timed pass: sentences per second, and this process's CPU milliseconds per sentence."""
+        rows = sum(len(group) for group in self._groups)
         with ThreadPoolExecutor(self.in_flight) as pool:
             list(pool.map(self.embed, self._groups[: self.in_flight]))  # threads started before the clock
-            began, cpu = time.perf_counter(), time.process_time()
-            list(pool.map(self.embed, self._groups))
-            seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu
-        rows = sum(len(group) for group in self._groups)
-        return {
-            "sentences_per_s": round(rows / seconds, 1),
-            "cpu_ms_per_sentence": round(1000 * cpu_s / rows, 3),
-        }
+            rate, cpu_ms = timed(rows, lambda: list(pool.map(self.embed, self._groups)))
+        return {"sentences_per_s": round(rate, 1), "cpu_ms_per_sentence": round(cpu_ms, 3)}
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def raw_compare(
     cpu_ms: dict[str, list[float]] = {label: [] for label in cases}
     for _ in range(repeats):
         for label, (session, batches) in passes.items():
-            rate, cpu = timed_pass(session, batches)
+            rate, cpu = timed(len(cases[label].encodings), functools.partial(run_all, session, batches))
             rates[label].append(rate)
             cpu_ms[label].append(cpu)
             tick()

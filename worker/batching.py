@@ -121,12 +121,10 @@ class BatchQueue(Generic[K, T]):
         oldest, later = window[0], window[1:]
         target = oldest.length or 0
         later.sort(key=lambda q: (abs((q.length or 0) - target), q.order))
-        taken, kept = [oldest, *later[: size - 1]], sorted(later[size - 1 :], key=lambda q: q.order)
-        queue.extendleft(reversed(kept))
-        if not queue:
-            del self._queues[key]
-        self._count -= len(taken)
-        return [q.item for q in sorted(taken, key=lambda q: q.order)]
+        taken = sorted([oldest, *later[: size - 1]], key=lambda q: q.order)
+        kept = sorted(later[size - 1 :], key=lambda q: q.order)
+        queue.extendleft(reversed(taken + kept))  # the batch becomes the bucket's first items
+        return self._take({key: len(taken)})
 
     def _merged(self, start: K) -> tuple[K, list[T]]:
         """Every ranked bucket's items at the longest shape, if they fit one batch; else ``start`` alone."""
