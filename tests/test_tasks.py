@@ -10,6 +10,7 @@ and a video file). These tests need no torch.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
@@ -159,3 +160,33 @@ def test_heads_that_need_the_request_refuse_raw_tensors(name: str) -> None:
         tensors["token_type_ids"] = ids
     with pytest.raises(InvalidRequest, match="raw tensors"):
         served(name).model.infer([TensorInput(tensors)])
+
+
+def _distinct_words(count: int) -> list[str]:
+    """``count`` different whole words of bert-qa's own vocabulary (one token each), in a fixed order."""
+    vocab = (TINY / "bert-qa" / "vocab.txt").read_text(encoding="utf-8").split()
+    words = [word for word in vocab if word.isalpha() and word.islower() and len(word) > 3]
+    return words[100 : 100 + count]
+
+
+def test_every_word_span_is_an_answer_when_top_k_and_max_answer_len_allow_all() -> None:
+    # 30 different words: the context's spans are its 30 * 31 / 2 runs of whole words, each once.
+    words = _distinct_words(30)
+    context = " ".join(words)
+    answers = served("bert-qa")(question="which word?", context=context, top_k=10_000, max_answer_len=10_000)
+    expected = {" ".join(words[i:j]) for i in range(30) for j in range(i + 1, 31)}
+    assert len(answers) == 465 and {answer["answer"] for answer in answers} == expected
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+
+
+def test_a_million_top_k_and_max_answer_len_answer_quickly() -> None:
+    # Issue 24: a 110-word context with both at 1,000,000 took 3.5-4.2 s of quadratic Python (bab00a3).
+    qa = served("bert-qa")
+    context = " ".join(_distinct_words(110))
+    qa(question="which word?", context=context)  # warm: the session's first run is not the head's cost
+    started = time.perf_counter()
+    answers = qa(question="which word?", context=context, top_k=1_000_000, max_answer_len=1_000_000)
+    assert time.perf_counter() - started < 1.0
+    # The context is cut to the model's 128 tokens: every run of the words that fit, and no more.
+    kept = {word for answer in answers for word in answer["answer"].split()}
+    assert len(answers) == len(kept) * (len(kept) + 1) // 2
