@@ -248,7 +248,8 @@ async def test_a_reply_to_the_broker_refuses_goes_to_the_results_topic_once(
     """Injected: TopicAuthorizationFailedError for an existing reply_to (the worker lacks write rights there)."""
     forbidden = f"team-x.replies.{uuid.uuid4().hex[:8]}"
     await create_topics(kafka_bootstrap, [forbidden], 1)
-    async with serving(kafka_bootstrap, models) as worker:
+    # The operator opened team-x's replies (reply_to_pattern); only the broker's ACLs refuse the write.
+    async with serving(kafka_bootstrap, models, reply_to_pattern=r"team-x\.replies\..+") as worker:
         prefix = worker.settings.topic_prefix
         refuse(
             worker,

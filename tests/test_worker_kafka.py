@@ -214,7 +214,7 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
 ) -> None:
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
-        custom = f"{prefix}.my-replies"
+        custom = f"{prefix}.replies.mine"  # the default reply_to_pattern: <prefix>.replies.*
         await create_topics(kafka_bootstrap, [custom])
         text = {"text": "hello there"}
         async with (
@@ -261,7 +261,7 @@ async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_to
     raises what aiokafka raises for a topic it cannot get, as tansu auto-creates every legal name)."""
     async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
         prefix = prefix_of(worker)
-        refused = f"{prefix}.refused-replies"
+        refused = f"{prefix}.replies.refused"
         await create_topics(kafka_bootstrap, [refused], 1)  # it exists: only the broker's write refuses
         publish = worker.broker.publish
         refusals: list[str] = []
@@ -611,7 +611,7 @@ async def test_every_request_gets_exactly_one_reply(kafka_bootstrap: str, models
     count = 50
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
-        reply_topic = f"{prefix}.my-replies"
+        reply_topic = f"{prefix}.replies.mine"
         await create_topics(kafka_bootstrap, [reply_topic])
         stream = [mixed_request(i) for i in range(count)]
         async with (
@@ -751,7 +751,7 @@ async def test_after_drain_every_answered_offset_is_committed(kafka_bootstrap: s
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
         group = worker.settings.group_id
-        reply_topic = f"{prefix}.my-replies"
+        reply_topic = f"{prefix}.replies.mine"
         await create_topics(kafka_bootstrap, [reply_topic])
         stream = [mixed_request(i) for i in range(count)]
         async with (

@@ -89,21 +89,28 @@ class Intake:
         s = self.settings
         modality = self.modality_of[record.topic]
         default = results_topic(modality, s.topic_prefix)
-        key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else None
+        key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) and record.key else None
         origin = Origin(
             modality=modality,
             tp=TopicPartition(record.topic, record.partition),
             offset=record.offset,
             reply_topic=default,
-            correlation_id=key or f"{record.topic}:{record.partition}:{record.offset}",
+            correlation_id=f"{record.topic}:{record.partition}:{record.offset}",
             raw=record.value or b"",
             timestamp_ms=record.timestamp if record.timestamp and record.timestamp > 0 else now_ms(),
         )
-        correlation_id = _header(record, "correlation_id")
-        if correlation_id is not None and len(correlation_id.encode()) > s.max_header_bytes:
-            origin.rejected = f"the correlation_id header is longer than {s.max_header_bytes} bytes"
-        elif correlation_id is not None:
-            origin.correlation_id = correlation_id
+        # The correlation_id header, or else the record key, is echoed into the reply's headers: both
+        # are the client's bytes, so both are held to max_header_bytes (a longer one is not echoed).
+        for source, value in (
+            ("correlation_id header", _header(record, "correlation_id")),
+            ("record key", key),
+        ):
+            if value is None:
+                continue
+            if len(value.encode()) <= s.max_header_bytes:
+                origin.correlation_id = value
+                break
+            origin.rejected = origin.rejected or f"the {source} is longer than {s.max_header_bytes} bytes"
         reply_to = _header(record, "reply_to")
         if reply_to is not None:
             refusal = self.policy.refusal(reply_to, modality)
