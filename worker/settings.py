@@ -92,6 +92,19 @@ class Settings(BaseSettings):
     provider: str = Field(
         "auto", pattern="^(auto|cuda|cpu)$", description="auto (CUDA when it loads, else CPU) | cuda | cpu."
     )
+    intake_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Requests prepared (parsed, decoded, preprocessed) at once, each on its own intake "
+        "thread, apart from the inference threads: a slow one holds one thread, the others keep flowing. "
+        "Fetching waits while every thread is busy.",
+    )
+    prepare_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long one request's preparation may take before it is answered payload_too_large "
+        "(its thread stays taken until the work ends; the decoders' own limits bound that).",
+    )
     max_in_flight: int = Field(
         1024, ge=1, description="Unanswered requests per worker before it pauses its partitions."
     )
