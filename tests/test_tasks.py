@@ -10,6 +10,7 @@ and a video file). These tests need no torch.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from typing import Any
 
@@ -190,3 +191,29 @@ def test_a_million_top_k_and_max_answer_len_answer_quickly() -> None:
     # The context is cut to the model's 128 tokens: every run of the words that fit, and no more.
     kept = {word for answer in answers for word in answer["answer"].split()}
     assert len(answers) == len(kept) * (len(kept) + 1) // 2
+
+
+def _bert_tensors(**arrays: Any) -> TensorInput:
+    """bert's three inputs, eight tokens (its shortest bucket), with ``arrays`` replacing some of them."""
+    ids = np.array([[2, 10, 11, 12, 13, 14, 15, 3]], dtype=np.int64)
+    tensors = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return TensorInput({**tensors, **arrays})
+
+
+def test_raw_tensors_hold_values_the_model_accepts() -> None:
+    # Issue 24: float64 data was cast to int64 ids, and ids were not range-checked.
+    bert = served("bert").model
+    vocab = json.loads((TINY / "bert" / "config.json").read_text())["vocab_size"]
+    ids = np.array([[2, 5, vocab - 1, 6, 7, 8, 9, 3]], dtype=np.int64)
+    assert bert.infer([_bert_tensors(input_ids=ids)]), "ids up to vocab_size - 1 run"
+    refusals = {
+        "unsafe cast": _bert_tensors(input_ids=ids.astype(np.float64)),
+        "id past the vocabulary": _bert_tensors(input_ids=np.array([[2, vocab, 5, 6, 7, 8, 9, 3]])),
+        "negative id": _bert_tensors(input_ids=np.array([[2, -1, 5, 6, 7, 8, 9, 3]])),
+        "token type 2": _bert_tensors(token_type_ids=np.array([[0, 0, 2, 0, 0, 0, 0, 0]])),
+        "mask of 3": _bert_tensors(attention_mask=np.array([[1, 1, 3, 1, 1, 1, 1, 1]])),
+    }
+    for why, tensors in refusals.items():
+        with pytest.raises(InvalidRequest):
+            bert.infer([tensors])
+            pytest.fail(f"{why} was accepted")
