@@ -355,7 +355,7 @@ class Worker:
             self._spawn(self._publish([outcome]))
             return
         self.tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
-        self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
+        self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome, outcome.rows)
         self.flow.apply_backpressure()
 
     def _not_prepared(self, origin: Origin, why: BaseException) -> None:

@@ -47,6 +47,11 @@ class Job:
     deadline_ms: int | None
 
     @property
+    def rows(self) -> int:
+        """Rows the request adds to a batch: one, or one per candidate label of a zero-shot request."""
+        return max((int(array.shape[0]) for array in self.prepared.arrays.values() if array.ndim), default=1)
+
+    @property
     def prepared_bytes(self) -> int:
         """Bytes the prepared arrays hold (counted against max_in_flight_bytes)."""
         return sum(int(getattr(array, "nbytes", 0)) for array in self.prepared.arrays.values())
