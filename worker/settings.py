@@ -41,7 +41,10 @@ class Settings(BaseSettings):
         4, ge=1, description="Partitions per topic when the worker creates missing topics."
     )
     max_batch_size: int = Field(
-        32, ge=1, description="Dispatch a batch once a model's bucket holds this many requests."
+        32,
+        ge=1,
+        description="Dispatch a batch once a model's bucket holds this many rows (a request is one row, "
+        "a zero-shot request one per candidate label).",
     )
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
