@@ -1,8 +1,8 @@
 """The Kafka worker: a thin lifecycle shell over intake, batching, answers, delivery and flow.
 
 Life of a message: the fetch loop (worker/fetching.py) takes records one partition at a time;
-intake (worker/intake.py) reads each record's coordinates and, in the executor, parses,
-validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
+intake (worker/intake.py) reads each record's coordinates and, on its own threads, one request
+each, parses, validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
 job waits in its model's micro-batcher (worker/batching.py); a model loop runs ready batches in
 the executor (worker/answers.py) and hands one reply per request to delivery
 (worker/delivery.py), which publishes it (acks=all) off the intake path. Only then is the
