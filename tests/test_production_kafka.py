@@ -248,7 +248,8 @@ async def test_a_reply_to_the_broker_refuses_goes_to_the_results_topic_once(
     """Injected: TopicAuthorizationFailedError for an existing reply_to (the worker lacks write rights there)."""
     forbidden = f"team-x.replies.{uuid.uuid4().hex[:8]}"
     await create_topics(kafka_bootstrap, [forbidden], 1)
-    async with serving(kafka_bootstrap, models) as worker:
+    # The operator opened team-x's replies (reply_to_pattern); only the broker's ACLs refuse the write.
+    async with serving(kafka_bootstrap, models, reply_to_pattern=r"team-x\.replies\..+") as worker:
         prefix = worker.settings.topic_prefix
         refuse(
             worker,
@@ -451,19 +452,19 @@ async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_l
 async def test_a_fault_while_taking_records_in_costs_a_redelivery_not_a_request(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Injected: the first preparation round raises (a bug of ours); its records are read again."""
+    """Injected: the first preparation raises (a bug of ours, not the request's); that record is read again."""
     async with serving(kafka_bootstrap, models) as worker:
         prefix = worker.settings.topic_prefix
-        original = worker.intake.prepare_all
+        original = worker.intake.prepare
         faults = iter([RuntimeError("injected intake fault")])
 
-        def prepare_all(origins: list[Any]) -> list[Any]:
+        def prepare(origin: Any) -> Any:
             fault = next(faults, None)
             if fault is not None:
                 raise fault
-            return original(origins)
+            return original(origin)
 
-        monkeypatch.setattr(worker.intake, "prepare_all", prepare_all)
+        monkeypatch.setattr(worker.intake, "prepare", prepare)
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
             raw_producer(kafka_bootstrap) as producer,

@@ -1,8 +1,8 @@
 """The Kafka worker: a thin lifecycle shell over intake, batching, answers, delivery and flow.
 
 Life of a message: the fetch loop (worker/fetching.py) takes records one partition at a time;
-intake (worker/intake.py) reads each record's coordinates and, in the executor, parses,
-validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
+intake (worker/intake.py) reads each record's coordinates and, on its own threads, one request
+each, parses, validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
 job waits in its model's micro-batcher (worker/batching.py); a model loop runs ready batches in
 the executor (worker/answers.py) and hands one reply per request to delivery
 (worker/delivery.py), which publishes it (acks=all) off the intake path. Only then is the
@@ -36,7 +36,7 @@ from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
-from worker.envelopes import Outgoing
+from worker.envelopes import Origin, Outgoing
 from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
 from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
@@ -205,6 +205,7 @@ class Worker:
         self.flow.consumer = None
         await self.clients.close(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.intake.close()
         if self.health is not None:
             self.health.stop()
         log.info("worker stopped")
@@ -334,19 +335,40 @@ class Worker:
         for bad in fetched.undecodable:
             tracker.track(bad.tp, bad.offset)
             rejected.append(self.intake.undecodable(bad))
-        loop = asyncio.get_running_loop()
-        outcomes = (
-            await loop.run_in_executor(self.executor, self.intake.prepare_all, origins) if origins else []
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, Outgoing):
-                rejected.append(outcome)
-            else:
-                tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
-                self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
         if rejected:
             self._spawn(self._publish(rejected))
+        if origins:
+            # Each request goes to its batcher (or is answered) the moment it is prepared; the round
+            # counts as being taken in until its last one is, so a drain waits for them.
+            self._state.fetching_rounds += 1
+            try:
+                handed_on = await self.intake.take_in(origins, self._prepared, self._not_prepared)
+            except BaseException:
+                self._state.fetching_rounds -= 1
+                raise
+            self._spawn(self._round_taken(handed_on))
         self.flow.apply_backpressure()
+
+    def _prepared(self, outcome: Job | Outgoing) -> None:
+        """One request prepared: its bytes counted at once (admission sees them), then queued or answered."""
+        if isinstance(outcome, Outgoing):
+            self._spawn(self._publish([outcome]))
+            return
+        self.tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
+        self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome, outcome.rows)
+        self.flow.apply_backpressure()
+
+    def _not_prepared(self, origin: Origin, why: BaseException) -> None:
+        """A fault of ours while preparing: it costs a redelivery of that record, not the request."""
+        log.error("internal error preparing %s offset %d", origin.tp, origin.offset, exc_info=why)
+        self.flow.redeliver(origin.tp, origin.offset, why)
+
+    async def _round_taken(self, handed_on: asyncio.Future[list[None]]) -> None:
+        try:
+            await handed_on
+        finally:
+            self._state.fetching_rounds -= 1
+            self.flow.progressed()
 
     # --- batches -----------------------------------------------------------------------
 
