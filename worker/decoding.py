@@ -2,12 +2,15 @@
 
 schemas/ has already checked structure, base64, byte sizes and image signatures; this turns the
 bytes into pixels, samples, frames and arrays under the worker's limits (settings). Audio and
-video files go through PyAV (worker/media.py).
+video files go through PyAV (worker/media.py). ``decode_inputs`` is a plain function: it runs in
+process or in a decoder process (worker/sandbox.py) alike.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +55,8 @@ class MediaLimits:
     #: Frames in one video file (60 s at 30 fps); decoding stops after the last sampled one.
     max_video_frames_decoded: int = 1800
     max_video_pixels: int = 1920 * 1088
+    #: Scans of one JPEG file: each costs a pass over the whole image (about 5.6 ms at 4096x4096).
+    max_jpeg_scans: int = 64
 
     @property
     def av(self) -> media.AVLimits:
@@ -64,12 +69,71 @@ class MediaLimits:
         )
 
 
-def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.Image:
+def bound_pillow(limits: MediaLimits) -> None:
+    """Pillow's own decompression-bomb ceiling set from the limits (a process-wide setting).
+
+    Pillow raises at open above twice its ceiling: the last guard for a plugin that decodes inside
+    ``Image.open``. Its warning between one and two times is dropped: ``decode_image`` refuses
+    those itself, right after open.
+    """
+    Image.MAX_IMAGE_PIXELS = max(limits.max_image_pixels, limits.max_video_pixels)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+_ICO = b"\x00\x00\x01\x00"
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _embedded_sizes(raw: bytes) -> list[tuple[int, int]]:
+    """Width and height of each image an ICO file holds, read from the PNG or BMP header of each.
+
+    Pillow decodes an ICO's largest image inside ``Image.open``, before its size can be checked,
+    and the directory's one-byte sizes cannot say more than 256: only the embedded header tells.
+    """
+    (count,) = struct.unpack_from("<H", raw, 4)
+    sizes = []
+    for entry in range(count):
+        at = 6 + 16 * entry
+        if at + 16 > len(raw):
+            raise UndecodableInput("image: the ICO directory is truncated")
+        size, offset = struct.unpack_from("<II", raw, at + 8)
+        data = raw[offset : offset + min(size, 32)]
+        if data.startswith(_PNG) and len(data) >= 24:
+            sizes.append(struct.unpack_from(">II", data, 16))
+        elif len(data) >= 12:  # a BMP info header: its height counts the image and its AND mask
+            width, height = struct.unpack_from("<ii", data, 4)
+            sizes.append((abs(width), abs(height) // 2))
+        else:
+            raise UndecodableInput("image: an ICO entry points outside the file")
+    return sizes
+
+
+def _check_before_open(raw: bytes, limits: MediaLimits, max_pixels: int, what: str) -> None:
+    """What Pillow would spend before its size check: an ICO's embedded images, a JPEG's scans."""
+    if raw.startswith(_ICO) and len(raw) >= 6:
+        for width, height in _embedded_sizes(raw):
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"{what} holds a {width}x{height} image; the limit is {max_pixels} pixels"
+                )
+    if raw.startswith(b"\xff\xd8"):
+        # Each SOS marker starts a scan over the whole image. Entropy-coded data cannot hold the
+        # marker (0xFF is stuffed), so counting bytes over-counts only markers inside APPn segments.
+        scans = raw.count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise PayloadTooLarge(f"{what} is a JPEG of {scans} scans; the limit is {limits.max_jpeg_scans}")
+
+
+def decode_image(
+    raw: bytes, limits: MediaLimits, what: str = "image", max_pixels: int | None = None
+) -> Image.Image:
     """Any image file Pillow opens -> RGB, as transformers' ``load_image`` converts it.
 
-    The pixel count is checked from the header before anything is inflated; an animated
-    GIF/WebP gives its first frame.
+    The pixel count (``max_pixels``, by default the image limit) is checked from the headers
+    before anything is inflated; an animated GIF/WebP gives its first frame.
     """
+    max_pixels = limits.max_image_pixels if max_pixels is None else max_pixels
+    _check_before_open(raw, limits, max_pixels, what)
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above ours, checked at open
@@ -78,8 +142,8 @@ def decode_image(raw: bytes, limits: MediaLimits, what: str = "image") -> Image.
         raise UndecodableInput(f"{what} is not a readable image") from exc
     width, height = image.size
     # Checked before load(): a decompression bomb is rejected without being inflated.
-    if width * height > limits.max_image_pixels:
-        raise PayloadTooLarge(f"{what} is {width}x{height} pixels; the limit is {limits.max_image_pixels}")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"{what} is {width}x{height} pixels; the limit is {max_pixels}")
     try:
         image.load()
         return to_rgb(image)
@@ -141,6 +205,18 @@ def tensor_to_array(tensor: InferTensor) -> np.ndarray:
     return np.asarray(tensor.data, dtype=_NUMPY_DTYPES[tensor.datatype.value]).reshape(tensor.shape)
 
 
+def decode_frames(frames: list[bytes], limits: MediaLimits) -> list[Image.Image]:
+    """A request's list of frame images, held to the video limits: frame count and pixels per frame.
+
+    Decoded RGB bytes are at most ``max_video_frames * max_video_pixels * 3`` (401 MB at the defaults).
+    """
+    if len(frames) > limits.max_video_frames:
+        raise PayloadTooLarge(f"{len(frames)} frames; the limit is {limits.max_video_frames}")
+    return [
+        decode_image(frame, limits, f"frame {i}", limits.max_video_pixels) for i, frame in enumerate(frames)
+    ]
+
+
 def _text(value: str, limits: MediaLimits) -> str:
     if len(value) > limits.max_text_chars:
         raise PayloadTooLarge(f"text is {len(value)} characters; the limit is {limits.max_text_chars}")
@@ -167,9 +243,7 @@ def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
         array = check_waveform(np.asarray(inputs.array, dtype=np.float64), inputs.sampling_rate, limits)
         return AudioInput(array, inputs.sampling_rate)
     if isinstance(inputs, VideoInputs):
-        if len(inputs.frames) > limits.max_video_frames:
-            raise PayloadTooLarge(f"{len(inputs.frames)} frames; the limit is {limits.max_video_frames}")
-        return VideoInput([decode_image(f, limits, f"frame {i}") for i, f in enumerate(inputs.frames)])
+        return VideoInput(decode_frames(inputs.frames, limits))
     if isinstance(inputs, VideoFileInputs):
         return decode_video(inputs.video, limits)
     if isinstance(inputs, ZeroShotImageInputs):

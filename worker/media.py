@@ -2,8 +2,11 @@
 
 Every container is opened from memory with a short list of demuxers: FFmpeg's playlist and
 concat demuxers (HLS, ``ffconcat``) would otherwise open further files or URLs named in a message.
-What a video container declares (duration, frame count, frame size) is checked before decoding;
-audio samples and video frames are counted as they are decoded, since a header can lie.
+Only the codecs the README names are decoded (``AUDIO_CODECS``, ``VIDEO_CODECS``): the demuxers
+above reach some 550 FFmpeg decoders through codec tags otherwise. What a container declares
+(duration, frame count, frame size, sampling rate) is checked before decoding; FFmpeg's own
+``max_pixels`` refuses a larger frame before its buffer is allocated, in stream probing as in
+decoding; audio samples and video frames are counted as they are decoded, since a header can lie.
 """
 
 from __future__ import annotations
@@ -18,12 +21,23 @@ import numpy as np
 import soxr
 from PIL import Image
 
+from schemas.limits import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
 
 #: Demuxers for audio files: WAV/W64, FLAC, MP3, Ogg (Vorbis, Opus), MP4/M4A/MOV, Matroska/WebM, ADTS AAC, AIFF, CAF, AMR, AU.
 AUDIO_FORMATS = "wav,w64,flac,mp3,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,au"
-#: Demuxers for video files: MP4/MOV, Matroska/WebM, AVI, MPEG-TS, Ogg, FLV.
-VIDEO_FORMATS = "mov,mp4,m4a,matroska,webm,avi,mpegts,ogg,flv"
+#: Demuxers for video files: MP4/MOV, Matroska/WebM, AVI. Each declares its streams in its header, so
+#: FFmpeg's probing runs their decoders under max_pixels (MPEG-TS and FLV find streams only by decoding).
+VIDEO_FORMATS = "mov,mp4,m4a,matroska,webm,avi"
+_PCM = ("s16", "s24", "s32", "f32", "f64")
+#: Audio codecs decoded (FFmpeg's codec names): PCM in WAV/AIFF/AU/CAF, FLAC, MP3, Vorbis, Opus, AAC, ALAC, AMR.
+AUDIO_CODECS = frozenset(
+    {f"pcm_{kind}{order}" for kind in _PCM for order in ("le", "be")}
+    | {"pcm_u8", "pcm_s8", "pcm_mulaw", "pcm_alaw"}
+    | {"flac", "mp3", "vorbis", "opus", "aac", "alac", "amr_nb", "amr_wb"}
+)
+#: Video codecs decoded: H.264, H.265, VP8, VP9, AV1.
+VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
 
 
 @dataclass(frozen=True)
@@ -36,11 +50,29 @@ class AVLimits:
     max_video_pixels: int
 
 
-def _open(raw: bytes, what: str, formats: str) -> av.container.InputContainer:
+def _open(raw: bytes, what: str, formats: str, max_pixels: int | None = None) -> av.container.InputContainer:
+    options = {"format_whitelist": formats}
+    if max_pixels is not None:
+        # Passed to the decoders FFmpeg's stream probing runs too: without it, av.open decodes a
+        # 12000x12000 first frame (864 MB at 16 bits) before probe_video can read its size.
+        options["max_pixels"] = str(max_pixels)
     try:
-        return av.open(io.BytesIO(raw), mode="r", options={"format_whitelist": formats})
+        return av.open(io.BytesIO(raw), mode="r", options=options)
     except av.error.FFmpegError as exc:
         raise UndecodableInput(f"{what}: the container is not a readable {what} format ({exc})") from exc
+
+
+def _decoder(stream: av.stream.Stream, what: str, allowed: frozenset[str]) -> av.codec.context.CodecContext:
+    """The stream's codec context, if its codec is one the worker decodes."""
+    context = stream.codec_context
+    if context is None:
+        raise UndecodableInput(f"{what}: the stream's codec is not one this FFmpeg build decodes")
+    name = context.codec.canonical_name
+    if name not in allowed:
+        raise UndecodableInput(
+            f"{what}: the {name!r} codec is not accepted; accepted: {', '.join(sorted(allowed))}"
+        )
+    return context
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
@@ -69,16 +101,25 @@ def decode_audio(raw: bytes, limits: AVLimits) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise UndecodableInput("audio: the file has no audio stream")
         stream = container.streams.audio[0]
-        if stream.codec_context is None:
-            raise UndecodableInput("audio: the stream's codec is not one this FFmpeg build decodes")
+        _decoder(stream, "audio", AUDIO_CODECS)
         if not stream.rate or stream.rate <= 0:
             raise UndecodableInput(f"audio: the {_codec_name(stream)!r} stream has no sampling rate")
+        _check_rate(int(stream.rate))
         # No check of the declared duration: MP3 and ADTS files without an index only estimate it from
         # the bitrate. Decoding stops as soon as the samples pass the limit, so the cost stays bounded.
         chunks, rate = _decode_audio_stream(container, stream, limits)
     if not chunks:
         raise UndecodableInput("audio: the stream holds no decodable samples")
     return np.concatenate(chunks).astype(np.float32, copy=False), rate
+
+
+def _check_rate(rate: int) -> None:
+    # The rate divides the decoded samples into seconds: a header claiming 2 GHz would make 300 s of
+    # audio look like 7 ms. Refused like a raw array's rate outside the same range (schemas.limits).
+    if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
+        raise PayloadTooLarge(
+            f"audio: the sampling rate is {rate} Hz; accepted: {MIN_SAMPLING_RATE} to {MAX_SAMPLING_RATE} Hz"
+        )
 
 
 def _decode_audio_stream(
@@ -92,6 +133,7 @@ def _decode_audio_stream(
     try:
         for frame in _audio_frames(container, stream, converter):
             rate = int(frame.sample_rate)
+            _check_rate(rate)
             planes = frame.to_ndarray()
             chunks.append(planes.mean(axis=0, dtype=np.float32))
             samples += planes.shape[1]
@@ -102,6 +144,10 @@ def _decode_audio_stream(
                 )
     except av.error.FFmpegError as exc:
         raise UndecodableInput(f"audio: the {_codec_name(stream)!r} stream is corrupt ({exc})") from exc
+    except ValueError as exc:  # PyAV's resampler refuses a frame whose rate, layout or format changed
+        raise UndecodableInput(
+            f"audio: the {_codec_name(stream)!r} stream changes format mid-stream ({exc})"
+        ) from exc
     return chunks, rate
 
 
@@ -148,8 +194,13 @@ class Clip:
         picked: dict[int, Image.Image] = {}
         last: av.VideoFrame | None = None
         last_index = -1
-        with _open(self.data, "video", VIDEO_FORMATS) as container:
+        with _open(self.data, "video", VIDEO_FORMATS, self.limits.max_video_pixels) as container:
             stream = container.streams.video[0]
+            # FFmpeg refuses a frame over max_pixels before allocating it: a later frame can be
+            # larger than the header said (PNG, MJPEG and others change size per frame).
+            _decoder(stream, "video", VIDEO_CODECS).options = {
+                "max_pixels": str(self.limits.max_video_pixels)
+            }
             try:
                 for index, frame in enumerate(container.decode(stream)):
                     if index >= self.limits.max_video_frames_decoded:
@@ -168,7 +219,8 @@ class Clip:
                         break
             except av.error.FFmpegError as exc:
                 raise UndecodableInput(
-                    f"video: the {_codec_name(stream)!r} stream is corrupt ({exc})"
+                    f"video: the {_codec_name(stream)!r} stream is corrupt or holds a frame over "
+                    f"{self.limits.max_video_pixels} pixels ({exc})"
                 ) from exc
         if last is None:
             raise UndecodableInput("video: the stream holds no decodable frames")
@@ -184,14 +236,12 @@ def _rgb(frame: av.VideoFrame) -> Image.Image:
 
 def probe_video(raw: bytes, limits: AVLimits) -> Clip:
     """Open a video file and check what its container says against the limits, decoding nothing."""
-    with _open(raw, "video", VIDEO_FORMATS) as container:
+    with _open(raw, "video", VIDEO_FORMATS, limits.max_video_pixels) as container:
         if not container.streams.video:
             raise UndecodableInput("video: the file has no video stream")
         stream = container.streams.video[0]
-        context = stream.codec_context
-        if context is None:
-            raise UndecodableInput("video: the stream's codec is not one this FFmpeg build decodes")
-        width, height = int(context.width), int(context.height)
+        _decoder(stream, "video", VIDEO_CODECS)
+        width, height = int(stream.codec_context.width), int(stream.codec_context.height)
         if width * height > limits.max_video_pixels:
             raise PayloadTooLarge(
                 f"video is {width}x{height} pixels a frame; the limit is {limits.max_video_pixels}"
