@@ -205,6 +205,7 @@ class Worker:
         self.flow.consumer = None
         await self.clients.close(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.intake.close()
         if self.health is not None:
             self.health.stop()
         log.info("worker stopped")

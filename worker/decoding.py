@@ -12,6 +12,7 @@ import io
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -169,6 +170,41 @@ def decode_video(raw: bytes, limits: MediaLimits) -> VideoFileInput:
     return VideoFileInput(media.probe_video(raw, limits.av))
 
 
+class MediaDecoder(Protocol):
+    """Where image, audio and video files are decoded: this process (InProcess) or a decoder process."""
+
+    def image(self, raw: bytes, what: str, max_pixels: int) -> Image.Image:
+        """An image file -> RGB within ``max_pixels``."""
+        ...
+
+    def audio(self, raw: bytes) -> tuple[np.ndarray, int]:
+        """An audio file -> mono float32 samples and their rate."""
+        ...
+
+    def video(self, raw: bytes) -> media.Clip:
+        """A video file checked against the limits; frames are decoded when the processor asks."""
+        ...
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """Decodes in the calling thread: tests, the pipeline API, and ``decode_isolation`` off."""
+
+    limits: MediaLimits
+
+    def image(self, raw: bytes, what: str, max_pixels: int) -> Image.Image:
+        """``decode_image`` here."""
+        return decode_image(raw, self.limits, what, max_pixels)
+
+    def audio(self, raw: bytes) -> tuple[np.ndarray, int]:
+        """``decode_audio`` here."""
+        return decode_audio(raw, self.limits)
+
+    def video(self, raw: bytes) -> media.Clip:
+        """``media.probe_video`` here."""
+        return media.probe_video(raw, self.limits.av)
+
+
 def check_waveform(array: np.ndarray, sampling_rate: int, limits: MediaLimits) -> np.ndarray:
     """A raw sample array from JSON: finite, 1-D, within the length limit."""
     if sampling_rate <= 0:
@@ -205,16 +241,14 @@ def tensor_to_array(tensor: InferTensor) -> np.ndarray:
     return np.asarray(tensor.data, dtype=_NUMPY_DTYPES[tensor.datatype.value]).reshape(tensor.shape)
 
 
-def decode_frames(frames: list[bytes], limits: MediaLimits) -> list[Image.Image]:
+def decode_frames(frames: list[bytes], limits: MediaLimits, decoder: MediaDecoder) -> list[Image.Image]:
     """A request's list of frame images, held to the video limits: frame count and pixels per frame.
 
     Decoded RGB bytes are at most ``max_video_frames * max_video_pixels * 3`` (401 MB at the defaults).
     """
     if len(frames) > limits.max_video_frames:
         raise PayloadTooLarge(f"{len(frames)} frames; the limit is {limits.max_video_frames}")
-    return [
-        decode_image(frame, limits, f"frame {i}", limits.max_video_pixels) for i, frame in enumerate(frames)
-    ]
+    return [decoder.image(frame, f"frame {i}", limits.max_video_pixels) for i, frame in enumerate(frames)]
 
 
 def _text(value: str, limits: MediaLimits) -> str:
@@ -223,8 +257,13 @@ def _text(value: str, limits: MediaLimits) -> str:
     return value
 
 
-def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
-    """The request's inputs decoded into what the model's processor takes."""
+def decode_inputs(request: Request, limits: MediaLimits, decoder: MediaDecoder | None = None) -> ModelInput:
+    """The request's inputs decoded into what the model's processor takes.
+
+    Media files go through ``decoder`` (by default in this thread); texts, raw audio arrays and
+    tensors are checked here, their size bounded by the wire format and ``max_text_chars``.
+    """
+    decoder = decoder or InProcess(limits)
     inputs = request.inputs
     if isinstance(inputs, list):
         names = [t.name for t in inputs]
@@ -235,22 +274,22 @@ def decode_inputs(request: Request, limits: MediaLimits) -> ModelInput:
         pair = None if inputs.text_pair is None else _text(inputs.text_pair, limits)
         return TextInput(_text(inputs.text, limits), pair)
     if isinstance(inputs, ImageInputs):
-        return ImageInput(decode_image(inputs.image, limits))
+        return ImageInput(decoder.image(inputs.image, "image", limits.max_image_pixels))
     if isinstance(inputs, AudioFileInputs):
-        array, rate = decode_audio(inputs.audio, limits)
+        array, rate = decoder.audio(inputs.audio)
         return AudioInput(array, rate)
     if isinstance(inputs, AudioArrayInputs):
         array = check_waveform(np.asarray(inputs.array, dtype=np.float64), inputs.sampling_rate, limits)
         return AudioInput(array, inputs.sampling_rate)
     if isinstance(inputs, VideoInputs):
-        return VideoInput(decode_frames(inputs.frames, limits))
+        return VideoInput(decode_frames(inputs.frames, limits, decoder))
     if isinstance(inputs, VideoFileInputs):
-        return decode_video(inputs.video, limits)
+        return VideoFileInput(decoder.video(inputs.video))
     if isinstance(inputs, ZeroShotImageInputs):
         template = inputs.hypothesis_template or DEFAULT_HYPOTHESIS_TEMPLATE
-        return MultimodalInput(
-            decode_image(inputs.image, limits), tuple(inputs.candidate_labels), hypothesis_template=template
-        )
+        image = decoder.image(inputs.image, "image", limits.max_image_pixels)
+        return MultimodalInput(image, tuple(inputs.candidate_labels), hypothesis_template=template)
     if isinstance(inputs, ImageTextInputs):
-        return MultimodalInput(decode_image(inputs.image, limits), text=_text(inputs.text, limits))
+        image = decoder.image(inputs.image, "image", limits.max_image_pixels)
+        return MultimodalInput(image, text=_text(inputs.text, limits))
     raise InvalidRequest(f"unsupported inputs {type(inputs).__name__}")

@@ -16,7 +16,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.topics import results_topic
-from worker.decoding import MediaLimits, decode_inputs
+from worker.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
 from worker.envelopes import Origin, Outgoing, rejection
 from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
 from worker.fetching import Undecodable
@@ -24,6 +24,7 @@ from worker.metrics import WorkerMetrics
 from worker.processors import Prepared
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy
+from worker.sandbox import Budget, DecoderPool
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,20 @@ class Intake:
             max_video_seconds=settings.max_video_seconds,
             max_video_frames_decoded=settings.max_video_frames_decoded,
             max_video_pixels=settings.max_video_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
         )
+        bound_pillow(self.limits)
+        budget = Budget(settings.decode_cpu_seconds, settings.decode_memory_mib)
+        self.decoder: MediaDecoder = (
+            DecoderPool(self.limits, settings.decoder_processes, budget)
+            if settings.decode_isolation
+            else InProcess(self.limits)
+        )
+
+    def close(self) -> None:
+        """Stop the decoder processes, if any."""
+        if isinstance(self.decoder, DecoderPool):
+            self.decoder.close()
 
     def origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
         """The record's coordinates and where its answer goes (the reply_to policy applied)."""
@@ -151,7 +165,7 @@ class Intake:
                 raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
             if request.deadline_ms is not None and request.deadline_ms <= now_ms():
                 raise DeadlineExceeded("the request's deadline passed before it was read")
-            prepared = model.prepare(decode_inputs(request, self.limits))
+            prepared = model.prepare(decode_inputs(request, self.limits, self.decoder))
             return Job(origin, request.id, model, prepared, request.parameters, request.deadline_ms)
         except InferenceError as exc:  # schemas' RequestRejected included: one hierarchy, one code each
             rejected_id = exc.request_id or request_id
