@@ -49,7 +49,8 @@ def test_a_decoder_process_answers_what_decoding_in_process_answers(pool: Decode
 
 def test_a_decode_over_its_cpu_budget_is_stopped_and_the_next_one_is_answered(pool: DecoderPool) -> None:
     # 1024x1024 with 3,000 scans: about 1.5 s of CPU (0.5 ms a scan), over the 1 s budget.
-    with pytest.raises(PayloadTooLarge, match="more than its 1 CPU seconds"):
+    # Killed by the kernel at 1 CPU second, or by the pool after 3 s of wall time on a loaded machine.
+    with pytest.raises(PayloadTooLarge, match=r"more than (its 1 CPU seconds|3 s)"):
         pool.image(progressive_jpeg(1024, 3000), "image", 1024 * 1024)
     assert pool.breaches == 1
     assert pool.image(photo(8, 8), "image", 64).size == (8, 8)  # a fresh process took its place
