@@ -8,13 +8,16 @@ is measured: the typed error alone would not tell an up-front refusal from a lat
 from __future__ import annotations
 
 import io
+import json
 import resource
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from PIL import Image
 
 from schemas import Modality
@@ -25,11 +28,13 @@ from tests.media_files import (
     progressive_jpeg,
     vorbis_claiming,
 )
-from tests.test_hardening import b64, request
+from tests.test_hardening import b64, intake, request
 from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
+from worker.envelopes import Origin, Outgoing
 from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
+from worker.intake import Intake
 
-MIB = 1024 * 1024
+__all__ = ["intake"]  # the worker's intake, a fixture of tests/test_hardening.py
 
 
 def _peak_growth(decode: Callable[[bytes, MediaLimits], Any], data: bytes) -> tuple[str, float]:
@@ -105,3 +110,45 @@ def test_only_the_codecs_the_readme_names_are_decoded() -> None:
     # PNG-in-MOV is a real format FFmpeg decodes; the README's video codecs are H.264, H.265, VP8, VP9, AV1.
     with pytest.raises(UndecodableInput, match="'png' codec is not accepted"):
         decode_video(png_mov([black_png(64, 64, depth=16)], (64, 64)), MediaLimits())
+
+
+@pytest.mark.parametrize(
+    ("modality", "model", "inputs", "code"),
+    [
+        (Modality.VIDEO, "videomae", lambda: {"frames": [b64(png(4096, 4096))] * 32}, "payload_too_large"),
+        (Modality.VISION, "vit", lambda: {"image": b64(progressive_jpeg(1024, 3000))}, "payload_too_large"),
+        (
+            Modality.AUDIO,
+            "wav2vec2",
+            lambda: {"audio": b64(vorbis_claiming(300, 2_000_000_000))},
+            "payload_too_large",
+        ),
+        (
+            Modality.VISION,
+            "vit",
+            lambda: {"image": b64(ico_holding(black_png(12000, 12000)))},
+            "payload_too_large",
+        ),
+        (
+            Modality.VIDEO,
+            "videomae",
+            lambda: {"video": b64(png_mov([black_png(12000, 12000, depth=16)], (12000, 12000)))},
+            "undecodable_input",  # PNG is no codec the README names; probing no longer decodes the frame
+        ),
+    ],
+    ids=["frames", "jpeg-scans", "vorbis-2ghz", "ico", "mov"],
+)
+def test_the_issues_requests_are_answered_with_a_typed_error_within_5_s(
+    intake: Intake, modality: Modality, model: str, inputs: Callable[[], dict[str, Any]], code: str
+) -> None:
+    """The worker's own intake, its media decoded in decoder processes (the default)."""
+    body = json.dumps({"id": "hostile", "model": model, "inputs": inputs()}).encode()
+    topic = f"inference.{modality.value}.requests"
+    origin = Origin(
+        modality, TopicPartition(topic, 0), 0, f"inference.{modality.value}.results", "c", body, 0
+    )
+    start = time.monotonic()
+    outcome = intake.prepare(origin)
+    assert time.monotonic() - start < 5
+    assert isinstance(outcome, Outgoing) and outcome.error is not None
+    assert outcome.error.code.value == code, outcome.error.message

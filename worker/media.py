@@ -57,7 +57,8 @@ def _open(raw: bytes, what: str, formats: str, max_pixels: int | None = None) ->
         # 12000x12000 first frame (864 MB at 16 bits) before probe_video can read its size.
         options["max_pixels"] = str(max_pixels)
     try:
-        return av.open(io.BytesIO(raw), mode="r", options=options)
+        # metadata_errors: a tag that is not UTF-8 would raise UnicodeDecodeError from av.open (fuzzing found it).
+        return av.open(io.BytesIO(raw), mode="r", options=options, metadata_errors="replace")
     except av.error.FFmpegError as exc:
         raise UndecodableInput(f"{what}: the container is not a readable {what} format ({exc})") from exc
 

@@ -105,6 +105,9 @@ def serve(requests: Connection, replies: Connection, limits: MediaLimits, budget
             reply, buffers = _decode(header, raw, limits)
         except InferenceError as exc:
             reply = {"code": exc.code.value, "message": exc.message}
+        except Exception as exc:  # a defect, not the file's fault: answered internal, the process kept
+            log.exception("decoding failed")
+            reply = {"code": "internal", "message": f"{type(exc).__name__} while decoding"}
         except MemoryError:
             reply = {
                 "code": PayloadTooLarge.code.value,
@@ -213,7 +216,12 @@ class DecoderPool:
         finally:
             self._idle.put(decoder)
         if "code" in reply:
-            raise _ERRORS[reply["code"]](str(reply["message"]))
+            error = _ERRORS.get(reply["code"])
+            if error is None:
+                raise RuntimeError(
+                    f"decoder process: {reply['message']}"
+                )  # the intake's catch-all answers internal
+            raise error(str(reply["message"]))
         return reply, buffers
 
     def image(self, raw: bytes, what: str, max_pixels: int) -> Image.Image:
