@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import resource
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +20,7 @@ import pytest
 from aiokafka import TopicPartition
 from PIL import Image
 
+from bench.procstats import peak_rss_mib
 from schemas import Modality
 from tests.media_files import (
     black_png,
@@ -38,14 +39,17 @@ __all__ = ["intake"]  # the worker's intake, a fixture of tests/test_hardening.p
 
 
 def _peak_growth(decode: Callable[[bytes, MediaLimits], Any], data: bytes) -> tuple[str, float]:
-    """In a fresh process: the decode's outcome (an error code or "ok") and how far it raised peak RSS, in MiB."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """In a fresh process: the decode's outcome (an error code or "ok") and how far it raised peak RSS, in MiB.
+
+    VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts at its parent's RSS (kept across fork and exec).
+    """
+    before = peak_rss_mib(os.getpid())
     try:
         decode(data, MediaLimits())
         outcome = "ok"
     except InferenceError as exc:
         outcome = exc.code.value
-    return outcome, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return outcome, peak_rss_mib(os.getpid()) - before
 
 
 def peak_growth(decode: Callable[[bytes, MediaLimits], Any], data: bytes) -> tuple[str, float]:
