@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         "worker's own executor, bounded by the media limits alone.",
     )
     decoder_processes: int = Field(
-        2, ge=1, description="Decoder processes (decode_isolation); each holds about 100 MiB when idle."
+        2, ge=1, description="Decoder processes (decode_isolation); each holds about 110 MiB."
     )
     decode_cpu_seconds: float = Field(
         5.0,
