@@ -24,6 +24,7 @@ from bench.procstats import peak_rss_mib
 from schemas import Modality
 from tests.media_files import (
     black_png,
+    encode_audio,
     ico_holding,
     png_mov,
     progressive_jpeg,
@@ -156,3 +157,10 @@ def test_the_issues_requests_are_answered_with_a_typed_error_within_5_s(
     assert time.monotonic() - start < 5
     assert isinstance(outcome, Outgoing) and outcome.error is not None
     assert outcome.error.code.value == code, outcome.error.message
+
+
+def test_audio_that_changes_format_mid_stream_is_undecodable_not_internal() -> None:
+    # Two FLAC files back to back: the second's frames come at another rate and layout (a ValueError before).
+    data = encode_audio("flac", 44_100, 2, seconds=0.5) + encode_audio("flac", 22_050, 1, seconds=0.5)
+    with pytest.raises(UndecodableInput, match="changes format mid-stream"):
+        decode_audio(data, MediaLimits())
