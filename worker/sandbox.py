@@ -105,14 +105,14 @@ def serve(requests: Connection, replies: Connection, limits: MediaLimits, budget
             reply, buffers = _decode(header, raw, limits)
         except InferenceError as exc:
             reply = {"code": exc.code.value, "message": exc.message}
-        except Exception as exc:  # a defect, not the file's fault: answered internal, the process kept
-            log.exception("decoding failed")
-            reply = {"code": "internal", "message": f"{type(exc).__name__} while decoding"}
         except MemoryError:
             reply = {
                 "code": PayloadTooLarge.code.value,
                 "message": f"decoding needs more than its {budget.memory_mib} MiB budget",
             }
+        except Exception as exc:  # a defect, not the file's fault: answered internal, the process kept
+            log.exception("decoding failed")
+            reply = {"code": "internal", "message": f"{type(exc).__name__} while decoding"}
         reply["buffers"] = len(buffers)
         replies.send_bytes(json.dumps(reply).encode())
         for buffer in buffers:
