@@ -203,3 +203,31 @@ def vorbis_claiming(seconds: int, claimed_rate: int, rate: int = 8000) -> bytes:
     rate_at = data.index(b"\x01vorbis") + 12  # after the packet type, "vorbis", version and channel count
     data[rate_at : rate_at + 4] = struct.pack("<I", claimed_rate)
     return bytes(data)
+
+
+def _vp8_packets(size: tuple[int, int], frames: int) -> list[av.Packet]:
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height = size  # type: ignore[attr-defined]
+    encoder.pix_fmt, encoder.time_base = "yuv420p", Fraction(1, CLIP_FPS)  # type: ignore[attr-defined]
+    packets: list[av.Packet] = []
+    for index in range(frames):
+        frame = av.VideoFrame.from_ndarray(frame_pixels(index, size), format="rgb24").reformat(
+            format="yuv420p"
+        )
+        frame.pts = index
+        packets += encoder.encode(frame)  # type: ignore[attr-defined]
+    return packets + encoder.encode(None)  # type: ignore[attr-defined]
+
+
+def webm_growing(first: tuple[int, int], later: tuple[int, int], frames: int = 2) -> bytes:
+    """A VP8 WebM whose header says ``first``; after ``frames`` frames a keyframe of size ``later`` follows."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=CLIP_FPS)
+        stream.width, stream.height = first
+        stream.pix_fmt = "yuv420p"
+        for index, packet in enumerate(_vp8_packets(first, frames) + _vp8_packets(later, frames)):
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            packet.time_base = Fraction(1, CLIP_FPS)
+            container.mux(packet)
+    return buffer.getvalue()

@@ -29,6 +29,7 @@ from tests.media_files import (
     png_mov,
     progressive_jpeg,
     vorbis_claiming,
+    webm_growing,
 )
 from tests.test_hardening import b64, intake, request
 from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
@@ -164,3 +165,12 @@ def test_audio_that_changes_format_mid_stream_is_undecodable_not_internal() -> N
     data = encode_audio("flac", 44_100, 2, seconds=0.5) + encode_audio("flac", 22_050, 1, seconds=0.5)
     with pytest.raises(UndecodableInput, match="changes format mid-stream"):
         decode_audio(data, MediaLimits())
+
+
+def test_a_later_frame_larger_than_the_header_says_is_refused_by_the_decoder_itself() -> None:
+    # VP8 keyframes carry their own size: a 64x64 header, then 640x480 frames. FFmpeg's max_pixels refuses
+    # them before allocating; before, the frame was decoded and only then compared with the limit.
+    video = decode_video(webm_growing((64, 64), (640, 480)), MediaLimits(max_video_pixels=64 * 64 * 2))
+    assert video.clip.total_frames == 4
+    with pytest.raises(UndecodableInput, match="holds a frame over 8192 pixels"):
+        video.clip.frames([0, 1, 2, 3])
