@@ -12,6 +12,7 @@ from PIL import Image
 from tests.media_files import encode_audio, mp4_clip, progressive_jpeg
 from worker.decoding import InProcess, MediaLimits
 from worker.errors import PayloadTooLarge, UndecodableInput
+from worker.media import read_frames
 from worker.sandbox import Budget, DecoderPool
 
 
@@ -61,3 +62,13 @@ def test_a_decode_over_its_memory_budget_is_refused_and_the_next_one_is_answered
     with pytest.raises((PayloadTooLarge, UndecodableInput), match=r"96 MiB budget|corrupt"):
         pool.image(photo(4096, 4096), "image", 4096 * 4096)
     assert pool.image(photo(8, 8), "image", 64).size == (8, 8)
+
+
+def test_a_video_files_frames_are_decoded_in_the_decoder_process_as_here(pool: DecoderPool) -> None:
+    data = mp4_clip(frames=12)
+    clip = pool.video(data)
+    assert clip.reader is not None
+    got = [np.asarray(frame) for frame in clip.frames([0, 5, 11, 20])]
+    want = [np.asarray(frame) for frame in read_frames(data, [0, 5, 11, 20], pool.limits.av)]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert np.array_equal(got[2], got[3])  # past the end: the last frame

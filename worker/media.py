@@ -12,8 +12,8 @@ decoding; audio samples and video frames are counted as they are decoded, since 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import av
 import av.error
@@ -172,12 +172,17 @@ def resample(array: np.ndarray, rate: int, target: int) -> np.ndarray:
 # --- video ---------------------------------------------------------------------------------
 
 
+#: Decodes a clip's frames at the given indices: ``read_frames`` here, or a decoder process's.
+FrameReader = Callable[[bytes, Sequence[int]], list[Image.Image]]
+
+
 @dataclass(frozen=True)
 class Clip:
     """A video file whose container passed the limits; frames are decoded on demand.
 
     The processor picks which frames it needs (that depends on the model), so only those are
-    kept in memory, and decoding stops after the last one.
+    kept in memory, and decoding stops after the last one. ``reader`` decodes them elsewhere
+    (worker/sandbox.py); without one, ``read_frames`` here.
     """
 
     data: bytes
@@ -186,47 +191,53 @@ class Clip:
     width: int
     height: int
     limits: AVLimits
+    reader: FrameReader | None = field(default=None, compare=False, repr=False)
 
     def frames(self, indices: Sequence[int]) -> list[Image.Image]:
         """The frames at ``indices`` (in order) as RGB images; past the clip's end, its last frame."""
-        if not indices:
-            return []
-        wanted, stop = set(indices), max(indices)
-        picked: dict[int, Image.Image] = {}
-        last: av.VideoFrame | None = None
-        last_index = -1
-        with _open(self.data, "video", VIDEO_FORMATS, self.limits.max_video_pixels) as container:
-            stream = container.streams.video[0]
-            # FFmpeg refuses a frame over max_pixels before allocating it: a later frame can be
-            # larger than the header said (PNG, MJPEG and others change size per frame).
-            _decoder(stream, "video", VIDEO_CODECS).options = {
-                "max_pixels": str(self.limits.max_video_pixels)
-            }
-            try:
-                for index, frame in enumerate(container.decode(stream)):
-                    if index >= self.limits.max_video_frames_decoded:
-                        raise PayloadTooLarge(
-                            f"video decodes to more than {self.limits.max_video_frames_decoded} frames"
-                        )
-                    if frame.width * frame.height > self.limits.max_video_pixels:
-                        raise PayloadTooLarge(
-                            f"video frame is {frame.width}x{frame.height} pixels; "
-                            f"the limit is {self.limits.max_video_pixels}"
-                        )
-                    last, last_index = frame, index
-                    if index in wanted:
-                        picked[index] = _rgb(frame)
-                    if index >= stop:
-                        break
-            except av.error.FFmpegError as exc:
-                raise UndecodableInput(
-                    f"video: the {_codec_name(stream)!r} stream is corrupt or holds a frame over "
-                    f"{self.limits.max_video_pixels} pixels ({exc})"
-                ) from exc
-        if last is None:
-            raise UndecodableInput("video: the stream holds no decodable frames")
-        tail = picked[last_index] if last_index in picked else _rgb(last)
-        return [picked.get(i, tail) for i in indices]
+        if self.reader is not None:
+            return self.reader(self.data, indices)
+        return read_frames(self.data, indices, self.limits)
+
+
+def read_frames(data: bytes, indices: Sequence[int], limits: AVLimits) -> list[Image.Image]:
+    """A clip's frames at ``indices`` (in order) as RGB images, decoded here; past its end, its last frame."""
+    if not indices:
+        return []
+    wanted, stop = set(indices), max(indices)
+    picked: dict[int, Image.Image] = {}
+    last: av.VideoFrame | None = None
+    last_index = -1
+    with _open(data, "video", VIDEO_FORMATS, limits.max_video_pixels) as container:
+        stream = container.streams.video[0]
+        # FFmpeg refuses a frame over max_pixels before allocating it: a later frame can be
+        # larger than the header said (PNG, MJPEG and others change size per frame).
+        _decoder(stream, "video", VIDEO_CODECS).options = {"max_pixels": str(limits.max_video_pixels)}
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if index >= limits.max_video_frames_decoded:
+                    raise PayloadTooLarge(
+                        f"video decodes to more than {limits.max_video_frames_decoded} frames"
+                    )
+                if frame.width * frame.height > limits.max_video_pixels:
+                    raise PayloadTooLarge(
+                        f"video frame is {frame.width}x{frame.height} pixels; "
+                        f"the limit is {limits.max_video_pixels}"
+                    )
+                last, last_index = frame, index
+                if index in wanted:
+                    picked[index] = _rgb(frame)
+                if index >= stop:
+                    break
+        except av.error.FFmpegError as exc:
+            raise UndecodableInput(
+                f"video: the {_codec_name(stream)!r} stream is corrupt or holds a frame over "
+                f"{limits.max_video_pixels} pixels ({exc})"
+            ) from exc
+    if last is None:
+        raise UndecodableInput("video: the stream holds no decodable frames")
+    tail = picked[last_index] if last_index in picked else _rgb(last)
+    return [picked.get(i, tail) for i in indices]
 
 
 def _rgb(frame: av.VideoFrame) -> Image.Image:

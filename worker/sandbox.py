@@ -20,6 +20,7 @@ import queue
 import resource
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -29,7 +30,7 @@ from PIL import Image
 
 from worker.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
 from worker.errors import InferenceError, InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.media import Clip, probe_video
+from worker.media import Clip, probe_video, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ def _decode(header: dict[str, Any], raw: bytes, limits: MediaLimits) -> tuple[di
     if kind == "audio":
         array, rate = decode_audio(raw, limits)
         return {"rate": rate}, [array.astype(np.float32, copy=False).tobytes()]
+    if kind == "frames":
+        frames = read_frames(raw, [int(i) for i in header["indices"]], limits.av)
+        return {"sizes": [list(frame.size) for frame in frames]}, [frame.tobytes() for frame in frames]
     clip = probe_video(raw, limits.av)
     return {
         "total_frames": clip.total_frames,
@@ -177,6 +181,14 @@ class _Decoder:
         self.replies.close()
 
 
+def _rgb(size: list[int], pixels: bytes, max_pixels: int, what: str) -> Image.Image:
+    """An RGB image from a decoder's reply, its size checked against the bytes and the limit."""
+    width, height = (int(side) for side in size)
+    if width * height > max_pixels or len(pixels) != width * height * 3:
+        raise UndecodableInput(f"{what}: the decoder answered {width}x{height} with {len(pixels)} bytes")
+    return Image.frombytes("RGB", (width, height), pixels)
+
+
 class DecoderPool:
     """A few decoder processes, started on first use; a breach replaces only the process that breached.
 
@@ -227,10 +239,7 @@ class DecoderPool:
     def image(self, raw: bytes, what: str, max_pixels: int) -> Image.Image:
         """An image file -> RGB, decoded in a decoder process."""
         reply, (pixels,) = self._call({"kind": "image", "what": what, "max_pixels": max_pixels}, raw)
-        width, height = (int(side) for side in reply["size"])
-        if width * height > max_pixels or len(pixels) != width * height * 3:
-            raise UndecodableInput(f"{what}: the decoder answered {width}x{height} with {len(pixels)} bytes")
-        return Image.frombytes("RGB", (width, height), pixels)
+        return _rgb(reply["size"], pixels, max_pixels, what)
 
     def audio(self, raw: bytes) -> tuple[np.ndarray, int]:
         """An audio file -> mono float32 samples and their rate, decoded in a decoder process."""
@@ -238,12 +247,22 @@ class DecoderPool:
         return np.frombuffer(samples, dtype=np.float32).copy(), int(reply["rate"])
 
     def video(self, raw: bytes) -> Clip:
-        """A video file probed in a decoder process (its frames are decoded later, by the processor)."""
+        """A video file probed in a decoder process; the frames the processor asks for are decoded there too."""
         reply, _ = self._call({"kind": "video"}, raw)
         fps = None if reply["fps"] is None else float(reply["fps"])
-        return Clip(
-            raw, int(reply["total_frames"]), fps, int(reply["width"]), int(reply["height"]), self.limits.av
-        )
+        size = (int(reply["width"]), int(reply["height"]))
+        return Clip(raw, int(reply["total_frames"]), fps, *size, self.limits.av, reader=self.frames)
+
+    def frames(self, raw: bytes, indices: Sequence[int]) -> list[Image.Image]:
+        """A video file's frames at ``indices`` as RGB images, decoded in a decoder process."""
+        reply, buffers = self._call({"kind": "frames", "indices": list(indices)}, raw)
+        if len(reply["sizes"]) != len(indices) or len(buffers) != len(indices):
+            raise UndecodableInput(f"video: the decoder answered {len(buffers)} frames for {len(indices)}")
+        limit = self.limits.max_video_pixels
+        return [
+            _rgb(size, pixels, limit, "video frame")
+            for size, pixels in zip(reply["sizes"], buffers, strict=True)
+        ]
 
     def close(self) -> None:
         """Stop every decoder process (the worker is stopping)."""

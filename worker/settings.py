@@ -165,10 +165,11 @@ class Settings(BaseSettings):
         2, ge=1, description="Decoder processes (decode_isolation); each holds about 110 MiB."
     )
     decode_cpu_seconds: float = Field(
-        5.0,
+        10.0,
         gt=0,
         description="CPU time one decode may use in a decoder process (RLIMIT_CPU); one that has not "
-        "answered within three times this of wall time is stopped too. Over: payload_too_large.",
+        "answered within three times this of wall time is stopped too. Over: payload_too_large. Decoding "
+        "all 1,800 frames of a 1080p H.264 clip takes about 3.6 s.",
     )
     decode_memory_mib: int = Field(
         768,
