@@ -22,7 +22,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.topics import results_topic
-from worker.decoding import MediaLimits, decode_inputs
+from worker.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
 from worker.envelopes import Origin, Outgoing, rejection
 from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
 from worker.fetching import Undecodable
@@ -30,6 +30,7 @@ from worker.metrics import WorkerMetrics
 from worker.processors import Prepared
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy
+from worker.sandbox import Budget, DecoderPool
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,19 @@ class Intake:
             max_video_seconds=settings.max_video_seconds,
             max_video_frames_decoded=settings.max_video_frames_decoded,
             max_video_pixels=settings.max_video_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
         )
         # Its own threads: a slow preparation never holds an inference thread, nor a batch an intake one.
         self.executor = ThreadPoolExecutor(settings.intake_concurrency, thread_name_prefix="intake")
         self._free = settings.intake_concurrency
         self._slot_freed: asyncio.Event | None = None
+        bound_pillow(self.limits)
+        budget = Budget(settings.decode_cpu_seconds, settings.decode_memory_mib)
+        self.decoder: MediaDecoder = (
+            DecoderPool(self.limits, settings.decoder_processes, budget)
+            if settings.decode_isolation
+            else InProcess(self.limits)
+        )
 
     def origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
         """The record's coordinates and where its answer goes (the reply_to policy applied)."""
@@ -172,8 +181,10 @@ class Intake:
         return asyncio.gather(*handoffs)
 
     def close(self) -> None:
-        """Stop the intake's threads: nothing new starts; what still runs ends on its own."""
+        """Stop the intake's threads (what still runs ends on its own) and the decoder processes."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.decoder, DecoderPool):
+            self.decoder.close()
 
     def _freed(self) -> asyncio.Event:
         if self._slot_freed is None:  # made on first use, inside the event loop
@@ -241,7 +252,7 @@ class Intake:
                 raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
             if request.deadline_ms is not None and request.deadline_ms <= now_ms():
                 raise DeadlineExceeded("the request's deadline passed before it was read")
-            prepared = model.prepare(decode_inputs(request, self.limits))
+            prepared = model.prepare(decode_inputs(request, self.limits, self.decoder))
             return Job(origin, request.id, model, prepared, request.parameters, request.deadline_ms)
         except InferenceError as exc:  # schemas' RequestRejected included: one hierarchy, one code each
             rejected_id = exc.request_id or request_id
