@@ -27,6 +27,7 @@ from tests.references import TINY
 from worker.app import Worker
 from worker.registry import ServedModel, load_models
 from worker.settings import Settings
+from worker.tracing import Tracing
 
 Record = ConsumerRecord[bytes, bytes]
 
@@ -154,8 +155,13 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  
 
 
 @contextlib.asynccontextmanager
-async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
-    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
+async def serving(
+    bootstrap: str, models: Mapping[str, ServedModel], *, spans: Tracing | None = None, **knobs: Any
+) -> AsyncIterator[Worker]:
+    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after.
+
+    ``spans``: where its spans go (tests of tracing); ``knobs``: settings.
+    """
     prefix = f"kw{uuid.uuid4().hex[:12]}"
     settings = Settings(
         bootstrap_servers=bootstrap,
@@ -166,7 +172,7 @@ async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: An
         drain_timeout_s=10,
         **knobs,
     )
-    worker = Worker(settings, models)
+    worker = Worker(settings, models, spans)
     await worker.start()
     try:
         await until(lambda: worker.ready)

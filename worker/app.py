@@ -47,6 +47,7 @@ from worker.registry import ServedModel
 from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
 from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.tracing import Tracing, configure
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class _State:
 class Worker:
     """One worker process: one consumer over every modality topic, a batcher and loop per model."""
 
-    def __init__(self, settings: Settings, models: Mapping[str, ServedModel]) -> None:
+    def __init__(
+        self, settings: Settings, models: Mapping[str, ServedModel], tracing: Tracing | None = None
+    ) -> None:
+        """``tracing``: where spans go (default: as ``settings.tracing`` and the ``OTEL_*`` variables say)."""
         if not settings.bootstrap_servers:
             raise ValueError("no Kafka bootstrap servers configured (WORKER_BOOTSTRAP_SERVERS)")
         self.settings = settings
@@ -87,7 +91,8 @@ class Worker:
         self.clients = KafkaClients(settings)
         modality_of = {requests_topic(m, settings.topic_prefix): m for m in self.modalities}
         policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
-        self.intake = Intake(settings, self.models, modality_of, policy, self.metrics)
+        self.tracing = tracing or configure(settings.tracing)
+        self.intake = Intake(settings, self.models, modality_of, policy, self.metrics, self.tracing)
         self.flow = Flow(settings)
         self.delivery = Delivery(
             self.clients.publish,
@@ -416,8 +421,21 @@ class Worker:
         jobs, replies = split_expired(jobs, now)
         if jobs:
             started = time.perf_counter()
+            started_ns = time.time_ns()
+            for job in jobs:
+                self.tracing.stage(job.origin.trace, "queue wait", job.queued_ns, started_ns)
+            span = self.tracing.batch(
+                (job.origin.trace for job in jobs),
+                start_ns=started_ns,
+                attributes={"inference.model": model.name, "inference.batch_size": len(jobs)},
+            )
             run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
-            replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            try:
+                replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            except BaseException as exc:
+                self.tracing.batch_done(span, exc)
+                raise
+            self.tracing.batch_done(span)
             log.debug(
                 "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
             )
@@ -432,17 +450,21 @@ class Worker:
         A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
         and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
         """
+        started_ns = time.time_ns()
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin
             if outcome is None:
                 self.tracker.done(origin.tp, origin.offset)
                 self._count(reply)
+                self.tracing.stage(origin.trace, "publish", started_ns)
+                self.tracing.request_done(origin.trace, reply.error.code.value if reply.error else None)
             elif isinstance(outcome, Exception):
                 if not isinstance(outcome, GiveUp):
                     log.error("delivering the reply to %s offset %d failed", origin.tp, origin.offset,
                               exc_info=outcome)  # fmt: skip
                 self.flow.redeliver(origin.tp, origin.offset, outcome)
+                self.tracing.request_done(origin.trace, "redelivered")
             else:
                 raise outcome  # CancelledError and friends end the task
         self.flow.progressed()

@@ -32,6 +32,7 @@ from worker.registry import ServedModel
 from worker.routing import ReplyPolicy
 from worker.sandbox import Budget, DecoderPool
 from worker.settings import Settings
+from worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Job:
     prepared: Prepared
     parameters: Mapping[str, Any]
     deadline_ms: int | None
+    #: when it was ready for its batcher (time.time_ns(): the start of its queue-wait span)
+    queued_ns: int = 0
 
     @property
     def rows(self) -> int:
@@ -63,11 +66,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
-    for key, value in record.headers or ():
-        if key == name and value is not None:
-            return bytes(value).decode("utf-8", "replace")
-    return None
+def _headers(record: ConsumerRecord[Any, Any]) -> dict[str, str]:
+    """A record's headers as text (the last value wins for a repeated name)."""
+    return {
+        key: bytes(value).decode("utf-8", "replace")
+        for key, value in record.headers or ()
+        if value is not None
+    }
 
 
 class Intake:
@@ -80,8 +85,10 @@ class Intake:
         modality_of: Mapping[str, Modality],
         policy: ReplyPolicy,
         metrics: WorkerMetrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self.models = models
         self.modality_of = modality_of
         self.policy = policy
@@ -123,19 +130,27 @@ class Intake:
             raw=record.value or b"",
             timestamp_ms=record.timestamp if record.timestamp and record.timestamp > 0 else now_ms(),
         )
+        headers = _headers(record)
+        origin.trace = self.tracing.request(
+            headers,
+            received_ns=time.time_ns(),
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.destination.partition.id": str(record.partition),
+                "messaging.kafka.offset": record.offset,
+            },
+        )
         # The correlation_id header, or else the record key, is echoed into the reply's headers: both
         # are the client's bytes, so both are held to max_header_bytes (a longer one is not echoed).
-        for source, value in (
-            ("correlation_id header", _header(record, "correlation_id")),
-            ("record key", key),
-        ):
+        for source, value in (("correlation_id header", headers.get("correlation_id")), ("record key", key)):
             if value is None:
                 continue
             if len(value.encode()) <= s.max_header_bytes:
                 origin.correlation_id = value
                 break
             origin.rejected = origin.rejected or f"the {source} is longer than {s.max_header_bytes} bytes"
-        reply_to = _header(record, "reply_to")
+        reply_to = headers.get("reply_to")
         if reply_to is not None:
             refusal = self.policy.refusal(reply_to, modality)
             if refusal is None:
@@ -239,6 +254,14 @@ class Intake:
 
     def prepare(self, origin: Origin) -> Job | Outgoing:
         """One message -> a Job for its model's batcher, or the typed error answer."""
+        started_ns = time.time_ns()
+        outcome = self._prepare(origin)
+        self.tracing.stage(origin.trace, "preprocess", started_ns)
+        if isinstance(outcome, Job):
+            outcome.queued_ns = time.time_ns()
+        return outcome
+
+    def _prepare(self, origin: Origin) -> Job | Outgoing:
         modality = origin.modality
         request_id: str | None = None
         model_name: str | None = None

@@ -254,6 +254,11 @@ class Settings(BaseSettings):
         False, description="Skip model folders that fail to load (with a warning) instead of exiting."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans per request and batch, exported as the OTEL_* variables say "
+        "(needs the otel extra). Off: a request's traceparent is passed to its reply unchanged.",
+    )
     security_protocol: str = Field(
         "PLAINTEXT",
         pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
