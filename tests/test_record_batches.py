@@ -1,4 +1,5 @@
-"""worker.record_batches, the one module below aiokafka's public API: its assumptions pinned, its decoding alone.
+"""worker.record_batches, the one module below aiokafka's public API: its assumptions pinned, its decoding alone,
+and how the fetcher hands a read over to a round.
 
 The batches are built with aiokafka's own record builder (as its producer builds them) and
 the expected records are the ones the test put in; no broker is needed to decode bytes.
@@ -125,3 +126,27 @@ def test_nothing_is_decoded_from_a_batch_cut_off_at_the_end_of_the_response() ->
     batch = _at(0, build_batch([(v, []) for v in _values(3)]))
     assert decode_batch_at(TP, batch[:-5], 0, 1000) is None
     assert decode_batch_at(TP, b"", 0, 1000) is None
+
+
+@pytest.mark.parametrize(
+    ("bad", "records", "skipped", "resume"),
+    [
+        ({2}, [0, 1], [2], 3),  # the records before the failure, the failure, then on from the next good one
+        ({0, 1}, [], [0, 1], 2),
+        ({4}, [0, 1, 2, 3], [4], 5),
+        (set(), [0, 1, 2, 3, 4], [], 5),
+    ],
+)
+def test_a_round_hands_over_a_partitions_records_before_its_failures_in_offset_order(
+    bad: set[int], records: list[int], skipped: list[int], resume: int
+) -> None:
+    """The worker tracks a round's records before its skipped ones, each partition in offset order."""
+    from worker.fetching import _trackable_part
+
+    entries: list[tuple[bytes, list[tuple[str, bytes | None]]]] = [
+        (v, [(_UndecodableName("x"), b"")] if i in bad else []) for i, v in enumerate(_values(5))
+    ]
+    read = decode_batch_at(TP, _at(0, build_batch(entries)), 0, 1000)
+    assert read is not None
+    taken, failed, next_offset = _trackable_part(read)
+    assert ([r.offset for r in taken], [o for o, _ in failed], next_offset) == (records, skipped, resume)

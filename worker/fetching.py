@@ -256,6 +256,8 @@ class PartitionFetcher:
             self._broker_error(error)  # the failure stays counted: read again next round
             return
         del self._failing[tp]
+        if tp not in self.consumer.assignment() or await self.consumer.position(tp) != position:
+            return  # revoked, rewound or reassigned while it was read: fetched again from where it is now
         if read is None or read.next_offset <= position:
             # Nothing could be read past the position: the record there is the one skipped.
             out.undecodable.append(Undecodable(tp, position, f"{type(exc).__name__}: {exc}"[:500]))
