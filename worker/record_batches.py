@@ -127,12 +127,11 @@ def decode_batch_at(tp: TopicPartition, data: bytes, offset: int, limit: int) ->
             return BatchRead([], [], batch.next_offset)
         if not batch.validate_crc():
             return _all_failed(batch, offset, "CorruptRecordException: the batch's CRC does not match")
+        # Each codec raises its own type (zlib.error, gzip.BadGzipFile, cramjam.DecompressionError, ...).
         try:
             inflate = _INFLATE.get(batch.compression_type)
             records = bytearray(inflate(raw[_HEADER_BYTES:]) if inflate else raw[_HEADER_BYTES:])
-        except (
-            Exception
-        ) as exc:  # each codec raises its own type (zlib.error, cramjam.DecompressionError, ...)
+        except Exception as exc:
             return _all_failed(batch, offset, _why(exc))
         return _decode_records(tp, batch, records, offset, limit)
     return None
@@ -185,13 +184,13 @@ def _decode_record(
         count, pos = decode_varint(body, pos)
         if count < 0:
             raise CorruptRecordException(f"a negative header count {count}")
-        headers: list[tuple[str, bytes]] = []
+        headers: list[tuple[str, bytes | None]] = []
         for _ in range(count):
             name, pos = _nullable_bytes(body, pos)
             header_value, pos = _nullable_bytes(body, pos)
             if name is None:
                 raise CorruptRecordException("a header without a name")
-            headers.append((name.decode("utf-8"), header_value or b""))
+            headers.append((name.decode("utf-8"), header_value))  # a null value stays None, as in aiokafka
         if pos != len(body):
             raise CorruptRecordException(f"{len(body) - pos} bytes left after the record's fields")
     except Exception as exc:  # whatever the bytes make the decoder raise belongs to this record alone
