@@ -303,6 +303,12 @@ class Worker:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
             except ConsumerStoppedError:
                 return
+            except Exception as exc:
+                # No fault may end this loop (a dead fetch task left the worker alive and "ready"):
+                # counted as a failed round, which readiness reads and the backoff below spaces out.
+                log.exception("a fetch round failed; fetching goes on")
+                self.fetcher.round_failed(exc)
+                fetched = Fetched([], [])
             if fetched.empty:
                 if self.fetcher.consecutive_errors:
                     self.metrics.fetch_errors.inc()

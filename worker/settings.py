@@ -208,8 +208,8 @@ class Settings(BaseSettings):
     max_decode_attempts: int = Field(
         3,
         ge=1,
-        description="Times a record the Kafka client cannot decode is fetched again before it is "
-        "skipped with a DLQ record.",
+        description="Times a batch the Kafka client cannot decode is fetched again before the worker reads "
+        "it record by record and skips each record that fails with a DLQ record.",
     )
     create_topics: bool = Field(
         True,
