@@ -31,12 +31,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
 
+from schemas import ErrorCode
 from worker.answers import run_batch, split_expired
 from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
-from worker.envelopes import Outgoing
+from worker.envelopes import Outgoing, rejection
 from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
 from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
@@ -54,7 +55,24 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 5.0
 #: Fetch rounds failing in a row before /readyz says so.
 FETCH_ERRORS_NOT_READY = 5
-NOT_READY_REASONS = ("fetch_failing", "publish_failing", "model_loop_died")
+#: How often the worker asks the broker for its topic list (a cheap metadata request), and the bound
+#: on each ask. aiokafka's fetches fail inside its own task and an idle getmany() returns nothing
+#: either way, so this ask is what tells an idle worker that the broker is away.
+BROKER_CHECK_S = 2.0
+BROKER_CHECK_TIMEOUT_S = 3.0
+#: Asks failing for this long make /readyz say broker_unreachable: with the two above, an idle worker
+#: turns not ready at most about BROKER_CHECK_S + BROKER_UNREACHABLE_S + BROKER_CHECK_TIMEOUT_S = 10 s
+#: after the broker went away, and ready again at the first ask that succeeds (within about 2 s).
+BROKER_UNREACHABLE_S = 5.0
+#: The name under which a dead fetch loop is kept with the dead model loops.
+FETCH_LOOP = "(fetch loop)"
+NOT_READY_REASONS = (
+    "fetch_failing",
+    "publish_failing",
+    "model_loop_died",
+    "fetch_loop_died",
+    "broker_unreachable",
+)
 
 
 @dataclass
@@ -64,8 +82,10 @@ class _State:
     stopping: bool = False
     fetching_rounds: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    #: models whose loop died and is waiting to be restarted
+    #: models whose loop died and is waiting to be restarted (FETCH_LOOP for the fetch loop)
     dead_loops: set[str] = field(default_factory=set)
+    #: monotonic start of the first of the broker checks failing in a row (None: the last one worked)
+    unreachable_since: float | None = None
     not_ready: frozenset[str] = frozenset()
 
 
@@ -103,6 +123,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._fetching: asyncio.Task[None] | None = None
         self._observer: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
         self._state = _State()
         self.health = (
             HealthServer(self.metrics, lambda: self.ready, settings.metrics_port)
@@ -142,6 +163,7 @@ class Worker:
         written = [*(results_topic(m, s.topic_prefix) for m in self.modalities), dlq_topic(s.topic_prefix)]
         await self.clients.connect([*requests, *written], requests, Rebalance(self.flow))
         self.delivery.limit_bytes = await self.clients.record_limit(written)
+        self._checker = asyncio.create_task(self._check_broker(), name="check-broker")
         assert self.clients.consumer is not None
         self.flow.consumer = self.clients.consumer
         broker_wait = BrokerWait(self.clients.consumer, s.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
@@ -161,7 +183,8 @@ class Worker:
             batcher = MicroBatcher(queue)
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
-        self._fetching = asyncio.create_task(self._fetch_loop(), name="fetch")
+        self.flow.on_dropped = self._drop_stale
+        self._fetching = asyncio.create_task(self._supervise_fetching(), name="fetch")
         log.info(
             "worker started: models %s on %s, group %s, records up to %d bytes",
             ", ".join(sorted(self.models)),
@@ -198,7 +221,7 @@ class Worker:
         self.flow.draining = True
         self.delivery.stopping = True
         tasks = [*self._loops, *self._state.tasks]
-        tasks += [t for t in (self._observer, self._fetching) if t is not None]
+        tasks += [t for t in (self._observer, self._fetching, self._checker) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -251,9 +274,29 @@ class Worker:
         failing = self.delivery.failing_since
         if failing is not None and time.monotonic() - failing > self.settings.publish_retry_s / 2:
             reasons.add("publish_failing")
-        if self._state.dead_loops:
+        if self._state.dead_loops - {FETCH_LOOP}:
             reasons.add("model_loop_died")
+        if FETCH_LOOP in self._state.dead_loops:
+            reasons.add("fetch_loop_died")
+        since = self._state.unreachable_since
+        if since is not None and time.monotonic() - since >= BROKER_UNREACHABLE_S:
+            reasons.add("broker_unreachable")
         return frozenset(reasons)
+
+    async def _check_broker(self) -> None:
+        """Every BROKER_CHECK_S, ask the broker for its topics (bounded); record since when asks fail."""
+        while True:
+            asked = time.monotonic()
+            try:
+                async with asyncio.timeout(BROKER_CHECK_TIMEOUT_S):
+                    await self.clients.list_topics()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                if self._state.unreachable_since is None:
+                    log.warning("the broker did not answer a metadata request: %r", exc)
+                    self._state.unreachable_since = asked
+            else:
+                self._state.unreachable_since = None
+            await asyncio.sleep(BROKER_CHECK_S)
 
     async def _observe(self) -> None:
         """Once a second: prove the loop is alive, refresh the gauges, say why readiness changed."""
@@ -283,69 +326,131 @@ class Worker:
 
     # --- intake ------------------------------------------------------------------------
 
+    async def _supervise_fetching(self) -> None:
+        """Keep the fetch loop running: a loop that dies is logged, reported not-ready, and restarted."""
+        delay = 1.0
+        while True:
+            try:
+                await self._fetch_loop()
+                return
+            except Exception:
+                log.exception("the fetch loop died; restarting in %.0f s", delay)
+                self._state.dead_loops.add(FETCH_LOOP)
+                self.flow.in_round = False
+                self.flow.progressed()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            self._state.dead_loops.discard(FETCH_LOOP)
+
     async def _fetch_loop(self) -> None:
         """Fetch, track and prepare records until draining; no fault here stops the consumer."""
         s = self.settings
         assert self.fetcher is not None
         while not self.flow.draining:
+            self.flow.apply_seeks()  # rewinds asked for since the last round: before the next fetch
             room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
             byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
             if self.flow.paused or room <= 0:
-                await asyncio.sleep(POLL_MS / 1000)  # answers free room soon: look again shortly
+                # Answers free room soon: look again shortly, polling so the group keeps this member.
+                await self.flow.keep_membership(POLL_MS)
                 continue
+            epochs = self.tracker.epochs()
+            self.flow.in_round = True
             try:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
+                tracked = self._track(fetched, epochs)
             except ConsumerStoppedError:
                 return
-            if fetched.empty:
+            finally:
+                self.flow.in_round = False
+                self.flow.progressed()
+            if tracked.empty:
                 if self.fetcher.consecutive_errors:
                     self.metrics.fetch_errors.inc()
                     await asyncio.sleep(min(0.1 * self.fetcher.consecutive_errors, 2.0))
                 continue
             self._state.fetching_rounds += 1
             try:
-                await self._take(fetched)
-                log.debug("Processed a fetch of %d records", len(fetched.records) + len(fetched.undecodable))
+                await self._take(tracked, epochs)
+                log.debug("Processed a fetch of %d records", len(tracked.records) + len(tracked.undecodable))
             except Exception as exc:
                 # A fault here costs a redelivery: read this round's partitions again from its first offsets.
-                log.exception("internal error taking in %d records", len(fetched.records))
-                self._read_again(fetched, exc)
+                log.exception("internal error taking in %d records", len(tracked.records))
+                self._read_again(tracked, epochs, exc)
             finally:
                 self._state.fetching_rounds -= 1
                 self.flow.progressed()
 
-    def _read_again(self, fetched: Fetched, why: BaseException) -> None:
+    def _track(self, fetched: Fetched, epochs: Mapping[TopicPartition, int]) -> Fetched:
+        """Track one round's records in the epochs they were fetched in (``epochs``, taken as the round
+        began); those a rewind or a revoke overtook during the round are left out: they are read again.
+        Nothing here can fail but a broken offset order: what is tracked is what ``_read_again`` rewinds."""
+        tracker = self.tracker
+        return Fetched(
+            [
+                record
+                for record in fetched.records
+                if tracker.track(
+                    tp := TopicPartition(record.topic, record.partition),
+                    record.offset,
+                    len(record.value or b""),
+                    epochs.get(tp, 0),
+                )
+            ],
+            [
+                bad
+                for bad in fetched.undecodable
+                if tracker.track(bad.tp, bad.offset, 0, epochs.get(bad.tp, 0))
+            ],
+        )
+
+    def _read_again(self, tracked: Fetched, epochs: Mapping[TopicPartition, int], why: BaseException) -> None:
         """Rewind every partition of a round that could not be taken in to its first offset."""
-        coordinates = [(TopicPartition(r.topic, r.partition), r.offset) for r in fetched.records]
-        coordinates += [(u.tp, u.offset) for u in fetched.undecodable]
+        coordinates = [(TopicPartition(r.topic, r.partition), r.offset) for r in tracked.records]
+        coordinates += [(u.tp, u.offset) for u in tracked.undecodable]
         first: dict[TopicPartition, int] = {}
         for tp, offset in coordinates:
             first[tp] = min(offset, first.get(tp, offset))
         for tp, offset in first.items():
-            self.flow.redeliver(tp, offset, why)
+            self.flow.redeliver(tp, offset, epochs.get(tp, 0), why)
+        for tp, offset in coordinates:  # what reached no batcher and no delivery is let go here
+            self.tracker.release(tp, offset, epochs.get(tp, 0))
 
-    async def _take(self, fetched: Fetched) -> None:
-        """Track, prepare and queue one fetched round; errors are answered off the intake path."""
+    async def _take(self, tracked: Fetched, epochs: Mapping[TopicPartition, int]) -> None:
+        """Prepare and queue one tracked round; errors are answered off the intake path."""
         tracker = self.tracker
-        origins = [self.intake.origin(r) for r in fetched.records]
-        for origin in origins:
-            tracker.track(origin.tp, origin.offset, len(origin.raw))
-        rejected = []
-        for bad in fetched.undecodable:
-            tracker.track(bad.tp, bad.offset)
-            rejected.append(self.intake.undecodable(bad))
+        origins = [self.intake.origin(r) for r in tracked.records]
+        rejected = [self.intake.undecodable(bad) for bad in tracked.undecodable]
+        for origin in [*origins, *(out.origin for out in rejected)]:
+            origin.epoch = epochs.get(origin.tp, 0)
         loop = asyncio.get_running_loop()
         outcomes = (
             await loop.run_in_executor(self.executor, self.intake.prepare_all, origins) if origins else []
         )
         for outcome in outcomes:
-            if isinstance(outcome, Outgoing):
+            origin = outcome.origin
+            if not tracker.current(origin.tp, origin.offset, origin.epoch):
+                tracker.release(origin.tp, origin.offset, origin.epoch)  # rewound while it was prepared
+            elif isinstance(outcome, Outgoing):
                 rejected.append(outcome)
             else:
-                tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
+                tracker.add_bytes(origin.tp, origin.offset, outcome.prepared_bytes, origin.epoch)
                 self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
         if rejected:
             self._spawn(self._publish(rejected))
+        self.flow.apply_backpressure()
+
+    def _drop_stale(self) -> None:
+        """After a rewind or a revoke: queued jobs of dropped offsets leave the batchers (they are read
+        again) and stop counting; jobs already running count until their batch ends."""
+        tracker = self.tracker
+        for batcher in self.batchers.values():
+            stale = batcher.drop(
+                lambda job: not tracker.current(job.origin.tp, job.origin.offset, job.origin.epoch)
+            )
+            for job in stale:
+                tracker.release(job.origin.tp, job.origin.offset, job.origin.epoch)
+        self.flow.progressed()
         self.flow.apply_backpressure()
 
     # --- batches -----------------------------------------------------------------------
@@ -389,15 +494,27 @@ class Worker:
                 await asyncio.gather(*running, return_exceptions=True)
 
     async def _answer(self, model: ServedModel, key: Bucket, jobs: list[Job]) -> None:
-        """Run one batch in the executor and hand its replies to delivery."""
+        """Run one batch in the executor and hand its replies to delivery.
+
+        A fault outside ``run_batch``'s own handling (an engine that returns the wrong number of
+        outputs, say) answers every request of the batch with an internal error (reply and DLQ
+        copy, as ``run_batch`` answers a request that fails alone): the batch is settled either way.
+        """
         now = now_ms()
-        jobs, replies = split_expired(jobs, now)
-        if jobs:
+        live, replies = split_expired(jobs, now)
+        if live:
             started = time.perf_counter()
-            run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
-            replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            run = functools.partial(run_batch, model, live, now, self.metrics, key)
+            try:
+                replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            except Exception:
+                log.exception("internal error answering a batch of %d for %s", len(live), model.name)
+                replies += [
+                    rejection(j.origin, j.request_id, model.name, ErrorCode.INTERNAL, "internal error")
+                    for j in live
+                ]
             log.debug(
-                "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
+                "%s: batch of %d in %.1f ms", model.name, len(live), (time.perf_counter() - started) * 1e3
             )
         # Publishing runs beside the next batch: the executor stays busy meanwhile.
         self._spawn(self._publish(replies))
@@ -409,18 +526,29 @@ class Worker:
 
         A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
         and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
+        A reply whose message was rewound or revoked meanwhile is not sent: it is read again.
         """
+        tracker = self.tracker
+        current = []
+        for reply in replies:
+            origin = reply.origin
+            if tracker.current(origin.tp, origin.offset, origin.epoch):
+                current.append(reply)
+            else:
+                tracker.release(origin.tp, origin.offset, origin.epoch)
+        replies = current
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin
             if outcome is None:
-                self.tracker.done(origin.tp, origin.offset)
+                tracker.done(origin.tp, origin.offset, origin.epoch)
                 self._count(reply)
             elif isinstance(outcome, Exception):
                 if not isinstance(outcome, GiveUp):
                     log.error("delivering the reply to %s offset %d failed", origin.tp, origin.offset,
                               exc_info=outcome)  # fmt: skip
-                self.flow.redeliver(origin.tp, origin.offset, outcome)
+                self.flow.redeliver(origin.tp, origin.offset, origin.epoch, outcome)
+                tracker.release(origin.tp, origin.offset, origin.epoch)
             else:
                 raise outcome  # CancelledError and friends end the task
         self.flow.progressed()

@@ -95,6 +95,8 @@ class Delivery:
         self.retry_s = retry_s
         #: monotonic time since which publishing has failed without a success (None: it works)
         self.failing_since: float | None = None
+        #: calls of ``_retrying`` whose last attempt failed
+        self._failing = 0
         self.stopping = False
 
     async def deliver(self, out: Outgoing) -> None:
@@ -122,7 +124,7 @@ class Delivery:
             assert out.body is not None
             record = _Record("reply", origin.reply_topic, out.body, self._reply_headers(out))
             try:
-                await self._retrying("reply", functools.partial(self._send, out, record))
+                await self._retrying("reply", functools.partial(self._send, out, record), record.topic)
                 return out, None
             except _TOPIC_REFUSED as exc:
                 if origin.reply_topic == default:
@@ -194,7 +196,7 @@ class Delivery:
                 form_headers["dlq_body_omitted_bytes"] = str(len(origin.raw))
             record = _Record("dlq", dlq_topic(self.prefix), value, form_headers)
             try:
-                await self._retrying("dlq", functools.partial(self._send, out, record))
+                await self._retrying("dlq", functools.partial(self._send, out, record), record.topic)
             except _TOO_LARGE as exc:
                 log.warning("the DLQ refused a %d-byte copy (%r); sending less", len(value), exc)
                 self.metrics.dlq_degraded.labels("smaller").inc()
@@ -217,29 +219,58 @@ class Delivery:
         )
         await ack
 
-    async def _retrying(self, kind: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``attempt`` until it succeeds or fails for good; retriable failures back off up to retry_s."""
+    async def _retrying(
+        self, kind: str, attempt: Callable[[], Awaitable[Any]], topic: str | None = None
+    ) -> Any:
+        """Run ``attempt`` until it succeeds or fails for good; retriable failures back off up to retry_s.
+
+        ``failing_since`` is set by the first failure and cleared only by a success while no other
+        call is still failing, so one reply that gets through does not hide the others.
+        """
         started = time.monotonic()
         delay = 0.2
-        while True:
-            try:
-                result = await attempt()
-            except Exception as exc:
-                if not _retriable(exc):
-                    raise
-                waited = time.monotonic() - started
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
-                self.metrics.publish_retries.labels(kind).inc()
-                if self.stopping or waited + delay > self.retry_s:
-                    self.metrics.publish_failures.labels(kind, "gave_up").inc()
-                    raise GiveUp(f"{kind}: {exc!r} for {waited:.1f} s") from exc
-                log.warning("publishing a %s failed (%r); retrying in %.1f s", kind, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            else:
-                self.failing_since = None
-                return result
+        failing = False
+        try:
+            while True:
+                try:
+                    result = await attempt()
+                except Exception as exc:
+                    if not _retriable(exc) and not await self._metadata_missing(exc, topic):
+                        raise
+                    waited = time.monotonic() - started
+                    if not failing:
+                        failing = True
+                        self._failing += 1
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                    self.metrics.publish_retries.labels(kind).inc()
+                    if self.stopping or waited + delay > self.retry_s:
+                        self.metrics.publish_failures.labels(kind, "gave_up").inc()
+                        raise GiveUp(f"{kind}: {exc!r} for {waited:.1f} s") from exc
+                    log.warning("publishing a %s failed (%r); retrying in %.1f s", kind, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                else:
+                    if self._failing == (1 if failing else 0):
+                        self.failing_since = None
+                    return result
+        finally:
+            if failing:
+                self._failing -= 1
+
+    async def _metadata_missing(self, exc: BaseException, topic: str | None) -> bool:
+        """An unknown-topic refusal for a topic that exists, or while the cluster cannot be asked.
+
+        aiokafka's producer raises UnknownTopicOrPartitionError for a topic it has no metadata
+        for after its metadata wait, also when the broker is simply away: only the cluster's own
+        topic list (TopicDirectory) says that the topic really does not exist.
+        """
+        if not isinstance(exc, UnknownTopicOrPartitionError) or topic is None:
+            return False
+        try:
+            return await self.directory.exists(topic)
+        except TopicsUnknown:
+            return True
 
     def _undeliverable(self, kind: str, record: _Record, exc: BaseException) -> str:
         reason = type(exc).__name__

@@ -2,7 +2,13 @@
 
 Invariant 1 of DESIGN.md is kept here with worker/offsets.py: a partition is committed only
 past a contiguous run of answered messages. Backpressure pauses every partition above
-``max_in_flight`` requests or ``max_in_flight_bytes`` and resumes below half of both.
+``max_in_flight`` requests or ``max_in_flight_bytes`` and resumes below half of both; while
+paused the consumer is still polled, so aiokafka's max_poll_interval_ms keeps the membership.
+
+Rewinds only move a partition back: a give-up rewinds only while its message is still tracked
+in the epoch it was fetched in (worker/offsets.py), and the seek is made by the fetch loop
+between rounds (``apply_seeks``), to the lowest offset given up since the last round. Records
+of a round that a rewind or a revoke overtook are refused by the tracker; they are read again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: The longest the commit before a revoke may take (aiokafka retries it while the coordinator is away).
+REVOKE_COMMIT_S = 5.0
+
 
 class Flow:
     """Offsets, commits and pausing over one consumer (set once it is started)."""
@@ -36,6 +45,12 @@ class Flow:
         self._progress = asyncio.Event()
         #: called with the revoked partitions once their answers are in (the fetcher forgets them)
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
+        #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
+        self.on_dropped: Callable[[], None] | None = None
+        #: partition -> lowest offset given up since the fetch loop last sought
+        self._seeks: dict[TopicPartition, int] = {}
+        #: True from the start of a fetch round until its records are tracked
+        self.in_round = False
 
     def progressed(self) -> None:
         """Wake whoever waits for answers (``wait_until``)."""
@@ -52,7 +67,11 @@ class Flow:
         await self.wait_until(lambda: not self.tracker.pending(partitions))
 
     async def commit(self) -> None:
-        """Commit every partition position that advanced (explicit offsets)."""
+        """Commit every partition position that advanced (explicit offsets).
+
+        A commit that fails or is cancelled (a bounded revoke) hands its positions back, so the
+        next commit carries them.
+        """
         async with self._commit_lock:
             commits = self.tracker.take_commits()
             consumer = self.consumer
@@ -66,6 +85,10 @@ class Flow:
             except KafkaError as exc:
                 # Lost partitions or a rebalance in progress: the messages come back, as duplicates at worst.
                 log.warning("commit of %s failed: %s", owned, exc)
+                self.tracker.restore_commits(owned)
+            except asyncio.CancelledError:
+                self.tracker.restore_commits(owned)
+                raise
 
     def apply_backpressure(self) -> None:
         """Pause every partition above max_in_flight requests or bytes; resume below half of both."""
@@ -93,25 +116,78 @@ class Flow:
         if self.consumer is not None:
             self.consumer.pause(*self.consumer.assignment())
 
-    def redeliver(self, tp: TopicPartition, offset: int, why: BaseException) -> None:
-        """Read ``offset`` of ``tp`` again (its answer could not be published); during a drain, leave it."""
+    async def keep_membership(self, wait_ms: int) -> None:
+        """While every assigned partition is paused, poll the consumer anyway (for ``wait_ms``).
+
+        aiokafka leaves the group once no ``getmany`` ran for max_poll_interval_ms
+        (``SubscriptionState.fetcher_idle_time``, aiokafka 0.14); a poll over paused partitions
+        returns nothing but counts. A record it returns all the same (a partition assigned during
+        the wait) is sought back to, so it is read again by the fetch loop.
+        """
+        consumer = self.consumer
+        if consumer is None or not consumer.assignment() or not consumer.assignment() <= consumer.paused():
+            await asyncio.sleep(wait_ms / 1000)
+            return
+        try:
+            taken = await consumer.getmany(timeout_ms=wait_ms, max_records=1)
+        except KafkaError as exc:
+            log.debug("polling the paused consumer failed: %r", exc)
+            await asyncio.sleep(wait_ms / 1000)
+            return
+        for tp, records in taken.items():
+            if records:
+                consumer.seek(tp, records[0].offset)
+
+    def redeliver(self, tp: TopicPartition, offset: int, epoch: int, why: BaseException) -> None:
+        """Read ``offset`` of ``tp`` again (its answer could not be published); during a drain, leave it.
+
+        Only a message still tracked in ``epoch`` rewinds its partition; the seek waits for the
+        fetch loop (``apply_seeks``), which then goes to the lowest offset given up meanwhile.
+        """
         if self.draining:
             log.warning("%s offset %d stays uncommitted (%s)", tp, offset, why)
             return
+        if not self.tracker.rewind(tp, offset, epoch):
+            log.info("%s offset %d was already dropped by a rewind or a revoke (%s)", tp, offset, why)
+            return
         log.warning("%s offset %d will be read again (%s)", tp, offset, why)
-        self.tracker.rewind(tp, offset)
-        if self.consumer is not None and tp in self.consumer.assignment():
-            self.consumer.seek(tp, offset)
+        self._seeks[tp] = min(offset, self._seeks.get(tp, offset))
+        if self.on_dropped is not None:
+            self.on_dropped()
+
+    def apply_seeks(self) -> None:
+        """Seek every rewound partition to its lowest given-up offset (the fetch loop, between rounds)."""
+        seeks, self._seeks = self._seeks, {}
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp, offset in seeks.items():
+            if tp in consumer.assignment():
+                consumer.seek(tp, offset)
 
     async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Before partitions move away: answer what was fetched from them (bounded), commit, forget them."""
+        """Before partitions move away: let the fetch round in progress end, answer what was fetched from
+        them, commit (each bounded), then forget them."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
+                # A round that began before the revoke ends first: its records are tracked before
+                # the epoch moves, so none fetched under the old assignment is tracked after it.
+                await self.wait_until(lambda: not self.in_round)
                 await self.wait_answered(revoked)
-        await self.commit()
+        try:
+            # aiokafka retries a commit for as long as the coordinator is away: bounded here,
+            # so an outage cannot hold the rebalance (what is not committed is read again).
+            async with asyncio.timeout(REVOKE_COMMIT_S):
+                await self.commit()
+        except TimeoutError:
+            log.warning("the commit before a revoke took over %.0f s; abandoned", REVOKE_COMMIT_S)
         self.tracker.forget(revoked)
+        for tp in revoked:
+            self._seeks.pop(tp, None)
         if self.on_revoked is not None:
             self.on_revoked(revoked)
+        if self.on_dropped is not None:
+            self.on_dropped()
 
     def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         """New partitions start paused while backpressure or a drain holds the others."""
