@@ -8,8 +8,12 @@ Every failure has one bounded way out, so no reply can loop:
   still name the source topic, partition and offset);
 - a refusal that no retry can fix (authorization, ...) -> logged, counted, and for a reply a DLQ
   record that says the reply could not be delivered;
-- a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s``; after
-  that ``GiveUp``: the caller leaves the offset uncommitted and has it redelivered.
+- a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s`` (each
+  attempt bounded by what is left of it); after that ``GiveUp``: the caller leaves the offset
+  uncommitted and has it redelivered;
+- an unknown topic while the cluster cannot say whether it exists (aiokafka's producer raises
+  UnknownTopicOrPartitionError after its metadata wait during an outage) -> retriable, as above;
+  only a topic missing from the cluster's own list is refused.
 """
 
 from __future__ import annotations
@@ -233,7 +237,12 @@ class Delivery:
         try:
             while True:
                 try:
-                    result = await attempt()
+                    # Each attempt is bounded by what is left of retry_s: aiokafka's producer holds
+                    # a send for its own request_timeout_ms (40 s) while the broker is away, which
+                    # would stretch the bound. A record abandoned here may still go out later (a
+                    # duplicate reply, as after any give-up).
+                    async with asyncio.timeout(max(self.retry_s - (time.monotonic() - started), 0.1)):
+                        result = await attempt()
                 except Exception as exc:
                     if not _retriable(exc) and not await self._metadata_missing(exc, topic):
                         raise
