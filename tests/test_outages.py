@@ -3,8 +3,8 @@ unknown topic during an outage, readiness while publishing fails, a paused worke
 a fetch loop that dies.
 
 The embedded broker cannot be made to raise aiokafka's outage errors on cue, so two tests inject
-them at the worker's seams (``Worker.delivery.publish_record``, ``Worker.clients.list_topics``,
-``Worker.fetcher.fetch``), raising what aiokafka raises there; each says so. Broker outages made by
+them at the worker's seams (``Worker.delivery.publish_record``, the delivery's ``TopicDirectory``
+over the cluster's topic list, ``Worker.fetcher.fetch``), raising what aiokafka raises there; each says so. Broker outages made by
 cutting connections are in tests/test_broker_loss.py.
 """
 
@@ -32,6 +32,7 @@ from tests.kafka_support import (
 )
 from tests.test_worker_kafka import SlowModel
 from worker.registry import ServedModel
+from worker.routing import TopicDirectory
 from worker.topics import dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -118,7 +119,7 @@ async def test_an_unknown_topic_while_the_cluster_cannot_be_asked_is_retried_not
             return await list_topics()
 
         monkeypatch.setattr(worker.delivery, "publish_record", publish_in_outage)
-        monkeypatch.setattr(worker.clients, "list_topics", list_topics_in_outage)
+        monkeypatch.setattr(worker.delivery, "directory", TopicDirectory(list_topics_in_outage))
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
             TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,

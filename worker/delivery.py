@@ -11,9 +11,9 @@ Every failure has one bounded way out, so no reply can loop:
 - a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s`` (each
   attempt bounded by what is left of it); after that ``GiveUp``: the caller leaves the offset
   uncommitted and has it redelivered;
-- an unknown topic while the cluster cannot say whether it exists (aiokafka's producer raises
+- an unknown topic while the cluster cannot be asked for its topics (aiokafka's producer raises
   UnknownTopicOrPartitionError after its metadata wait during an outage) -> retriable, as above;
-  only a topic missing from the cluster's own list is refused.
+  only a cluster that answers can refuse a topic.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Delivery:
             assert out.body is not None
             record = _Record("reply", origin.reply_topic, out.body, self._reply_headers(out))
             try:
-                await self._retrying("reply", functools.partial(self._send, out, record), record.topic)
+                await self._retrying("reply", functools.partial(self._send, out, record))
                 return out, None
             except _TOPIC_REFUSED as exc:
                 if origin.reply_topic == default:
@@ -200,7 +200,7 @@ class Delivery:
                 form_headers["dlq_body_omitted_bytes"] = str(len(origin.raw))
             record = _Record("dlq", dlq_topic(self.prefix), value, form_headers)
             try:
-                await self._retrying("dlq", functools.partial(self._send, out, record), record.topic)
+                await self._retrying("dlq", functools.partial(self._send, out, record))
             except _TOO_LARGE as exc:
                 log.warning("the DLQ refused a %d-byte copy (%r); sending less", len(value), exc)
                 self.metrics.dlq_degraded.labels("smaller").inc()
@@ -244,7 +244,7 @@ class Delivery:
                     async with asyncio.timeout(max(self.retry_s - (time.monotonic() - started), 0.1)):
                         result = await attempt()
                 except Exception as exc:
-                    if not _retriable(exc) and not await self._metadata_missing(exc, topic):
+                    if not _retriable(exc) and not await self._metadata_missing(exc):
                         raise
                     waited = time.monotonic() - started
                     if not failing:
@@ -267,19 +267,19 @@ class Delivery:
             if failing:
                 self._failing -= 1
 
-    async def _metadata_missing(self, exc: BaseException, topic: str | None) -> bool:
-        """An unknown-topic refusal for a topic that exists, or while the cluster cannot be asked.
+    async def _metadata_missing(self, exc: BaseException) -> bool:
+        """An unknown-topic refusal while the cluster cannot be asked: the broker is away, not the topic.
 
         aiokafka's producer raises UnknownTopicOrPartitionError for a topic it has no metadata
-        for after its metadata wait, also when the broker is simply away: only the cluster's own
-        topic list (TopicDirectory) says that the topic really does not exist.
+        for after its metadata wait, also when the broker is simply away. Only a cluster that
+        answers can say the topic is refused (missing, or not writable): then it is re-routed
+        or reported as before. A broker that comes back between the two looks like a refusal
+        (one request's reply re-routed or sent to the DLQ), which a retry of every refusal would
+        turn into endless redeliveries of a topic that really refuses.
         """
-        if not isinstance(exc, UnknownTopicOrPartitionError) or topic is None:
+        if not isinstance(exc, UnknownTopicOrPartitionError):
             return False
-        try:
-            return await self.directory.exists(topic)
-        except TopicsUnknown:
-            return True
+        return not await self.directory.reachable()
 
     def _undeliverable(self, kind: str, record: _Record, exc: BaseException) -> str:
         reason = type(exc).__name__
