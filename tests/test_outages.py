@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, UnknownTopicOrPartitionError
 
 from tests.kafka_support import (
@@ -30,7 +31,8 @@ from tests.kafka_support import (
     tiny_models,
     until,
 )
-from tests.test_worker_kafka import SlowModel
+from tests.test_worker_kafka import SlowModel, committed_offsets
+from worker.app import Worker
 from worker.registry import ServedModel
 from worker.routing import TopicDirectory
 from worker.topics import dlq_topic, requests_topic, results_topic
@@ -214,35 +216,50 @@ async def test_a_worker_paused_longer_than_max_poll_interval_keeps_its_partition
     assert ids_of(replies.records) == Counter(ids), "one reply each: no redelivery"
 
 
-async def test_a_fetch_loop_that_dies_is_reported_and_restarted(
+async def test_a_fetch_loop_that_dies_is_reported_and_restarted_from_the_committed_offsets(
     kafka_bootstrap: str,
     models: dict[str, ServedModel],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 23 (readiness): a dead fetch task was not seen; the worker stayed ready and answered
-    nothing more. Injected: one fetch round raises an exception no handler expects."""
+    nothing more. Injected: the first fetch round that took a record raises after taking it (an
+    exception no handler expects), so that record is gone from the client: it is read again."""
     async with serving(kafka_bootstrap, models) as worker:
         assert worker.fetcher is not None
         fetch = worker.fetcher.fetch
         faults = iter([RuntimeError("injected fetch fault")])
 
         async def failing_once(*args: Any, **kwargs: Any) -> Any:
-            fault = next(faults, None)
+            fetched = await fetch(*args, **kwargs)
+            fault = next(faults, None) if fetched.records else None
             if fault is not None:
                 raise fault
-            return await fetch(*args, **kwargs)
+            return fetched
 
         caplog.set_level(logging.ERROR, logger="worker.app")
         monkeypatch.setattr(worker.fetcher, "fetch", failing_once)
-        await until(lambda: "fetch_loop_died" in worker.not_ready_reasons(), timeout=5)
-        assert not worker.ready
         prefix = worker.settings.topic_prefix
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
             raw_producer(kafka_bootstrap) as producer,
         ):
-            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("after", "bert", TEXT))
-            await replies.wait_for(1, timeout=30)
+            topic = requests_topic("text", prefix)
+            await producer.send_and_wait(topic, request_bytes("taken", "bert", TEXT), partition=0)
+            await until(lambda: "fetch_loop_died" in worker.not_ready_reasons(), timeout=10)
+            assert not worker.ready
+            await producer.send_and_wait(topic, request_bytes("after", "bert", TEXT), partition=0)
+            await replies.wait_until(lambda records: {"taken", "after"} <= set(ids_of(records)), timeout=30)
+            await until(lambda: worker.tracker.in_flight == 0)
         assert worker.ready
+        await worker.flow.commit()
+        assert (await committed(kafka_bootstrap, worker))[0] == 2
     assert any("the fetch loop died" in r.getMessage() for r in caplog.records)
+
+
+async def committed(bootstrap: str, worker: Worker) -> dict[int, int | None]:
+    """The group's committed offsets of the text request topic's partitions, read as a new client would."""
+    topic = requests_topic("text", worker.settings.topic_prefix)
+    partitions = [TopicPartition(topic, p) for p in range(worker.settings.partitions)]
+    offsets = await committed_offsets(bootstrap, worker.settings.group_id, partitions)
+    return {tp.partition: offset for tp, offset in offsets.items()}

@@ -327,10 +327,15 @@ class Worker:
     # --- intake ------------------------------------------------------------------------
 
     async def _supervise_fetching(self) -> None:
-        """Keep the fetch loop running: a loop that dies is logged, reported not-ready, and restarted."""
+        """Keep the fetch loop running: a loop that dies is logged, reported not-ready, and restarted
+        from the committed offsets (its last round's records may be gone from the client)."""
         delay = 1.0
+        restarting = False
         while True:
             try:
+                if restarting:
+                    await self.flow.restart_from_committed()
+                    self._state.dead_loops.discard(FETCH_LOOP)
                 await self._fetch_loop()
                 return
             except Exception:
@@ -338,9 +343,9 @@ class Worker:
                 self._state.dead_loops.add(FETCH_LOOP)
                 self.flow.in_round = False
                 self.flow.progressed()
+                restarting = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-            self._state.dead_loops.discard(FETCH_LOOP)
 
     async def _fetch_loop(self) -> None:
         """Fetch, track and prepare records until draining; no fault here stops the consumer."""

@@ -189,6 +189,20 @@ class Flow:
         if self.on_dropped is not None:
             self.on_dropped()
 
+    async def restart_from_committed(self) -> None:
+        """Start every assigned partition over from its committed offset, as a revoke and re-assignment
+        would: what a dead fetch round took from the client may be gone, its positions moved past it."""
+        consumer = self.consumer
+        assigned = consumer.assignment() if consumer is not None else set()
+        if consumer is None or not assigned:
+            return
+        await self.partitions_revoked(assigned)
+        async with asyncio.timeout(REVOKE_COMMIT_S):
+            committed = await consumer.seek_to_committed(*assigned)
+            never = [tp for tp, offset in committed.items() if not offset]
+            if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)
+                await consumer.seek_to_beginning(*never)
+
     def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         """New partitions start paused while backpressure or a drain holds the others."""
         if (self.paused or self.draining) and assigned and self.consumer is not None:
