@@ -263,3 +263,27 @@ async def committed(bootstrap: str, worker: Worker) -> dict[int, int | None]:
     partitions = [TopicPartition(topic, p) for p in range(worker.settings.partitions)]
     offsets = await committed_offsets(bootstrap, worker.settings.group_id, partitions)
     return {tp.partition: offset for tp, offset in offsets.items()}
+
+
+async def test_fetch_failing_clears_once_fetching_works_again_even_while_idle(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23 (readiness): fetch_failing cleared only when a record arrived, so an idle worker stayed
+    not ready after the broker came back. Injected: the consumer's getmany raises
+    KafkaConnectionError (as aiokafka raises a fetch error it hands to its caller) for 2 s."""
+    async with serving(kafka_bootstrap, models) as worker:
+        consumer = worker.consumer
+        assert consumer is not None
+        getmany = consumer.getmany
+        loop = asyncio.get_running_loop()
+        failing_until = loop.time() + 2.0
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            if loop.time() < failing_until:
+                raise KafkaConnectionError("injected fetch failure")
+            return await getmany(*args, **kwargs)
+
+        monkeypatch.setattr(consumer, "getmany", failing)
+        await until(lambda: "fetch_failing" in worker.not_ready_reasons(), timeout=5)
+        await until(lambda: "fetch_failing" not in worker.not_ready_reasons(), timeout=10)
+        assert worker.tracker.in_flight == 0, "no record arrived: the worker stayed idle"

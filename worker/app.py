@@ -81,6 +81,8 @@ class _State:
 
     stopping: bool = False
     fetching_rounds: int = 0
+    #: fetch rounds in a row that ended in an error of the broker or the client
+    failed_rounds: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     #: models whose loop died and is waiting to be restarted (FETCH_LOOP for the fetch loop)
     dead_loops: set[str] = field(default_factory=set)
@@ -269,7 +271,7 @@ class Worker:
     def not_ready_reasons(self) -> frozenset[str]:
         """Why /readyz says no, beyond "no partitions yet" (one of NOT_READY_REASONS each)."""
         reasons = set()
-        if self.fetcher is not None and self.fetcher.consecutive_errors >= FETCH_ERRORS_NOT_READY:
+        if self._state.failed_rounds >= FETCH_ERRORS_NOT_READY:
             reasons.add("fetch_failing")
         failing = self.delivery.failing_since
         if failing is not None and time.monotonic() - failing > self.settings.publish_retry_s / 2:
@@ -360,6 +362,7 @@ class Worker:
                 await self.flow.keep_membership(POLL_MS)
                 continue
             epochs = self.tracker.epochs()
+            errors = self.fetcher.consecutive_errors
             self.flow.in_round = True
             try:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
@@ -369,10 +372,14 @@ class Worker:
             finally:
                 self.flow.in_round = False
                 self.flow.progressed()
+            # A round that raised no broker error, even an empty one, shows fetching works again: an
+            # idle worker would otherwise stay fetch_failing until its next record.
+            failed = self.fetcher.consecutive_errors > errors
+            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
             if tracked.empty:
-                if self.fetcher.consecutive_errors:
+                if failed:
                     self.metrics.fetch_errors.inc()
-                    await asyncio.sleep(min(0.1 * self.fetcher.consecutive_errors, 2.0))
+                    await asyncio.sleep(min(0.1 * self._state.failed_rounds, 2.0))
                 continue
             self._state.fetching_rounds += 1
             try:
