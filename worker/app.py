@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
 
@@ -343,8 +343,6 @@ class Worker:
             except Exception:
                 log.exception("the fetch loop died; restarting in %.0f s", delay)
                 self._state.dead_loops.add(FETCH_LOOP)
-                self.flow.in_round = False
-                self.flow.progressed()
                 restarting = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -361,17 +359,21 @@ class Worker:
                 # Answers free room soon: look again shortly, polling so the group keeps this member.
                 await self.flow.keep_membership(POLL_MS)
                 continue
-            epochs = self.tracker.epochs()
+            epochs, generation = self.tracker.epochs(), self.flow.generation
             errors = self.fetcher.consecutive_errors
-            self.flow.in_round = True
             try:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
-                tracked = self._track(fetched, epochs)
             except ConsumerStoppedError:
                 return
-            finally:
-                self.flow.in_round = False
-                self.flow.progressed()
+            if self.flow.generation != generation:
+                # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
+                # returns records of the new one, so records in hand may belong to either. None is
+                # tracked; the partitions they came from start again from their committed offsets.
+                await self.flow.seek_to_committed(
+                    {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
+                )
+                continue
+            tracked = self._track(fetched, epochs)
             # A round that raised no broker error, even an empty one, shows fetching works again: an
             # idle worker would otherwise stay fetch_failing until its next record.
             failed = self.fetcher.consecutive_errors > errors
@@ -403,10 +405,7 @@ class Worker:
                 record
                 for record in fetched.records
                 if tracker.track(
-                    tp := TopicPartition(record.topic, record.partition),
-                    record.offset,
-                    len(record.value or b""),
-                    epochs.get(tp, 0),
+                    tp := _tp_of(record), record.offset, len(record.value or b""), epochs.get(tp, 0)
                 )
             ],
             [
@@ -418,7 +417,7 @@ class Worker:
 
     def _read_again(self, tracked: Fetched, epochs: Mapping[TopicPartition, int], why: BaseException) -> None:
         """Rewind every partition of a round that could not be taken in to its first offset."""
-        coordinates = [(TopicPartition(r.topic, r.partition), r.offset) for r in tracked.records]
+        coordinates = [(_tp_of(r), r.offset) for r in tracked.records]
         coordinates += [(u.tp, u.offset) for u in tracked.undecodable]
         first: dict[TopicPartition, int] = {}
         for tp, offset in coordinates:
@@ -581,6 +580,10 @@ class Worker:
         self._state.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _tp_of(record: ConsumerRecord[Any, Any]) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
 
 
 def _job_length(model: ServedModel, job: Job) -> int | None:

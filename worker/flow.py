@@ -8,7 +8,10 @@ paused the consumer is still polled, so aiokafka's max_poll_interval_ms keeps th
 Rewinds only move a partition back: a give-up rewinds only while its message is still tracked
 in the epoch it was fetched in (worker/offsets.py), and the seek is made by the fetch loop
 between rounds (``apply_seeks``), to the lowest offset given up since the last round. Records
-of a round that a rewind or a revoke overtook are refused by the tracker; they are read again.
+of a round that a rewind overtook are refused by the tracker and read again after the seek. A
+round that a revoke overtook is dropped whole and its partitions sought to their committed
+offsets (``generation``): aiokafka's getmany waits out a reassignment and then returns records
+of the new assignment, so such a round's records could belong to either.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ class Flow:
         self.on_dropped: Callable[[], None] | None = None
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
-        #: True from the start of a fetch round until its records are tracked
-        self.in_round = False
+        #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
+        #: old assignment from those of the new one (aiokafka's getmany waits out a reassignment)
+        self.generation = 0
 
     def progressed(self) -> None:
         """Wake whoever waits for answers (``wait_until``)."""
@@ -166,13 +170,10 @@ class Flow:
                 consumer.seek(tp, offset)
 
     async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Before partitions move away: let the fetch round in progress end, answer what was fetched from
-        them, commit (each bounded), then forget them."""
+        """Before partitions move away: answer what was fetched from them, commit (each bounded), then
+        forget them."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
-                # A round that began before the revoke ends first: its records are tracked before
-                # the epoch moves, so none fetched under the old assignment is tracked after it.
-                await self.wait_until(lambda: not self.in_round)
                 await self.wait_answered(revoked)
         try:
             # aiokafka retries a commit for as long as the coordinator is away: bounded here,
@@ -182,6 +183,7 @@ class Flow:
         except TimeoutError:
             log.warning("the commit before a revoke took over %.0f s; abandoned", REVOKE_COMMIT_S)
         self.tracker.forget(revoked)
+        self.generation += 1
         for tp in revoked:
             self._seeks.pop(tp, None)
         if self.on_revoked is not None:
@@ -194,9 +196,16 @@ class Flow:
         would: what a dead fetch round took from the client may be gone, its positions moved past it."""
         consumer = self.consumer
         assigned = consumer.assignment() if consumer is not None else set()
+        if assigned:
+            await self.partitions_revoked(assigned)
+            await self.seek_to_committed(assigned)
+
+    async def seek_to_committed(self, partitions: Collection[TopicPartition]) -> None:
+        """Seek the assigned ones of ``partitions`` to their committed offsets (bounded by REVOKE_COMMIT_S)."""
+        consumer = self.consumer
+        assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
         if consumer is None or not assigned:
             return
-        await self.partitions_revoked(assigned)
         async with asyncio.timeout(REVOKE_COMMIT_S):
             committed = await consumer.seek_to_committed(*assigned)
             never = [tp for tp, offset in committed.items() if not offset]
