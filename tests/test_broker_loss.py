@@ -13,13 +13,16 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 
-from tests.kafka_support import TopicReader, body_of
+from tests.kafka_support import TopicReader, body_of, raw_producer, request_bytes, serving, tiny_models, until
 from tests.process_support import Stream, WorkerLauncher, wait_until
 from tests.references import TINY
 from tests.tcp_proxy import TcpProxy
+from tests.test_worker_kafka import committed_offsets
 from tests.test_worker_processes import (
     START_TIMEOUT_S,
     RecordProperty,
@@ -28,9 +31,9 @@ from tests.test_worker_processes import (
     start_worker,
     stop_worker,
 )
-from worker.app import STOP_BUDGET_S
+from worker.app import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S, STOP_BUDGET_S
 from worker.embedded_broker import EmbeddedBroker, free_port
-from worker.topics import results_topic
+from worker.topics import dlq_topic, requests_topic, results_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -158,3 +161,86 @@ async def test_sigterm_with_the_broker_gone_exits_within_the_drain_bound(
     successor = start_worker(workers, stream, "successor")
     await stream.wait_answered(ids, 120, [successor])
     assert stream.missing(ids) == []
+
+
+#: Issue 23's measured defect, scaled down: there publish_retry_s 4 s and a 45 s cut; here 2 s and
+#: 8 s (four times publish_retry_s, so every batch in flight gives up, some twice).
+GIVE_UP_RETRY_S = 2.0
+GIVE_UP_CUT_S = 8.0
+
+
+async def test_a_cut_longer_than_publish_retry_s_while_batches_give_up_loses_nothing(
+    proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23 defect 1: give-ups handed back in offset order each sought their partition, the
+    highest offset won, and the next commit passed the others (2 of 60 answered). In process, so
+    the test can wait until the worker holds all 60 before it cuts the broker away."""
+    caplog.set_level(logging.CRITICAL, logger="aiokafka")
+    per_partition = 30
+    async with serving(
+        proxy.address,
+        tiny_models(tmp_path, "bert"),
+        publish_retry_s=GIVE_UP_RETRY_S,
+        max_wait_ms=2000,  # the batches wait, so the cut comes before any reply is published
+        max_batch_size=64,
+        eager_when_idle=False,
+    ) as worker:
+        prefix = worker.settings.topic_prefix
+        topic = requests_topic("text", prefix)
+        ids = [f"r{i}" for i in range(2 * per_partition)]
+        async with raw_producer(proxy.address) as producer:
+            for i, request_id in enumerate(ids):
+                await producer.send(
+                    topic, request_bytes(request_id, "bert", {"text": f"t {i}"}), partition=i % 2
+                )
+            await producer.flush()
+        await until(lambda: worker.tracker.in_flight == len(ids), timeout=20)
+        proxy.cut()
+        await asyncio.sleep(GIVE_UP_CUT_S)  # the outage itself: a duration, not a wait for an event
+        proxy.restore()
+        gave_up = worker.metrics.publish_failures.labels("reply", "gave_up")._value.get()
+        async with (
+            TopicReader(proxy.address, results_topic("text", prefix)) as replies,
+            TopicReader(proxy.address, dlq_topic(prefix)) as dlq,
+        ):
+
+            def answered() -> set[str]:
+                return {body_of(r)["id"] for r in [*replies.records, *dlq_records(dlq)]}
+
+            await until(lambda: answered() >= set(ids), timeout=60)
+            await until(lambda: worker.tracker.in_flight == 0, timeout=30)
+            await worker.flow.commit()
+        group = worker.settings.group_id
+    ends = {TopicPartition(topic, p): per_partition for p in (0, 1)}
+    committed = await committed_offsets(proxy.address, group, ends)
+    assert gave_up >= 1, "no reply gave up during the cut: the scenario did not happen"
+    assert committed == ends
+
+
+def dlq_records(reader: TopicReader) -> list[Any]:
+    """DLQ records that carry a request body (with its id)."""
+    return [r for r in reader.records if r.value]
+
+
+async def test_an_idle_worker_turns_not_ready_while_the_broker_is_away_and_ready_after(
+    proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23 (readiness): an idle worker stayed ready with the broker gone (aiokafka's fetch errors
+    stay in its own task; getmany returns nothing either way). The stated bound: not ready within
+    BROKER_CHECK_S + BROKER_UNREACHABLE_S + BROKER_CHECK_TIMEOUT_S of the cut, ready again within
+    BROKER_CHECK_S (plus one metadata answer) of the broker's return."""
+    caplog.set_level(logging.CRITICAL, logger="aiokafka")
+    bound = BROKER_CHECK_S + BROKER_UNREACHABLE_S + BROKER_CHECK_TIMEOUT_S
+    async with serving(proxy.address, tiny_models(tmp_path, "bert")) as worker:
+        loop = asyncio.get_running_loop()
+        proxy.cut()
+        cut_at = loop.time()
+        await until(lambda: not worker.ready, timeout=bound + 5)
+        turned = loop.time() - cut_at
+        assert "broker_unreachable" in worker.not_ready_reasons()
+        proxy.restore()
+        restored_at = loop.time()
+        await until(lambda: worker.ready, timeout=30)
+        back = loop.time() - restored_at
+    print(f"not ready {turned:.1f} s after the cut, ready {back:.1f} s after the restore")
+    assert turned <= bound + 1.0

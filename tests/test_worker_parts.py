@@ -73,15 +73,18 @@ def test_a_rewound_offset_is_never_committed_until_answered_again() -> None:
         tracker.track("p", offset, 10)
     tracker.done("p", 0)
     tracker.done("p", 2)
-    tracker.rewind("p", 1)  # 1's reply could not be published: 1, 2, 3 are read again
-    assert tracker.in_flight == 0 and tracker.bytes_in_flight == 0
+    assert tracker.rewind("p", 1, 0)  # 1's reply could not be published: 1, 2, 3 are read again
+    assert tracker.in_flight == 2 and tracker.bytes_in_flight == 20, "1 and 3 are held until settled"
     assert tracker.take_commits() == {"p": 1}
-    tracker.done("p", 3)  # a late answer of the forgotten run changes nothing
+    tracker.done("p", 3, 0)  # a late answer of the dropped run is counted off, never committed
+    tracker.release("p", 1, 0)  # the given-up reply lets go
+    assert tracker.in_flight == 0 and tracker.bytes_in_flight == 0
     assert tracker.take_commits() == {}
+    epoch = tracker.epoch("p")
     for offset in (1, 2, 3):
-        tracker.track("p", offset, 10)
+        tracker.track("p", offset, 10, epoch)
     for offset in (1, 2, 3):
-        tracker.done("p", offset)
+        tracker.done("p", offset, epoch)
     assert tracker.take_commits() == {"p": 4}
 
 

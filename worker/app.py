@@ -27,16 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
 
+from schemas import ErrorCode
 from worker.answers import run_batch, split_expired
 from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
-from worker.envelopes import Origin, Outgoing
+from worker.envelopes import Origin, Outgoing, rejection
 from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
 from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
@@ -55,7 +56,24 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 5.0
 #: Fetch rounds failing in a row before /readyz says so.
 FETCH_ERRORS_NOT_READY = 5
-NOT_READY_REASONS = ("fetch_failing", "publish_failing", "model_loop_died")
+#: How often the worker asks the broker for its topic list (a cheap metadata request), and the bound
+#: on each ask. aiokafka's fetches fail inside its own task and an idle getmany() returns nothing
+#: either way, so this ask is what tells an idle worker that the broker is away.
+BROKER_CHECK_S = 2.0
+BROKER_CHECK_TIMEOUT_S = 3.0
+#: Asks failing for this long make /readyz say broker_unreachable: with the two above, an idle worker
+#: turns not ready at most about BROKER_CHECK_S + BROKER_UNREACHABLE_S + BROKER_CHECK_TIMEOUT_S = 10 s
+#: after the broker went away, and ready again at the first ask that succeeds (within about 2 s).
+BROKER_UNREACHABLE_S = 5.0
+#: The name under which a dead fetch loop is kept with the dead model loops.
+FETCH_LOOP = "(fetch loop)"
+NOT_READY_REASONS = (
+    "fetch_failing",
+    "publish_failing",
+    "model_loop_died",
+    "fetch_loop_died",
+    "broker_unreachable",
+)
 
 
 @dataclass
@@ -64,9 +82,13 @@ class _State:
 
     stopping: bool = False
     fetching_rounds: int = 0
+    #: fetch rounds in a row that ended in an error of the broker or the client
+    failed_rounds: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    #: models whose loop died and is waiting to be restarted
+    #: models whose loop died and is waiting to be restarted (FETCH_LOOP for the fetch loop)
     dead_loops: set[str] = field(default_factory=set)
+    #: monotonic start of the first of the broker checks failing in a row (None: the last one worked)
+    unreachable_since: float | None = None
     not_ready: frozenset[str] = frozenset()
 
 
@@ -108,6 +130,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._fetching: asyncio.Task[None] | None = None
         self._observer: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
         self._state = _State()
         self.health = (
             HealthServer(self.metrics, lambda: self.ready, settings.metrics_port)
@@ -147,6 +170,7 @@ class Worker:
         written = [*(results_topic(m, s.topic_prefix) for m in self.modalities), dlq_topic(s.topic_prefix)]
         await self.clients.connect([*requests, *written], requests, Rebalance(self.flow))
         self.delivery.limit_bytes = await self.clients.record_limit(written)
+        self._checker = asyncio.create_task(self._check_broker(), name="check-broker")
         assert self.clients.consumer is not None
         self.flow.consumer = self.clients.consumer
         broker_wait = BrokerWait(self.clients.consumer, s.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
@@ -166,7 +190,8 @@ class Worker:
             batcher = MicroBatcher(queue)
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
-        self._fetching = asyncio.create_task(self._fetch_loop(), name="fetch")
+        self.flow.on_dropped = self._drop_stale
+        self._fetching = asyncio.create_task(self._supervise_fetching(), name="fetch")
         log.info(
             "worker started: models %s on %s, group %s, records up to %d bytes",
             ", ".join(sorted(self.models)),
@@ -203,7 +228,7 @@ class Worker:
         self.flow.draining = True
         self.delivery.stopping = True
         tasks = [*self._loops, *self._state.tasks]
-        tasks += [t for t in (self._observer, self._fetching) if t is not None]
+        tasks += [t for t in (self._observer, self._fetching, self._checker) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,14 +277,34 @@ class Worker:
     def not_ready_reasons(self) -> frozenset[str]:
         """Why /readyz says no, beyond "no partitions yet" (one of NOT_READY_REASONS each)."""
         reasons = set()
-        if self.fetcher is not None and self.fetcher.consecutive_errors >= FETCH_ERRORS_NOT_READY:
+        if self._state.failed_rounds >= FETCH_ERRORS_NOT_READY:
             reasons.add("fetch_failing")
         failing = self.delivery.failing_since
         if failing is not None and time.monotonic() - failing > self.settings.publish_retry_s / 2:
             reasons.add("publish_failing")
-        if self._state.dead_loops:
+        if self._state.dead_loops - {FETCH_LOOP}:
             reasons.add("model_loop_died")
+        if FETCH_LOOP in self._state.dead_loops:
+            reasons.add("fetch_loop_died")
+        since = self._state.unreachable_since
+        if since is not None and time.monotonic() - since >= BROKER_UNREACHABLE_S:
+            reasons.add("broker_unreachable")
         return frozenset(reasons)
+
+    async def _check_broker(self) -> None:
+        """Every BROKER_CHECK_S, ask the broker for its topics (bounded); record since when asks fail."""
+        while True:
+            asked = time.monotonic()
+            try:
+                async with asyncio.timeout(BROKER_CHECK_TIMEOUT_S):
+                    await self.clients.list_topics()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                if self._state.unreachable_since is None:
+                    log.warning("the broker did not answer a metadata request: %r", exc)
+                    self._state.unreachable_since = asked
+            else:
+                self._state.unreachable_since = None
+            await asyncio.sleep(BROKER_CHECK_S)
 
     async def _observe(self) -> None:
         """Once a second: prove the loop is alive, refresh the gauges, say why readiness changed."""
@@ -289,16 +334,39 @@ class Worker:
 
     # --- intake ------------------------------------------------------------------------
 
+    async def _supervise_fetching(self) -> None:
+        """Keep the fetch loop running: a loop that dies is logged, reported not-ready, and restarted
+        from the committed offsets (its last round's records may be gone from the client)."""
+        delay = 1.0
+        restarting = False
+        while True:
+            try:
+                if restarting:
+                    await self.flow.restart_from_committed()
+                    self._state.dead_loops.discard(FETCH_LOOP)
+                await self._fetch_loop()
+                return
+            except Exception:
+                log.exception("the fetch loop died; restarting in %.0f s", delay)
+                self._state.dead_loops.add(FETCH_LOOP)
+                restarting = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     async def _fetch_loop(self) -> None:
         """Fetch, track and prepare records until draining; no fault here stops the consumer."""
         s = self.settings
         assert self.fetcher is not None
         while not self.flow.draining:
+            self.flow.apply_seeks()  # rewinds asked for since the last round: before the next fetch
             room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
             byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
             if self.flow.paused or room <= 0:
-                await asyncio.sleep(POLL_MS / 1000)  # answers free room soon: look again shortly
+                # Answers free room soon: look again shortly, polling so the group keeps this member.
+                await self.flow.keep_membership(POLL_MS)
                 continue
+            epochs, generation = self.tracker.epochs(), self.flow.generation
+            errors = self.fetcher.consecutive_errors
             try:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
             except ConsumerStoppedError:
@@ -306,46 +374,80 @@ class Worker:
             except Exception as exc:
                 # No fault may end this loop (a dead fetch task left the worker alive and "ready"):
                 # counted as a failed round, which readiness reads and the backoff below spaces out.
-                log.exception("a fetch round failed; fetching goes on")
+                # What the round took from the client may be gone with it: start over from the
+                # committed offsets (records still in flight are not tracked twice).
+                log.exception("a fetch round failed; its partitions start over from their committed offsets")
                 self.fetcher.round_failed(exc)
+                await self.flow.restart_from_committed()
                 fetched = Fetched([], [])
-            if fetched.empty:
-                if self.fetcher.consecutive_errors:
+            if self.flow.generation != generation:
+                # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
+                # returns records of the new one, so records in hand may belong to either. None is
+                # tracked; the partitions they came from start again from their committed offsets.
+                await self.flow.seek_to_committed(
+                    {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
+                )
+                continue
+            tracked = self._track(fetched, epochs)
+            # A round that raised no broker error, even an empty one, shows fetching works again: an
+            # idle worker would otherwise stay fetch_failing until its next record.
+            failed = self.fetcher.consecutive_errors > errors
+            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
+            if tracked.empty:
+                if failed:
                     self.metrics.fetch_errors.inc()
-                    await asyncio.sleep(min(0.1 * self.fetcher.consecutive_errors, 2.0))
+                    await asyncio.sleep(min(0.1 * self._state.failed_rounds, 2.0))
                 continue
             self._state.fetching_rounds += 1
             try:
-                await self._take(fetched)
-                log.debug("Processed a fetch of %d records", len(fetched.records) + len(fetched.undecodable))
+                await self._take(tracked, epochs)
+                log.debug("Processed a fetch of %d records", len(tracked.records) + len(tracked.undecodable))
             except Exception as exc:
                 # A fault here costs a redelivery: read this round's partitions again from its first offsets.
-                log.exception("internal error taking in %d records", len(fetched.records))
-                self._read_again(fetched, exc)
+                log.exception("internal error taking in %d records", len(tracked.records))
+                self._read_again(tracked, epochs, exc)
             finally:
                 self._state.fetching_rounds -= 1
                 self.flow.progressed()
 
-    def _read_again(self, fetched: Fetched, why: BaseException) -> None:
+    def _track(self, fetched: Fetched, epochs: Mapping[TopicPartition, int]) -> Fetched:
+        """Track one round's records in the epochs they were fetched in (``epochs``, taken as the round
+        began); those a rewind or a revoke overtook during the round are left out: they are read again.
+        Nothing here can fail but a broken offset order: what is tracked is what ``_read_again`` rewinds."""
+        tracker = self.tracker
+        return Fetched(
+            [
+                record
+                for record in fetched.records
+                if tracker.track(
+                    tp := _tp_of(record), record.offset, len(record.value or b""), epochs.get(tp, 0)
+                )
+            ],
+            [
+                bad
+                for bad in fetched.undecodable
+                if tracker.track(bad.tp, bad.offset, 0, epochs.get(bad.tp, 0))
+            ],
+        )
+
+    def _read_again(self, tracked: Fetched, epochs: Mapping[TopicPartition, int], why: BaseException) -> None:
         """Rewind every partition of a round that could not be taken in to its first offset."""
-        coordinates = [(TopicPartition(r.topic, r.partition), r.offset) for r in fetched.records]
-        coordinates += [(u.tp, u.offset) for u in fetched.undecodable]
+        coordinates = [(_tp_of(r), r.offset) for r in tracked.records]
+        coordinates += [(u.tp, u.offset) for u in tracked.undecodable]
         first: dict[TopicPartition, int] = {}
         for tp, offset in coordinates:
             first[tp] = min(offset, first.get(tp, offset))
         for tp, offset in first.items():
-            self.flow.redeliver(tp, offset, why)
+            self.flow.redeliver(tp, offset, epochs.get(tp, 0), why)
+        for tp, offset in coordinates:  # what reached no batcher and no delivery is let go here
+            self.tracker.release(tp, offset, epochs.get(tp, 0))
 
-    async def _take(self, fetched: Fetched) -> None:
-        """Track, prepare and queue one fetched round; errors are answered off the intake path."""
-        tracker = self.tracker
-        origins = [self.intake.origin(r) for r in fetched.records]
-        for origin in origins:
-            tracker.track(origin.tp, origin.offset, len(origin.raw))
-        rejected = []
-        for bad in fetched.undecodable:
-            tracker.track(bad.tp, bad.offset)
-            rejected.append(self.intake.undecodable(bad))
+    async def _take(self, tracked: Fetched, epochs: Mapping[TopicPartition, int]) -> None:
+        """Prepare and queue one tracked round; errors are answered off the intake path."""
+        origins = [self.intake.origin(r) for r in tracked.records]
+        rejected = [self.intake.undecodable(bad) for bad in tracked.undecodable]
+        for origin in [*origins, *(out.origin for out in rejected)]:
+            origin.epoch = epochs.get(origin.tp, 0)
         if rejected:
             self._spawn(self._publish(rejected))
         if origins:
@@ -362,17 +464,22 @@ class Worker:
 
     def _prepared(self, outcome: Job | Outgoing) -> None:
         """One request prepared: its bytes counted at once (admission sees them), then queued or answered."""
+        origin, tracker = outcome.origin, self.tracker
+        if not tracker.current(origin.tp, origin.offset, origin.epoch):
+            tracker.release(origin.tp, origin.offset, origin.epoch)  # rewound or revoked while prepared
+            return
         if isinstance(outcome, Outgoing):
             self._spawn(self._publish([outcome]))
             return
-        self.tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
+        tracker.add_bytes(origin.tp, origin.offset, outcome.prepared_bytes, origin.epoch)
         self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome, outcome.rows)
         self.flow.apply_backpressure()
 
     def _not_prepared(self, origin: Origin, why: BaseException) -> None:
         """A fault of ours while preparing: it costs a redelivery of that record, not the request."""
         log.error("internal error preparing %s offset %d", origin.tp, origin.offset, exc_info=why)
-        self.flow.redeliver(origin.tp, origin.offset, why)
+        self.flow.redeliver(origin.tp, origin.offset, origin.epoch, why)
+        self.tracker.release(origin.tp, origin.offset, origin.epoch)  # it reached no batcher
 
     async def _round_taken(self, handed_on: asyncio.Future[list[None]]) -> None:
         try:
@@ -380,6 +487,19 @@ class Worker:
         finally:
             self._state.fetching_rounds -= 1
             self.flow.progressed()
+
+    def _drop_stale(self) -> None:
+        """After a rewind or a revoke: queued jobs of dropped offsets leave the batchers (they are read
+        again) and stop counting; jobs already running count until their batch ends."""
+        tracker = self.tracker
+        for batcher in self.batchers.values():
+            stale = batcher.drop(
+                lambda job: not tracker.current(job.origin.tp, job.origin.offset, job.origin.epoch)
+            )
+            for job in stale:
+                tracker.release(job.origin.tp, job.origin.offset, job.origin.epoch)
+        self.flow.progressed()
+        self.flow.apply_backpressure()
 
     # --- batches -----------------------------------------------------------------------
 
@@ -422,28 +542,38 @@ class Worker:
                 await asyncio.gather(*running, return_exceptions=True)
 
     async def _answer(self, model: ServedModel, key: Bucket, jobs: list[Job]) -> None:
-        """Run one batch in the executor and hand its replies to delivery."""
+        """Run one batch in the executor and hand its replies to delivery.
+
+        A fault outside ``run_batch``'s own handling (an engine that returns the wrong number of
+        outputs, say) answers every request of the batch with an internal error (reply and DLQ
+        copy, as ``run_batch`` answers a request that fails alone): the batch is settled either way.
+        """
         now = now_ms()
-        jobs, replies = split_expired(jobs, now)
-        if jobs:
+        live, replies = split_expired(jobs, now)
+        if live:
             started = time.perf_counter()
             started_ns = time.time_ns()
-            for job in jobs:
+            for job in live:
                 self.tracing.stage(job.origin.trace, "queue wait", job.queued_ns, started_ns)
             span = self.tracing.batch(
-                (job.origin.trace for job in jobs),
+                (job.origin.trace for job in live),
                 start_ns=started_ns,
-                attributes={"inference.model": model.name, "inference.batch_size": len(jobs)},
+                attributes={"inference.model": model.name, "inference.batch_size": len(live)},
             )
-            run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
+            run = functools.partial(run_batch, model, live, now, self.metrics, key)
             try:
                 replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
-            except BaseException as exc:
+            except Exception as exc:
+                log.exception("internal error answering a batch of %d for %s", len(live), model.name)
                 self.tracing.batch_done(span, exc)
-                raise
-            self.tracing.batch_done(span)
+                replies += [
+                    rejection(j.origin, j.request_id, model.name, ErrorCode.INTERNAL, "internal error")
+                    for j in live
+                ]
+            else:
+                self.tracing.batch_done(span)
             log.debug(
-                "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
+                "%s: batch of %d in %.1f ms", model.name, len(live), (time.perf_counter() - started) * 1e3
             )
         # Publishing runs beside the next batch: the executor stays busy meanwhile.
         self._spawn(self._publish(replies))
@@ -455,13 +585,24 @@ class Worker:
 
         A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
         and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
+        A reply whose message was rewound or revoked meanwhile is not sent: it is read again.
         """
         started_ns = time.time_ns()
+        tracker = self.tracker
+        current = []
+        for reply in replies:
+            origin = reply.origin
+            if tracker.current(origin.tp, origin.offset, origin.epoch):
+                current.append(reply)
+            else:
+                tracker.release(origin.tp, origin.offset, origin.epoch)
+                self.tracing.request_done(origin.trace, "redelivered")
+        replies = current
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin
             if outcome is None:
-                self.tracker.done(origin.tp, origin.offset)
+                tracker.done(origin.tp, origin.offset, origin.epoch)
                 self._count(reply)
                 self.tracing.stage(origin.trace, "publish", started_ns)
                 self.tracing.request_done(origin.trace, reply.error.code.value if reply.error else None)
@@ -469,7 +610,8 @@ class Worker:
                 if not isinstance(outcome, GiveUp):
                     log.error("delivering the reply to %s offset %d failed", origin.tp, origin.offset,
                               exc_info=outcome)  # fmt: skip
-                self.flow.redeliver(origin.tp, origin.offset, outcome)
+                self.flow.redeliver(origin.tp, origin.offset, origin.epoch, outcome)
+                tracker.release(origin.tp, origin.offset, origin.epoch)
                 self.tracing.request_done(origin.trace, "redelivered")
             else:
                 raise outcome  # CancelledError and friends end the task
@@ -491,6 +633,10 @@ class Worker:
         self._state.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _tp_of(record: ConsumerRecord[Any, Any]) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
 
 
 def _job_length(model: ServedModel, job: Job) -> int | None:

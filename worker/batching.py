@@ -176,6 +176,23 @@ class BatchQueue(Generic[K, T]):
             queued.sort(key=lambda q: (q.since, q.order))
         return [q.item for q in queued]
 
+    def drop(self, dropped: Callable[[T], bool]) -> list[T]:
+        """Remove every queued item that ``dropped`` selects (work that became void); returns them."""
+        out: list[T] = []
+        for key in list(self._queues):
+            kept: deque[_Queued[T]] = deque()
+            for queued in self._queues[key]:
+                if dropped(queued.item):
+                    out.append(queued.item)
+                else:
+                    kept.append(queued)
+            if kept:
+                self._queues[key] = kept
+            else:
+                del self._queues[key]
+        self._count -= len(out)
+        return out
+
     def next_deadline(self) -> float | None:
         """When the oldest queued item's wait runs out (None when empty)."""
         heads = [queue[0].since for queue in self._queues.values()]
@@ -204,6 +221,10 @@ class MicroBatcher(Generic[K, T]):
             raise BatcherClosed("the batcher is closed")
         self.queue.add(key, item, self._clock(), rows)
         self._wakeup.set()
+
+    def drop(self, dropped: Callable[[T], bool]) -> list[T]:
+        """Remove the queued items ``dropped`` selects; returns them (see ``BatchQueue.drop``)."""
+        return self.queue.drop(dropped)
 
     def close(self) -> None:
         """Stop accepting items; ``get`` flushes what is queued, then raises BatcherClosed."""

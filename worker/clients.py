@@ -75,6 +75,7 @@ class KafkaClients:
                     max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),
                     session_timeout_ms=s.session_timeout_ms,
                     heartbeat_interval_ms=s.heartbeat_interval_ms,
+                    max_poll_interval_ms=s.max_poll_interval_ms,
                     **s.kafka_client_kwargs(),
                 )
                 await self.consumer.start()

@@ -8,8 +8,12 @@ Every failure has one bounded way out, so no reply can loop:
   still name the source topic, partition and offset);
 - a refusal that no retry can fix (authorization, ...) -> logged, counted, and for a reply a DLQ
   record that says the reply could not be delivered;
-- a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s``; after
-  that ``GiveUp``: the caller leaves the offset uncommitted and has it redelivered.
+- a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s`` (each
+  attempt bounded by what is left of it); after that ``GiveUp``: the caller leaves the offset
+  uncommitted and has it redelivered;
+- an unknown topic while the cluster cannot be asked for its topics (aiokafka's producer raises
+  UnknownTopicOrPartitionError after its metadata wait during an outage) -> retriable, as above;
+  only a cluster that answers can refuse a topic.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class Delivery:
         self.retry_s = retry_s
         #: monotonic time since which publishing has failed without a success (None: it works)
         self.failing_since: float | None = None
+        #: calls of ``_retrying`` whose last attempt failed
+        self._failing = 0
         self.stopping = False
 
     async def deliver(self, out: Outgoing) -> None:
@@ -218,29 +224,63 @@ class Delivery:
         )
         await ack
 
-    async def _retrying(self, kind: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``attempt`` until it succeeds or fails for good; retriable failures back off up to retry_s."""
+    async def _retrying(
+        self, kind: str, attempt: Callable[[], Awaitable[Any]], topic: str | None = None
+    ) -> Any:
+        """Run ``attempt`` until it succeeds or fails for good; retriable failures back off up to retry_s.
+
+        ``failing_since`` is set by the first failure and cleared only by a success while no other
+        call is still failing, so one reply that gets through does not hide the others.
+        """
         started = time.monotonic()
         delay = 0.2
-        while True:
-            try:
-                result = await attempt()
-            except Exception as exc:
-                if not _retriable(exc):
-                    raise
-                waited = time.monotonic() - started
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
-                self.metrics.publish_retries.labels(kind).inc()
-                if self.stopping or waited + delay > self.retry_s:
-                    self.metrics.publish_failures.labels(kind, "gave_up").inc()
-                    raise GiveUp(f"{kind}: {exc!r} for {waited:.1f} s") from exc
-                log.warning("publishing a %s failed (%r); retrying in %.1f s", kind, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            else:
-                self.failing_since = None
-                return result
+        failing = False
+        try:
+            while True:
+                try:
+                    # Each attempt is bounded by what is left of retry_s: aiokafka's producer holds
+                    # a send for its own request_timeout_ms (40 s) while the broker is away, which
+                    # would stretch the bound. A record abandoned here may still go out later (a
+                    # duplicate reply, as after any give-up).
+                    async with asyncio.timeout(max(self.retry_s - (time.monotonic() - started), 0.1)):
+                        result = await attempt()
+                except Exception as exc:
+                    if not _retriable(exc) and not await self._metadata_missing(exc):
+                        raise
+                    waited = time.monotonic() - started
+                    if not failing:
+                        failing = True
+                        self._failing += 1
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                    self.metrics.publish_retries.labels(kind).inc()
+                    if self.stopping or waited + delay > self.retry_s:
+                        self.metrics.publish_failures.labels(kind, "gave_up").inc()
+                        raise GiveUp(f"{kind}: {exc!r} for {waited:.1f} s") from exc
+                    log.warning("publishing a %s failed (%r); retrying in %.1f s", kind, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                else:
+                    if self._failing == (1 if failing else 0):
+                        self.failing_since = None
+                    return result
+        finally:
+            if failing:
+                self._failing -= 1
+
+    async def _metadata_missing(self, exc: BaseException) -> bool:
+        """An unknown-topic refusal while the cluster cannot be asked: the broker is away, not the topic.
+
+        aiokafka's producer raises UnknownTopicOrPartitionError for a topic it has no metadata
+        for after its metadata wait, also when the broker is simply away. Only a cluster that
+        answers can say the topic is refused (missing, or not writable): then it is re-routed
+        or reported as before. A broker that comes back between the two looks like a refusal
+        (one request's reply re-routed or sent to the DLQ), which a retry of every refusal would
+        turn into endless redeliveries of a topic that really refuses.
+        """
+        if not isinstance(exc, UnknownTopicOrPartitionError):
+            return False
+        return not await self.directory.reachable()
 
     def _undeliverable(self, kind: str, record: _Record, exc: BaseException) -> str:
         reason = type(exc).__name__

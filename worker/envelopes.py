@@ -26,6 +26,8 @@ class Origin:
     refused: tuple[str, Refusal] | None = None
     #: why the message is refused before it is parsed (an oversize header, say)
     rejected: str | None = None
+    #: the partition's epoch when the message was fetched (worker/offsets.py): answers name it
+    epoch: int = 0
     #: its place in its trace (W3C trace context), carried on to the reply and the DLQ record
     trace: RequestTrace = field(default_factory=RequestTrace)
 

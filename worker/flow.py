@@ -2,7 +2,16 @@
 
 Invariant 1 of DESIGN.md is kept here with worker/offsets.py: a partition is committed only
 past a contiguous run of answered messages. Backpressure pauses every partition above
-``max_in_flight`` requests or ``max_in_flight_bytes`` and resumes below half of both.
+``max_in_flight`` requests or ``max_in_flight_bytes`` and resumes below half of both; while
+paused the consumer is still polled, so aiokafka's max_poll_interval_ms keeps the membership.
+
+Rewinds only move a partition back: a give-up rewinds only while its message is still tracked
+in the epoch it was fetched in (worker/offsets.py), and the seek is made by the fetch loop
+between rounds (``apply_seeks``), to the lowest offset given up since the last round. Records
+of a round that a rewind overtook are refused by the tracker and read again after the seek. A
+round that a revoke overtook is dropped whole and its partitions sought to their committed
+offsets (``generation``): aiokafka's getmany waits out a reassignment and then returns records
+of the new assignment, so such a round's records could belong to either.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: The longest the commit before a revoke may take (aiokafka retries it while the coordinator is away).
+REVOKE_COMMIT_S = 5.0
+
 
 class Flow:
     """Offsets, commits and pausing over one consumer (set once it is started)."""
@@ -36,6 +48,13 @@ class Flow:
         self._progress = asyncio.Event()
         #: called with the revoked partitions once their answers are in (the fetcher forgets them)
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
+        #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
+        self.on_dropped: Callable[[], None] | None = None
+        #: partition -> lowest offset given up since the fetch loop last sought
+        self._seeks: dict[TopicPartition, int] = {}
+        #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
+        #: old assignment from those of the new one (aiokafka's getmany waits out a reassignment)
+        self.generation = 0
 
     def progressed(self) -> None:
         """Wake whoever waits for answers (``wait_until``)."""
@@ -52,7 +71,11 @@ class Flow:
         await self.wait_until(lambda: not self.tracker.pending(partitions))
 
     async def commit(self) -> None:
-        """Commit every partition position that advanced (explicit offsets)."""
+        """Commit every partition position that advanced (explicit offsets).
+
+        A commit that fails or is cancelled (a bounded revoke) hands its positions back, so the
+        next commit carries them.
+        """
         async with self._commit_lock:
             commits = self.tracker.take_commits()
             consumer = self.consumer
@@ -66,6 +89,10 @@ class Flow:
             except KafkaError as exc:
                 # Lost partitions or a rebalance in progress: the messages come back, as duplicates at worst.
                 log.warning("commit of %s failed: %s", owned, exc)
+                self.tracker.restore_commits(owned)
+            except asyncio.CancelledError:
+                self.tracker.restore_commits(owned)
+                raise
 
     def apply_backpressure(self) -> None:
         """Pause every partition above max_in_flight requests or bytes; resume below half of both."""
@@ -93,25 +120,97 @@ class Flow:
         if self.consumer is not None:
             self.consumer.pause(*self.consumer.assignment())
 
-    def redeliver(self, tp: TopicPartition, offset: int, why: BaseException) -> None:
-        """Read ``offset`` of ``tp`` again (its answer could not be published); during a drain, leave it."""
+    async def keep_membership(self, wait_ms: int) -> None:
+        """While every assigned partition is paused, poll the consumer anyway (for ``wait_ms``).
+
+        aiokafka leaves the group once no ``getmany`` ran for max_poll_interval_ms
+        (``SubscriptionState.fetcher_idle_time``, aiokafka 0.14); a poll over paused partitions
+        returns nothing but counts. A record it returns all the same (a partition assigned during
+        the wait) is sought back to, so it is read again by the fetch loop.
+        """
+        consumer = self.consumer
+        if consumer is None or not consumer.assignment() or not consumer.assignment() <= consumer.paused():
+            await asyncio.sleep(wait_ms / 1000)
+            return
+        try:
+            taken = await consumer.getmany(timeout_ms=wait_ms, max_records=1)
+        except KafkaError as exc:
+            log.debug("polling the paused consumer failed: %r", exc)
+            await asyncio.sleep(wait_ms / 1000)
+            return
+        for tp, records in taken.items():
+            if records:
+                consumer.seek(tp, records[0].offset)
+
+    def redeliver(self, tp: TopicPartition, offset: int, epoch: int, why: BaseException) -> None:
+        """Read ``offset`` of ``tp`` again (its answer could not be published); during a drain, leave it.
+
+        Only a message still tracked in ``epoch`` rewinds its partition; the seek waits for the
+        fetch loop (``apply_seeks``), which then goes to the lowest offset given up meanwhile.
+        """
         if self.draining:
             log.warning("%s offset %d stays uncommitted (%s)", tp, offset, why)
             return
+        if not self.tracker.rewind(tp, offset, epoch):
+            log.info("%s offset %d was already dropped by a rewind or a revoke (%s)", tp, offset, why)
+            return
         log.warning("%s offset %d will be read again (%s)", tp, offset, why)
-        self.tracker.rewind(tp, offset)
-        if self.consumer is not None and tp in self.consumer.assignment():
-            self.consumer.seek(tp, offset)
+        self._seeks[tp] = min(offset, self._seeks.get(tp, offset))
+        if self.on_dropped is not None:
+            self.on_dropped()
+
+    def apply_seeks(self) -> None:
+        """Seek every rewound partition to its lowest given-up offset (the fetch loop, between rounds)."""
+        seeks, self._seeks = self._seeks, {}
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp, offset in seeks.items():
+            if tp in consumer.assignment():
+                consumer.seek(tp, offset)
 
     async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        """Before partitions move away: answer what was fetched from them (bounded), commit, forget them."""
+        """Before partitions move away: answer what was fetched from them, commit (each bounded), then
+        forget them."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
                 await self.wait_answered(revoked)
-        await self.commit()
+        try:
+            # aiokafka retries a commit for as long as the coordinator is away: bounded here,
+            # so an outage cannot hold the rebalance (what is not committed is read again).
+            async with asyncio.timeout(REVOKE_COMMIT_S):
+                await self.commit()
+        except TimeoutError:
+            log.warning("the commit before a revoke took over %.0f s; abandoned", REVOKE_COMMIT_S)
         self.tracker.forget(revoked)
+        self.generation += 1
+        for tp in revoked:
+            self._seeks.pop(tp, None)
         if self.on_revoked is not None:
             self.on_revoked(revoked)
+        if self.on_dropped is not None:
+            self.on_dropped()
+
+    async def restart_from_committed(self) -> None:
+        """Start every assigned partition over from its committed offset, as a revoke and re-assignment
+        would: what a dead fetch round took from the client may be gone, its positions moved past it."""
+        consumer = self.consumer
+        assigned = consumer.assignment() if consumer is not None else set()
+        if assigned:
+            await self.partitions_revoked(assigned)
+            await self.seek_to_committed(assigned)
+
+    async def seek_to_committed(self, partitions: Collection[TopicPartition]) -> None:
+        """Seek the assigned ones of ``partitions`` to their committed offsets (bounded by REVOKE_COMMIT_S)."""
+        consumer = self.consumer
+        assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
+        if consumer is None or not assigned:
+            return
+        async with asyncio.timeout(REVOKE_COMMIT_S):
+            committed = await consumer.seek_to_committed(*assigned)
+            never = [tp for tp, offset in committed.items() if not offset]
+            if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)
+                await consumer.seek_to_beginning(*never)
 
     def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         """New partitions start paused while backpressure or a drain holds the others."""

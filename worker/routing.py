@@ -112,6 +112,11 @@ class TopicDirectory:
             raise TopicsUnknown(f"cannot list the cluster's topics to look for {topic!r}")
         return False
 
+    async def reachable(self) -> bool:
+        """Whether the cluster answered the latest listing (refreshed first, at most once per min_refresh_s)."""
+        await self.refresh()
+        return not self._failed
+
     async def refresh(self) -> None:
         """List the cluster's topics again, bounded by timeout_s; a failure keeps the previous list."""
         async with self._lock:

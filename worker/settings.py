@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         description="Kafka consumer session timeout; a dead worker's partitions move after this.",
     )
     heartbeat_interval_ms: int = Field(1_000, ge=100, description="Kafka consumer heartbeat interval.")
+    max_poll_interval_ms: int = Field(
+        300_000,
+        ge=1000,
+        description="A member that has not polled for this long leaves the group (Kafka's rule); a worker "
+        "whose partitions are paused by backpressure keeps polling them, so only a stuck worker leaves.",
+    )
     drain_timeout_s: float = Field(
         30.0,
         ge=0,
