@@ -35,6 +35,8 @@ class Stream:
     bootstrap: str
     prefix: str = field(default_factory=lambda: f"p{uuid.uuid4().hex[:12]}")
     partitions: int = 4
+    #: what the reply collector reads: read_committed skips replies of aborted or open transactions
+    isolation_level: str = "read_uncommitted"
     sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (partition, offset)
     replies: dict[str, list[Reply]] = field(default_factory=dict)
 
@@ -62,6 +64,7 @@ class Stream:
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            isolation_level=self.isolation_level,
         )
         await self._consumer.start()
         self._reader = asyncio.create_task(self._read(self._consumer), name="reply-collector")

@@ -47,6 +47,7 @@ from worker.registry import ServedModel
 from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
 from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.transactions import TransactionalRebalance, Transactions
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,20 @@ class Worker:
             dlq_payload=settings.dlq_payload,
             retry_s=settings.publish_retry_s,
         )
+        # Exactly-once delivery (worker/transactions.py): answers and offsets go in transactions, not through
+        # delivery and flow.commit.
+        self.transactions = (
+            Transactions(
+                settings,
+                self.flow.tracker,
+                self.delivery,
+                self.flow.redeliver,
+                self._count,
+                max_request_size=self.clients.max_request_size,
+            )
+            if settings.delivery == "exactly-once"
+            else None
+        )
         self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -140,7 +155,12 @@ class Worker:
         self._observer = asyncio.create_task(self._observe(), name="observe")
         requests = list(self.intake.modality_of)
         written = [*(results_topic(m, s.topic_prefix) for m in self.modalities), dlq_topic(s.topic_prefix)]
-        await self.clients.connect([*requests, *written], requests, Rebalance(self.flow))
+        listener = Rebalance(self.flow)
+        if self.transactions is not None:
+            listener = TransactionalRebalance(listener, self.transactions, lambda: self.clients.consumer)
+        await self.clients.connect([*requests, *written], requests, listener)
+        if self.transactions is not None:
+            await self.transactions.probe()  # at start, not at the first reply: a refusal ends the start
         self.delivery.limit_bytes = await self.clients.record_limit(written)
         assert self.clients.consumer is not None
         self.flow.consumer = self.clients.consumer
@@ -203,6 +223,8 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.flow.consumer = None
+        if self.transactions is not None:
+            await self.transactions.close()
         await self.clients.close(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.health is not None:
@@ -409,7 +431,13 @@ class Worker:
 
         A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
         and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
+        Exactly-once: replies go to the transactions instead, which commit them with their offsets.
         """
+        if self.transactions is not None:
+            await self.transactions.publish(replies)
+            self.flow.progressed()
+            self.flow.apply_backpressure()
+            return
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin

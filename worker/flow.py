@@ -55,6 +55,8 @@ class Flow:
         """Commit every partition position that advanced (explicit offsets)."""
         async with self._commit_lock:
             commits = self.tracker.take_commits()
+            if self.settings.delivery == "exactly-once":
+                return  # offsets are committed inside the transactions only (worker/transactions.py)
             consumer = self.consumer
             if consumer is None or not commits:
                 return

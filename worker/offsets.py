@@ -9,7 +9,7 @@ unanswered messages hold, so backpressure can bound memory in bytes, not only in
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
@@ -81,6 +81,10 @@ class OffsetTracker(Generic[P]):
             else {p: self._pending.get(p, OrderedDict()) for p in partitions}
         )
         return sum(1 for pending in chosen.values() for held in pending.values() if held != _ANSWERED)
+
+    def unanswered(self, partition: P) -> Iterator[int]:
+        """The partition's unanswered offsets, oldest first (exactly-once delivery publishes in this order)."""
+        return (offset for offset, held in self._pending.get(partition, {}).items() if held != _ANSWERED)
 
     def rewind(self, partition: P, offset: int) -> None:
         """Forget ``offset`` and everything after it in ``partition``: they will be read again.
