@@ -51,7 +51,9 @@ def _libs() -> Path:
         with tempfile.TemporaryDirectory() as build:
             (Path(build) / "pom.xml").write_text(_POM)
             subprocess.run(
-                ["mvn", "-q", "dependency:copy-dependencies", f"-DoutputDirectory={LIBS}"], cwd=build, check=True
+                ["mvn", "-q", "dependency:copy-dependencies", f"-DoutputDirectory={LIBS}"],
+                cwd=build,
+                check=True,
             )
     return LIBS
 
@@ -115,13 +117,24 @@ def apache_kafka(startup_timeout_s: float = 120.0) -> Iterator[str]:
         ]
         cluster_id = uuid.uuid4().hex[:22]
         subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties), "--standalone"],
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+                "--standalone",
+            ],
             check=True,
             capture_output=True,
         )
         log_path = root / "kafka.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([*java, "kafka.Kafka", str(properties)], stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [*java, "kafka.Kafka", str(properties)], stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             deadline = time.monotonic() + startup_timeout_s
             while not _accepts(port):

@@ -146,7 +146,14 @@ def eos_workers(apache_bootstrap: str, bert_only: Path, tmp_path: Path) -> Itera
 
 def start_eos(workers: WorkerLauncher, stream: Stream, name: str) -> WorkerProcess:
     return workers.start(
-        name, stream.group_id, stream.prefix, *FAST_GROUP_FLAGS, *EXACTLY_ONCE, "--max-batch-size", "8", verbose=True
+        name,
+        stream.group_id,
+        stream.prefix,
+        *FAST_GROUP_FLAGS,
+        *EXACTLY_ONCE,
+        "--max-batch-size",
+        "8",
+        verbose=True,
     )
 
 
@@ -202,7 +209,9 @@ async def test_a_second_worker_joining_mid_stream_answers_each_request_once(
     stream = committed_stream
     a = start_eos(eos_workers, stream, "a")
     async with stream.steadily(10) as sent:  # ~200 requests/s throughout the rebalance
-        await wait_until(lambda: a.current_assignment() == {0, 1, 2, 3}, START_TIMEOUT_S, "a's partitions", [a])
+        await wait_until(
+            lambda: a.current_assignment() == {0, 1, 2, 3}, START_TIMEOUT_S, "a's partitions", [a]
+        )
         await wait_until(lambda: stream.answered() >= 200, 60, "200 committed replies", [a])
         b = start_eos(eos_workers, stream, "b")
         await wait_until(
