@@ -10,8 +10,8 @@ delivery mode, on topics and a group of its own:
   then w2 alone answers the rest and drains. Two group-less readers of the reply topic count
   missing and duplicate replies: read_committed and read_uncommitted.
 - cost (``--cost``): one worker; the requests all at once (throughput to the last reply, worker CPU
-  per request), then paced at ``--paced-rate`` (reply latency percentiles, from the request's
-  send time to the reply's broker timestamp).
+  per request), then paced at each of ``--paced-rates`` (reply latency percentiles, from the
+  request's send time to the reply's arrival at the read_committed reader).
 
 Prints one JSON object per run and a summary table.
 """
@@ -53,8 +53,8 @@ class Reader:
     topic: str
     isolation_level: str
     seen: Counter[str] = field(default_factory=Counter)
-    #: request id -> broker timestamp (ms) of its first reply
-    first_ms: dict[str, int] = field(default_factory=dict)
+    #: request id -> when its first reply was read here (ms; a read_committed reader reads it once committed)
+    first_ms: dict[str, float] = field(default_factory=dict)
     sentinels: set[str] = field(default_factory=set)
 
     async def run(self) -> None:
@@ -75,7 +75,7 @@ class Reader:
                     continue
                 request_id = json.loads(record.value)["id"]
                 self.seen[request_id] += 1
-                self.first_ms.setdefault(request_id, record.timestamp)
+                self.first_ms.setdefault(request_id, time.time() * 1000)
         finally:
             await consumer.stop()
 
@@ -118,12 +118,12 @@ class Run:
 
     async def send(self, count: int, rate: float | None) -> None:
         """``count`` requests round-robin over the partitions, at ``rate`` per second (None: at once)."""
-        started = time.monotonic()
+        started, first = time.monotonic(), len(self.sent_ms)
         pending = []
         for n in range(count):
             if rate is not None:
                 await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
-            request_id = f"{self.prefix}-{n:06d}"
+            request_id = f"{self.prefix}-{first + n:06d}"
             body = {
                 "id": request_id,
                 "model": "bert",
@@ -213,8 +213,8 @@ async def chaos(run: Run, count: int, rate: float) -> dict[str, Any]:
     return {"mode": run.mode, "run": "chaos", "rate": rate, **run.counts(), "events": events}
 
 
-async def cost(run: Run, count: int, paced_rate: float, paced_count: int) -> dict[str, Any]:
-    """One worker: throughput and CPU per request on a flood, then latency at a paced rate."""
+async def cost(run: Run, count: int, paced_rates: Sequence[float], paced_count: int) -> dict[str, Any]:
+    """One worker: throughput and CPU per request on a flood, then reply latency at each paced rate."""
     worker = run.worker("w")
     await ready(worker)
     cpu_before = cpu_seconds(worker.pid)
@@ -226,12 +226,18 @@ async def cost(run: Run, count: int, paced_rate: float, paced_count: int) -> dic
         cpu = cpu_seconds(worker.pid) - cpu_before
     except ProcessGone:
         cpu = float("nan")
-    flood_ids = set(run.sent_ms)
-    await run.send(paced_count, paced_rate)
-    await wait_until(
-        lambda: run.answered() == count + paced_count, START_TIMEOUT_S, "the paced run answered", [worker]
-    )
-    latencies = [run.committed.first_ms[i] - t for i, t in run.sent_ms.items() if i not in flood_ids]
+    curve = {}
+    for rate in paced_rates:
+        before = set(run.sent_ms)
+        await run.send(paced_count, rate)
+        await wait_until(
+            lambda: run.answered() == len(run.sent_ms),
+            START_TIMEOUT_S,
+            f"the run at {rate}/s answered",
+            [worker],
+        )
+        latencies = [run.committed.first_ms[i] - t for i, t in run.sent_ms.items() if i not in before]
+        curve[f"{rate:g}/s"] = percentiles(latencies, (50, 90, 99))
     code = await sigterm(worker)
     return {
         "mode": run.mode,
@@ -239,8 +245,7 @@ async def cost(run: Run, count: int, paced_rate: float, paced_count: int) -> dic
         "flood_requests": count,
         "throughput_per_s": round(count / flood_s, 1),
         "cpu_ms_per_request": round(cpu * 1000 / count, 2),
-        "paced_rate": paced_rate,
-        "latency_ms": {k: round(v, 1) for k, v in percentiles(latencies, (50, 90, 99)).items()},
+        "latency_ms": curve,
         "exit_code": code,
     }
 
@@ -260,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                         print(json.dumps(results[-1]), flush=True)
                 if args.cost or args.cost_only:
                     async with Run(args.bootstrap_servers, mode, launcher) as run:
-                        results.append(await cost(run, args.requests, args.paced_rate, args.paced_requests))
+                        results.append(await cost(run, args.requests, args.paced_rates, args.paced_requests))
                         print(json.dumps(results[-1]), flush=True)
         except BaseException:
             print(launcher.log_tails(), file=sys.stderr)
@@ -278,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cost", action="store_true", help="also the cost run (flood, then paced)")
     parser.add_argument("--cost-only", action="store_true", help="only the cost run")
-    parser.add_argument("--paced-rate", type=float, default=200.0)
-    parser.add_argument("--paced-requests", type=int, default=2000)
+    parser.add_argument("--paced-rates", type=float, nargs="+", default=[100.0, 300.0, 600.0])
+    parser.add_argument("--paced-requests", type=int, default=1500, help="requests at each paced rate")
     parser.add_argument("--logs", help="keep the workers' logs in this folder")
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
