@@ -232,6 +232,42 @@ async def test_a_second_worker_joining_mid_stream_answers_each_request_once(
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
+async def test_a_frozen_worker_that_lost_its_partitions_commits_nothing_for_them(
+    eos_workers: WorkerLauncher, committed_stream: Stream
+) -> None:
+    # SIGSTOP: a zombie. Its session expires, the partitions move and their ids are initialised by the
+    # new owner; woken up, the zombie still holds answers and transactions of partitions it lost.
+    stream = committed_stream
+    ids = await stream.send(1500)
+    zombie = start_eos(eos_workers, stream, "zombie")
+    await wait_until(lambda: stream.answered() >= 150, START_TIMEOUT_S, "150 committed replies", [zombie])
+    zombie.send(signal.SIGSTOP)
+    assert stream.answered() < len(ids), "everything was answered before SIGSTOP: not mid-stream"
+    owner = start_eos(eos_workers, stream, "owner")
+    await wait_until(
+        lambda: owner.current_assignment() == {0, 1, 2, 3}, START_TIMEOUT_S, "owner's partitions", [owner]
+    )
+    await stream.wait_answered(ids, START_TIMEOUT_S, [owner])
+    zombie.send(signal.SIGCONT)
+    await wait_until(
+        lambda: bool(zombie.current_assignment()) and zombie.count("assigned to partitions") >= 2,
+        60,
+        "the zombie back in the group",
+        [zombie, owner],
+    )
+    more = await stream.send(200)
+    await stream.wait_answered(more, 60, [zombie, owner])
+    await stop(zombie)
+    await stop(owner)
+    await stream.settle(60)
+
+    assert_exactly_once(stream)
+    assert await stream.committed() == stream.committed_end()
+    print(f"the zombie logged {zombie.count('fenced')} fenced transactions")
+
+
+@pytest.mark.kafka
 async def test_a_broker_without_transactions_stops_the_worker_at_start_naming_the_setting(
     kafka_bootstrap: str, bert_only: Path, tmp_path: Path
 ) -> None:

@@ -229,13 +229,34 @@ class Transactions:
             except Exception as abort_exc:
                 # The producer cannot go on (a fatal error, or a transaction never begun); a new one takes its
                 # place if the partition is still ours. Its InitProducerId aborts what the old one left open.
-                log.warning("%s: aborting failed (%r); opening a new producer", tp, abort_exc)
+                log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
                 self._producers.pop(tp, None)
                 await _stop(producer)
-                if self.consumer is not None and tp in self.consumer.assignment():
+                if await self._still_owned(tp):
                     with contextlib.suppress(Exception):
                         await self._open(tp)
         self.redeliver(tp, first, exc)
+
+    async def _still_owned(self, tp: TopicPartition) -> bool:
+        """Whether the group still gives ``tp`` to this worker, asked before its id is initialised anew.
+
+        The consumer's own view may be stale (a worker cut off from the group past its session), and
+        initialising the id would then fence the partition's real owner. Committing the partition's
+        committed offset again changes nothing, but passes the group's generation check only for the
+        current owner (TxnOffsetCommit v0 has no such check). Without a committed offset: not re-opened.
+        """
+        consumer = self.consumer
+        if consumer is None or tp not in consumer.assignment():
+            return False
+        try:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                return False
+            await consumer.commit({tp: committed})
+        except (KafkaError, AssertionError) as exc:
+            log.warning("%s: not re-opened, the group may have moved it (%r)", tp, exc)
+            return False
+        return True
 
     # --- rebalances --------------------------------------------------------------------
 
