@@ -3,8 +3,9 @@
 The run logic is tested alone (HeldAnswers, with the real OffsetTracker giving the order); the
 guarantee is tested on Apache Kafka with real worker processes: a read_committed reader sees each
 reply exactly once through SIGKILL and restart and through a second worker joining, while a
-read_uncommitted reader sees at least one. The embedded broker (tansu) refuses transactions: a
-worker asked for them there exits at start, naming the setting.
+read_uncommitted reader sees at least one; a worker frozen until its partitions moved commits
+nothing for them once woken. The embedded broker (tansu) refuses transactions: a worker asked for
+them there exits at start, naming the setting.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.apache_kafka_once import apache_kafka
 from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.references import TINY
+from worker.embedded_broker import EmbeddedBroker
 from worker.offsets import OffsetTracker
 from worker.transactions import HeldAnswers, transactional_id
 
@@ -269,13 +271,16 @@ async def test_a_frozen_worker_that_lost_its_partitions_commits_nothing_for_them
 
 @pytest.mark.kafka
 async def test_a_broker_without_transactions_stops_the_worker_at_start_naming_the_setting(
-    kafka_bootstrap: str, bert_only: Path, tmp_path: Path
+    bert_only: Path, tmp_path: Path
 ) -> None:
-    launcher = WorkerLauncher(kafka_bootstrap, bert_only, tmp_path)
-    try:
-        worker = launcher.start("refused", "refused-group", "refused", *EXACTLY_ONCE)
-        code = await worker.wait_exit(START_TIMEOUT_S)
-    finally:
-        launcher.kill_all()
+    # The embedded broker itself, whatever KAFKA_BOOTSTRAP_SERVERS says: it refuses InitProducerId.
+    async with EmbeddedBroker() as broker:
+        launcher = WorkerLauncher(broker.bootstrap_servers, bert_only, tmp_path)
+        try:
+            worker = launcher.start("refused", "refused-group", "refused", *EXACTLY_ONCE)
+            code = await worker.wait_exit(START_TIMEOUT_S)
+        finally:
+            launcher.kill_all()
     assert code == 2, worker.log_tail()
     assert "WORKER_DELIVERY=exactly-once" in worker.log() and "refuses transactions" in worker.log()
+    assert worker.count("worker started") == 0  # at start, before serving a single request
