@@ -71,10 +71,18 @@ def _accepts(port: int) -> bool:
 
 
 @contextmanager
-def apache_kafka(startup_timeout_s: float = 120.0) -> Iterator[str]:
-    """One KRaft node (broker and controller, -Xmx512m) on free ports; yields its bootstrap address."""
+def apache_kafka(
+    *, port: int | None = None, advertised_port: int | None = None, startup_timeout_s: float = 120.0
+) -> Iterator[str]:
+    """One KRaft node (broker and controller, -Xmx512m) on free ports; yields its bootstrap address.
+
+    ``advertised_port``: the port clients are told to connect to (a TcpProxy's, to cut them off);
+    the node reaches itself (transaction markers) on a listener of its own.
+    """
     libs = _libs()
-    port, controller = _free_port(), _free_port()
+    port = port or _free_port()
+    controller, internal = _free_port(), _free_port()
+    advertised = advertised_port or port
     with tempfile.TemporaryDirectory(prefix="apache-kafka-") as directory:
         root = Path(directory)
         properties = root / "server.properties"
@@ -83,10 +91,10 @@ def apache_kafka(startup_timeout_s: float = 120.0) -> Iterator[str]:
             process.roles=broker,controller
             node.id=1
             controller.quorum.bootstrap.servers=127.0.0.1:{controller}
-            listeners=CLIENT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}
-            advertised.listeners=CLIENT://127.0.0.1:{port}
-            listener.security.protocol.map=CLIENT:PLAINTEXT,CONTROLLER:PLAINTEXT
-            inter.broker.listener.name=CLIENT
+            listeners=CLIENT://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}
+            advertised.listeners=CLIENT://127.0.0.1:{advertised},INTERNAL://127.0.0.1:{internal}
+            listener.security.protocol.map=CLIENT:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+            inter.broker.listener.name=INTERNAL
             controller.listener.names=CONTROLLER
             log.dirs={root / "data"}
             num.partitions=4
@@ -141,7 +149,7 @@ def apache_kafka(startup_timeout_s: float = 120.0) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"Apache Kafka did not start:\n{log_path.read_text()[-3000:]}")
                 time.sleep(0.2)
-            yield f"127.0.0.1:{port}"
+            yield f"127.0.0.1:{advertised}"
         finally:
             process.terminate()
             try:

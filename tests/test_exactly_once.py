@@ -10,7 +10,9 @@ them there exits at start, naming the setting.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -23,13 +25,16 @@ from tests.apache_kafka_once import apache_kafka
 from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.references import TINY
-from worker.embedded_broker import EmbeddedBroker
+from tests.tcp_proxy import TcpProxy
+from worker.embedded_broker import EmbeddedBroker, free_port
 from worker.offsets import OffsetTracker
 from worker.transactions import HeldAnswers, transactional_id
 
 TP = TopicPartition("inference.text.requests", 0)
 EXACTLY_ONCE = ("--delivery", "exactly-once")
 START_TIMEOUT_S = 90.0
+#: A network cut longer than the session timeout (3 s) and the publish retry bound (5 s).
+OUTAGE_S = 7.0
 
 
 # --- the run logic, alone -------------------------------------------------------------------
@@ -146,7 +151,7 @@ def eos_workers(apache_bootstrap: str, bert_only: Path, tmp_path: Path) -> Itera
     print(launcher.log_tails())
 
 
-def start_eos(workers: WorkerLauncher, stream: Stream, name: str) -> WorkerProcess:
+def start_eos(workers: WorkerLauncher, stream: Stream, name: str, *flags: str) -> WorkerProcess:
     return workers.start(
         name,
         stream.group_id,
@@ -155,6 +160,7 @@ def start_eos(workers: WorkerLauncher, stream: Stream, name: str) -> WorkerProce
         *EXACTLY_ONCE,
         "--max-batch-size",
         "8",
+        *flags,
         verbose=True,
     )
 
@@ -267,6 +273,49 @@ async def test_a_frozen_worker_that_lost_its_partitions_commits_nothing_for_them
     assert_exactly_once(stream)
     assert await stream.committed() == stream.committed_end()
     print(f"the zombie logged {zombie.count('fenced')} fenced transactions")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_a_network_cut_mid_stream_answers_each_request_once(
+    bert_only: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker of this test's own behind a TcpProxy that it advertises: cutting the proxy cuts every
+    # client (the worker's consumer and its transactional producers, the test's own) off the broker.
+    caplog.set_level(logging.CRITICAL, logger="aiokafka")  # a reconnect error per attempt: noise here
+    broker_port = free_port()
+    async with TcpProxy(broker_port) as proxy:
+        with apache_kafka(port=broker_port, advertised_port=proxy.port) as bootstrap:
+            stream = Stream(bootstrap, isolation_level="read_committed")
+            await stream.start()
+            launcher = WorkerLauncher(bootstrap, bert_only, tmp_path)
+            try:
+                worker = start_eos(launcher, stream, "survivor", "--publish-retry-s", "5")
+                async with stream.steadily(10) as sent:
+                    await wait_until(
+                        lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 replies", [worker]
+                    )
+                    reset = proxy.cut()
+                    await asyncio.sleep(OUTAGE_S)  # the outage itself: a duration, not a wait for an event
+                    proxy.restore()
+                    after = len(sent)
+                    await wait_until(
+                        lambda: len(sent) >= after + 200 and stream.answered(sent[after:]) >= 200,
+                        START_TIMEOUT_S,
+                        "200 replies to requests sent after the cut",
+                        [worker],
+                    )
+                await stream.wait_answered(sent, 90, [worker])
+                await stop(worker)
+                await stream.settle(60)
+                committed = await stream.committed()
+            finally:
+                launcher.kill_all()
+                print(launcher.log_tails())
+                await stream.stop()
+    assert reset > 0, "the cut reset no connection: the traffic did not go through the proxy"
+    assert_exactly_once(stream)
+    assert committed == stream.committed_end()
 
 
 @pytest.mark.kafka

@@ -200,14 +200,21 @@ class Transactions:
         """One transaction: begin, deliver each answer (re-route, shrink, DLQ copy), the offsets, commit."""
         delivery = copy.copy(self.delivery)
         delivery.publish_record = functools.partial(_send, producer)
-        async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
-            await producer.begin_transaction()
-            outcomes = await asyncio.gather(*(delivery.deliver(r) for _, r in run), return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            await producer.send_offsets_to_transaction({tp: run[-1][0] + 1}, self.settings.group_id)
-            await producer.commit_transaction()
+        try:
+            async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
+                await producer.begin_transaction()
+                outcomes = await asyncio.gather(
+                    *(delivery.deliver(r) for _, r in run), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                await producer.send_offsets_to_transaction({tp: run[-1][0] + 1}, self.settings.group_id)
+                await producer.commit_transaction()
+        finally:
+            # /readyz reads the worker's delivery: publishing failing for long turns it not ready, as in
+            # at-least-once.
+            self.delivery.failing_since = delivery.failing_since
         log.debug("%s: committed offsets %d-%d in one transaction", tp, run[0][0], run[-1][0])
 
     async def _failed(
