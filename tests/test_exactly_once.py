@@ -277,8 +277,20 @@ async def test_a_frozen_worker_that_lost_its_partitions_commits_nothing_for_them
 
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("outage_s", "flags"),
+    [
+        # Past the session timeout: the group rebalances once the cut ends; transactions wait it out.
+        pytest.param(OUTAGE_S, ("--publish-retry-s", "5"), id="past-the-session"),
+        # Past the bound of a transaction (publish_retry_s + 15 s) but within the session: transactions are
+        # abandoned, their producers replaced once the broker answers, no rebalance to help.
+        pytest.param(
+            20.0, ("--publish-retry-s", "1", "--session-timeout-ms", "60000"), id="past-the-transaction"
+        ),
+    ],
+)
 async def test_a_network_cut_mid_stream_answers_each_request_once(
-    bert_only: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    bert_only: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, outage_s: float, flags: tuple[str, ...]
 ) -> None:
     # A broker of this test's own behind a TcpProxy that it advertises: cutting the proxy cuts every
     # client (the worker's consumer and its transactional producers, the test's own) off the broker.
@@ -290,13 +302,13 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
             await stream.start()
             launcher = WorkerLauncher(bootstrap, bert_only, tmp_path)
             try:
-                worker = start_eos(launcher, stream, "survivor", "--publish-retry-s", "5")
+                worker = start_eos(launcher, stream, "survivor", *flags)
                 async with stream.steadily(10) as sent:
                     await wait_until(
                         lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 replies", [worker]
                     )
                     reset = proxy.cut()
-                    await asyncio.sleep(OUTAGE_S)  # the outage itself: a duration, not a wait for an event
+                    await asyncio.sleep(outage_s)  # the outage itself: a duration, not a wait for an event
                     proxy.restore()
                     after = len(sent)
                     await wait_until(

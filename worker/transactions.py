@@ -135,6 +135,8 @@ class Transactions:
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         #: one transaction at a time per partition; waiting answers join the next one
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        #: partitions whose producer broke, each with the task that opens a new one
+        self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
 
     def _producer(self, transactional: str) -> AIOKafkaProducer:
         s = self.settings
@@ -239,10 +241,34 @@ class Transactions:
                 log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
                 self._producers.pop(tp, None)
                 await _stop(producer)
-                if await self._still_owned(tp):
-                    with contextlib.suppress(Exception):
-                        await self._open(tp)
+                self._replace_later(tp)
         self.redeliver(tp, first, exc)
+
+    def _replace_later(self, tp: TopicPartition) -> None:
+        """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
+        if tp in self._replacing:
+            return
+        task = asyncio.create_task(self._replace(tp), name=f"replace-producer:{tp.topic}:{tp.partition}")
+        self._replacing[tp] = task
+        task.add_done_callback(
+            lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
+        )
+
+    async def _replace(self, tp: TopicPartition) -> None:
+        """Until a new producer is open (then publish what waited) or the partition is no longer ours."""
+        delay = 0.5
+        while self.consumer is not None and tp in self.consumer.assignment():
+            if await self._still_owned(tp):
+                try:
+                    await self._open(tp)
+                except Exception as exc:
+                    log.warning("%s: opening a new transactional producer failed (%r)", tp, exc)
+                else:
+                    log.info("%s: a new transactional producer took over", tp)
+                    await self._flush(tp)
+                    return
+            await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
+            delay = min(delay * 2, 10.0)
 
     async def _still_owned(self, tp: TopicPartition) -> bool:
         """Whether the group still gives ``tp`` to this worker, asked before its id is initialised anew.
@@ -306,6 +332,10 @@ class Transactions:
         """Let a transaction in progress end (bounded), drop held answers, close the partitions' producers."""
 
         async def close(tp: TopicPartition) -> None:
+            replacing = self._replacing.pop(tp, None)
+            if replacing is not None:
+                replacing.cancel()
+                await asyncio.gather(replacing, return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
                     async with self._locks.setdefault(tp, asyncio.Lock()):
@@ -319,6 +349,10 @@ class Transactions:
 
     async def close(self) -> None:
         """Close every producer (bounded): what was not committed is read again by the next owner."""
+        replacing, self._replacing = list(self._replacing.values()), {}
+        for task in replacing:
+            task.cancel()
+        await asyncio.gather(*replacing, return_exceptions=True)
         producers, self._producers = list(self._producers.values()), {}
         await asyncio.gather(*(_stop(p) for p in producers))
 
