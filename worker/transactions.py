@@ -236,39 +236,52 @@ class Transactions:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await producer.abort_transaction()
             except Exception as abort_exc:
-                # The producer cannot go on (a fatal error, or a transaction never begun); a new one takes its
-                # place if the partition is still ours. Its InitProducerId aborts what the old one left open.
+                # The producer cannot go on (a fatal error, or a commit cut short: the transaction may have
+                # committed). A new one takes its place while the partition is ours; its InitProducerId
+                # ends what the old one left (commits or aborts it), and then the committed offset says
+                # where to read again.
                 log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
                 self._producers.pop(tp, None)
                 await _stop(producer)
-                self._replace_later(tp)
+                self._replace_later(tp, exc)
         self.redeliver(tp, first, exc)
 
-    def _replace_later(self, tp: TopicPartition) -> None:
+    def _replace_later(self, tp: TopicPartition, why: BaseException) -> None:
         """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
         if tp in self._replacing:
             return
-        task = asyncio.create_task(self._replace(tp), name=f"replace-producer:{tp.topic}:{tp.partition}")
+        task = asyncio.create_task(self._replace(tp, why), name=f"replace-producer:{tp.topic}:{tp.partition}")
         self._replacing[tp] = task
         task.add_done_callback(
             lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
         )
 
-    async def _replace(self, tp: TopicPartition) -> None:
-        """Until a new producer is open (then publish what waited) or the partition is no longer ours."""
+    async def _replace(self, tp: TopicPartition, why: BaseException) -> None:
+        """Until a new producer is open and the partition read from its committed offset (then publish what
+        waited), or the partition is no longer ours."""
         delay = 0.5
-        while self.consumer is not None and tp in self.consumer.assignment():
+        while (consumer := self.consumer) is not None and tp in consumer.assignment():
             if await self._still_owned(tp):
                 try:
                     await self._open(tp)
+                    committed = await consumer.committed(tp)
                 except Exception as exc:
                     log.warning("%s: opening a new transactional producer failed (%r)", tp, exc)
                 else:
-                    log.info("%s: a new transactional producer took over", tp)
+                    log.info("%s: a new transactional producer took over at offset %s", tp, committed)
+                    self._read_from(tp, committed, why)
                     await self._flush(tp)
                     return
             await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
             delay = min(delay * 2, 10.0)
+
+    def _read_from(self, tp: TopicPartition, committed: int | None, why: BaseException) -> None:
+        """After a transaction of unknown outcome: what it committed is answered, the rest is read again."""
+        if committed is None:
+            return  # nothing ever committed: the failed run is read again already
+        for offset in [o for o in self.tracker.unanswered(tp) if o < committed]:
+            self.tracker.done(tp, offset)  # answered by the transaction whose commit the failure hid
+        self.redeliver(tp, committed, why)
 
     async def _still_owned(self, tp: TopicPartition) -> bool:
         """Whether the group still gives ``tp`` to this worker, asked before its id is initialised anew.
@@ -276,7 +289,8 @@ class Transactions:
         The consumer's own view may be stale (a worker cut off from the group past its session), and
         initialising the id would then fence the partition's real owner. Committing the partition's
         committed offset again changes nothing, but passes the group's generation check only for the
-        current owner (TxnOffsetCommit v0 has no such check). Without a committed offset: not re-opened.
+        current owner (TxnOffsetCommit v0 has no such check). With none committed yet, its first offset
+        is: reading from there is what the group does without a committed offset (auto_offset_reset).
         """
         consumer = self.consumer
         if consumer is None or tp not in consumer.assignment():
@@ -284,7 +298,7 @@ class Transactions:
         try:
             committed = await consumer.committed(tp)
             if committed is None:
-                return False
+                committed = (await consumer.beginning_offsets([tp]))[tp]
             await consumer.commit({tp: committed})
         except (KafkaError, AssertionError) as exc:
             log.warning("%s: not re-opened, the group may have moved it (%r)", tp, exc)
