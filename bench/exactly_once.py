@@ -93,7 +93,7 @@ class Run:
     def __post_init__(self) -> None:
         self.group = f"{self.prefix}-group"
         self.requests = requests_topic("text", self.prefix)
-        self.replies = f"{self.prefix}.replies"
+        self.replies = f"{self.prefix}.replies.eos"  # the default reply_to_pattern: <prefix>.replies.*
         self.committed = Reader(self.bootstrap, self.replies, "read_committed")
         self.uncommitted = Reader(self.bootstrap, self.replies, "read_uncommitted")
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
