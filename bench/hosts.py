@@ -157,6 +157,8 @@ class Host:
             "heartbeat_interval_ms": HEARTBEAT_MS,
             "log_level": "WARNING",
             "provider": "cpu",
+            # The load client's private reply topics (bench.load), opened as an operator would.
+            "reply_to_pattern": r"bench-replies-[0-9a-f]+",
             **point.settings,
         }
         command = {"cmd": "serve", "settings": settings}

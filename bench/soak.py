@@ -84,7 +84,7 @@ class Run:
     @property
     def reply_topic(self) -> str:
         """Where every request asks for its reply (reply_to)."""
-        return f"{self.prefix}.replies"
+        return f"{self.prefix}.replies.soak"
 
     @property
     def topics(self) -> list[str]:

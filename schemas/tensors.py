@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Final
@@ -76,6 +77,19 @@ def _flatten(value: Any) -> Any:
     return flat
 
 
+#: The largest finite value of each float type: a number beyond it would become infinite when cast.
+_FLOAT_LIMITS: Final[dict[Datatype, float]] = {
+    Datatype.FP16: 65504.0,
+    Datatype.FP32: 3.4028234663852886e38,
+    Datatype.FP64: sys.float_info.max,
+}
+
+
+def _finite(data: list[float | int]) -> bool:
+    """No NaN, no infinity: a finite sum proves it at once; only a sum that overflowed is looked into."""
+    return math.isfinite(sum(data)) or not any(x != x or abs(x) == math.inf for x in data)
+
+
 def _check_elements(datatype: Datatype, data: list[Any]) -> None:
     if datatype is Datatype.BOOL:
         ok = all(type(x) is bool for x in data)
@@ -84,6 +98,15 @@ def _check_elements(datatype: Datatype, data: list[Any]) -> None:
         ok = all(type(x) is int for x in data) and (not data or low <= min(data) <= max(data) <= high)
     else:
         ok = all(type(x) is float or type(x) is int for x in data)
+        # NaN and infinities (JSON's NaN/Infinity, or 1e999) poison every score they touch, and a
+        # number too large for the type becomes one when cast: both are refused here, typed.
+        limit = _FLOAT_LIMITS[datatype]
+        if ok and data and not (_finite(data) and -limit <= min(data) and max(data) <= limit):
+            raise PydanticCustomError(
+                "invalid_tensor",
+                "data holds NaN, infinite or out-of-range values for {datatype}",
+                {"datatype": datatype.value},
+            )
     if not ok:
         raise PydanticCustomError(
             "invalid_tensor",

@@ -1,4 +1,4 @@
-"""Helpers for tests that talk to a real broker: wire inputs of the stored samples, raw topics.
+"""Helpers for tests that talk to a real broker: wire inputs of the stored samples, raw topics, hand-built batches.
 
 The stored samples (tests/references.py) name files; requests carry them as base64. A
 ``TopicReader`` reads whole topics from the beginning without a consumer group (no join
@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from aiokafka.record.util import calc_crc32c
 
 # The request builders live in bench/samples.py (the soak run builds its stream with them too).
 from bench.samples import b64 as b64
@@ -27,6 +32,7 @@ from tests.references import TINY
 from worker.app import Worker
 from worker.registry import ServedModel, load_models
 from worker.settings import Settings
+from worker.tracing import Tracing
 
 Record = ConsumerRecord[bytes, bytes]
 
@@ -154,8 +160,13 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  
 
 
 @contextlib.asynccontextmanager
-async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
-    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
+async def serving(
+    bootstrap: str, models: Mapping[str, ServedModel], *, spans: Tracing | None = None, **knobs: Any
+) -> AsyncIterator[Worker]:
+    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after.
+
+    ``spans``: where its spans go (tests of tracing); ``knobs``: settings.
+    """
     prefix = f"kw{uuid.uuid4().hex[:12]}"
     settings = Settings(
         bootstrap_servers=bootstrap,
@@ -166,7 +177,7 @@ async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: An
         drain_timeout_s=10,
         **knobs,
     )
-    worker = Worker(settings, models)
+    worker = Worker(settings, models, spans)
     await worker.start()
     try:
         await until(lambda: worker.ready)
@@ -181,3 +192,55 @@ def tiny_models(folder: Path, *names: str) -> dict[str, ServedModel]:
     for name in names:
         (folder / name).symlink_to(TINY / name, target_is_directory=True)
     return load_models(folder)
+
+
+# --- record batches built by hand, sent as a producer sends them ------------------------------
+
+
+def build_batch(entries: list[tuple[bytes, list[tuple[str, bytes | None]]]], codec: int = 0) -> bytearray:
+    """One record batch as a producer sends it (aiokafka's pure-Python builder writes any header name)."""
+    builder = _DefaultRecordBatchBuilderPy(
+        magic=2,
+        compression_type=codec,
+        is_transactional=False,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for offset_delta, (value, headers) in enumerate(entries):
+        builder.append(offset_delta, timestamp=None, key=None, value=value, headers=headers)
+    return builder.build()
+
+
+def spoil_compressed(batch: bytearray) -> bytes:
+    """The batch with the middle half of its compressed records flipped and its CRC-32C computed again.
+
+    A producer computes the CRC over what it sends, so a batch that does not inflate still has a valid
+    one. The v2 batch header (Kafka's protocol guide): CRC at bytes 17-20, covering byte 21 (attributes)
+    on; the records start at byte 61. (Eight flipped bytes were not enough: zstd inflated them unnoticed.)
+    """
+    spoilt = bytearray(batch)
+    size = len(spoilt) - 61
+    for i in range(61 + size // 4, 61 + 3 * size // 4):
+        spoilt[i] ^= 0x5A
+    struct.pack_into(">I", spoilt, 17, calc_crc32c(bytes(spoilt[21:])))
+    return bytes(spoilt)
+
+
+async def produce_batch(bootstrap: str, tp: TopicPartition, batch: bytes) -> int:
+    """Send one prebuilt batch to the partition's leader as a raw ProduceRequest; returns its base offset."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        client.add_topic(tp.topic)
+        await client.force_metadata_update()
+        leader = client.cluster.leader_for_partition(tp)
+        response = await client.send(
+            leader, ProduceRequest(None, -1, 10_000, [(tp.topic, [(tp.partition, batch)])])
+        )
+        [(_, [(_, error_code, base_offset, *_)])] = response.topics
+        assert error_code == 0, error_code
+        return int(base_offset)
+    finally:
+        await client.close()

@@ -7,9 +7,13 @@ and every expected value (a 440 Hz tone, frame i painted grey level 4*i) is know
 from __future__ import annotations
 
 import io
+import struct
+import zlib
+from fractions import Fraction
 
 import av
 import numpy as np
+from PIL import Image
 
 TONE_HZ = 440.0
 TONE_AMPLITUDE = 0.5
@@ -107,3 +111,123 @@ def audio_read_directly(data: bytes) -> tuple[np.ndarray, int]:
         rate = int(stream.rate)
     # mp3float decodes to planar float: one row per channel.
     return np.concatenate(chunks, axis=1).mean(axis=0), rate
+
+
+# --- hostile files (issue 24): small messages that decode into something huge ---------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def zeros_zlib(size: int, block: int = 1 << 20) -> bytes:
+    """A zlib stream of ``size`` zero bytes, built in milliseconds for gigabytes.
+
+    One block compressed after a full flush gives the same bytes every time, so it is repeated;
+    the Adler-32 of n zeros is a = 1, b = n mod 65521.
+    """
+    if size <= block:
+        return zlib.compress(b"\x00" * size)
+    compressor = zlib.compressobj(9)
+    head = compressor.compress(b"\x00" * block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(b"\x00" * block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    count, rest = divmod(size, block)
+    body = (
+        head + again * (count - 1) + compressor.compress(b"\x00" * rest) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    )
+    return body + b"\x03\x00" + struct.pack(">I", ((size % 65521) << 16) | 1)  # final empty block, Adler-32
+
+
+def black_png(width: int, height: int, depth: int = 8) -> bytes:
+    """An RGB PNG of ``depth`` bits per channel, all black: under 1 MB for 12000x12000 at 16 bits (864 MB decoded)."""
+    header = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)
+    rows = zeros_zlib(height * (1 + width * 3 * depth // 8))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", rows)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO whose one entry is ``png``; its directory holds one byte per side (0: 256 or more)."""
+    width, height = struct.unpack_from(">II", png, 16)
+    entry = struct.pack(
+        "<BBBBHHII", width if width < 256 else 0, height if height < 256 else 0, 0, 0, 1, 32, len(png), 6 + 16
+    )
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def png_mov(pngs: list[bytes], size: tuple[int, int]) -> bytes:
+    """A MOV of PNG frames (one a second) whose header declares ``size``; each frame may say otherwise."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mov") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height = size
+        stream.pix_fmt = "rgb48be"
+        for index, data in enumerate(pngs):
+            packet = av.Packet(data)
+            packet.pts = packet.dts = index
+            packet.time_base, packet.stream = Fraction(1, 1), stream
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def progressive_jpeg(size: int, scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``scans`` times: libjpeg warns and decodes each again."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 200)).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * scans + b"\xff\xd9"
+
+
+def vorbis_claiming(seconds: int, claimed_rate: int, rate: int = 8000) -> bytes:
+    """Stereo Vorbis in Matroska, ``seconds`` of a tone at ``rate``, its identification header saying ``claimed_rate``."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("vorbis", rate=rate, layout="stereo")
+        stream.codec_context.options = _ENCODER_OPTIONS["vorbis"]
+        wave = tone(rate, 2, seconds)
+        for start in range(0, wave.shape[1], rate * 10):
+            frame = av.AudioFrame.from_ndarray(
+                wave[:, start : start + rate * 10].copy(), format="fltp", layout="stereo"
+            )
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = bytearray(buffer.getvalue())
+    rate_at = data.index(b"\x01vorbis") + 12  # after the packet type, "vorbis", version and channel count
+    data[rate_at : rate_at + 4] = struct.pack("<I", claimed_rate)
+    return bytes(data)
+
+
+def _vp8_packets(size: tuple[int, int], frames: int) -> list[av.Packet]:
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height = size  # type: ignore[attr-defined]
+    encoder.pix_fmt, encoder.time_base = "yuv420p", Fraction(1, CLIP_FPS)  # type: ignore[attr-defined]
+    packets: list[av.Packet] = []
+    for index in range(frames):
+        frame = av.VideoFrame.from_ndarray(frame_pixels(index, size), format="rgb24").reformat(
+            format="yuv420p"
+        )
+        frame.pts = index
+        packets += encoder.encode(frame)  # type: ignore[attr-defined]
+    return packets + encoder.encode(None)  # type: ignore[attr-defined]
+
+
+def webm_growing(first: tuple[int, int], later: tuple[int, int], frames: int = 2) -> bytes:
+    """A VP8 WebM whose header says ``first``; after ``frames`` frames a keyframe of size ``later`` follows."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=CLIP_FPS)
+        stream.width, stream.height = first
+        stream.pix_fmt = "yuv420p"
+        for index, packet in enumerate(_vp8_packets(first, frames) + _vp8_packets(later, frames)):
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            packet.time_base = Fraction(1, CLIP_FPS)
+            container.mux(packet)
+    return buffer.getvalue()

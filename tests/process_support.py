@@ -43,7 +43,7 @@ class Stream:
     def __post_init__(self) -> None:
         self.group_id = f"{self.prefix}-group"
         self.requests_topic = requests_topic("text", self.prefix)
-        self.reply_topic = f"{self.prefix}.replies"
+        self.reply_topic = f"{self.prefix}.replies.stream"
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None

@@ -62,6 +62,31 @@ def test_a_bucket_can_hold_fewer_than_max_batch_size() -> None:
     assert queue.pop_ready(now=1.0) == ("long", [2])
 
 
+def test_an_item_of_several_rows_counts_each_against_the_batch_size() -> None:
+    # Issue 24: zero-shot requests (a text row per candidate label) counted one each, so 32 requests with
+    # 64 labels made one batch of 2,048 text rows. Rows now fill the batch, hand-counted here.
+    queue: BatchQueue[str, str] = BatchQueue(max_batch_size=8, max_wait=1.0)
+    queue.add("k", "three", now=0.0, rows=3)
+    queue.add("k", "three more", now=0.0, rows=3)
+    assert queue.pop_ready(now=0.0) is None, "6 rows of 8"
+    queue.add("k", "the ninth row", now=0.0, rows=3)
+    assert queue.pop_ready(now=0.0) == ("k", ["three", "three more"]), "9 rows: the first 6 fit"
+    queue.add("k", "twenty", now=0.0, rows=20)
+    assert queue.pop_ready(now=0.0) == ("k", ["the ninth row"]), "20 more rows do not fit beside 3"
+    assert queue.pop_ready(now=0.0) == ("k", ["twenty"]), "larger than a batch: alone (the engine splits it)"
+    assert len(queue) == 0
+
+
+def test_like_lengths_fill_a_batch_by_rows() -> None:
+    lengths = {"a": 10, "b": 30, "c": 11, "d": 12, "e": 29}
+    queue: BatchQueue[str, str] = BatchQueue(max_batch_size=4, max_wait=1.0, length_of=lengths.__getitem__)
+    for item, rows in (("a", 1), ("b", 1), ("c", 3), ("d", 1), ("e", 1)):
+        queue.add("k", item, now=0.0, rows=rows)
+    # The oldest (a, 10 tokens) and the nearest lengths that fit 4 rows: c (11) is 3 rows, so d (12) waits.
+    assert queue.pop_ready(now=0.0) == ("k", ["a", "c"])
+    assert queue.pop_ready(now=0.0, flush=True) == ("k", ["b", "d", "e"])
+
+
 def _by_length(max_tokens: int) -> BatchQueue[int, str]:
     """Keys are token lengths; each batch keeps within max_tokens (rows x length)."""
     return BatchQueue(

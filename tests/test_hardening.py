@@ -10,6 +10,7 @@ import re
 import struct
 import wave
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -179,13 +180,15 @@ def test_audio_decoder_answers_garbage_with_typed_errors(tail: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def intake() -> Intake:
-    """The worker's intake on its own: pure, no broker needed."""
+def intake() -> Iterator[Intake]:
+    """The worker's intake on its own (media decoded in its decoder processes): no broker needed."""
     names = ("bert", "vit", "wav2vec2", "videomae", "clip")
     models: dict[str, ServedModel] = {name: load_model(TINY / name) for name in names}
     settings = Settings(bootstrap_servers="127.0.0.1:9", max_text_chars=2_000)
     topics = {f"inference.{m.value}.requests": m for m in Modality}
-    return Intake(settings, models, topics, ReplyPolicy("inference", re.compile(".*")), WorkerMetrics())
+    intake = Intake(settings, models, topics, ReplyPolicy("inference", re.compile(".*")), WorkerMetrics())
+    yield intake
+    intake.close()
 
 
 _MP3 = encode_audio("mp3", 44_100, 2, seconds=0.2)

@@ -45,9 +45,13 @@ async def topic_names(bootstrap: str) -> set[str]:
 
 
 def refused_cases(prefix: str) -> dict[str, str]:
-    """reply_to -> the refusal expected: the four rows of the issue, plus names that cannot be topics."""
+    """reply_to -> the refusal expected: the four rows of the issue, other applications' topics under
+    the default pattern, plus names that cannot be topics."""
     return {
-        f"payments-{uuid.uuid4().hex[:8]}.events": "missing_topic",
+        f"{prefix}.replies.{uuid.uuid4().hex[:8]}": "missing_topic",
+        # Issue 24: outside <prefix>.replies. by default (reply_to_pattern unset).
+        "payments.events": "not_allowed",
+        "_schemas": "not_allowed",
         dlq_topic(prefix): "reserved_topic",
         results_topic("vision", prefix): "reserved_topic",
         requests_topic("audio", prefix): "reserved_topic",

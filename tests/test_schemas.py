@@ -264,6 +264,23 @@ def test_inconsistent_tensors_are_invalid_requests(tensor: dict[str, Any]) -> No
     assert rejected(raw([tensor])).code is ErrorCode.INVALID_REQUEST
 
 
+@pytest.mark.parametrize(
+    ("datatype", "value"),
+    [
+        ("FP32", float("nan")),
+        ("FP32", float("inf")),
+        ("FP64", float("-inf")),
+        ("FP16", 65520.0),
+        ("FP32", 1e39),
+    ],
+)
+def test_nan_infinite_and_out_of_range_floats_are_invalid_requests(datatype: str, value: float) -> None:
+    # Issue 24: JSON's NaN/Infinity (json.dumps writes them) were accepted; 65520 is infinite as FP16.
+    tensor = {"name": "pixel_values", "shape": [2], "datatype": datatype, "data": [0.5, value]}
+    error = rejected(raw([tensor]), Modality.VISION)
+    assert error.code is ErrorCode.INVALID_REQUEST and "NaN" in error.message
+
+
 def test_a_huge_tensor_is_payload_too_large_before_its_data_is_read() -> None:
     tensor = {"name": "x", "shape": [MAX_TENSOR_ELEMENTS + 1], "datatype": "FP32", "data": [0.0]}
     assert rejected(raw([tensor])).code is ErrorCode.PAYLOAD_TOO_LARGE

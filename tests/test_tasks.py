@@ -10,6 +10,8 @@ and a video file). These tests need no torch.
 from __future__ import annotations
 
 import functools
+import json
+import time
 from typing import Any
 
 import numpy as np
@@ -159,3 +161,59 @@ def test_heads_that_need_the_request_refuse_raw_tensors(name: str) -> None:
         tensors["token_type_ids"] = ids
     with pytest.raises(InvalidRequest, match="raw tensors"):
         served(name).model.infer([TensorInput(tensors)])
+
+
+def _distinct_words(count: int) -> list[str]:
+    """``count`` different whole words of bert-qa's own vocabulary (one token each), in a fixed order."""
+    vocab = (TINY / "bert-qa" / "vocab.txt").read_text(encoding="utf-8").split()
+    words = [word for word in vocab if word.isalpha() and word.islower() and len(word) > 3]
+    return words[100 : 100 + count]
+
+
+def test_every_word_span_is_an_answer_when_top_k_and_max_answer_len_allow_all() -> None:
+    # 30 different words: the context's spans are its 30 * 31 / 2 runs of whole words, each once.
+    words = _distinct_words(30)
+    context = " ".join(words)
+    answers = served("bert-qa")(question="which word?", context=context, top_k=10_000, max_answer_len=10_000)
+    expected = {" ".join(words[i:j]) for i in range(30) for j in range(i + 1, 31)}
+    assert len(answers) == 465 and {answer["answer"] for answer in answers} == expected
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+
+
+def test_a_million_top_k_and_max_answer_len_answer_quickly() -> None:
+    # Issue 24: a 110-word context with both at 1,000,000 took 3.5-4.2 s of quadratic Python (bab00a3).
+    qa = served("bert-qa")
+    context = " ".join(_distinct_words(110))
+    qa(question="which word?", context=context)  # warm: the session's first run is not the head's cost
+    started = time.perf_counter()
+    answers = qa(question="which word?", context=context, top_k=1_000_000, max_answer_len=1_000_000)
+    assert time.perf_counter() - started < 1.0
+    # The context is cut to the model's 128 tokens: every run of the words that fit, and no more.
+    kept = {word for answer in answers for word in answer["answer"].split()}
+    assert len(answers) == len(kept) * (len(kept) + 1) // 2
+
+
+def _bert_tensors(**arrays: Any) -> TensorInput:
+    """bert's three inputs, eight tokens (its shortest bucket), with ``arrays`` replacing some of them."""
+    ids = np.array([[2, 10, 11, 12, 13, 14, 15, 3]], dtype=np.int64)
+    tensors = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return TensorInput({**tensors, **arrays})
+
+
+def test_raw_tensors_hold_values_the_model_accepts() -> None:
+    # Issue 24: float64 data was cast to int64 ids, and ids were not range-checked.
+    bert = served("bert").model
+    vocab = json.loads((TINY / "bert" / "config.json").read_text())["vocab_size"]
+    ids = np.array([[2, 5, vocab - 1, 6, 7, 8, 9, 3]], dtype=np.int64)
+    assert bert.infer([_bert_tensors(input_ids=ids)]), "ids up to vocab_size - 1 run"
+    refusals = {
+        "unsafe cast": _bert_tensors(input_ids=ids.astype(np.float64)),
+        "id past the vocabulary": _bert_tensors(input_ids=np.array([[2, vocab, 5, 6, 7, 8, 9, 3]])),
+        "negative id": _bert_tensors(input_ids=np.array([[2, -1, 5, 6, 7, 8, 9, 3]])),
+        "token type 2": _bert_tensors(token_type_ids=np.array([[0, 0, 2, 0, 0, 0, 0, 0]])),
+        "mask of 3": _bert_tensors(attention_mask=np.array([[1, 1, 3, 1, 1, 1, 1, 1]])),
+    }
+    for why, tensors in refusals.items():
+        with pytest.raises(InvalidRequest):
+            bert.infer([tensors])
+            pytest.fail(f"{why} was accepted")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -214,7 +215,7 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
 ) -> None:
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
-        custom = f"{prefix}.my-replies"
+        custom = f"{prefix}.replies.mine"  # the default reply_to_pattern: <prefix>.replies.*
         await create_topics(kafka_bootstrap, [custom])
         text = {"text": "hello there"}
         async with (
@@ -261,7 +262,7 @@ async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_to
     raises what aiokafka raises for a topic it cannot get, as tansu auto-creates every legal name)."""
     async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
         prefix = prefix_of(worker)
-        refused = f"{prefix}.refused-replies"
+        refused = f"{prefix}.replies.refused"
         await create_topics(kafka_bootstrap, [refused], 1)  # it exists: only the broker's write refuses
         publish = worker.broker.publish
         refusals: list[str] = []
@@ -611,7 +612,7 @@ async def test_every_request_gets_exactly_one_reply(kafka_bootstrap: str, models
     count = 50
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
-        reply_topic = f"{prefix}.my-replies"
+        reply_topic = f"{prefix}.replies.mine"
         await create_topics(kafka_bootstrap, [reply_topic])
         stream = [mixed_request(i) for i in range(count)]
         async with (
@@ -751,7 +752,7 @@ async def test_after_drain_every_answered_offset_is_committed(kafka_bootstrap: s
     async with serving(kafka_bootstrap, models) as worker:
         prefix = prefix_of(worker)
         group = worker.settings.group_id
-        reply_topic = f"{prefix}.my-replies"
+        reply_topic = f"{prefix}.replies.mine"
         await create_topics(kafka_bootstrap, [reply_topic])
         stream = [mixed_request(i) for i in range(count)]
         async with (
@@ -843,3 +844,52 @@ async def test_every_task_answers_through_kafka_as_transformers_pipeline_does(
         tasks.add(reply["task"])
         assert_pipeline_equal(reply["outputs"], call.outputs, tolerance, where=name)
     assert len(tasks) == 8, f"every task once: {sorted(tasks)}"
+
+
+# --- intake ------------------------------------------------------------------------------
+
+
+async def test_a_slow_preparation_holds_up_no_other_request(
+    kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected: one image request's preparation blocks until released (a decoder stuck on hostile media;
+    issue 24 measured text requests waiting 18.7 s behind such a fetch round). The text requests sent after
+    it are answered meanwhile, and the stuck one is answered payload_too_large at prepare_timeout_s."""
+    release = threading.Event()
+    async with serving(kafka_bootstrap, models, prepare_timeout_s=4.0) as worker:
+        prefix = prefix_of(worker)
+        original = worker.intake.prepare
+
+        def prepare(origin: Any) -> Any:
+            if b'"id": "slow"' in origin.raw:
+                release.wait(30)
+            return original(origin)
+
+        monkeypatch.setattr(worker.intake, "prepare", prepare)
+        image = wire_inputs(load_samples("vit")[0][0].raw)
+        vision, text, dlq = results_topic("vision", prefix), results_topic("text", prefix), dlq_topic(prefix)
+        try:
+            async with (
+                TopicReader(kafka_bootstrap, vision, text, dlq) as reader,
+                raw_producer(kafka_bootstrap) as producer,
+            ):
+                await producer.send_and_wait(
+                    requests_topic("vision", prefix), request_bytes("slow", "vit", image)
+                )
+                texts = {f"t{i}" for i in range(5)}
+                for request_id in sorted(texts):
+                    await producer.send_and_wait(
+                        requests_topic("text", prefix), request_bytes(request_id, "bert", {"text": "fine"})
+                    )
+                answered = await reader.wait_until(
+                    lambda records: texts <= {body_of(r)["id"] for r in records if r.topic == text}
+                )
+                assert [r for r in answered if r.topic != text] == [], "the slow request was answered first"
+                await reader.wait_until(lambda records: {r.topic for r in records} == {vision, text, dlq})
+        finally:
+            release.set()
+    [reply] = [r for r in reader.records if r.topic == vision]
+    assert body_of(reply)["error"]["code"] == "payload_too_large"
+    assert "prepare_timeout_s" in body_of(reply)["error"]["message"]
+    [copy] = [r for r in reader.records if r.topic == dlq]
+    assert b'"id": "slow"' in copy.value, "the DLQ copy holds the request"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from aiokafka import ConsumerRecord
 
 from schemas import Modality
+from worker.intake import Intake
+from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.routing import Refusal, ReplyPolicy, legal_topic
+from worker.settings import Settings
 
 POLICY = ReplyPolicy("inference", re.compile(r"team-a\.replies\..+"))
 
@@ -93,3 +97,48 @@ def test_a_record_aiokafka_skips_as_too_large_becomes_a_dlq_record_not_a_silent_
     [skipped] = _skipped_as_too_large(error)
     assert (skipped.tp, skipped.offset) == (tp, 41)
     assert _skipped_as_too_large(RecordTooLargeError("no coordinates")) == []
+
+
+def test_by_default_reply_to_may_name_only_the_prefixs_replies_topics() -> None:
+    # Issue 24: the default '.*' let any client make the worker write into any topic it can reach.
+    settings = Settings(topic_prefix="inference")
+    policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
+    assert policy.refusal("inference.replies.3f2a", Modality.TEXT) is None
+    assert policy.refusal("inference.text.results", Modality.TEXT) is None
+    for elsewhere in ("payments.events", "_schemas", "connect-offsets", "app-changelog", "inference.replies"):
+        assert policy.refusal(elsewhere, Modality.TEXT) is Refusal.NOT_ALLOWED, elsewhere
+    assert policy.refusal("inferenceXreplies.a", Modality.TEXT) is Refusal.NOT_ALLOWED, (
+        "the prefix is literal"
+    )
+    opened = Settings(topic_prefix="inference", reply_to_pattern=r"team-a\.replies\..+")
+    assert opened.reply_to_pattern == r"team-a\.replies\..+", "an operator's pattern replaces the default"
+
+
+def _record(key: bytes | None, headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("inference.text.requests", 0, 7, 1, 0, key, b"{}", None, 0, 2, headers)
+
+
+def test_the_record_key_is_held_to_max_header_bytes_like_the_correlation_id_header() -> None:
+    settings = Settings(topic_prefix="inference", max_header_bytes=64)
+    intake = Intake(
+        settings, {}, {"inference.text.requests": Modality.TEXT}, ReplyPolicy("inference", re.compile("")),
+        WorkerMetrics(),
+    )  # fmt: skip
+    long_key = intake.origin(_record(b"k" * 65, []))
+    assert long_key.rejected is not None and "record key" in long_key.rejected
+    assert long_key.correlation_id == "inference.text.requests:0:7", "the long key is not echoed"
+    fits = intake.origin(_record(b"k" * 64, []))
+    assert fits.rejected is None and fits.correlation_id == "k" * 64
+    # A correlation_id header that fits stands in for the key, which is then never echoed.
+    header = intake.origin(_record(b"k" * 65, [("correlation_id", b"c-1")]))
+    assert header.rejected is None and header.correlation_id == "c-1"
+    long_header = intake.origin(_record(b"key", [("correlation_id", b"c" * 65)]))
+    assert long_header.rejected is not None and "correlation_id header" in long_header.rejected
+    assert long_header.correlation_id == "key"
+
+
+def test_the_worker_process_fixes_glibc_mmap_threshold() -> None:
+    # Without it a flood of large audio grew a worker 406 MiB over idle instead of 168 (worker/allocator.py).
+    from worker.allocator import fix_mmap_threshold
+
+    assert fix_mmap_threshold(), "this Linux/glibc machine has mallopt: the threshold must be set"

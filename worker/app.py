@@ -1,8 +1,8 @@
 """The Kafka worker: a thin lifecycle shell over intake, batching, answers, delivery and flow.
 
 Life of a message: the fetch loop (worker/fetching.py) takes records one partition at a time;
-intake (worker/intake.py) reads each record's coordinates and, in the executor, parses,
-validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
+intake (worker/intake.py) reads each record's coordinates and, on its own threads, one request
+each, parses, validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
 job waits in its model's micro-batcher (worker/batching.py); a model loop runs ready batches in
 the executor (worker/answers.py) and hands one reply per request to delivery
 (worker/delivery.py), which publishes it (acks=all) off the intake path. Only then is the
@@ -36,7 +36,7 @@ from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
 from worker.budget import batch_limit
 from worker.clients import KafkaClients
 from worker.delivery import Delivery, GiveUp
-from worker.envelopes import Outgoing
+from worker.envelopes import Origin, Outgoing
 from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
 from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
@@ -47,6 +47,7 @@ from worker.registry import ServedModel
 from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
 from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.tracing import Tracing, configure
 from worker.transactions import TransactionalRebalance, Transactions
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class _State:
 class Worker:
     """One worker process: one consumer over every modality topic, a batcher and loop per model."""
 
-    def __init__(self, settings: Settings, models: Mapping[str, ServedModel]) -> None:
+    def __init__(
+        self, settings: Settings, models: Mapping[str, ServedModel], tracing: Tracing | None = None
+    ) -> None:
+        """``tracing``: where spans go (default: as ``settings.tracing`` and the ``OTEL_*`` variables say)."""
         if not settings.bootstrap_servers:
             raise ValueError("no Kafka bootstrap servers configured (WORKER_BOOTSTRAP_SERVERS)")
         self.settings = settings
@@ -88,7 +92,8 @@ class Worker:
         self.clients = KafkaClients(settings)
         modality_of = {requests_topic(m, settings.topic_prefix): m for m in self.modalities}
         policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
-        self.intake = Intake(settings, self.models, modality_of, policy, self.metrics)
+        self.tracing = tracing or configure(settings.tracing)
+        self.intake = Intake(settings, self.models, modality_of, policy, self.metrics, self.tracing)
         self.flow = Flow(settings)
         self.delivery = Delivery(
             self.clients.publish,
@@ -107,7 +112,8 @@ class Worker:
                 self.flow.tracker,
                 self.delivery,
                 self.flow.redeliver,
-                self._count,
+                on_published=self._published,
+                on_redelivered=self._redelivered,
                 max_request_size=self.clients.max_request_size,
             )
             if settings.delivery == "exactly-once"
@@ -227,6 +233,7 @@ class Worker:
             await self.transactions.close()
         await self.clients.close(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.intake.close()
         if self.health is not None:
             self.health.stop()
         log.info("worker stopped")
@@ -319,6 +326,12 @@ class Worker:
                 fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
             except ConsumerStoppedError:
                 return
+            except Exception as exc:
+                # No fault may end this loop (a dead fetch task left the worker alive and "ready"):
+                # counted as a failed round, which readiness reads and the backoff below spaces out.
+                log.exception("a fetch round failed; fetching goes on")
+                self.fetcher.round_failed(exc)
+                fetched = Fetched([], [])
             if fetched.empty:
                 if self.fetcher.consecutive_errors:
                     self.metrics.fetch_errors.inc()
@@ -356,19 +369,40 @@ class Worker:
         for bad in fetched.undecodable:
             tracker.track(bad.tp, bad.offset)
             rejected.append(self.intake.undecodable(bad))
-        loop = asyncio.get_running_loop()
-        outcomes = (
-            await loop.run_in_executor(self.executor, self.intake.prepare_all, origins) if origins else []
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, Outgoing):
-                rejected.append(outcome)
-            else:
-                tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
-                self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome)
         if rejected:
             self._spawn(self._publish(rejected))
+        if origins:
+            # Each request goes to its batcher (or is answered) the moment it is prepared; the round
+            # counts as being taken in until its last one is, so a drain waits for them.
+            self._state.fetching_rounds += 1
+            try:
+                handed_on = await self.intake.take_in(origins, self._prepared, self._not_prepared)
+            except BaseException:
+                self._state.fetching_rounds -= 1
+                raise
+            self._spawn(self._round_taken(handed_on))
         self.flow.apply_backpressure()
+
+    def _prepared(self, outcome: Job | Outgoing) -> None:
+        """One request prepared: its bytes counted at once (admission sees them), then queued or answered."""
+        if isinstance(outcome, Outgoing):
+            self._spawn(self._publish([outcome]))
+            return
+        self.tracker.add_bytes(outcome.origin.tp, outcome.origin.offset, outcome.prepared_bytes)
+        self.batchers[outcome.model.name].put(outcome.prepared.shape_key, outcome, outcome.rows)
+        self.flow.apply_backpressure()
+
+    def _not_prepared(self, origin: Origin, why: BaseException) -> None:
+        """A fault of ours while preparing: it costs a redelivery of that record, not the request."""
+        log.error("internal error preparing %s offset %d", origin.tp, origin.offset, exc_info=why)
+        self.flow.redeliver(origin.tp, origin.offset, why)
+
+    async def _round_taken(self, handed_on: asyncio.Future[list[None]]) -> None:
+        try:
+            await handed_on
+        finally:
+            self._state.fetching_rounds -= 1
+            self.flow.progressed()
 
     # --- batches -----------------------------------------------------------------------
 
@@ -416,8 +450,21 @@ class Worker:
         jobs, replies = split_expired(jobs, now)
         if jobs:
             started = time.perf_counter()
+            started_ns = time.time_ns()
+            for job in jobs:
+                self.tracing.stage(job.origin.trace, "queue wait", job.queued_ns, started_ns)
+            span = self.tracing.batch(
+                (job.origin.trace for job in jobs),
+                start_ns=started_ns,
+                attributes={"inference.model": model.name, "inference.batch_size": len(jobs)},
+            )
             run = functools.partial(run_batch, model, jobs, now, self.metrics, key)
-            replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            try:
+                replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            except BaseException as exc:
+                self.tracing.batch_done(span, exc)
+                raise
+            self.tracing.batch_done(span)
             log.debug(
                 "%s: batch of %d in %.1f ms", model.name, len(jobs), (time.perf_counter() - started) * 1e3
             )
@@ -438,22 +485,34 @@ class Worker:
             self.flow.progressed()
             self.flow.apply_backpressure()
             return
+        started_ns = time.time_ns()
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin
             if outcome is None:
                 self.tracker.done(origin.tp, origin.offset)
-                self._count(reply)
+                self._published(reply, started_ns)
             elif isinstance(outcome, Exception):
                 if not isinstance(outcome, GiveUp):
                     log.error("delivering the reply to %s offset %d failed", origin.tp, origin.offset,
                               exc_info=outcome)  # fmt: skip
                 self.flow.redeliver(origin.tp, origin.offset, outcome)
+                self._redelivered(reply)
             else:
                 raise outcome  # CancelledError and friends end the task
         self.flow.progressed()
         await self.flow.commit()
         self.flow.apply_backpressure()
+
+    def _published(self, reply: Outgoing, started_ns: int) -> None:
+        """A reply acknowledged (exactly-once: committed) since ``started_ns``: counted, its trace ended."""
+        self._count(reply)
+        self.tracing.stage(reply.origin.trace, "publish", started_ns)
+        self.tracing.request_done(reply.origin.trace, reply.error.code.value if reply.error else None)
+
+    def _redelivered(self, reply: Outgoing) -> None:
+        """A reply given up on: its request is read again, and traced anew."""
+        self.tracing.request_done(reply.origin.trace, "redelivered")
 
     def _count(self, reply: Outgoing) -> None:
         outcome = "ok" if reply.error is None else reply.error.code.value

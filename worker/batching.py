@@ -2,9 +2,10 @@
 
 ``BatchQueue`` is the pure state (testable with plain numbers for time); ``MicroBatcher``
 is the thin async shell that waits until the queue has a batch ready. A batch is ready
-when its bucket holds ``max_batch_size`` items (or the bucket's own smaller size, see
-``size_of``) or its oldest item has waited ``max_wait`` seconds, whichever comes first; on
-close every queued item is flushed.
+when its bucket holds ``max_batch_size`` rows (or the bucket's own smaller size, see
+``size_of``; an item is one row unless it says more, as a zero-shot request with a row per
+candidate label does) or its oldest item has waited ``max_wait`` seconds, whichever comes
+first; on close every queued item is flushed.
 
 A consumer with room for another batch may take what is queued at once (``get(eager=True)``):
 the batch then holds what arrived together, and batches grow only while the model is busy.
@@ -45,6 +46,8 @@ class _Queued(Generic[T]):
     order: int
     """Arrival number: breaks ties between items queued at the same instant."""
     length: int | None = None
+    #: Rows the item adds to a batch (a zero-shot request: one per candidate label).
+    rows: int = 1
 
 
 class BatchQueue(Generic[K, T]):
@@ -69,6 +72,7 @@ class BatchQueue(Generic[K, T]):
         self._rank_of = rank_of or (lambda key: None)
         self._length_of = length_of or (lambda item: None)
         self._queues: OrderedDict[K, deque[_Queued[T]]] = OrderedDict()
+        self._rows: dict[K, int] = {}
         self._count = 0
         self._arrivals = 0
 
@@ -76,7 +80,8 @@ class BatchQueue(Generic[K, T]):
         return self._count
 
     def batch_size(self, key: K) -> int:
-        """Most items one batch of bucket ``key`` takes: ``max_batch_size``, or less if ``size_of`` says so."""
+        """Most rows one batch of bucket ``key`` takes (an item is one row unless ``add`` says more):
+        ``max_batch_size``, or less if ``size_of`` says so."""
         size = self._sizes.get(key)
         if size is None:
             size = self.max_batch_size
@@ -85,10 +90,11 @@ class BatchQueue(Generic[K, T]):
             self._sizes[key] = size
         return size
 
-    def add(self, key: K, item: T, now: float) -> None:
-        """Queue ``item`` in bucket ``key``."""
-        queued = _Queued(item, now, self._arrivals, self._length_of(item))
+    def add(self, key: K, item: T, now: float, rows: int = 1) -> None:
+        """Queue ``item`` in bucket ``key``; it takes ``rows`` of a batch's size."""
+        queued = _Queued(item, now, self._arrivals, self._length_of(item), max(1, rows))
         self._queues.setdefault(key, deque()).append(queued)
+        self._rows[key] = self._rows.get(key, 0) + queued.rows
         self._arrivals += 1
         self._count += 1
 
@@ -102,7 +108,7 @@ class BatchQueue(Generic[K, T]):
         best_full = False
         for key, queue in self._queues.items():
             head = (queue[0].since, queue[0].order)
-            full = len(queue) >= self.batch_size(key)
+            full = self._rows[key] >= self.batch_size(key)
             if (flush or full or now - head[0] >= self.max_wait) and head < best_head:
                 best, best_head, best_full = key, head, full
         if best is None:
@@ -110,7 +116,7 @@ class BatchQueue(Generic[K, T]):
         if best_full and self._queues[best][0].length is not None:
             return best, self._alike(best)
         if best_full or self._rank_of(best) is None:
-            return best, self._take({best: self.batch_size(best)})
+            return best, self._take({best: self._fitting(best)})
         return self._merged(best)
 
     def _alike(self, key: K) -> list[T]:
@@ -121,8 +127,17 @@ class BatchQueue(Generic[K, T]):
         oldest, later = window[0], window[1:]
         target = oldest.length or 0
         later.sort(key=lambda q: (abs((q.length or 0) - target), q.order))
-        taken = sorted([oldest, *later[: size - 1]], key=lambda q: q.order)
-        kept = sorted(later[size - 1 :], key=lambda q: q.order)
+        taken: list[_Queued[T]] = [oldest]
+        kept: list[_Queued[T]] = []
+        rows = oldest.rows
+        for queued in later:  # nearest lengths first, while the batch's rows allow
+            if rows + queued.rows <= size:
+                taken.append(queued)
+                rows += queued.rows
+            else:
+                kept.append(queued)
+        taken.sort(key=lambda q: q.order)
+        kept.sort(key=lambda q: q.order)
         queue.extendleft(reversed(taken + kept))  # the batch becomes the bucket's first items
         return self._take({key: len(taken)})
 
@@ -130,18 +145,32 @@ class BatchQueue(Generic[K, T]):
         """Every ranked bucket's items at the longest shape, if they fit one batch; else ``start`` alone."""
         ranks = {key: rank for key in self._queues if (rank := self._rank_of(key)) is not None}
         widest = max(ranks, key=ranks.__getitem__)
-        if sum(len(self._queues[key]) for key in ranks) > self.batch_size(widest):
-            return start, self._take({start: self.batch_size(start)})
+        if sum(self._rows[key] for key in ranks) > self.batch_size(widest):
+            return start, self._take({start: self._fitting(start)})
         return widest, self._take({key: len(self._queues[key]) for key in ranks}, in_age_order=True)
+
+    def _fitting(self, key: K) -> int:
+        """How many of bucket ``key``'s first items fit one batch's rows (at least one: a request with
+        more rows than a batch goes alone, and the engine splits it)."""
+        size, rows, count = self.batch_size(key), 0, 0
+        for queued in self._queues[key]:
+            rows += queued.rows
+            if count and rows > size:
+                break
+            count += 1
+        return count
 
     def _take(self, counts: Mapping[K, int], *, in_age_order: bool = False) -> list[T]:
         """Pop the first ``counts[key]`` items of each bucket."""
         queued: list[_Queued[T]] = []
         for key, count in counts.items():
             queue = self._queues[key]
-            queued += [queue.popleft() for _ in range(min(count, len(queue)))]
+            popped = [queue.popleft() for _ in range(min(count, len(queue)))]
+            self._rows[key] -= sum(q.rows for q in popped)
+            queued += popped
             if not queue:
                 del self._queues[key]
+                del self._rows[key]
         self._count -= len(queued)
         if in_age_order:
             queued.sort(key=lambda q: (q.since, q.order))
@@ -169,11 +198,11 @@ class MicroBatcher(Generic[K, T]):
     def __len__(self) -> int:
         return len(self.queue)
 
-    def put(self, key: K, item: T) -> None:
-        """Queue one item; wakes the consumer of ``get``."""
+    def put(self, key: K, item: T, rows: int = 1) -> None:
+        """Queue one item taking ``rows`` of a batch; wakes the consumer of ``get``."""
         if self._closing:
             raise BatcherClosed("the batcher is closed")
-        self.queue.add(key, item, self._clock())
+        self.queue.add(key, item, self._clock(), rows)
         self._wakeup.set()
 
     def close(self) -> None:

@@ -6,7 +6,8 @@ from worker.metadata import Bucket, ModelMetadata
 
 
 def batch_limit(metadata: ModelMetadata, key: Bucket, max_rows: int, max_tokens: int) -> int:
-    """Most requests one batch of shape ``key`` should take.
+    """Most rows one batch of shape ``key`` should take: a request is one row, a zero-shot request one
+    per candidate label (the batcher counts them), so a batch of such requests stays within the budget.
 
     ``max_rows``, unless rows x the key's sequence bucket would exceed ``max_tokens``: then
     the largest batch bucket within the budget (at least 1), so the batch is not padded back

@@ -82,10 +82,12 @@ def configure_logging(level: str | int) -> None:
 def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
     # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
+    from worker.allocator import fix_mmap_threshold
     from worker.app import Worker
     from worker.registry import load_configured
 
     configure_logging(settings.log_level)
+    fix_mmap_threshold()
     models = load_configured([models_dir], settings)
 
     async def main() -> None:

@@ -157,7 +157,7 @@ class Delivery:
 
     @staticmethod
     def _reply_headers(out: Outgoing) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **out.origin.trace.headers()}
         if out.origin.refused is not None:
             topic, why = out.origin.refused
             headers["reply_to_refused"] = why.value
@@ -173,6 +173,7 @@ class Delivery:
             "source_topic": origin.tp.topic,
             "source_partition": str(origin.tp.partition),
             "source_offset": str(origin.offset),
+            **origin.trace.headers(),
         }
         if out.error is not None:
             headers["error_code"] = out.error.code.value

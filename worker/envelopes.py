@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, ErrorReply, Modality
 from worker.routing import Refusal
+from worker.tracing import RequestTrace
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Origin:
     refused: tuple[str, Refusal] | None = None
     #: why the message is refused before it is parsed (an oversize header, say)
     rejected: str | None = None
+    #: its place in its trace (W3C trace context), carried on to the reply and the DLQ record
+    trace: RequestTrace = field(default_factory=RequestTrace)
 
 
 @dataclass

@@ -2,13 +2,14 @@
 
 aiokafka's ``getmany()`` drains partitions one after another and moves each one's position
 as it goes; when decoding a later partition raises (a header name that is not UTF-8, a codec
-the client lacks, a corrupt batch), the exception escapes and the records already drained
-from the earlier partitions are gone, their positions moved past them
-(``Fetcher.fetched_records`` in aiokafka 0.14). So records are taken one partition per call
-here: an exception then belongs to exactly one partition, and that partition's position has
-not moved. A partition that failed is read one record at a time until it passes the failing
-position; a record that still cannot be decoded after ``max_attempts`` is skipped (the caller
-publishes a DLQ record for it before its offset may be committed).
+the client lacks, a corrupt batch, compressed bytes that do not inflate), the exception escapes
+and the records already drained from the earlier partitions are gone, their positions moved
+past them (``Fetcher.fetched_records`` in aiokafka 0.14). So records are taken one partition per
+call here: an exception then belongs to exactly one partition, and that partition's position has
+not moved. After ``max_attempts`` failures at the same position the batch holding it is read
+record by record below the consumer (``worker.record_batches``): the records that decode are
+taken, each one that does not is skipped (the caller publishes a DLQ record for it before its
+offset may be committed), and the partition goes on after them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import (
@@ -28,19 +29,14 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
+from worker.record_batches import BatchRead, LeaderBatches
+
 log = logging.getLogger(__name__)
 
-#: Raised while a record's bytes are unpacked: the fault is in the record, not the broker.
-CONTENT_ERRORS: tuple[type[BaseException], ...] = (
-    UnicodeDecodeError,
-    UnsupportedCodecError,
-    CorruptRecordException,
-    ValueError,
-    IndexError,
-    KeyError,
-    TypeError,
-    AssertionError,
-)
+#: The KafkaErrors aiokafka raises while it unpacks a record's bytes: the fault is in the record, not
+#: the broker. Whatever else that is not a KafkaError (UnicodeDecodeError, zlib.error,
+#: cramjam.DecompressionError, ...) counts as the record's too: see ``_in_the_records``.
+CONTENT_KAFKA_ERRORS: tuple[type[KafkaError], ...] = (UnsupportedCodecError, CorruptRecordException)
 
 #: Fetch rounds polled partition by partition after a decode error that named no partition.
 SUSPECT_ROUNDS = 100
@@ -109,17 +105,35 @@ class BrokerWait:
                 self._fetcher._fetch_max_wait_ms = wait
 
 
+class BatchReader(Protocol):
+    """Reads the batch holding an offset record by record, past records the consumer cannot decode.
+
+    The seam a simulated consumer fakes; ``worker.record_batches.LeaderBatches`` is the real one.
+    """
+
+    async def read(self, tp: TopicPartition, offset: int, limit: int) -> BatchRead | None:
+        """The batch of ``tp`` holding ``offset`` from there on (at most ``limit`` records); None: unknown."""
+        ...
+
+
 class PartitionFetcher:
     """Takes records from a started, subscribed consumer one partition per call."""
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, *, max_attempts: int = 3, broker_wait: BrokerWait | None = None
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        max_attempts: int = 3,
+        broker_wait: BrokerWait | None = None,
+        batches: BatchReader | None = None,
     ) -> None:
         self.consumer = consumer
         self.max_attempts = max_attempts
         #: lengthened after each round that found nothing, back to the busy wait on the first record
         self.broker_wait = broker_wait
-        #: partition -> (position that failed, failures there); such partitions are read one record at a time
+        #: reads a failing batch record by record once the consumer failed there max_attempts times
+        self.batches: BatchReader = batches if batches is not None else LeaderBatches(consumer)
+        #: partition -> (position that failed, failures there), until the partition gets past it
         self._failing: dict[TopicPartition, tuple[int, int]] = {}
         #: rounds left to poll partition by partition after an error that named no partition
         self._suspect_rounds = 0
@@ -132,11 +146,16 @@ class PartitionFetcher:
         for tp in partitions:
             self._failing.pop(tp, None)
 
+    def round_failed(self, exc: BaseException) -> None:
+        """Count a fetch round that ended in an error of the broker or the client (readiness reads the count)."""
+        self.consecutive_errors += 1
+        self.last_error = repr(exc)
+
     async def fetch(self, max_records: int, timeout_ms: int, max_bytes: int | None = None) -> Fetched:
         """Up to ``max_records`` records from the assigned, unpaused partitions; waits up to ``timeout_ms``.
 
         With ``max_bytes``, no further partition is read once the round holds that many value bytes
-        (one partition's buffered records may go past it).
+        (one partition's buffered records, or one batch read past a failure, may go past it).
         """
         fetchable = sorted(self.consumer.assignment() - self.consumer.paused())
         out = Fetched([], [])
@@ -148,7 +167,7 @@ class PartitionFetcher:
             room = max_records - len(out.records)
             if room <= 0 or (max_bytes is not None and out.value_bytes >= max_bytes):
                 break
-            await self._take(tp, 1 if tp in self._failing else room, out)
+            await self._take(tp, room, out)
         if out.empty and (self._failing or self._suspect_rounds):
             # A failure not yet located or passed: poll one partition per call, so the fault shows
             # in the partition that has it (a multi-partition wait would hide whose it is).
@@ -165,23 +184,22 @@ class PartitionFetcher:
             taken = await self.consumer.getmany(tp, timeout_ms=0, max_records=limit)
         except ConsumerStoppedError:
             raise
-        except CONTENT_ERRORS as exc:
-            skipped = await self._failed(tp, exc)
-            if skipped is not None:
-                out.undecodable.append(skipped)
-            return
         except RecordTooLargeError as exc:
             out.undecodable += _skipped_as_too_large(exc)
             return
-        except KafkaError as exc:
-            self._broker_error(exc)
+        except Exception as exc:
+            if _in_the_records(exc):
+                await self._failed(tp, limit, exc, out)
+            else:
+                self._broker_error(exc)
             return
         records = taken.get(tp, [])
         if records:
             self.consecutive_errors = 0
             out.records.extend(records)
-        elif tp in self._failing and await self.consumer.position(tp) > self._failing[tp][0]:
-            # Everything buffered since the failure decoded: back to whole batches.
+            self._failing.pop(tp, None)
+        elif tp in self._failing and await self.consumer.position(tp) != self._failing[tp][0]:
+            # Moved away from the failure (a seek, a rewind): it is counted again if it recurs.
             del self._failing[tp]
 
     async def _wait(self, timeout_ms: int, out: Fetched) -> None:
@@ -196,15 +214,15 @@ class PartitionFetcher:
             taken = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1)
         except ConsumerStoppedError:
             raise
-        except CONTENT_ERRORS as exc:
-            log.debug("a record failed to decode while waiting (%r); locating it", exc)
-            self._suspect_rounds = SUSPECT_ROUNDS
-            return
         except RecordTooLargeError as exc:
             out.undecodable += _skipped_as_too_large(exc)
             return
-        except KafkaError as exc:
-            self._broker_error(exc)
+        except Exception as exc:
+            if _in_the_records(exc):
+                log.debug("a record failed to decode while waiting (%r); locating it", exc)
+                self._suspect_rounds = SUSPECT_ROUNDS
+            else:
+                self._broker_error(exc)
             return
         for records in taken.values():
             if records:
@@ -213,25 +231,69 @@ class PartitionFetcher:
         if not out.records and self.broker_wait is not None:
             self.broker_wait.round_ended(found=False)
 
-    def _broker_error(self, exc: KafkaError) -> None:
-        self.consecutive_errors += 1
-        self.last_error = repr(exc)
+    def _broker_error(self, exc: BaseException) -> None:
+        self.round_failed(exc)
         log.warning("fetching failed (%d in a row): %r", self.consecutive_errors, exc)
 
-    async def _failed(self, tp: TopicPartition, exc: BaseException) -> Undecodable | None:
-        """Count a decode failure at the partition's position; skip the record there after max_attempts."""
+    async def _failed(self, tp: TopicPartition, limit: int, exc: BaseException, out: Fetched) -> None:
+        """Count a decode failure at the partition's position; after max_attempts read its batch record by record.
+
+        The failing record may be anywhere in the batch aiokafka decodes from its first offset:
+        ``self.batches`` returns the batch's records from the position on, each one that does not
+        decode named on its own, and the partition goes on after them.
+        """
         self._suspect_rounds = 0
         position = await self.consumer.position(tp)
         at, count = self._failing.get(tp, (position, 0))
         count = count + 1 if at == position else 1
-        log.warning("%s offset %d cannot be decoded (attempt %d): %r", tp, position, count, exc)
+        self._failing[tp] = (position, count)
+        log.warning("%s cannot be decoded from offset %d (attempt %d): %r", tp, position, count, exc)
         if count < self.max_attempts:
-            self._failing[tp] = (position, count)
-            return None
-        # Skip it; the partition stays one-at-a-time until it passes, in case its neighbours fail too.
-        self._failing[tp] = (position + 1, 0)
-        self.consumer.seek(tp, position + 1)
-        return Undecodable(tp, position, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        try:
+            read = await self.batches.read(tp, position, limit)
+        except KafkaError as error:
+            self._broker_error(error)  # the failure stays counted: read again next round
+            return
+        del self._failing[tp]
+        if tp not in self.consumer.assignment() or await self.consumer.position(tp) != position:
+            return  # revoked, rewound or reassigned while it was read: fetched again from where it is now
+        if read is None or read.next_offset <= position:
+            # Nothing could be read past the position: the record there is the one skipped.
+            out.undecodable.append(Undecodable(tp, position, f"{type(exc).__name__}: {exc}"[:500]))
+            self.consumer.seek(tp, position + 1)
+            return
+        records, failed, resume = _trackable_part(read)
+        for offset, why in failed:
+            log.warning("%s offset %d cannot be decoded; skipped to the DLQ: %s", tp, offset, why)
+        out.records.extend(records)
+        out.undecodable += [Undecodable(tp, offset, why) for offset, why in failed]
+        self.consumer.seek(tp, resume)
+
+
+def _trackable_part(read: BatchRead) -> tuple[list[ConsumerRecord[Any, Any]], list[tuple[int, str]], int]:
+    """What of a batch read one round can hand over, and the offset to go on from.
+
+    A round's records are tracked before its skipped ones, and a partition's offsets must be
+    tracked in order: so the records before the first failure, then the failures up to the next
+    good record. The partition goes on from there; the rest of the batch comes in later rounds.
+    """
+    if not read.failed:
+        return read.records, [], read.next_offset
+    first_failure = read.failed[0][0]
+    later = [r.offset for r in read.records if r.offset > first_failure]
+    resume = later[0] if later else read.next_offset
+    before = [r for r in read.records if r.offset < first_failure]
+    return before, [(offset, why) for offset, why in read.failed if offset < resume], resume
+
+
+def _in_the_records(exc: BaseException) -> bool:
+    """Whether an exception of ``getmany`` came from a record's bytes rather than the broker or the network.
+
+    aiokafka raises a KafkaError for what the broker or the network did; what its decoders raise
+    on the bytes is anything else, or one of CONTENT_KAFKA_ERRORS.
+    """
+    return not isinstance(exc, KafkaError) or isinstance(exc, CONTENT_KAFKA_ERRORS)
 
 
 def _skipped_as_too_large(exc: RecordTooLargeError) -> list[Undecodable]:

@@ -1,14 +1,20 @@
-"""Intake: a fetched record -> a prepared Job, or an error answer. Pure: no broker, no event loop.
+"""Intake: a fetched record -> a prepared Job, or an error answer. No broker inside.
 
-Parsing, validation, decoding and preprocessing run in the executor (``prepare_all``); reading
-the record's coordinates and headers (``origin``) runs on the event loop and is cheap.
+Reading the record's coordinates and headers (``origin``) runs on the event loop and is cheap.
+Parsing, validation, decoding and preprocessing (``prepare``) run in the intake's own threads,
+one request each, at most ``intake_concurrency`` at once (``take_in``): each outcome is handed on
+as soon as it is ready and each request has its own time limit (``prepare_timeout_s``), so a slow
+request delays neither the others of its fetch nor those of other modalities, nor a model's batch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +22,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.topics import results_topic
-from worker.decoding import MediaLimits, decode_inputs
+from worker.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
 from worker.envelopes import Origin, Outgoing, rejection
 from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
 from worker.fetching import Undecodable
@@ -24,7 +30,9 @@ from worker.metrics import WorkerMetrics
 from worker.processors import Prepared
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy
+from worker.sandbox import Budget, DecoderPool
 from worker.settings import Settings
+from worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,13 @@ class Job:
     prepared: Prepared
     parameters: Mapping[str, Any]
     deadline_ms: int | None
+    #: when it was ready for its batcher (time.time_ns(): the start of its queue-wait span)
+    queued_ns: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows the request adds to a batch: one, or one per candidate label of a zero-shot request."""
+        return max((int(array.shape[0]) for array in self.prepared.arrays.values() if array.ndim), default=1)
 
     @property
     def prepared_bytes(self) -> int:
@@ -51,11 +66,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
-    for key, value in record.headers or ():
-        if key == name and value is not None:
-            return bytes(value).decode("utf-8", "replace")
-    return None
+def _headers(record: ConsumerRecord[Any, Any]) -> dict[str, str]:
+    """A record's headers as text (the last value wins for a repeated name)."""
+    return {
+        key: bytes(value).decode("utf-8", "replace")
+        for key, value in record.headers or ()
+        if value is not None
+    }
 
 
 class Intake:
@@ -68,8 +85,10 @@ class Intake:
         modality_of: Mapping[str, Modality],
         policy: ReplyPolicy,
         metrics: WorkerMetrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self.models = models
         self.modality_of = modality_of
         self.policy = policy
@@ -82,6 +101,18 @@ class Intake:
             max_video_seconds=settings.max_video_seconds,
             max_video_frames_decoded=settings.max_video_frames_decoded,
             max_video_pixels=settings.max_video_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
+        )
+        # Its own threads: a slow preparation never holds an inference thread, nor a batch an intake one.
+        self.executor = ThreadPoolExecutor(settings.intake_concurrency, thread_name_prefix="intake")
+        self._free = settings.intake_concurrency
+        self._slot_freed: asyncio.Event | None = None
+        bound_pillow(self.limits)
+        budget = Budget(settings.decode_cpu_seconds, settings.decode_memory_mib)
+        self.decoder: MediaDecoder = (
+            DecoderPool(self.limits, settings.decoder_processes, budget)
+            if settings.decode_isolation
+            else InProcess(self.limits)
         )
 
     def origin(self, record: ConsumerRecord[Any, Any]) -> Origin:
@@ -89,22 +120,37 @@ class Intake:
         s = self.settings
         modality = self.modality_of[record.topic]
         default = results_topic(modality, s.topic_prefix)
-        key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else None
+        key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) and record.key else None
         origin = Origin(
             modality=modality,
             tp=TopicPartition(record.topic, record.partition),
             offset=record.offset,
             reply_topic=default,
-            correlation_id=key or f"{record.topic}:{record.partition}:{record.offset}",
+            correlation_id=f"{record.topic}:{record.partition}:{record.offset}",
             raw=record.value or b"",
             timestamp_ms=record.timestamp if record.timestamp and record.timestamp > 0 else now_ms(),
         )
-        correlation_id = _header(record, "correlation_id")
-        if correlation_id is not None and len(correlation_id.encode()) > s.max_header_bytes:
-            origin.rejected = f"the correlation_id header is longer than {s.max_header_bytes} bytes"
-        elif correlation_id is not None:
-            origin.correlation_id = correlation_id
-        reply_to = _header(record, "reply_to")
+        headers = _headers(record)
+        origin.trace = self.tracing.request(
+            headers,
+            received_ns=time.time_ns(),
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.destination.partition.id": str(record.partition),
+                "messaging.kafka.offset": record.offset,
+            },
+        )
+        # The correlation_id header, or else the record key, is echoed into the reply's headers: both
+        # are the client's bytes, so both are held to max_header_bytes (a longer one is not echoed).
+        for source, value in (("correlation_id header", headers.get("correlation_id")), ("record key", key)):
+            if value is None:
+                continue
+            if len(value.encode()) <= s.max_header_bytes:
+                origin.correlation_id = value
+                break
+            origin.rejected = origin.rejected or f"the {source} is longer than {s.max_header_bytes} bytes"
+        reply_to = headers.get("reply_to")
         if reply_to is not None:
             refusal = self.policy.refusal(reply_to, modality)
             if refusal is None:
@@ -132,12 +178,90 @@ class Intake:
         detail = ErrorDetail(code=ErrorCode.UNDECODABLE_INPUT, message=message)
         return Outgoing(origin, None, None, None, detail)
 
-    def prepare_all(self, origins: list[Origin]) -> list[Job | Outgoing]:
-        """Executor side: parse, validate, decode and preprocess each message of a fetch."""
-        return [self.prepare(origin) for origin in origins]
+    async def take_in(
+        self,
+        origins: list[Origin],
+        ready: Callable[[Job | Outgoing], None],
+        failed: Callable[[Origin, BaseException], None],
+    ) -> asyncio.Future[list[None]]:
+        """Start preparing each record, in fetch order, as intake threads come free; returns once every
+        one has started (so fetching runs at most one round ahead of the intake), with a future that is
+        done once every outcome went to ``ready``, the moment it was ready. A fault of ours, not of the
+        request, goes to ``failed``; cancelling the future drops what is still being prepared."""
+        handoffs = []
+        for origin in origins:
+            while self._free <= 0:
+                await self._freed().wait()
+            handoffs.append(asyncio.ensure_future(self._hand_on(origin, self._start(origin), ready, failed)))
+        return asyncio.gather(*handoffs)
+
+    def close(self) -> None:
+        """Stop the intake's threads (what still runs ends on its own) and the decoder processes."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.decoder, DecoderPool):
+            self.decoder.close()
+
+    def _freed(self) -> asyncio.Event:
+        if self._slot_freed is None:  # made on first use, inside the event loop
+            self._slot_freed = asyncio.Event()
+        return self._slot_freed
+
+    def _start(self, origin: Origin) -> asyncio.Future[Job | Outgoing]:
+        """Take a thread and prepare ``origin`` on it; the thread counts as taken until the work really
+        ends, even past its time limit (a thread cannot be stopped)."""
+        self._free -= 1
+        self._freed().clear()
+        loop = asyncio.get_running_loop()
+
+        def release(_: object) -> None:
+            self._free += 1
+            self._freed().set()
+
+        try:
+            future = self.executor.submit(self.prepare, origin)
+        except RuntimeError:  # shut down: stopping
+            release(None)
+            raise
+
+        def released(done: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first: nobody waits any more
+                loop.call_soon_threadsafe(release, done)
+
+        future.add_done_callback(released)
+        return asyncio.wrap_future(future, loop=loop)
+
+    async def _hand_on(
+        self,
+        origin: Origin,
+        preparing: asyncio.Future[Job | Outgoing],
+        ready: Callable[[Job | Outgoing], None],
+        failed: Callable[[Origin, BaseException], None],
+    ) -> None:
+        limit = self.settings.prepare_timeout_s
+        done, _ = await asyncio.wait({preparing}, timeout=limit)
+        if not done:
+            # The request is answered now; its preparation's result is dropped when the thread ends.
+            log.warning("%s offset %d: preparing took longer than %g s", origin.tp, origin.offset, limit)
+            message = f"preparing the request took longer than {limit:g} s (prepare_timeout_s)"
+            ready(rejection(origin, None, None, ErrorCode.PAYLOAD_TOO_LARGE, message))
+            return
+        try:
+            outcome = preparing.result()
+        except Exception as exc:  # prepare answers every fault of the request itself: this one is ours
+            failed(origin, exc)
+            return
+        ready(outcome)
 
     def prepare(self, origin: Origin) -> Job | Outgoing:
         """One message -> a Job for its model's batcher, or the typed error answer."""
+        started_ns = time.time_ns()
+        outcome = self._prepare(origin)
+        self.tracing.stage(origin.trace, "preprocess", started_ns)
+        if isinstance(outcome, Job):
+            outcome.queued_ns = time.time_ns()
+        return outcome
+
+    def _prepare(self, origin: Origin) -> Job | Outgoing:
         modality = origin.modality
         request_id: str | None = None
         model_name: str | None = None
@@ -151,7 +275,7 @@ class Intake:
                 raise UnknownModel(f"model {request.model!r} is not served on the {modality.value} topic")
             if request.deadline_ms is not None and request.deadline_ms <= now_ms():
                 raise DeadlineExceeded("the request's deadline passed before it was read")
-            prepared = model.prepare(decode_inputs(request, self.limits))
+            prepared = model.prepare(decode_inputs(request, self.limits, self.decoder))
             return Job(origin, request.id, model, prepared, request.parameters, request.deadline_ms)
         except InferenceError as exc:  # schemas' RequestRejected included: one hierarchy, one code each
             rejected_id = exc.request_id or request_id

@@ -32,6 +32,7 @@ from worker.inputs import (
 )
 from worker.media import Clip, pipeline_indices, resample, sample_frames, uniform_indices
 from worker.metadata import MetadataError, ModelMetadata, ProcessorKind
+from worker.tensor_inputs import checked_cast, value_ranges
 from worker.tokenizing import (
     ALIGNED_TASKS,
     bucket_for,
@@ -70,6 +71,8 @@ class Preprocessor(ABC):
         self.pad_values: Mapping[str, int] = {}
         """Per input, the value that lengthens its sequence axis so that a request can run in a longer
         bucket (masked out); empty when the model's requests never change bucket."""
+        self.value_ranges = value_ranges(metadata)
+        """Per integer input, the values the model accepts, where known (raw tensors are held to them)."""
 
     @abstractmethod
     def _encode(self, item: ModelInput) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
@@ -122,7 +125,11 @@ class Preprocessor(ABC):
                         )
                     if key.setdefault(dim, size) != size:
                         raise InvalidRequest(f"inputs disagree on dim {dim!r}")
-            out[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
+            # Raw tensors come from the client as they are: held to the graph's types and known ranges.
+            if strict:
+                out[spec.name] = checked_cast(spec.name, array, np.dtype(spec.dtype), self.value_ranges)
+            else:
+                out[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
         rows = {meta.row_dim(name): a.shape[0] for name, a in out.items()}
         if any(n < 1 for n in rows.values()):
             raise InvalidRequest("an input has no rows")

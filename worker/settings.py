@@ -11,7 +11,7 @@ import re
 import ssl
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # FastStream loads aiokafka: only the commands that talk to Kafka pay for it
@@ -41,7 +41,10 @@ class Settings(BaseSettings):
         4, ge=1, description="Partitions per topic when the worker creates missing topics."
     )
     max_batch_size: int = Field(
-        32, ge=1, description="Dispatch a batch once a model's bucket holds this many requests."
+        32,
+        ge=1,
+        description="Dispatch a batch once a model's bucket holds this many rows (a request is one row, "
+        "a zero-shot request one per candidate label).",
     )
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
@@ -91,6 +94,19 @@ class Settings(BaseSettings):
     )
     provider: str = Field(
         "auto", pattern="^(auto|cuda|cpu)$", description="auto (CUDA when it loads, else CPU) | cuda | cpu."
+    )
+    intake_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Requests prepared (parsed, decoded, preprocessed) at once, each on its own intake "
+        "thread, apart from the inference threads: a slow one holds one thread, the others keep flowing. "
+        "Fetching waits while every thread is busy.",
+    )
+    prepare_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long one request's preparation may take before it is answered payload_too_large "
+        "(its thread stays taken until the work ends; the decoders' own limits bound that).",
     )
     max_in_flight: int = Field(
         1024, ge=1, description="Unanswered requests per worker before it pauses its partitions."
@@ -149,6 +165,34 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest video frame accepted (width x height), checked before decoding.",
     )
+    max_jpeg_scans: int = Field(
+        64,
+        ge=1,
+        description="Most scans one JPEG may hold, counted in its bytes before decoding: each scan is a "
+        "pass over the whole image (about 5.6 ms of CPU at 4096x4096; Pillow and libjpeg write about 10).",
+    )
+    decode_isolation: bool = Field(
+        True,
+        description="Decode image, audio and video files in decoder processes, each decode under "
+        "decode_cpu_seconds and decode_memory_mib; a breach kills only that process. Off: in the "
+        "worker's own executor, bounded by the media limits alone.",
+    )
+    decoder_processes: int = Field(
+        2, ge=1, description="Decoder processes (decode_isolation); each holds about 110 MiB."
+    )
+    decode_cpu_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="CPU time one decode may use in a decoder process (RLIMIT_CPU); one that has not "
+        "answered within three times this of wall time is stopped too. Over: payload_too_large. Decoding "
+        "all 1,800 frames of a 1080p H.264 clip takes about 3.6 s.",
+    )
+    decode_memory_mib: int = Field(
+        768,
+        ge=64,
+        description="Address space one decode may add to its decoder process's idle size (RLIMIT_AS). "
+        "Over: payload_too_large or undecodable_input.",
+    )
     max_in_flight_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024 * 1024,
@@ -164,8 +208,8 @@ class Settings(BaseSettings):
     max_decode_attempts: int = Field(
         3,
         ge=1,
-        description="Times a record the Kafka client cannot decode is fetched again before it is "
-        "skipped with a DLQ record.",
+        description="Times a batch the Kafka client cannot decode is fetched again before the worker reads "
+        "it record by record and skips each record that fails with a DLQ record.",
     )
     create_topics: bool = Field(
         True,
@@ -173,17 +217,18 @@ class Settings(BaseSettings):
         "they exist at start and exit naming the missing ones. Never creates any other topic.",
     )
     reply_to_pattern: str = Field(
-        ".*",
-        description="Regular expression (full match) a reply_to topic must match; in production, one "
-        r"prefix per team, e.g. '(team-a|team-b)\.replies\..+'. Request topics, the DLQ, other "
-        "modalities' results and __internal topics are refused whatever it says; so is a topic that "
-        "does not exist.",
+        "",
+        description="Regular expression (full match) a reply_to topic must match. Empty (the default): "
+        r"only '<prefix>\.replies\..+', the topics of worker.client. Open more per team, e.g. "
+        r"'(team-a|team-b)\.replies\..+' (and grant the worker Write on them). Request topics, the DLQ, "
+        "other modalities' results and __internal topics are refused whatever it says; so is a topic "
+        "that does not exist.",
     )
     max_header_bytes: int = Field(
         256,
         ge=16,
-        description="Longest correlation_id header echoed into a reply; a longer one is an "
-        "invalid_request error.",
+        description="Longest correlation_id echoed into a reply, from the correlation_id header or, "
+        "without one, the record key; a longer one is an invalid_request error and is not echoed.",
     )
     dlq_payload: Literal["body", "coordinates"] = Field(
         "body",
@@ -216,6 +261,11 @@ class Settings(BaseSettings):
         False, description="Skip model folders that fail to load (with a warning) instead of exiting."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans per request and batch, exported as the OTEL_* variables say "
+        "(needs the otel extra). Off: a request's traceparent is passed to its reply unchanged.",
+    )
     security_protocol: str = Field(
         "PLAINTEXT",
         pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
@@ -239,14 +289,17 @@ class Settings(BaseSettings):
         "With --processes N, process i uses port + i.",
     )
 
-    @field_validator("reply_to_pattern")
-    @classmethod
-    def _compiles(cls, pattern: str) -> str:
+    @model_validator(mode="after")
+    def _reply_to_default(self) -> Settings:
+        if not self.reply_to_pattern:
+            # Secure by default: a client may name only the replies namespace of this worker's prefix,
+            # never another application's topic (the worker would write there with its own rights).
+            object.__setattr__(self, "reply_to_pattern", default_reply_to_pattern(self.topic_prefix))
         try:
-            re.compile(pattern)
+            re.compile(self.reply_to_pattern)
         except re.error as exc:
             raise ValueError(f"reply_to_pattern is not a regular expression: {exc}") from exc
-        return pattern
+        return self
 
     def batching_for(self, model: str) -> tuple[int, float, int]:
         """(max batch size, max wait in seconds, max batch tokens) for one model, overrides applied."""
@@ -291,6 +344,11 @@ class Settings(BaseSettings):
             model: {k: v for k, v in override.items() if k not in BATCHING_KEYS}
             for model, override in self.model_overrides.items()
         }
+
+
+def default_reply_to_pattern(prefix: str) -> str:
+    """The reply_to topics allowed when the operator names none: ``<prefix>.replies.<anything>``."""
+    return re.escape(prefix) + r"\.replies\..+"
 
 
 #: Per-model override keys that tune the batcher rather than the model's metadata.

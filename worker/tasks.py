@@ -199,38 +199,64 @@ def question_answering(
     context = prepared.context.get("text_pair")
     if context is None:
         raise InvalidRequest("question answering needs the question as 'text' and the context as 'text_pair'")
-    top_k = _positive_int(parameters, "top_k", 1)
-    max_answer_len = _positive_int(parameters, "max_answer_len", 15)
     count = len(alignment.ids)
+    # No span is longer than the sequence, nor are there more answers than spans: the bounds keep a
+    # request asking for a million of each to the work of the spans that exist.
+    max_answer_len = min(_positive_int(parameters, "max_answer_len", 15), count)
     in_context = np.array([sequence == 1 for sequence in alignment.sequence_ids])
     # The pipeline lets CLS into the softmax (some models answer "impossible" there), then zeroes it.
     is_cls = np.array([token == alignment.cls_id for token in alignment.ids])
     start = _masked_softmax(outputs["start_logits"][0][:count], in_context | is_cls)
     end = _masked_softmax(outputs["end_logits"][0][:count], in_context | is_cls)
     null_score = float(start[0] * end[0])
-    # Only context tokens may start or end an answer (the pipeline also zeroes position 0, the CLS).
-    spans = np.tril(np.triu(np.outer(start, end)), max_answer_len - 1)
-    spans[~in_context, :] = 0.0
-    spans[:, ~in_context] = 0.0
+    spans = _span_scores(start, end, in_context, max_answer_len)
+    top_k = min(_positive_int(parameters, "top_k", 1), int(np.count_nonzero(spans)) or 1)
+    words = _word_spans(alignment)
     # Like the pipeline, weigh only the top_k * 2 + 10 best spans before merging equal answers.
-    answers: list[dict[str, Any]] = []
-    for flat in np.argsort(-spans, axis=None, kind="stable")[: top_k * 2 + 10]:
-        first, last = np.unravel_index(flat, spans.shape)
-        score = float(spans[first, last])
-        if score <= 0.0:
-            break
-        start_char, end_char = _word_span(alignment, int(first))[0], _word_span(alignment, int(last))[1]
+    answers: dict[str, dict[str, Any]] = {}
+    for flat in _best(spans, top_k * 2 + 10):
+        first, offset = divmod(int(flat), max_answer_len)
+        score = float(spans[first, offset])
+        start_char, end_char = words[first][0], words[first + offset][1]
         text = context[start_char:end_char]
         # As in the pipeline, spans that align to the same text (case aside) pool their scores.
-        same = next((a for a in answers if a["answer"].lower() == text.lower()), None)
+        same = answers.get(text.lower())
         if same is not None:
             same["score"] += score
         else:
-            answers.append({"score": score, "start": start_char, "end": end_char, "answer": text})
+            answers[text.lower()] = {"score": score, "start": start_char, "end": end_char, "answer": text}
+    found = list(answers.values())
     if parameters.get("handle_impossible_answer", False):
-        answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
-    answers = sorted(answers, key=lambda answer: float(answer["score"]), reverse=True)[:top_k]
-    return answers[0] if len(answers) == 1 else answers
+        found.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
+    found = sorted(found, key=lambda answer: float(answer["score"]), reverse=True)[:top_k]
+    return found[0] if len(found) == 1 else found
+
+
+def _span_scores(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, longest: int) -> np.ndarray:
+    """Score of each span as [first token, length - 1]: start x end probability, 0 where the span leaves
+    the sequence or either end lies outside the context (the pipeline also zeroes the CLS position).
+
+    A band of n x longest, not the pipeline's n x n matrix: the work is O(n x max_answer_len)."""
+    count = len(start)
+    last = np.arange(count)[:, None] + np.arange(longest)[None, :]
+    inside = last < count
+    last = np.minimum(last, count - 1)
+    keep = inside & allowed[:, None] & allowed[last]
+    scores: np.ndarray = np.where(keep, start[:, None] * end[last], 0.0)
+    return scores
+
+
+def _best(scores: np.ndarray, wanted: int) -> np.ndarray:
+    """Flat indices of the ``wanted`` best positive scores, best first; ties in index order (first token,
+    then length) as a stable sort of the pipeline's start x end matrix orders them."""
+    flat = scores.ravel()
+    candidates = np.flatnonzero(flat > 0.0)
+    if wanted < len(candidates):
+        # Everything at least as good as the wanted-th best (ties included), then one stable sort of those.
+        floor = np.partition(flat[candidates], len(candidates) - wanted)[len(candidates) - wanted]
+        candidates = candidates[flat[candidates] >= floor]
+    order = candidates[np.argsort(-flat[candidates], kind="stable")]
+    return order[:wanted]
 
 
 def _masked_softmax(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -238,15 +264,21 @@ def _masked_softmax(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return softmax(np.where(allowed, logits.astype(np.float64), -10000.0))
 
 
-def _word_span(alignment: TokenAlignment, token: int) -> tuple[int, int]:
-    """Character span, in the context, of the whole word that the token belongs to."""
-    word = alignment.word_ids[token]
-    spans = [
-        alignment.offsets[i]
-        for i, (sequence, other) in enumerate(zip(alignment.sequence_ids, alignment.word_ids, strict=True))
-        if sequence == 1 and other == word
+def _word_spans(alignment: TokenAlignment) -> list[tuple[int, int]]:
+    """Per token, the character span in the context of the whole word it belongs to (one pass)."""
+    words: dict[int | None, tuple[int, int]] = {}
+    for (first, last), sequence, word in zip(
+        alignment.offsets, alignment.sequence_ids, alignment.word_ids, strict=True
+    ):
+        if sequence == 1:
+            low, high = words.get(word, (first, last))
+            words[word] = (min(low, first), max(high, last))
+    return [
+        words.get(word, offsets) if sequence == 1 else offsets
+        for offsets, sequence, word in zip(
+            alignment.offsets, alignment.sequence_ids, alignment.word_ids, strict=True
+        )
     ]
-    return min(s for s, _ in spans), max(e for _, e in spans)
 
 
 # --- feature extraction --------------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -119,8 +120,9 @@ class Transactions:
         tracker: OffsetTracker[TopicPartition],
         delivery: Delivery,
         redeliver: Callable[[TopicPartition, int, BaseException], None],
-        on_committed: Callable[[Outgoing], None],
         *,
+        on_published: Callable[[Outgoing, int], None],
+        on_redelivered: Callable[[Outgoing], None],
         max_request_size: int,
     ) -> None:
         self.settings = settings
@@ -128,7 +130,10 @@ class Transactions:
         #: the worker's delivery, copied for each transaction with its publish bound to the partition's producer
         self.delivery = delivery
         self.redeliver = redeliver
-        self.on_committed = on_committed
+        #: called with each reply once its transaction committed, and the time (ns) the transaction began
+        self.on_published = on_published
+        #: called with each reply of a transaction given up on
+        self.on_redelivered = on_redelivered
         self.max_request_size = max_request_size
         self.held: HeldAnswers[TopicPartition, Outgoing] = HeldAnswers()
         self.consumer: AIOKafkaConsumer | None = None
@@ -187,6 +192,7 @@ class Transactions:
                 run = self.held.take_run(tp, self.tracker.unanswered(tp))
                 if not run:
                     return
+                started_ns = time.time_ns()
                 try:
                     await self._commit(producer, tp, run)
                 except Exception as exc:
@@ -194,7 +200,7 @@ class Transactions:
                     return
                 for offset, reply in run:
                     self.tracker.done(tp, offset)
-                    self.on_committed(reply)
+                    self.on_published(reply, started_ns)
 
     async def _commit(
         self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]]
@@ -245,6 +251,8 @@ class Transactions:
                 await _stop(producer)
                 self._replace_later(tp, exc)
         self.redeliver(tp, first, exc)
+        for _, reply in run:
+            self.on_redelivered(reply)
 
     def _replace_later(self, tp: TopicPartition, why: BaseException) -> None:
         """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
