@@ -137,7 +137,7 @@ def bert_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def committed_stream(apache_bootstrap: str) -> AsyncIterator[Stream]:
     """This test's topics, its replies collected by a read_committed reader."""
-    stream = Stream(apache_bootstrap, isolation_level="read_committed")
+    stream = Stream(apache_bootstrap, isolation_level="read_committed", idempotent=True)
     await stream.start()
     yield stream
     await stream.stop()
@@ -298,7 +298,7 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
     broker_port = free_port()
     async with TcpProxy(broker_port) as proxy:
         with apache_kafka(port=broker_port, advertised_port=proxy.port) as bootstrap:
-            stream = Stream(bootstrap, isolation_level="read_committed")
+            stream = Stream(bootstrap, isolation_level="read_committed", idempotent=True)
             await stream.start()
             launcher = WorkerLauncher(bootstrap, bert_only, tmp_path)
             try:

@@ -208,6 +208,9 @@ class Transactions:
         """One transaction: begin, deliver each answer (re-route, shrink, DLQ copy), the offsets, commit."""
         delivery = copy.copy(self.delivery)
         delivery.publish_record = functools.partial(_send, producer)
+        # No second send of a record in one transaction: one whose acknowledgement failed may have been
+        # written, and both would commit. A retriable failure gives up the transaction (a redelivery).
+        delivery.retry_s = 0.0
         try:
             async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
                 await producer.begin_transaction()
