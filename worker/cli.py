@@ -99,6 +99,7 @@ def _serve(models_dir: str, settings: Settings) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
     from worker.metadata import MetadataError
+    from worker.transactions import TransactionsRefused
 
     settings = settings_from(args)
     if not settings.bootstrap_servers:
@@ -109,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _serve(args.models_dir, settings)
             return 0
         return _run_processes(args.models_dir, settings, args.processes)
-    except MetadataError as exc:
+    except (MetadataError, TransactionsRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -70,6 +70,8 @@ class KafkaClients:
                     group_id=s.group_id,
                     enable_auto_commit=False,  # offsets are committed only past answered messages
                     auto_offset_reset="earliest",
+                    # exactly-once: requests of aborted transactions are never answered
+                    isolation_level="read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
                     fetch_max_wait_ms=s.fetch_max_wait_ms,
                     fetch_max_bytes=s.fetch_max_bytes,
                     max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),
