@@ -17,6 +17,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 # The request builders live in bench/samples.py (the soak run builds its stream with them too).
 from bench.samples import b64 as b64
@@ -27,6 +29,7 @@ from tests.references import TINY
 from worker.app import Worker
 from worker.registry import ServedModel, load_models
 from worker.settings import Settings
+from worker.topics import max_message_bytes
 
 Record = ConsumerRecord[bytes, bytes]
 
@@ -52,6 +55,29 @@ async def raw_producer(bootstrap_servers: str, **config: Any) -> AsyncIterator[A
         yield producer
     finally:
         await producer.stop()
+
+
+async def allow_records_up_to(bootstrap_servers: str, kind: str, topic: str, max_bytes: int) -> None:
+    """Let `topic` take records up to `max_bytes`, as an operator does for a topic of large requests.
+
+    Apache Kafka refuses records over 1 MiB unless the topic says otherwise; tansu has no limit
+    to raise (and no AlterConfigs), so on tansu this does nothing.
+    """
+    if kind == "tansu":
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        [response] = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(max_bytes)})]
+        )
+        assert all(error == 0 for error, *_ in response.resources), response
+        # The controller has it now; the broker applies it from the metadata log a moment later.
+        async with asyncio.timeout(10):
+            while await max_message_bytes(admin, [topic]) != max_bytes:
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
 
 
 class TopicReader:

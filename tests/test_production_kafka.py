@@ -25,6 +25,7 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from tests.kafka_support import (
     TopicReader,
+    allow_records_up_to,
     body_of,
     headers_of,
     raw_producer,
@@ -352,7 +353,7 @@ def _wav_request(request_id: str, seconds: float) -> bytes:
 
 
 async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, kafka_kind: str, tmp_path: Path
 ) -> None:
     """60 requests of 55 s audio (2.3 MB of JSON each, ~140 MB in all) against an 8 MiB bound.
 
@@ -374,6 +375,7 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
 
         watcher = asyncio.create_task(watch())
         body = _wav_request("template", 55.0)
+        await allow_records_up_to(kafka_bootstrap, kafka_kind, requests_topic("audio", prefix), 4 * len(body))
         async with (
             TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
             raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
