@@ -87,9 +87,11 @@ class TopicReader:
     metadata knew at that moment).
     """
 
-    def __init__(self, bootstrap_servers: str, *topics: str) -> None:
+    def __init__(self, bootstrap_servers: str, *topics: str, client: Mapping[str, Any] | None = None) -> None:
+        """`client`: aiokafka keyword arguments of its own (a secured broker's credentials)."""
         self.records: list[Record] = []
         self._bootstrap = bootstrap_servers
+        self._client = dict(client or {})
         self._topics = topics
         self._markers: dict[bytes, int] = {}
         """Settle markers by key, and how many of each were read."""
@@ -99,6 +101,7 @@ class TopicReader:
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            **self._client,
         )
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,7 +146,7 @@ class TopicReader:
         """
         marker = f"settle-{uuid.uuid4().hex}".encode()
         self._markers[marker] = 0
-        async with raw_producer(self._bootstrap) as producer:
+        async with raw_producer(self._bootstrap, **self._client) as producer:
             sent = 0
             for topic in self._topics:
                 for partition in sorted(await producer.partitions_for(topic)):
@@ -179,10 +182,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  
             await asyncio.sleep(0.01)
 
 
+def new_prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"kw{uuid.uuid4().hex[:12]}"
+
+
 @contextlib.asynccontextmanager
-async def serving(bootstrap: str, models: Mapping[str, ServedModel], **knobs: Any) -> AsyncIterator[Worker]:
-    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after."""
-    prefix = f"kw{uuid.uuid4().hex[:12]}"
+async def serving(
+    bootstrap: str, models: Mapping[str, ServedModel], prefix: str | None = None, **knobs: Any
+) -> AsyncIterator[Worker]:
+    """A started Worker on `prefix` (default: a fresh one) and its own group, holding its partitions;
+    drained and stopped after."""
+    prefix = prefix or new_prefix()
     settings = Settings(
         bootstrap_servers=bootstrap,
         topic_prefix=prefix,

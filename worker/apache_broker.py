@@ -166,6 +166,11 @@ class ApacheKafka:
         return bool(self._users)
 
     @property
+    def directory(self) -> Path | None:
+        """The temporary folder of every node's data, config and log while started (removed by stop())."""
+        return self._directory
+
+    @property
     def node_ids(self) -> list[int]:
         """The nodes' ids (1..nodes)."""
         return list(self._nodes)
