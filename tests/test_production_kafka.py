@@ -178,6 +178,27 @@ async def test_an_undecodable_record_costs_no_good_request_and_stalls_no_partiti
         assert ends == {0: 20, 1: 20, 2: 21, 3: 20}
 
 
+# --- bootstrap lists -------------------------------------------------------------------------
+
+
+async def test_a_bootstrap_list_of_several_servers_is_taken(
+    kafka_bootstrap: str, models: dict[str, ServedModel]
+) -> None:
+    """Production clusters are named by several brokers ("a:9092,b:9092"): the worker connected to
+    none of them (FastStream took the whole string as one host) and retried for ever. The one broker
+    named twice is such a list."""
+    servers = f"{kafka_bootstrap.split(',')[0]},{kafka_bootstrap}"
+    async with asyncio.timeout(30), serving(servers, models) as worker:
+        prefix = worker.settings.topic_prefix
+        async with (
+            TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("listed", "bert", TEXT))
+            [answer] = await answers.wait_for(1)
+    assert body_of(answer)["id"] == "listed" and "error" not in body_of(answer)
+
+
 # --- publishes the broker refuses -----------------------------------------------------------
 
 
