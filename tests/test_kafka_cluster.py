@@ -75,8 +75,7 @@ class Flood:
                     try:
                         await producer.send_and_wait(self.topic, request_bytes(request_id, "bert", TEXT))
                         break
-                    except KafkaError as exc:
-                        print(f"DEBUG resend {request_id} {exc!r}", flush=True)
+                    except KafkaError:
                         self.resends += 1  # a client's own retry: the same id, at-least-once
                         await asyncio.sleep(0.2)
         finally:
@@ -93,7 +92,7 @@ async def in_sync(kafka: ApacheKafka, topics: list[str]) -> bool:
         return False
     finally:
         await admin.close()
-    return all(len(partition["isr_nodes"]) == 3 for topic in described for partition in topic["partitions"])
+    return all(len(partition["isr"]) == 3 for topic in described for partition in topic["partitions"])
 
 
 async def wait_in_sync(kafka: ApacheKafka, topics: list[str], timeout: float = 60) -> None:  # noqa: ASYNC109
@@ -146,7 +145,8 @@ async def group_is_at_the_end(bootstrap: str, group: str, topic: str) -> bool:
     try:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         ends = await reader.end_offsets(partitions)
-        return all(await reader.committed(tp) == ends[tp] for tp in partitions)
+        committed = {tp: await reader.committed(tp) for tp in partitions}
+        return committed == ends
     finally:
         await reader.stop()
 
@@ -179,11 +179,8 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
             sending = asyncio.create_task(flood.run(REQUESTS))
             await asyncio.sleep(REQUESTS / RATE / 3)
             fault_at = time.time()
-            print("DEBUG fault", flush=True)
             what = await fault(kafka, group)
-            print("DEBUG fault done", what, len(flood.sent_at), flush=True)
             await sending
-            print("DEBUG sent", flush=True)
             await answers.wait_until(
                 lambda records: len({body_of(r)["id"] for r in records}) >= REQUESTS, timeout=180
             )

@@ -194,7 +194,9 @@ async def test_a_bootstrap_list_of_several_servers_is_taken(
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as answers,
             raw_producer(kafka_bootstrap) as producer,
         ):
-            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("listed", "bert", TEXT))
+            await producer.send_and_wait(
+                requests_topic("text", prefix), request_bytes("listed", "bert", TEXT)
+            )
             [answer] = await answers.wait_for(1)
     assert body_of(answer)["id"] == "listed" and "error" not in body_of(answer)
 
