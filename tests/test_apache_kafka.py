@@ -210,22 +210,22 @@ async def test_a_reply_to_the_worker_may_not_write_is_refused_by_kafka_and_answe
     async with raw_producer(bootstrap, **client) as producer:
         with pytest.raises(TopicAuthorizationFailedError):
             await producer.send_and_wait(results_topic("text", prefix), b"{}")
-    async with serving(bootstrap, models, prefix=prefix, create_topics=False, **worker_login()) as worker:
-        async with (
-            # Read as admin: settle() writes a marker, which the client may not.
-            TopicReader(bootstrap, results_topic("text", prefix), client=admin) as answers,
-            TopicReader(bootstrap, forbidden, client=admin) as elsewhere,
-            raw_producer(bootstrap, **client) as producer,
-        ):
-            await producer.send_and_wait(
-                requests_topic("text", prefix),
-                request_bytes("denied", "bert", TEXT),
-                headers=[("reply_to", forbidden.encode())],
-            )
-            [reply] = await answers.wait_for(1)
-            await worker.drain()
-            assert await answers.settle() == [reply]
-            assert await elsewhere.settle() == []
+    async with (
+        serving(bootstrap, models, prefix=prefix, create_topics=False, **worker_login()) as worker,
+        # Read as admin: settle() writes a marker, which the client may not.
+        TopicReader(bootstrap, results_topic("text", prefix), client=admin) as answers,
+        TopicReader(bootstrap, forbidden, client=admin) as elsewhere,
+        raw_producer(bootstrap, **client) as producer,
+    ):
+        await producer.send_and_wait(
+            requests_topic("text", prefix),
+            request_bytes("denied", "bert", TEXT),
+            headers=[("reply_to", forbidden.encode())],
+        )
+        [reply] = await answers.wait_for(1)
+        await worker.drain()
+        assert await answers.settle() == [reply]
+        assert await elsewhere.settle() == []
     assert "error" not in body_of(reply), body_of(reply)
     assert headers_of(reply)["reply_to_refused"] == b"refused_by_broker"
     assert worker.metrics.reply_to_refused.labels("refused_by_broker")._value.get() == 1

@@ -98,7 +98,7 @@ async def in_sync(kafka: ApacheKafka, topics: list[str]) -> bool:
 async def wait_in_sync(kafka: ApacheKafka, topics: list[str], timeout: float = 60) -> None:  # noqa: ASYNC109
     """Wait until every replica of `topics` (and of the offsets topic) is back in sync."""
     async with asyncio.timeout(timeout):
-        while not await in_sync(kafka, [*topics, "__consumer_offsets"]):
+        while not await in_sync(kafka, [*topics, "__consumer_offsets"]):  # noqa: ASYNC110 (broker state: no event to wait on)
             await asyncio.sleep(0.2)
 
 
@@ -110,7 +110,7 @@ async def known_everywhere(kafka: ApacheKafka, topics: list[str]) -> None:
         await admin.start()
         try:
             async with asyncio.timeout(10):
-                while not set(topics) <= set(await admin.list_topics()):
+                while not set(topics) <= set(await admin.list_topics()):  # noqa: ASYNC110 (broker state: no event to wait on)
                     await asyncio.sleep(0.05)
         finally:
             await admin.close()
@@ -174,18 +174,17 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
     await known_everywhere(kafka, topics)
     group = f"{prefix}.workers"
     flood = Flood(kafka.bootstrap_servers, topics[0])
-    async with two_workers(kafka, models, prefix):
-        async with TopicReader(kafka.bootstrap_servers, topics[1]) as answers:
-            sending = asyncio.create_task(flood.run(REQUESTS))
-            await asyncio.sleep(REQUESTS / RATE / 3)
-            fault_at = time.time()
-            what = await fault(kafka, group)
-            await sending
-            await answers.wait_until(
-                lambda records: len({body_of(r)["id"] for r in records}) >= REQUESTS, timeout=180
-            )
-            records = list(answers.records)
-        # Both workers drain and commit on leaving the block.
+    async with two_workers(kafka, models, prefix), TopicReader(kafka.bootstrap_servers, topics[1]) as answers:
+        sending = asyncio.create_task(flood.run(REQUESTS))
+        await asyncio.sleep(REQUESTS / RATE / 3)
+        fault_at = time.time()
+        what = await fault(kafka, group)
+        await sending
+        await answers.wait_until(
+            lambda records: len({body_of(r)["id"] for r in records}) >= REQUESTS, timeout=180
+        )
+        records = list(answers.records)
+    # Both workers drain and commit on leaving the block.
     answered = {body_of(r)["id"] for r in records}
     assert answered == set(flood.sent_at), f"unanswered: {sorted(set(flood.sent_at) - answered)[:10]}"
     assert all("error" not in body_of(r) for r in records), next(
@@ -203,7 +202,7 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
         f"{max(after):.1f} s"
     )
     async with asyncio.timeout(30):
-        while not await group_is_at_the_end(kafka.bootstrap_servers, group, topics[0]):
+        while not await group_is_at_the_end(kafka.bootstrap_servers, group, topics[0]):  # noqa: ASYNC110 (broker state: no event to wait on)
             await asyncio.sleep(0.5)
     await wait_in_sync(kafka, topics)
 
