@@ -131,18 +131,24 @@ class ApacheKafka:
         nodes: int = 1,
         *,
         port: int | None = None,
+        advertised_port: int | None = None,
         users: Mapping[str, str] | None = None,
         settings: Mapping[str, str] | None = None,
         heap_mb: int = 512,
         host: str = "127.0.0.1",
         startup_timeout_s: float = 120.0,
     ) -> None:
-        """`port`: the first node's client port (default: free ones); `settings` override the rest."""
+        """`port`: the first node's client port (default: free ones); `advertised_port`: the port its
+        metadata names instead (a proxy's, forwarding to `port` before start; one node only);
+        `settings` override the rest."""
+        if advertised_port is not None and nodes != 1:
+            raise ValueError("advertised_port is for a single node")
         if nodes < 1:
             raise ValueError("nodes must be at least 1")
         self.host = host
         self.node_count = nodes
         self._requested_port = port
+        self._advertised_port = advertised_port
         self._users = dict(users or {})
         self._admin_password = secrets.token_hex(8)
         self._settings = dict(settings or {})
@@ -312,7 +318,7 @@ class ApacheKafka:
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
             "listeners": f"CLIENT://{self.host}:{node.port},CONTROLLER://{self.host}:{node.controller_port}",
-            "advertised.listeners": f"CLIENT://{self.host}:{node.port}",
+            "advertised.listeners": f"CLIENT://{self.host}:{self._advertised_port or node.port}",
             "listener.security.protocol.map": f"CLIENT:{protocol},CONTROLLER:PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "CLIENT",
