@@ -439,7 +439,7 @@ def _rss_mib(pid: int) -> float:
 
 @pytest.mark.slow
 async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_large_audio(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, kafka_kind: str, tmp_path: Path
 ) -> None:
     """150 requests of 55 s audio (345 MB of JSON) at once into a `python -m worker run` process."""
     from tests.process_support import WorkerLauncher, wait_until
@@ -456,6 +456,7 @@ async def test_a_worker_process_stays_under_the_stated_rss_bound_in_a_flood_of_l
         await worker.wait_for_log("worker started", 120)
         idle = peak = _rss_mib(worker.pid)
         body = _wav_request("template", 55.0)
+        await allow_records_up_to(kafka_bootstrap, kafka_kind, requests_topic("audio", prefix), 4 * len(body))
         async with (
             TopicReader(kafka_bootstrap, results_topic("audio", prefix)) as answers,
             raw_producer(kafka_bootstrap, max_request_size=8 * 1024 * 1024) as producer,
