@@ -173,7 +173,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded Kafka-API broker in the foreground."""
+    """Run the embedded Kafka-API broker (or Apache Kafka from `make kafka`'s jars) in the foreground."""
+    if args.apache:
+        from worker import apache_broker
+
+        apache_broker.serve_forever(args.nodes, args.port)
+        return 0
+    if args.nodes != 1:
+        print("error: --nodes needs --apache (tansu runs one node)", file=sys.stderr)
+        return 2
     from worker.embedded_broker import serve_forever
 
     serve_forever(args.port)
@@ -226,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    broker.add_argument(
+        "--apache",
+        action="store_true",
+        help="Apache Kafka 4 (KRaft) from the jars `make kafka` caches, instead of tansu",
+    )
+    broker.add_argument("--nodes", type=int, default=1, help="Apache Kafka nodes (3: replication 3)")
     broker.set_defaults(func=cmd_broker)
 
     settings = sub.add_parser("settings", help="print the settings table (markdown)")

@@ -33,7 +33,8 @@ class KafkaClients:
         #: what the producer itself may send in one request; records stay under the broker's limit too
         self.max_request_size = max(settings.max_message_bytes * 2, 1024 * 1024)
         self.broker = KafkaBroker(
-            settings.bootstrap_servers,
+            # A list: FastStream wraps a string as one server, so "a:9092,b:9092" would be one bad host.
+            [server.strip() for server in settings.bootstrap_servers.split(",")],
             acks="all",
             enable_idempotence=False,  # the embedded broker refuses idempotent producers
             max_batch_size=1024 * 1024,
