@@ -141,6 +141,8 @@ class Worker:
             if settings.delivery == "exactly-once"
             else None
         )
+        if self.transactions is not None:
+            self.flow.before_seek_to_committed = self.transactions.settled
         self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -50,6 +50,9 @@ class Flow:
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
+        #: awaited before partitions are sought to their committed offsets (exactly-once: until no
+        #: transaction of theirs is still committing, else the offsets read would miss its commit)
+        self.before_seek_to_committed: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
         #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
@@ -209,6 +212,8 @@ class Flow:
         if consumer is None or not assigned:
             return
         async with asyncio.timeout(REVOKE_COMMIT_S):
+            if self.before_seek_to_committed is not None:
+                await self.before_seek_to_committed(assigned)
             committed = await consumer.seek_to_committed(*assigned)
             never = [tp for tp, offset in committed.items() if not offset]
             if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)

@@ -222,6 +222,7 @@ class Transactions:
         # No second send of a record in one transaction: one whose acknowledgement failed may have been
         # written, and both would commit. A retriable failure gives up the transaction (a redelivery).
         delivery.retry_s = 0.0
+        delivery.bound_attempts = False  # the transaction's own timeout bounds its sends
         try:
             async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
                 await producer.begin_transaction()
@@ -376,6 +377,13 @@ class Transactions:
             await _stop(producer)
             raise
         self._producers[tp] = producer
+
+    async def settled(self, partitions: Collection[TopicPartition]) -> None:
+        """Wait until no transaction of ``partitions`` is in progress (the caller bounds the wait): a
+        committed offset read after this includes every transaction this worker began for them."""
+        for tp in partitions:
+            async with self._locks.setdefault(tp, asyncio.Lock()):
+                pass
 
     async def revoked(self, partitions: Collection[TopicPartition]) -> None:
         """Let a transaction in progress end (bounded), drop held answers, close the partitions' producers."""
