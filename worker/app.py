@@ -143,6 +143,7 @@ class Worker:
         )
         if self.transactions is not None:
             self.flow.before_seek_to_committed = self.transactions.settled
+            self.flow.own_commit = self.transactions.own_commit
         self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -404,6 +405,7 @@ class Worker:
                 log.exception("a fetch round failed; its partitions start over from their committed offsets")
                 self.fetcher.round_failed(exc)
                 await self.flow.restart_from_committed()
+                generation = self.flow.generation  # its own restart: a failed round, not an overtaken one
                 fetched = Fetched([], [])
             if self.flow.generation != generation:
                 # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
