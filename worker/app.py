@@ -43,6 +43,7 @@ from worker.intake import Intake, Job, now_ms
 from worker.metadata import Bucket
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.quarantine import Quarantine, open_quarantine, poison_answer
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
@@ -99,6 +100,7 @@ class Worker:
             retry_s=settings.publish_retry_s,
         )
         self.fetcher: PartitionFetcher | None = None
+        self.quarantine: Quarantine | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._fetching: asyncio.Task[None] | None = None
@@ -149,6 +151,8 @@ class Worker:
             self.clients.consumer, max_attempts=s.max_decode_attempts, broker_wait=broker_wait
         )
         self.flow.on_revoked = self.fetcher.forget
+        self.quarantine = await open_quarantine(s, self.clients, lambda tp: self.tracker.pending([tp]))
+        self.flow.on_revoking = self.quarantine.release
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
             queue: BatchQueue[Bucket, Job] = BatchQueue(
@@ -183,6 +187,8 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_BUDGET_S / 2):
                 await self.flow.commit()
+                if self.quarantine is not None and self.consumer is not None:
+                    await self.quarantine.release(self.consumer.assignment())
 
     async def _drain_in_flight(self) -> None:
         await self.flow.wait_until(lambda: self._state.fetching_rounds == 0)
@@ -203,7 +209,9 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.flow.consumer = None
-        await self.clients.close(STOP_BUDGET_S / 2)
+        if self.quarantine is not None:
+            await self.quarantine.close(STOP_BUDGET_S / 4)
+        await self.clients.close(STOP_BUDGET_S / 4)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.health is not None:
             self.health.stop()
@@ -288,6 +296,8 @@ class Worker:
         s = self.settings
         assert self.fetcher is not None
         while not self.flow.draining:
+            if self.quarantine is not None:
+                self.quarantine.resume_answered(may_resume=not self.flow.paused)
             room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
             byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
             if self.flow.paused or room <= 0:
@@ -327,10 +337,17 @@ class Worker:
     async def _take(self, fetched: Fetched) -> None:
         """Track, prepare and queue one fetched round; errors are answered off the intake path."""
         tracker = self.tracker
+        assert self.quarantine is not None
+        admitted = await self.quarantine.admit(fetched)  # markers acknowledged before anything runs
+        fetched = admitted.fetched
+        rejected = []
+        for record, crashes in admitted.poisoned:
+            poison = self.intake.origin(record)
+            tracker.track(poison.tp, poison.offset, len(poison.raw))
+            rejected.append(poison_answer(poison, record.key, crashes))
         origins = [self.intake.origin(r) for r in fetched.records]
         for origin in origins:
             tracker.track(origin.tp, origin.offset, len(origin.raw))
-        rejected = []
         for bad in fetched.undecodable:
             tracker.track(bad.tp, bad.offset)
             rejected.append(self.intake.undecodable(bad))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -36,6 +36,8 @@ class Flow:
         self._progress = asyncio.Event()
         #: called with the revoked partitions once their answers are in (the fetcher forgets them)
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
+        #: awaited with the revoked partitions after their commit, before they are forgotten (quarantine)
+        self.on_revoking: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
 
     def progressed(self) -> None:
         """Wake whoever waits for answers (``wait_until``)."""
@@ -109,6 +111,8 @@ class Flow:
             async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
                 await self.wait_answered(revoked)
         await self.commit()
+        if self.on_revoking is not None:
+            await self.on_revoking(revoked)
         self.tracker.forget(revoked)
         if self.on_revoked is not None:
             self.on_revoked(revoked)

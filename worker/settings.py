@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         description="Times a record the Kafka client cannot decode is fetched again before it is "
         "skipped with a DLQ record.",
     )
+    max_crash_attempts: int = Field(
+        3,
+        ge=1,
+        description="Worker crashes (OOM kill, native crash, abort) a request may cause across the group "
+        "before it is skipped with a poison_suspected error reply and DLQ record.",
+    )
     create_topics: bool = Field(
         True,
         description="Create the worker's own request, results and DLQ topics when missing. Off: check "

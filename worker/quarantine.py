@@ -1,0 +1,411 @@
+"""Poison-pill quarantine: a request that kills its worker costs at most ``max_crash_attempts`` crashes.
+
+Offsets are committed only after an answer, so a request that kills its process (OOM kill, a
+crash in native decoder code, an abort) would come back to every worker of the group for ever.
+Before a fetched round of a partition runs, its owner writes a *marker* for the partition to the
+``<prefix>.quarantine`` topic (keyed by group/topic/partition, compacted where the broker
+supports it) and waits for the broker's acknowledgement: "offsets up to ``upto`` may be running
+here". Offset-commit metadata is not enough: the embedded broker drops it.
+
+The next owner of a partition reads the marker at its first round. The marker still armed at
+the offset the group resumes from (and not written by this very process) means the owner died
+with those records running: one crash is counted, and the partition is read one record at a
+time through ``upto``, each record armed alone with the count inherited. A crash while one
+record runs alone names it; once a named record reaches ``max_crash_attempts`` crashes it is not
+run again but answered with ``poison_suspected`` (error reply + DLQ record) and committed past.
+
+A revoke or drain with nothing left running disarms the marker (the count of a partition still
+being read one at a time goes with it), so a rebalance without a crash counts nothing. A
+partition that was fully answered is never charged: the group resumes past the marker's ``upto``.
+The pure rules are ``recover``, ``Suspicion`` and ``Marker``; ``Quarantine`` is the Kafka shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from schemas import ErrorCode
+from worker.clients import KafkaClients
+from worker.envelopes import Origin, Outgoing, rejection
+from worker.fetching import Fetched
+from worker.settings import Settings
+from worker.topics import ensure_topics, quarantine_topic
+
+log = logging.getLogger(__name__)
+
+#: Test-only failpoint: a worker whose environment sets this kills itself (SIGKILL, as the OOM
+#: killer does) when it prepares a request whose body contains the variable's value. Unset, it
+#: costs one lookup per request and does nothing.
+CRASH_FAILPOINT_ENV = "ONNX_WORKER_TEST_CRASH_ON"
+
+#: The quarantine topic's settings where the broker takes them: only the latest marker per key matters.
+COMPACTED = {"cleanup.policy": "compact"}
+
+#: Longest a revoke or drain waits to disarm markers (the broker may be away).
+RELEASE_BUDGET_S = 5.0
+
+#: publish(value, topic, key, headers, correlation_id) -> awaitable of the broker's acknowledgement
+Publish = Callable[[bytes, str, bytes | None, dict[str, str], str], Awaitable[Any]]
+
+
+# --- the pure core ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What a partition's owner last wrote: which offsets may be running, and the crash count it carries."""
+
+    #: highest offset that may be running while ``armed``
+    upto: int
+    #: True from before a round runs until a revoke or drain finds nothing running
+    armed: bool
+    #: crashes charged to the records up to ``suspect_to`` (one-at-a-time reading)
+    crashes: int = 0
+    #: armed over the one record ``upto`` alone: a crash now names it
+    alone: bool = False
+    #: last offset still read one record at a time (-1: none)
+    suspect_to: int = -1
+    #: the process that wrote it (a process never counts its own live marker as a crash)
+    writer: str = ""
+
+    def to_json(self) -> bytes:
+        """The marker as the quarantine topic stores it."""
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Marker | None:
+        """A marker read back; None for a record that is not one (never raises)."""
+        try:
+            data = json.loads(raw)
+            return cls(
+                upto=int(data["upto"]),
+                armed=bool(data["armed"]),
+                crashes=int(data.get("crashes", 0)),
+                alone=bool(data.get("alone", False)),
+                suspect_to=int(data.get("suspect_to", -1)),
+                writer=str(data.get("writer", "")),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """A partition's state as its owner reads it: crashes counted, and how far to read one at a time."""
+
+    crashes: int = 0
+    #: last offset read one record at a time (-1: none, whole rounds run)
+    suspect_to: int = -1
+    #: the offset the last crash named (it ran alone), if any
+    named: int | None = None
+
+    def suspect(self, offset: int) -> bool:
+        """True when ``offset`` must run alone."""
+        return offset <= self.suspect_to
+
+    def poisoned(self, offset: int, max_crashes: int) -> bool:
+        """True when ``offset`` was named by a crash and has used up its crashes."""
+        return offset == self.named and self.crashes >= max_crashes
+
+
+def recover(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
+    """A new owner's view of a partition from its last marker and the offset the group resumes from.
+
+    Armed at or below ``upto`` and written by another process: its writer died with those offsets
+    running, one crash more. Otherwise the count goes on only while the one-at-a-time range lasts.
+    """
+    if marker is None:
+        return Suspicion()
+    if marker.armed and resume_at <= marker.upto and marker.writer != me:
+        named = marker.upto if marker.alone else None
+        return Suspicion(marker.crashes + 1, max(marker.suspect_to, marker.upto), named)
+    if resume_at <= marker.suspect_to:
+        return Suspicion(marker.crashes, marker.suspect_to)
+    return Suspicion()
+
+
+# --- the Kafka shell -------------------------------------------------------------------------
+
+
+@dataclass
+class _Partition:
+    """One owned partition: its suspicion, its last written marker, offsets answered as poison."""
+
+    suspicion: Suspicion
+    written: Marker | None
+    poisoned: set[int] = field(default_factory=set)
+    #: paused here while its one record runs alone
+    held: bool = False
+
+
+@dataclass
+class Admitted:
+    """A round after the quarantine: the records to run, and the ones to answer as poison instead."""
+
+    fetched: Fetched
+    #: each with the crashes it caused
+    poisoned: list[tuple[ConsumerRecord[Any, Any], int]]
+
+
+class MarkerLog:
+    """The quarantine topic: write one partition's marker (acknowledged), read back the latest ones."""
+
+    def __init__(self, topic: str, group: str, publish: Publish, reader: AIOKafkaConsumer) -> None:
+        self.topic = topic
+        self.group = group
+        self.publish = publish
+        self.reader = reader
+        self._latest: dict[str, Marker] = {}
+        self._source = TopicPartition(topic, 0)
+
+    def key(self, tp: TopicPartition) -> str:
+        """The marker's key: one per group, topic and partition."""
+        return f"{self.group}/{tp.topic}/{tp.partition}"
+
+    async def start(self) -> None:
+        """Start the group-less reader on the topic's one partition, from its beginning."""
+        await self.reader.start()
+        self.reader.assign([self._source])
+        await self.reader.seek_to_beginning(self._source)
+
+    async def write(self, tp: TopicPartition, marker: Marker) -> None:
+        """Publish ``marker`` for ``tp``; returns once the broker has acknowledged it."""
+        key = self.key(tp)
+        ack = await self.publish(marker.to_json(), self.topic, key.encode(), {}, key)
+        await ack
+
+    async def latest(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, Marker]:
+        """The last marker of each partition, read up to the topic's end as of now."""
+        end = (await self.reader.end_offsets([self._source]))[self._source]
+        while await self.reader.position(self._source) < end:
+            batches = await self.reader.getmany(self._source, timeout_ms=1000)
+            for record in batches.get(self._source, []):
+                marker = Marker.from_json(record.value or b"")
+                if record.key is not None and marker is not None:
+                    self._latest[record.key.decode("utf-8", "replace")] = marker
+        found = {tp: self._latest.get(self.key(tp)) for tp in partitions}
+        return {tp: marker for tp, marker in found.items() if marker is not None}
+
+    async def close(self) -> None:
+        """Stop the reader."""
+        await self.reader.stop()
+
+
+class Quarantine:
+    """Arms markers before rounds run, counts crashes at the first round after an assignment, holds
+    suspect partitions to one record at a time, and names the records to answer as poison."""
+
+    def __init__(
+        self,
+        log_: MarkerLog,
+        consumer: AIOKafkaConsumer,
+        pending: Callable[[TopicPartition], int],
+        *,
+        max_crashes: int,
+    ) -> None:
+        self.markers = log_
+        self.consumer = consumer
+        #: unanswered records of a partition (the flow's tracker)
+        self.pending = pending
+        self.max_crashes = max_crashes
+        self.me = uuid.uuid4().hex
+        self._partitions: dict[TopicPartition, _Partition] = {}
+
+    async def admit(self, fetched: Fetched) -> Admitted:
+        """Before a round runs: count crashes of newly owned partitions, keep one record of a suspect
+        partition (seeking back to the rest), arm each partition's marker and wait for the acks."""
+        await self._recover(fetched)
+        records: list[ConsumerRecord[Any, Any]] = []
+        poisoned: list[tuple[ConsumerRecord[Any, Any], int]] = []
+        undecodable = list(fetched.undecodable)
+        arming: dict[TopicPartition, Marker] = {}
+        for tp, taken in _by_partition(fetched.records).items():
+            state = self._partitions[tp]
+            first = taken[0].offset
+            if first in state.poisoned or state.suspicion.poisoned(first, self.max_crashes):
+                poisoned.append((taken[0], self._poison(tp, state, first)))
+                self._seek_back(tp, taken[1:], undecodable)
+            elif state.suspicion.suspect(first):
+                if self.pending(tp):
+                    self._seek_back(tp, taken, undecodable)  # its one record still runs
+                else:
+                    records.append(taken[0])
+                    self._seek_back(tp, taken[1:], undecodable)
+                    arming[tp] = self._armed(state, first, alone=True)
+                self._hold(tp, state)
+            else:
+                if state.suspicion.suspect_to >= 0:
+                    log.info("%s: past the records read one at a time; whole rounds again", tp)
+                    state.suspicion = Suspicion()
+                records += taken
+                last = taken[-1].offset
+                covered = state.written is not None and state.written.armed and last <= state.written.upto
+                if not covered:
+                    arming[tp] = self._armed(state, last, alone=False)
+        await self._write(arming)
+        return Admitted(Fetched(records, undecodable), poisoned)
+
+    def resume_answered(self, may_resume: bool) -> None:
+        """Resume held partitions whose one record is answered (the fetch loop calls this each turn)."""
+        for tp, state in self._partitions.items():
+            if state.held and not self.pending(tp):
+                state.held = False
+                if may_resume and tp in self.consumer.assignment():
+                    self.consumer.resume(tp)
+
+    async def release(self, partitions: Collection[TopicPartition]) -> None:
+        """Partitions leave (revoke, drain): disarm the markers of those with nothing running, forget them.
+
+        A partition with records still running keeps its marker armed: if they kill this process
+        after all, the next owner counts it.
+        """
+        disarming = {}
+        for tp in partitions:
+            state = self._partitions.pop(tp, None)
+            written = state.written if state is not None else None
+            # Another process's marker stays as it is: the crash counted from it is not written yet.
+            if written is None or not written.armed or written.writer != self.me or self.pending(tp):
+                continue
+            disarming[tp] = replace(written, armed=False, alone=False)
+        try:
+            async with asyncio.timeout(RELEASE_BUDGET_S):
+                await self._write(disarming)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # Left armed: the next owner counts one crash too many, which is the safe side.
+            log.warning("could not disarm the quarantine markers of %s: %r", sorted(disarming), exc)
+
+    async def close(self, budget_s: float) -> None:
+        """Stop the marker reader, within ``budget_s`` whatever the broker does."""
+        try:
+            async with asyncio.timeout(budget_s):
+                await self.markers.close()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("closing the quarantine marker reader failed: %r", exc)
+
+    # --- inside ------------------------------------------------------------------------------
+
+    async def _recover(self, fetched: Fetched) -> None:
+        starts: dict[TopicPartition, int] = {}
+        for tp, offset in [(TopicPartition(r.topic, r.partition), r.offset) for r in fetched.records] + [
+            (u.tp, u.offset) for u in fetched.undecodable
+        ]:
+            if tp not in self._partitions:
+                starts[tp] = min(offset, starts.get(tp, offset))
+        if not starts:
+            return
+        markers = await self.markers.latest(starts)
+        for tp, resume_at in starts.items():
+            marker = markers.get(tp)
+            suspicion = recover(marker, resume_at, self.me)
+            if suspicion.crashes > (marker.crashes if marker is not None else 0):
+                log.error(
+                    "%s: its last owner died with offsets %d..%d running (crash %d of %d allowed); "
+                    "reading them one at a time",
+                    tp,
+                    resume_at,
+                    suspicion.suspect_to,
+                    suspicion.crashes,
+                    self.max_crashes,
+                )
+            self._partitions[tp] = _Partition(suspicion, marker)
+
+    def _armed(self, state: _Partition, upto: int, *, alone: bool) -> Marker:
+        s = state.suspicion
+        return Marker(upto, True, s.crashes, alone, s.suspect_to, self.me)
+
+    def _poison(self, tp: TopicPartition, state: _Partition, offset: int) -> int:
+        crashes = state.suspicion.crashes
+        if offset not in state.poisoned:
+            log.error(
+                "%s offset %d killed its worker %d times: answered as poison_suspected, not run again",
+                tp,
+                offset,
+                crashes,
+            )
+            state.poisoned.add(offset)
+        state.suspicion = Suspicion()  # its crashes are explained: the records behind it run whole again
+        return crashes
+
+    def _hold(self, tp: TopicPartition, state: _Partition) -> None:
+        # Paused again each time: a resume of every partition (backpressure) may have let it go.
+        state.held = True
+        self.consumer.pause(tp)
+
+    def _seek_back(
+        self, tp: TopicPartition, dropped: list[ConsumerRecord[Any, Any]], undecodable: list[Any]
+    ) -> None:
+        """Leave ``dropped`` for a later round: the partition is read from the first of them again."""
+        if not dropped:
+            return
+        first = dropped[0].offset
+        undecodable[:] = [u for u in undecodable if u.tp != tp or u.offset < first]
+        self.consumer.seek(tp, first)
+
+    async def _write(self, markers: dict[TopicPartition, Marker]) -> None:
+        fresh = {tp: m for tp, m in markers.items() if self._written(tp) != m}
+        if not fresh:
+            return
+        await asyncio.gather(*(self.markers.write(tp, m) for tp, m in fresh.items()))
+        for tp, marker in fresh.items():
+            if tp in self._partitions:
+                self._partitions[tp].written = marker
+
+    def _written(self, tp: TopicPartition) -> Marker | None:
+        state = self._partitions.get(tp)
+        return state.written if state is not None else None
+
+
+async def open_quarantine(
+    settings: Settings, clients: KafkaClients, pending: Callable[[TopicPartition], int]
+) -> Quarantine:
+    """The quarantine of a connected worker: its topic made sure of, its marker reader started."""
+    assert clients.admin is not None and clients.consumer is not None and settings.bootstrap_servers
+    topic = quarantine_topic(settings.topic_prefix)
+    created = await ensure_topics(clients.admin, [topic], 1, create=settings.create_topics, configs=COMPACTED)
+    if created:
+        log.info("created topic %s", topic)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        **settings.kafka_client_kwargs(),
+    )
+    markers = MarkerLog(topic, settings.group_id, clients.publish, reader)
+    await markers.start()
+    return Quarantine(markers, clients.consumer, pending, max_crashes=settings.max_crash_attempts)
+
+
+def _by_partition(
+    records: list[ConsumerRecord[Any, Any]],
+) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+    grouped: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+    for record in records:
+        grouped.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+    return grouped
+
+
+def poison_answer(origin: Origin, key: bytes | None, crashes: int) -> Outgoing:
+    """The error reply (and DLQ copy) of a request skipped as poison; its body is not parsed (it may be
+    what crashed), so the request id is the record's key."""
+    request_id = key.decode("utf-8", "replace") if key else None
+    message = f"this request was running each time a worker died ({crashes} times); it was skipped"
+    return rejection(origin, request_id, None, ErrorCode.POISON_SUSPECTED, message)
+
+
+def crash_if_marked(raw: bytes) -> None:
+    """Test-only failpoint (``CRASH_FAILPOINT_ENV``): die as the OOM killer kills, on a marked request."""
+    mark = os.environ.get(CRASH_FAILPOINT_ENV)
+    if mark and mark.encode() in raw:
+        log.critical("test failpoint %s: killing this process", CRASH_FAILPOINT_ENV)
+        os.kill(os.getpid(), signal.SIGKILL)
