@@ -35,9 +35,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas import ErrorCode
 from worker.clients import KafkaClients
 from worker.envelopes import Origin, Outgoing, rejection
+from worker.errors import PoisonSuspected
 from worker.fetching import Fetched
 from worker.settings import Settings
 from worker.topics import ensure_topics, quarantine_topic
@@ -308,15 +308,18 @@ class Quarantine:
         for tp, resume_at in starts.items():
             marker = markers.get(tp)
             suspicion = recover(marker, resume_at, self.me)
-            if suspicion.crashes > (marker.crashes if marker is not None else 0):
+            if marker is not None and suspicion.crashes > marker.crashes:
+                running = (
+                    f"offset {marker.upto} alone" if marker.alone else f"offsets {resume_at}..{marker.upto}"
+                )
                 log.error(
-                    "%s: its last owner died with offsets %d..%d running (crash %d of %d allowed); "
-                    "reading them one at a time",
+                    "%s: its last owner died with %s running (crash %d of %d allowed); "
+                    "reading through offset %d one record at a time",
                     tp,
-                    resume_at,
-                    suspicion.suspect_to,
+                    running,
                     suspicion.crashes,
                     self.max_crashes,
+                    suspicion.suspect_to,
                 )
             self._partitions[tp] = _Partition(suspicion, marker)
 
@@ -400,7 +403,7 @@ def poison_answer(origin: Origin, key: bytes | None, crashes: int) -> Outgoing:
     what crashed), so the request id is the record's key."""
     request_id = key.decode("utf-8", "replace") if key else None
     message = f"this request was running each time a worker died ({crashes} times); it was skipped"
-    return rejection(origin, request_id, None, ErrorCode.POISON_SUSPECTED, message)
+    return rejection(origin, request_id, None, PoisonSuspected.code, message)
 
 
 def crash_if_marked(raw: bytes) -> None:
