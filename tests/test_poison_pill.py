@@ -9,18 +9,23 @@ the group for ever and nothing behind it was answered.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
-from tests.kafka_support import TopicReader, headers_of
+from tests.kafka_support import TopicReader, headers_of, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
 from tests.references import TINY
+from worker.app import Worker
 from worker.quarantine import CRASH_FAILPOINT_ENV
-from worker.topics import dlq_topic
+from worker.settings import Settings
+from worker.topics import dlq_topic, quarantine_topic
 
 #: Two workers loading bert at once on a 2-core machine, and joining the group.
 START_TIMEOUT_S = 90.0
@@ -96,3 +101,71 @@ async def test_a_request_that_kills_its_worker_costs_three_deaths_then_a_dlq_rec
         lambda: parent.count("exited with", process="MainProcess") == deaths, 1, "no further death"
     )
     assert await stream.committed() == stream.committed_end()
+
+
+@pytest.mark.kafka
+async def test_a_rebalance_and_a_death_while_idle_count_no_crash(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a death with records running counts: not a member joining, not one dying with all answered."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(kafka_bootstrap, partitions=2)
+    await stream.start()
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    first, second = Worker(settings, models), Worker(settings, models)
+    caplog.set_level(logging.INFO, logger="worker.quarantine")
+    try:
+        await first.start()
+        await stream.wait_answered(await stream.send(10), 60)
+        await second.start()  # a rebalance: the first revokes both partitions, one comes back
+        await until(lambda: bool(first.consumer and first.consumer.assignment()), 30)
+        await until(lambda: bool(second.consumer and second.consumer.assignment()), 30)
+        await stream.wait_answered(await stream.send(10), 60)
+        await until_committed(stream, 30)
+        # The first dies while idle (no drain, no revoke: its markers stay armed) ...
+        await first.stop()
+        await until(lambda: second.consumer is not None and len(second.consumer.assignment()) == 2, 30)
+        # ... and its partitions' next requests run as whole rounds, no crash counted.
+        await stream.wait_answered(await stream.send(10), 60)
+        await second.drain()
+    finally:
+        await first.stop()
+        await second.stop()
+        await stream.stop()
+    assert [r.message for r in caplog.records if "died with" in r.getMessage()] == []
+    assert stream.missing() == [] and stream.duplicates() == 0
+    # What the topic holds: a marker per partition, disarmed by the second worker's drain.
+    markers = await last_markers(kafka_bootstrap, stream.prefix)
+    assert set(markers) == {f"{stream.group_id}/{stream.requests_topic}/{p}" for p in (0, 1)}
+    assert all(not marker["armed"] and marker["crashes"] == 0 for marker in markers.values()), markers
+
+
+async def until_committed(stream: Stream, within: float) -> None:
+    """Until the group's commits reach the end of every request partition."""
+    deadline = time.monotonic() + within
+    while await stream.committed() != stream.committed_end():
+        assert time.monotonic() < deadline, "the commits never reached the end of the partitions"
+
+
+async def last_markers(bootstrap: str, prefix: str) -> dict[str, dict[str, object]]:
+    """The last marker of each key on the quarantine topic, read as plain JSON."""
+    reader = AIOKafkaConsumer(
+        quarantine_topic(prefix), bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await reader.start()
+    try:
+        latest: dict[str, dict[str, object]] = {}
+        while batches := await reader.getmany(timeout_ms=2000):
+            for records in batches.values():
+                for record in records:
+                    assert record.key is not None and record.value is not None
+                    latest[record.key.decode()] = json.loads(record.value)
+        return latest
+    finally:
+        await reader.stop()
