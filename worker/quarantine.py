@@ -28,11 +28,11 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.clients import KafkaClients
@@ -54,9 +54,6 @@ COMPACTED = {"cleanup.policy": "compact"}
 
 #: Longest a revoke or drain waits to disarm markers (the broker may be away).
 RELEASE_BUDGET_S = 5.0
-
-#: publish(value, topic, key, headers, correlation_id) -> awaitable of the broker's acknowledgement
-Publish = Callable[[bytes, str, bytes | None, dict[str, str], str], Awaitable[Any]]
 
 
 # --- the pure core ---------------------------------------------------------------------------
@@ -159,12 +156,17 @@ class Admitted:
 
 
 class MarkerLog:
-    """The quarantine topic: write one partition's marker (acknowledged), read back the latest ones."""
+    """The quarantine topic: write one partition's marker (acknowledged), read back the latest ones.
 
-    def __init__(self, topic: str, group: str, publish: Publish, reader: AIOKafkaConsumer) -> None:
+    Markers have a producer of their own: behind the replies' batches in the shared producer a
+    marker's ack took 14 ms (median) to 470 ms in a flood (bench/quarantine_cost.py), and each
+    round waits for it.
+    """
+
+    def __init__(self, topic: str, group: str, producer: AIOKafkaProducer, reader: AIOKafkaConsumer) -> None:
         self.topic = topic
         self.group = group
-        self.publish = publish
+        self.producer = producer
         self.reader = reader
         self._latest: dict[str, Marker] = {}
         self._source = TopicPartition(topic, 0)
@@ -174,19 +176,22 @@ class MarkerLog:
         return f"{self.group}/{tp.topic}/{tp.partition}"
 
     async def start(self) -> None:
-        """Start the group-less reader on the topic's one partition, from its beginning."""
+        """Start the producer (its metadata for the topic fetched now, not at the first round) and the
+        group-less reader on the topic's one partition, from its beginning."""
+        await self.producer.start()
+        await self.producer.partitions_for(self.topic)
         await self.reader.start()
         self.reader.assign([self._source])
         await self.reader.seek_to_beginning(self._source)
+        await self.catch_up()  # the reader's first offset look-ups now, not in the first round
 
     async def write(self, tp: TopicPartition, marker: Marker) -> None:
         """Publish ``marker`` for ``tp``; returns once the broker has acknowledged it."""
         key = self.key(tp)
-        ack = await self.publish(marker.to_json(), self.topic, key.encode(), {}, key)
-        await ack
+        await self.producer.send_and_wait(self.topic, marker.to_json(), key=key.encode(), partition=0)
 
-    async def latest(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, Marker]:
-        """The last marker of each partition, read up to the topic's end as of now."""
+    async def catch_up(self) -> None:
+        """Read the topic up to its end as of now (only what arrived since the last call)."""
         end = (await self.reader.end_offsets([self._source]))[self._source]
         while await self.reader.position(self._source) < end:
             batches = await self.reader.getmany(self._source, timeout_ms=1000)
@@ -194,12 +199,15 @@ class MarkerLog:
                 marker = Marker.from_json(record.value or b"")
                 if record.key is not None and marker is not None:
                     self._latest[record.key.decode("utf-8", "replace")] = marker
+
+    def latest(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, Marker]:
+        """The last marker of each partition as of the last ``catch_up``."""
         found = {tp: self._latest.get(self.key(tp)) for tp in partitions}
         return {tp: marker for tp, marker in found.items() if marker is not None}
 
     async def close(self) -> None:
-        """Stop the reader."""
-        await self.reader.stop()
+        """Stop the producer and the reader."""
+        await asyncio.gather(self.producer.stop(), self.reader.stop())
 
 
 class Quarantine:
@@ -221,6 +229,8 @@ class Quarantine:
         self.max_crashes = max_crashes
         self.me = uuid.uuid4().hex
         self._partitions: dict[TopicPartition, _Partition] = {}
+        #: partitions whose assignment came before the last read of the topic (their markers are known)
+        self._read_since_assigned: set[TopicPartition] = set()
 
     async def admit(self, fetched: Fetched) -> Admitted:
         """Before a round runs: count crashes of newly owned partitions, keep one record of a suspect
@@ -271,6 +281,7 @@ class Quarantine:
         after all, the next owner counts it.
         """
         disarming = {}
+        self._read_since_assigned -= set(partitions)
         for tp in partitions:
             state = self._partitions.pop(tp, None)
             written = state.written if state is not None else None
@@ -286,12 +297,12 @@ class Quarantine:
             log.warning("could not disarm the quarantine markers of %s: %r", sorted(disarming), exc)
 
     async def close(self, budget_s: float) -> None:
-        """Stop the marker reader, within ``budget_s`` whatever the broker does."""
+        """Stop the marker producer and reader, within ``budget_s`` whatever the broker does."""
         try:
             async with asyncio.timeout(budget_s):
                 await self.markers.close()
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("closing the quarantine marker reader failed: %r", exc)
+            log.warning("closing the quarantine's clients failed: %r", exc)
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -304,7 +315,12 @@ class Quarantine:
                 starts[tp] = min(offset, starts.get(tp, offset))
         if not starts:
             return
-        markers = await self.markers.latest(starts)
+        if not starts.keys() <= self._read_since_assigned:
+            # Read once for every partition assigned by now: the previous owners' last markers were
+            # acknowledged before the rebalance that assigned them here ended.
+            self._read_since_assigned = set(self.consumer.assignment())
+            await self.markers.catch_up()
+        markers = self.markers.latest(starts)
         for tp, resume_at in starts.items():
             marker = markers.get(tp)
             suspicion = recover(marker, resume_at, self.me)
@@ -372,7 +388,7 @@ class Quarantine:
 async def open_quarantine(
     settings: Settings, clients: KafkaClients, pending: Callable[[TopicPartition], int]
 ) -> Quarantine:
-    """The quarantine of a connected worker: its topic made sure of, its marker reader started."""
+    """The quarantine of a connected worker: its topic made sure of, its marker clients started."""
     assert clients.admin is not None and clients.consumer is not None and settings.bootstrap_servers
     topic = quarantine_topic(settings.topic_prefix)
     created = await ensure_topics(clients.admin, [topic], 1, create=settings.create_topics, configs=COMPACTED)
@@ -382,9 +398,18 @@ async def open_quarantine(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
+        # It reads only up to an end it knows is there; brokers that answer a fetch only when its
+        # wait expires (the embedded one) would otherwise add their wait to every catch-up.
+        fetch_max_wait_ms=10,
         **settings.kafka_client_kwargs(),
     )
-    markers = MarkerLog(topic, settings.group_id, clients.publish, reader)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=False,  # the embedded broker refuses idempotent producers
+        **settings.kafka_client_kwargs(),
+    )
+    markers = MarkerLog(topic, settings.group_id, producer, reader)
     await markers.start()
     return Quarantine(markers, clients.consumer, pending, max_crashes=settings.max_crash_attempts)
 
