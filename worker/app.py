@@ -151,7 +151,9 @@ class Worker:
             self.clients.consumer, max_attempts=s.max_decode_attempts, broker_wait=broker_wait
         )
         self.flow.on_revoked = self.fetcher.forget
-        self.quarantine = await open_quarantine(s, self.clients, lambda tp: self.tracker.pending([tp]))
+        self.quarantine = await open_quarantine(
+            s, self.clients, lambda tp: self.tracker.pending([tp]), self.flow.wait_until
+        )
         self.flow.on_revoking = self.quarantine.release
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
@@ -296,15 +298,17 @@ class Worker:
         s = self.settings
         assert self.fetcher is not None
         while not self.flow.draining:
-            if self.quarantine is not None:
-                self.quarantine.resume_answered(may_resume=not self.flow.paused)
             room = min(s.fetch_max_records, s.max_in_flight - self.tracker.in_flight)
             byte_room = s.max_in_flight_bytes - self.tracker.bytes_in_flight
             if self.flow.paused or room <= 0:
                 await asyncio.sleep(POLL_MS / 1000)  # answers free room soon: look again shortly
                 continue
             try:
-                fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
+                assert self.quarantine is not None  # records it held back come before fetching more
+                timeout_ms = self.quarantine.fetch_timeout_ms(s.fetch_timeout_ms)
+                fetched = await self.quarantine.held_back() or await self.fetcher.fetch(
+                    room, timeout_ms, byte_room
+                )
             except ConsumerStoppedError:
                 return
             if fetched.empty:

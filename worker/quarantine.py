@@ -23,12 +23,13 @@ The pure rules are ``recover``, ``Suspicion`` and ``Marker``; ``Quarantine`` is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +53,12 @@ CRASH_FAILPOINT_ENV = "ONNX_WORKER_TEST_CRASH_ON"
 #: The quarantine topic's settings where the broker takes them: only the latest marker per key matters.
 COMPACTED = {"cleanup.policy": "compact"}
 
+#: Longest the first round after an assignment waits to read the markers (it is then read again).
+CATCH_UP_BUDGET_S = 30.0
+#: The fetch loop's wait for records while a record runs alone (fetch_timeout_ms otherwise).
+HELD_FETCH_TIMEOUT_MS = 20
+#: Longest the fetch loop waits for a record running alone to be answered before it looks around again.
+HELD_WAIT_S = 0.5
 #: Longest a revoke or drain waits to disarm markers (the broker may be away).
 RELEASE_BUDGET_S = 5.0
 
@@ -144,6 +151,10 @@ class _Partition:
     poisoned: set[int] = field(default_factory=set)
     #: paused here while its one record runs alone
     held: bool = False
+    #: records fetched behind the one running alone, waiting here for their turn (offset order)
+    backlog: list[ConsumerRecord[Any, Any]] = field(default_factory=list)
+    #: the consumer's position for it once the backlog was last added to (a change means a seek)
+    position: int = -1
 
 
 @dataclass
@@ -191,14 +202,18 @@ class MarkerLog:
         await self.producer.send_and_wait(self.topic, marker.to_json(), key=key.encode(), partition=0)
 
     async def catch_up(self) -> None:
-        """Read the topic up to its end as of now (only what arrived since the last call)."""
-        end = (await self.reader.end_offsets([self._source]))[self._source]
-        while await self.reader.position(self._source) < end:
-            batches = await self.reader.getmany(self._source, timeout_ms=1000)
-            for record in batches.get(self._source, []):
-                marker = Marker.from_json(record.value or b"")
-                if record.key is not None and marker is not None:
-                    self._latest[record.key.decode("utf-8", "replace")] = marker
+        """Read the topic up to its end as of now (only what arrived since the last call).
+
+        Bounded (TimeoutError): aiokafka's getmany returns nothing for as long as the broker is away.
+        """
+        async with asyncio.timeout(CATCH_UP_BUDGET_S):
+            end = (await self.reader.end_offsets([self._source]))[self._source]
+            while await self.reader.position(self._source) < end:
+                batches = await self.reader.getmany(self._source, timeout_ms=1000)
+                for record in batches.get(self._source, []):
+                    marker = Marker.from_json(record.value or b"")
+                    if record.key is not None and marker is not None:
+                        self._latest[record.key.decode("utf-8", "replace")] = marker
 
     def latest(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, Marker]:
         """The last marker of each partition as of the last ``catch_up``."""
@@ -219,6 +234,7 @@ class Quarantine:
         log_: MarkerLog,
         consumer: AIOKafkaConsumer,
         pending: Callable[[TopicPartition], int],
+        wait_until: Callable[[Callable[[], bool]], Awaitable[None]],
         *,
         max_crashes: int,
     ) -> None:
@@ -226,6 +242,8 @@ class Quarantine:
         self.consumer = consumer
         #: unanswered records of a partition (the flow's tracker)
         self.pending = pending
+        #: waits until a predicate holds, re-checked as requests are answered (the flow's)
+        self.wait_until = wait_until
         self.max_crashes = max_crashes
         self.me = uuid.uuid4().hex
         self._partitions: dict[TopicPartition, _Partition] = {}
@@ -233,8 +251,8 @@ class Quarantine:
         self._read_since_assigned: set[TopicPartition] = set()
 
     async def admit(self, fetched: Fetched) -> Admitted:
-        """Before a round runs: count crashes of newly owned partitions, keep one record of a suspect
-        partition (seeking back to the rest), arm each partition's marker and wait for the acks."""
+        """Before a round runs: count crashes of newly owned partitions, let one record of a suspect
+        partition through (the rest wait here), arm each partition's marker and wait for the acks."""
         await self._recover(fetched)
         records: list[ConsumerRecord[Any, Any]] = []
         poisoned: list[tuple[ConsumerRecord[Any, Any], int]] = []
@@ -242,16 +260,23 @@ class Quarantine:
         arming: dict[TopicPartition, Marker] = {}
         for tp, taken in _by_partition(fetched.records).items():
             state = self._partitions[tp]
+            if state.backlog:  # fetched past records still waiting here (a resume let it go): behind them
+                state.backlog += taken
+                self._hold(tp, state)
+                continue
             first = taken[0].offset
             if first in state.poisoned or state.suspicion.poisoned(first, self.max_crashes):
                 poisoned.append((taken[0], self._poison(tp, state, first)))
-                self._seek_back(tp, taken[1:], undecodable)
-            elif state.suspicion.suspect(first):
-                if self.pending(tp):
-                    self._seek_back(tp, taken, undecodable)  # its one record still runs
+                taken = taken[1:]
+                if not taken:
+                    continue
+                first = taken[0].offset
+            if state.suspicion.suspect(first):
+                if self.pending(tp):  # its one record still runs
+                    state.backlog = taken
                 else:
                     records.append(taken[0])
-                    self._seek_back(tp, taken[1:], undecodable)
+                    state.backlog = taken[1:]
                     arming[tp] = self._armed(state, first, alone=True)
                 self._hold(tp, state)
             else:
@@ -263,16 +288,50 @@ class Quarantine:
                 covered = state.written is not None and state.written.armed and last <= state.written.upto
                 if not covered:
                     arming[tp] = self._armed(state, last, alone=False)
+        assigned = self.consumer.assignment()
+        for tp, state in self._partitions.items():
+            if state.backlog and tp in assigned:
+                self._defer_undecodable(tp, state.backlog[0].offset, undecodable)
+                state.position = await self.consumer.position(tp)
         await self._write(arming)
         return Admitted(Fetched(records, undecodable), poisoned)
 
-    def resume_answered(self, may_resume: bool) -> None:
-        """Resume held partitions whose one record is answered (the fetch loop calls this each turn)."""
+    def fetch_timeout_ms(self, usual_ms: int) -> int:
+        """How long the next fetch may wait: short while a record runs alone, so the one behind it
+        starts soon after its answer instead of after a fetch of the other partitions times out."""
+        held = any(map(self._running_alone, self._partitions))
+        return min(usual_ms, HELD_FETCH_TIMEOUT_MS) if held else usual_ms
+
+    async def held_back(self) -> Fetched | None:
+        """Records waiting here whose turn has come (their partition's one running record is answered),
+        as a round for ``admit``; partitions with none left and nothing running are resumed.
+
+        Held records are run from memory, not fetched again: a broker that answers a fetch only when
+        its wait expires (the embedded one) would add that wait to every record.
+        """
+        out: list[ConsumerRecord[Any, Any]] = []
+        assigned = self.consumer.assignment()
+        if assigned and all(self._running_alone(tp) for tp in assigned):
+            # Nothing else to fetch: wait for the answer instead of polling (a fetch would sleep).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HELD_WAIT_S):
+                    await self.wait_until(lambda: not all(map(self._running_alone, assigned)))
         for tp, state in self._partitions.items():
-            if state.held and not self.pending(tp):
+            if not state.held or self.pending(tp) or tp not in assigned:
+                continue
+            position = await self.consumer.position(tp)
+            if state.backlog and position != state.position:
+                # Seeked since (a rewind, a round read again): fetch the held records again too.
+                log.info("%s was seeked to %d: its held records are read again", tp, position)
+                self.consumer.seek(tp, min(position, state.backlog[0].offset))
+                state.backlog = []
+            if state.backlog:
+                out += state.backlog
+                state.backlog = []
+            else:
                 state.held = False
-                if may_resume and tp in self.consumer.assignment():
-                    self.consumer.resume(tp)
+                self.consumer.resume(tp)
+        return Fetched(out, []) if out else None
 
     async def release(self, partitions: Collection[TopicPartition]) -> None:
         """Partitions leave (revoke, drain): disarm the markers of those with nothing running, forget them.
@@ -356,20 +415,21 @@ class Quarantine:
         state.suspicion = Suspicion()  # its crashes are explained: the records behind it run whole again
         return crashes
 
+    def _running_alone(self, tp: TopicPartition) -> bool:
+        state = self._partitions.get(tp)
+        return state is not None and state.held and self.pending(tp) > 0
+
     def _hold(self, tp: TopicPartition, state: _Partition) -> None:
         # Paused again each time: a resume of every partition (backpressure) may have let it go.
         state.held = True
         self.consumer.pause(tp)
 
-    def _seek_back(
-        self, tp: TopicPartition, dropped: list[ConsumerRecord[Any, Any]], undecodable: list[Any]
-    ) -> None:
-        """Leave ``dropped`` for a later round: the partition is read from the first of them again."""
-        if not dropped:
-            return
-        first = dropped[0].offset
-        undecodable[:] = [u for u in undecodable if u.tp != tp or u.offset < first]
-        self.consumer.seek(tp, first)
+    def _defer_undecodable(self, tp: TopicPartition, first_held: int, undecodable: list[Any]) -> None:
+        """Undecodable records behind held ones are left for later: offsets are tracked in order."""
+        later = [u.offset for u in undecodable if u.tp == tp and u.offset > first_held]
+        if later:
+            undecodable[:] = [u for u in undecodable if u.tp != tp or u.offset < min(later)]
+            self.consumer.seek(tp, min(later))
 
     async def _write(self, markers: dict[TopicPartition, Marker]) -> None:
         fresh = {tp: m for tp, m in markers.items() if self._written(tp) != m}
@@ -386,7 +446,10 @@ class Quarantine:
 
 
 async def open_quarantine(
-    settings: Settings, clients: KafkaClients, pending: Callable[[TopicPartition], int]
+    settings: Settings,
+    clients: KafkaClients,
+    pending: Callable[[TopicPartition], int],
+    wait_until: Callable[[Callable[[], bool]], Awaitable[None]],
 ) -> Quarantine:
     """The quarantine of a connected worker: its topic made sure of, its marker clients started."""
     assert clients.admin is not None and clients.consumer is not None and settings.bootstrap_servers
@@ -411,7 +474,7 @@ async def open_quarantine(
     )
     markers = MarkerLog(topic, settings.group_id, producer, reader)
     await markers.start()
-    return Quarantine(markers, clients.consumer, pending, max_crashes=settings.max_crash_attempts)
+    return Quarantine(markers, clients.consumer, pending, wait_until, max_crashes=settings.max_crash_attempts)
 
 
 def _by_partition(
