@@ -15,17 +15,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from tests.kafka_support import TopicReader, headers_of, tiny_models, until
+from tests.kafka_support import TopicReader, headers_of, raw_producer, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
 from tests.references import TINY
 from worker.app import Worker
 from worker.quarantine import CRASH_FAILPOINT_ENV
 from worker.settings import Settings
-from worker.topics import dlq_topic, quarantine_topic
+from worker.topics import create_topics, dlq_topic, quarantine_topic
 
 #: Two workers loading bert at once on a 2-core machine, and joining the group.
 START_TIMEOUT_S = 90.0
@@ -168,5 +169,65 @@ async def last_markers(bootstrap: str, prefix: str) -> dict[str, dict[str, objec
                     assert record.key is not None and record.value is not None
                     latest[record.key.decode()] = json.loads(record.value)
         return latest
+    finally:
+        await reader.stop()
+
+
+@pytest.mark.kafka
+async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_running(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A dead worker's marker, written by hand: offset 2 armed alone with 2 crashes behind it."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(kafka_bootstrap, partitions=1)
+    await stream.start()
+    ids = await stream.send(5)  # offsets 0..4, nothing committed
+    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
+    key = f"{stream.group_id}/{stream.requests_topic}/0"
+    dead = {"upto": 2, "armed": True, "crashes": 2, "alone": True, "suspect_to": 4, "writer": "dead"}
+    async with raw_producer(kafka_bootstrap) as producer:
+        await producer.send_and_wait(
+            quarantine_topic(stream.prefix), json.dumps(dead).encode(), key=key.encode()
+        )
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    worker = Worker(settings, models)
+    try:
+        await worker.start()
+        await stream.wait_answered(ids, 60)
+        await until_committed(stream, 30)
+        await worker.drain()
+    finally:
+        await worker.stop()
+        await stream.stop()
+    # The group resumed at 0, under the marker: its writer died, crash 3, and offset 2 was the one
+    # running alone. 0 and 1 ran alone first (each armed with the count), 2 was not run, 3 and 4
+    # ran as a whole round.
+    codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
+    assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
+    assert stream.replies[ids[2]][0].body["id"] == ids[2], "the key names the request"
+    armed = await all_markers(kafka_bootstrap, stream.prefix)
+    alone = [(m["upto"], m["crashes"]) for m in armed if m["armed"] and m["alone"]]
+    assert alone == [(2, 2), (0, 3), (1, 3)], armed
+    assert [(m["upto"], m["crashes"]) for m in armed if m["armed"] and not m["alone"]] == [(4, 0)]
+
+
+async def all_markers(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
+    """Every marker on the quarantine topic, in order, read as plain JSON."""
+    reader = AIOKafkaConsumer(
+        quarantine_topic(prefix), bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await reader.start()
+    try:
+        markers: list[dict[str, Any]] = []
+        while batches := await reader.getmany(timeout_ms=2000):
+            for records in batches.values():
+                markers += [json.loads(record.value or b"") for record in records]
+        return markers
     finally:
         await reader.stop()

@@ -148,7 +148,8 @@ class _Partition:
 
     suspicion: Suspicion
     written: Marker | None
-    poisoned: set[int] = field(default_factory=set)
+    #: offset -> the crashes it caused (a redelivered one is answered as poison again)
+    poisoned: dict[int, int] = field(default_factory=dict)
     #: paused here while its one record runs alone
     held: bool = False
     #: records fetched behind the one running alone, waiting here for their turn (offset order)
@@ -259,7 +260,9 @@ class Quarantine:
         undecodable = list(fetched.undecodable)
         arming: dict[TopicPartition, Marker] = {}
         for tp, taken in _by_partition(fetched.records).items():
-            state = self._partitions[tp]
+            state = self._partitions.get(tp)
+            if state is None:
+                continue  # revoked while this round waited: the next owner reads it from the commit
             if state.backlog:  # fetched past records still waiting here (a resume let it go): behind them
                 state.backlog += taken
                 self._hold(tp, state)
@@ -403,7 +406,7 @@ class Quarantine:
         return Marker(upto, True, s.crashes, alone, s.suspect_to, self.me)
 
     def _poison(self, tp: TopicPartition, state: _Partition, offset: int) -> int:
-        crashes = state.suspicion.crashes
+        crashes = state.poisoned.get(offset, state.suspicion.crashes)
         if offset not in state.poisoned:
             log.error(
                 "%s offset %d killed its worker %d times: answered as poison_suspected, not run again",
@@ -411,7 +414,7 @@ class Quarantine:
                 offset,
                 crashes,
             )
-            state.poisoned.add(offset)
+            state.poisoned[offset] = crashes
         state.suspicion = Suspicion()  # its crashes are explained: the records behind it run whole again
         return crashes
 
