@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         "Unset: `demo` starts the embedded broker, `run` refuses to start.",
     )
     topic_prefix: str = Field(
-        "inference", description="Topics are <prefix>.<modality>.requests/results and <prefix>.dlq."
+        "inference",
+        description="Topics are <prefix>.<modality>.requests/results, <prefix>.dlq and <prefix>.quarantine "
+        "(the workers' crash markers).",
     )
     group_id: str = Field(
         "inference-workers", description="Consumer group; workers with the same id share partitions."
@@ -175,7 +177,7 @@ class Settings(BaseSettings):
     )
     create_topics: bool = Field(
         True,
-        description="Create the worker's own request, results and DLQ topics when missing. Off: check "
+        description="Create the worker's own request, results, DLQ and quarantine topics when missing. Off: check "
         "they exist at start and exit naming the missing ones. Never creates any other topic.",
     )
     reply_to_pattern: str = Field(
