@@ -177,14 +177,23 @@ async def last_markers(bootstrap: str, prefix: str) -> dict[str, dict[str, objec
 async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_running(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """A dead worker's marker, written by hand: offset 2 armed alone with 2 crashes behind it."""
+    """A dead worker's marker, written by hand: offset 2 armed alone, one crash over its round and one
+    while it ran alone behind it."""
     models = tiny_models(tmp_path, "bert")
     stream = Stream(kafka_bootstrap, partitions=1)
     await stream.start()
     ids = await stream.send(5)  # offsets 0..4, nothing committed
     await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
     key = f"{stream.group_id}/{stream.requests_topic}/0"
-    dead = {"upto": 2, "armed": True, "crashes": 2, "alone": True, "suspect_to": 4, "writer": "dead"}
+    dead = {
+        "upto": 2,
+        "armed": True,
+        "crashes": 1,
+        "alone": True,
+        "suspect_to": 4,
+        "named": 1,
+        "writer": "dead",
+    }
     async with raw_producer(kafka_bootstrap) as producer:
         await producer.send_and_wait(
             quarantine_topic(stream.prefix), json.dumps(dead).encode(), key=key.encode()
@@ -205,15 +214,15 @@ async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_run
     finally:
         await worker.stop()
         await stream.stop()
-    # The group resumed at 0, under the marker: its writer died, crash 3, and offset 2 was the one
-    # running alone. 0 and 1 ran alone first (each armed with the count), 2 was not run, 3 and 4
-    # ran as a whole round.
+    # The group resumed at 0, under the marker: its writer died with offset 2 running alone, its
+    # third crash (one over the round, two alone). 0 and 1 ran alone first (each armed with the
+    # round's count and none of their own), 2 was not run, 3 and 4 ran as a whole round.
     codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
     assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
     assert stream.replies[ids[2]][0].body["id"] == ids[2], "the key names the request"
     armed = await all_markers(kafka_bootstrap, stream.prefix)
-    alone = [(m["upto"], m["crashes"]) for m in armed if m["armed"] and m["alone"]]
-    assert alone == [(2, 2), (0, 3), (1, 3)], armed
+    alone = [(m["upto"], m["crashes"], m["named"]) for m in armed if m["armed"] and m["alone"]]
+    assert alone == [(2, 1, 1), (0, 1, 0), (1, 1, 0)], armed
     assert [(m["upto"], m["crashes"]) for m in armed if m["armed"] and not m["alone"]] == [(4, 0)]
 
 

@@ -74,7 +74,7 @@ class Marker:
     upto: int
     #: True from before a round runs until a revoke or drain finds nothing running
     armed: bool
-    #: crashes charged to the records up to ``suspect_to`` (one-at-a-time reading)
+    #: crashes with several records running, charged to every record up to ``suspect_to``
     crashes: int = 0
     #: armed over the one record ``upto`` alone: a crash now names it
     alone: bool = False
@@ -82,6 +82,8 @@ class Marker:
     suspect_to: int = -1
     #: the process that wrote it (a process never counts its own live marker as a crash)
     writer: str = ""
+    #: crashes so far while ``upto`` ran alone (with ``alone``)
+    named: int = 0
 
     def to_json(self) -> bytes:
         """The marker as the quarantine topic stores it."""
@@ -99,6 +101,7 @@ class Marker:
                 alone=bool(data.get("alone", False)),
                 suspect_to=int(data.get("suspect_to", -1)),
                 writer=str(data.get("writer", "")),
+                named=int(data.get("named", 0)),
             )
         except (ValueError, TypeError, KeyError):
             return None
@@ -108,32 +111,48 @@ class Marker:
 class Suspicion:
     """A partition's state as its owner reads it: crashes counted, and how far to read one at a time."""
 
+    #: crashes with several records running, charged to each record up to ``suspect_to``
     crashes: int = 0
     #: last offset read one record at a time (-1: none, whole rounds run)
     suspect_to: int = -1
-    #: the offset the last crash named (it ran alone), if any
+    #: the offset the last crashes named (it ran alone), if any
     named: int | None = None
+    #: crashes while ``named`` ran alone
+    named_crashes: int = 0
+    #: this reading counted a crash (the last owner died with records running)
+    crashed: bool = False
 
     def suspect(self, offset: int) -> bool:
         """True when ``offset`` must run alone."""
         return offset <= self.suspect_to
 
+    def charged(self, offset: int) -> int:
+        """The crashes charged to ``offset``: those of its range, and those while it ran alone."""
+        return self.crashes + (self.named_crashes if offset == self.named else 0)
+
     def poisoned(self, offset: int, max_crashes: int) -> bool:
-        """True when ``offset`` was named by a crash and has used up its crashes."""
-        return offset == self.named and self.crashes >= max_crashes
+        """True when ``offset`` was named by a crash and has used up its crashes.
+
+        A record that ran alone through a crash and was then answered was not the killer: the next
+        record starts from its range's count, so crashes with other causes do not pile up on it.
+        """
+        return offset == self.named and self.charged(offset) >= max_crashes
 
 
 def recover(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
     """A new owner's view of a partition from its last marker and the offset the group resumes from.
 
     Armed at or below ``upto`` and written by another process: its writer died with those offsets
-    running, one crash more. Otherwise the count goes on only while the one-at-a-time range lasts.
+    running, one crash more, named to ``upto`` if it ran alone, else charged to the whole range.
+    Otherwise the count goes on only while the one-at-a-time range lasts.
     """
     if marker is None:
         return Suspicion()
     if marker.armed and resume_at <= marker.upto and marker.writer != me:
-        named = marker.upto if marker.alone else None
-        return Suspicion(marker.crashes + 1, max(marker.suspect_to, marker.upto), named)
+        suspect_to = max(marker.suspect_to, marker.upto)
+        if marker.alone:
+            return Suspicion(marker.crashes, suspect_to, marker.upto, marker.named + 1, crashed=True)
+        return Suspicion(marker.crashes + 1, suspect_to, crashed=True)
     if resume_at <= marker.suspect_to:
         return Suspicion(marker.crashes, marker.suspect_to)
     return Suspicion()
@@ -386,16 +405,16 @@ class Quarantine:
         for tp, resume_at in starts.items():
             marker = markers.get(tp)
             suspicion = recover(marker, resume_at, self.me)
-            if marker is not None and suspicion.crashes > marker.crashes:
+            if marker is not None and suspicion.crashed:
                 running = (
                     f"offset {marker.upto} alone" if marker.alone else f"offsets {resume_at}..{marker.upto}"
                 )
                 log.error(
-                    "%s: its last owner died with %s running (crash %d of %d allowed); "
+                    "%s: its last owner died with %s running (crash %d of %d allowed for it); "
                     "reading through offset %d one record at a time",
                     tp,
                     running,
-                    suspicion.crashes,
+                    suspicion.charged(marker.upto),
                     self.max_crashes,
                     suspicion.suspect_to,
                 )
@@ -403,10 +422,11 @@ class Quarantine:
 
     def _armed(self, state: _Partition, upto: int, *, alone: bool) -> Marker:
         s = state.suspicion
-        return Marker(upto, True, s.crashes, alone, s.suspect_to, self.me)
+        named = s.named_crashes if alone and upto == s.named else 0
+        return Marker(upto, True, s.crashes, alone, s.suspect_to, self.me, named)
 
     def _poison(self, tp: TopicPartition, state: _Partition, offset: int) -> int:
-        crashes = state.poisoned.get(offset, state.suspicion.crashes)
+        crashes = state.poisoned.get(offset, state.suspicion.charged(offset))
         if offset not in state.poisoned:
             log.error(
                 "%s offset %d killed its worker %d times: answered as poison_suspected, not run again",
