@@ -282,8 +282,10 @@ class Quarantine:
             state = self._partitions.get(tp)
             if state is None:
                 continue  # revoked while this round waited: the next owner reads it from the commit
-            if state.backlog:  # fetched past records still waiting here (a resume let it go): behind them
-                state.backlog += taken
+            if state.backlog:
+                # A resume of every partition (backpressure) let it fetch past records still waiting
+                # here: those are read again later, so what waits here stays within one fetch.
+                self.consumer.seek(tp, taken[0].offset)
                 self._hold(tp, state)
                 continue
             first = taken[0].offset
