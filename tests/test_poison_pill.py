@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -240,3 +241,88 @@ async def all_markers(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
         return markers
     finally:
         await reader.stop()
+
+
+@pytest.mark.kafka
+async def test_a_drain_that_runs_out_with_records_running_marks_its_markers_revoked(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The chaos soak's false crashes, the writer's half: a live worker that lets a partition go with
+    records still running (its drain's or revoke's wait ran out; both release the same way) leaves the
+    marker armed but revoked (before, plainly armed: the next owner counted a crash)."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(kafka_bootstrap, partitions=1)
+    await stream.start()
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        executor_threads=2,
+        drain_timeout_s=1.0,
+    )
+    worker = Worker(settings, models)
+    gate = threading.Event()
+    try:
+        await worker.start()
+        await stream.wait_answered(await stream.send(3), 60)
+        # Slow records: every inference thread is taken, so batches wait (as a slow model on a loaded
+        # CPU does); the requests are fetched, tracked and queued, not answered.
+        for _ in range(2):
+            worker.executor.submit(gate.wait, 60)
+        await stream.send(4)
+        await until(lambda: worker.tracker.pending() == 4, 30)
+        await worker.drain()  # runs out after 1 s with the 4 still running
+        markers = await last_markers(kafka_bootstrap, stream.prefix)
+    finally:
+        gate.set()
+        await worker.stop()
+        await stream.stop()
+    last = markers[f"{stream.group_id}/{stream.requests_topic}/0"]
+    # Armed over offsets 3..6 (0..2 were answered and committed), by a process that let go alive.
+    assert (last["armed"], last["revoked"], last["upto"], last["crashes"]) == (True, True, 6, 0), last
+
+
+@pytest.mark.kafka
+async def test_a_marker_its_live_writer_revoked_costs_no_crash_and_no_one_at_a_time_reading(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reader's half: the next owner of a partition whose last owner let go alive with offsets 0..4
+    running counts no crash and runs them as one round (before: one crash, then one at a time)."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(kafka_bootstrap, partitions=1)
+    await stream.start()
+    ids = await stream.send(5)  # offsets 0..4, nothing committed
+    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
+    key = f"{stream.group_id}/{stream.requests_topic}/0"
+    handed = {"upto": 4, "armed": True, "crashes": 0, "revoked": True, "resumed_at": 0, "writer": "alive"}
+    async with raw_producer(kafka_bootstrap) as producer:
+        await producer.send_and_wait(
+            quarantine_topic(stream.prefix), json.dumps(handed).encode(), key=key.encode()
+        )
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    worker = Worker(settings, models)
+    caplog.set_level(logging.INFO, logger="worker.quarantine")
+    try:
+        await worker.start()
+        await stream.wait_answered(ids, 60)
+        await until_committed(stream, 30)
+        await worker.drain()
+    finally:
+        await worker.stop()
+        await stream.stop()
+    assert [r.getMessage() for r in caplog.records if "died with" in r.getMessage()] == []
+    assert stream.missing() == [] and stream.duplicates() == 0
+    # What it armed: the five as one round, no crash, the one hand-over carried; then its drain disarmed.
+    mine = (await all_markers(kafka_bootstrap, stream.prefix))[1:]
+    assert [(m["armed"], m["alone"], m["upto"], m["crashes"], m["handed"]) for m in mine] == [
+        (True, False, 4, 0, 1),
+        (False, False, 4, 0, 1),
+    ], mine

@@ -101,3 +101,29 @@ def test_a_marker_survives_its_wire_form_and_junk_is_not_a_marker() -> None:
     assert Marker.from_json(b"not json") is None
     assert Marker.from_json(b'{"upto": "x", "armed": true}') is None
     assert Marker.from_json(b'{"armed": true}') is None
+
+
+def test_a_live_hand_over_with_records_running_counts_no_crash_until_it_repeats() -> None:
+    # The last owner armed 7..20, its revoke's wait ran out with some still running, and it marked the
+    # marker revoked: it was alive when it let go. The group resumes at 7, where that owner resumed too.
+    handed = Marker(upto=20, armed=True, writer=DEAD, revoked=True, resumed_at=7)
+    first = recover(handed, resume_at=7, me=ME)
+    # No crash, nothing read one at a time: whole rounds, one hand-over remembered.
+    assert first == Suspicion(handed=1) and not first.crashed and not first.suspect(7)
+    # The next owner armed 7..25 carrying that hand-over, and let go the same way before anything of 7
+    # was committed: the second hand-over in a row at 7 counts as one crash over the range.
+    again = Marker(upto=25, armed=True, writer=DEAD, revoked=True, handed=1, resumed_at=7)
+    assert recover(again, resume_at=7, me=ME) == Suspicion(crashes=1, suspect_to=25, crashed=True)
+    # Had 7 and 8 been answered and committed in between (resume at 9), the streak starts over.
+    assert recover(again, resume_at=9, me=ME) == Suspicion(handed=1)
+
+
+def test_a_live_hand_over_while_one_record_ran_alone_keeps_the_count_it_carried() -> None:
+    # After one crash over ..20, offset 12 ran alone with one crash of its own when the revoke came.
+    alone = Marker(
+        upto=12, armed=True, crashes=1, alone=True, suspect_to=20, writer=DEAD, named=1, revoked=True
+    )
+    suspicion = recover(alone, resume_at=12, me=ME)
+    # Still read one at a time with the same counts (1 over the range, 1 named on 12); no crash added.
+    assert suspicion == Suspicion(crashes=1, suspect_to=20, named=12, named_crashes=1, handed=1)
+    assert suspicion.charged(12) == 2 and not suspicion.crashed

@@ -367,7 +367,14 @@ class Quarantine:
                     state.suspicion = Suspicion()
                 records += taken
                 last = taken[-1].offset
-                covered = state.written is not None and state.written.armed and last <= state.written.upto
+                written = state.written
+                # Only a marker of this process covers the round: another's (a revoked one) says nothing of it.
+                covered = (
+                    written is not None
+                    and written.armed
+                    and written.writer == self.me
+                    and last <= written.upto
+                )
                 if not covered:
                     arming[tp] = self._armed(state, last, alone=False)
         assigned = self.consumer.assignment()
