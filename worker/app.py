@@ -448,11 +448,7 @@ class Worker:
         except Exception as exc:  # the broker away, mostly; no fault may end the fetch loop
             log.warning("could not arm the crash markers of a round (%r); it is read again", exc)
             self.fetcher.round_failed(exc)
-            first: dict[TopicPartition, int] = {}
-            for tp, offset in [(_tp_of(r), r.offset) for r in fetched.records] + [
-                (u.tp, u.offset) for u in fetched.undecodable
-            ]:
-                first[tp] = min(offset, first.get(tp, offset))
+            first = _first_offsets(fetched)
             self.quarantine.reread(first)
             for tp, offset in first.items():
                 if tp in self.consumer.assignment():
@@ -481,14 +477,9 @@ class Worker:
 
     def _read_again(self, tracked: Fetched, epochs: Mapping[TopicPartition, int], why: BaseException) -> None:
         """Rewind every partition of a round that could not be taken in to its first offset."""
-        coordinates = [(_tp_of(r), r.offset) for r in tracked.records]
-        coordinates += [(u.tp, u.offset) for u in tracked.undecodable]
-        first: dict[TopicPartition, int] = {}
-        for tp, offset in coordinates:
-            first[tp] = min(offset, first.get(tp, offset))
-        for tp, offset in first.items():
+        for tp, offset in _first_offsets(tracked).items():
             self.flow.redeliver(tp, offset, epochs.get(tp, 0), why)
-        for tp, offset in coordinates:  # what reached no batcher and no delivery is let go here
+        for tp, offset in _coordinates(tracked):  # what reached no batcher and no delivery is let go here
             self.tracker.release(tp, offset, epochs.get(tp, 0))
 
     async def _take(
@@ -698,8 +689,20 @@ def _tp_of(record: ConsumerRecord[Any, Any]) -> TopicPartition:
     return TopicPartition(record.topic, record.partition)
 
 
+def _coordinates(fetched: Fetched) -> list[tuple[TopicPartition, int]]:
+    return [(_tp_of(r), r.offset) for r in fetched.records] + [(u.tp, u.offset) for u in fetched.undecodable]
+
+
 def _partitions_of(fetched: Fetched) -> set[TopicPartition]:
-    return {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
+    return {tp for tp, _ in _coordinates(fetched)}
+
+
+def _first_offsets(fetched: Fetched) -> dict[TopicPartition, int]:
+    """Each partition of a round, with the round's first offset of it."""
+    first: dict[TopicPartition, int] = {}
+    for tp, offset in _coordinates(fetched):
+        first[tp] = min(offset, first.get(tp, offset))
+    return first
 
 
 def _job_length(model: ServedModel, job: Job) -> int | None:
