@@ -504,6 +504,16 @@ class Quarantine:
                     self.max_crashes,
                     suspicion.suspect_to,
                 )
+            elif suspicion.handed:
+                log.info(
+                    "%s: its last owner let it go alive with offsets %d..%d running (hand-over %d of %d "
+                    "that count one crash); no crash counted",
+                    tp,
+                    resume_at,
+                    marker.upto if marker is not None else resume_at,
+                    suspicion.handed,
+                    HANDOVERS_PER_CRASH,
+                )
             self._partitions[tp] = _Partition(suspicion, marker)
 
     def _armed(self, state: _Partition, upto: int, *, alone: bool) -> Marker:
