@@ -52,6 +52,9 @@ class Flow:
         self.on_revoking: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
+        #: awaited before partitions are sought to their committed offsets (exactly-once: until no
+        #: transaction of theirs is still committing, else the offsets read would miss its commit)
+        self.before_seek_to_committed: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
         #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
@@ -80,6 +83,8 @@ class Flow:
         """
         async with self._commit_lock:
             commits = self.tracker.take_commits()
+            if self.settings.delivery == "exactly-once":
+                return  # offsets are committed inside the transactions only (worker/transactions.py)
             consumer = self.consumer
             if consumer is None or not commits:
                 return
@@ -212,6 +217,8 @@ class Flow:
         if consumer is None or not assigned:
             return
         async with asyncio.timeout(REVOKE_COMMIT_S):
+            if self.before_seek_to_committed is not None:
+                await self.before_seek_to_committed(assigned)
             committed = await consumer.seek_to_committed(*assigned)
             never = [tp for tp, offset in committed.items() if not offset]
             if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)

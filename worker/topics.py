@@ -8,7 +8,14 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 
 from schemas.topics import (
     DEFAULT_PREFIX,
@@ -102,12 +109,15 @@ async def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout
 class MissingTopics(RuntimeError):
     """The worker's own topics do not exist and it may not create them."""
 
-    def __init__(self, missing: list[str]) -> None:
-        super().__init__(
-            "these topics do not exist and WORKER_CREATE_TOPICS is off: "
-            + ", ".join(missing)
-            + " (create them, or let the worker create its own topics)"
-        )
+    def __init__(self, missing: list[str], *, refused: str | None = None) -> None:
+        """`refused`: the broker's answer when the worker tried to create them and was not allowed."""
+        if refused is None:
+            why = "WORKER_CREATE_TOPICS is off: "
+            hint = " (create them, or let the worker create its own topics)"
+        else:
+            why = "the broker refused to create them: "
+            hint = f" ({refused}; create them, or grant the worker's principal Create)"
+        super().__init__("these topics do not exist and " + why + ", ".join(missing) + hint)
         self.missing = missing
 
 
@@ -132,16 +142,24 @@ async def ensure_topics(
         raise MissingTopics(missing)
     if configs:
         try:
-            return _created(
-                await admin.create_topics(
-                    [NewTopic(name, partitions, 1, topic_configs=configs) for name in missing]
-                )
+            return await _create(
+                admin, [NewTopic(name, partitions, 1, topic_configs=configs) for name in missing]
             )
+        except MissingTopics:
+            raise
         except KafkaError as exc:
             log.warning(
                 "the broker refused topic settings %s (%r); creating %s without", configs, exc, missing
             )
-    return _created(await admin.create_topics([NewTopic(name, partitions, 1) for name in missing]))
+    return await _create(admin, [NewTopic(name, partitions, 1) for name in missing])
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[str]:
+    try:
+        return _created(await admin.create_topics(topics))
+    except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as exc:
+        # Not a broker that is away: retrying cannot help, so the worker stops with the names.
+        raise MissingTopics([t.name for t in topics], refused=repr(exc)) from exc
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
