@@ -12,4 +12,6 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNDECODABLE_INPUT = "undecodable_input"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    #: the request killed the worker that ran it max_crash_attempts times; it was skipped, not run again
+    POISON_SUSPECTED = "poison_suspected"
     INTERNAL = "internal"

@@ -24,6 +24,11 @@ def dlq_topic(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.dlq"
 
 
+def quarantine_topic(prefix: str = DEFAULT_PREFIX) -> str:
+    """`<prefix>.quarantine`: the workers' own crash markers, one key per group/topic/partition."""
+    return f"{prefix}.quarantine"
+
+
 def private_reply_topic(prefix: str = DEFAULT_PREFIX) -> str:
     """A fresh `<prefix>.replies.<uuid>` topic name for one client's replies."""
     return f"{prefix}.replies.{uuid.uuid4().hex}"

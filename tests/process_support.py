@@ -92,16 +92,18 @@ class Stream:
             reply = Reply(body["id"], key, headers.get("correlation_id"), body)
             self.replies.setdefault(reply.id, []).append(reply)
 
-    def body(self, request_id: str) -> bytes:
+    def body(self, request_id: str, text: str = "the weather is fine") -> bytes:
         return json.dumps(
-            {
-                "id": request_id,
-                "model": "bert",
-                "inputs": {"text": f"request {request_id}: the weather is fine"},
-            }
+            {"id": request_id, "model": "bert", "inputs": {"text": f"request {request_id}: {text}"}}
         ).encode()
 
-    async def send(self, count: int, partition: int | None = None, reply_to: str | None = None) -> list[str]:
+    async def send(
+        self,
+        count: int,
+        partition: int | None = None,
+        reply_to: str | None = None,
+        text: str = "the weather is fine",
+    ) -> list[str]:
         """Produce ``count`` requests (round-robin over partitions, or all to ``partition``); acked on return."""
         assert self._producer is not None, "Stream.start() first"
         ids, deliveries = [], []
@@ -112,7 +114,7 @@ class Stream:
             deliveries.append(
                 await self._producer.send(
                     self.requests_topic,
-                    self.body(request_id),
+                    self.body(request_id, text),
                     key=request_id.encode(),
                     partition=target,
                     headers=[

@@ -44,6 +44,7 @@ from worker.intake import Intake, Job, now_ms
 from worker.metadata import Bucket
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.offsets import OffsetTracker
+from worker.quarantine import Admitted, Quarantine, open_quarantine, poison_answer
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
@@ -145,6 +146,7 @@ class Worker:
             self.flow.before_seek_to_committed = self.transactions.settled
             self.flow.own_commit = self.transactions.own_commit
         self.fetcher: PartitionFetcher | None = None
+        self.quarantine: Quarantine | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._fetching: asyncio.Task[None] | None = None
@@ -202,6 +204,10 @@ class Worker:
             self.clients.consumer, max_attempts=s.max_decode_attempts, broker_wait=broker_wait
         )
         self.flow.on_revoked = self.fetcher.forget
+        self.quarantine = await open_quarantine(
+            s, self.clients, self.tracker, self.flow.wait_until, lambda: self.flow.generation
+        )
+        self.flow.on_revoking = self.quarantine.release
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
             queue: BatchQueue[Bucket, Job] = BatchQueue(
@@ -237,6 +243,8 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_BUDGET_S / 2):
                 await self.flow.commit()
+                if self.quarantine is not None and self.consumer is not None:
+                    await self.quarantine.release(self.consumer.assignment())
 
     async def _drain_in_flight(self) -> None:
         await self.flow.wait_until(lambda: self._state.fetching_rounds == 0)
@@ -259,7 +267,9 @@ class Worker:
         self.flow.consumer = None
         if self.transactions is not None:
             await self.transactions.close()
-        await self.clients.close(STOP_BUDGET_S / 2)
+        if self.quarantine is not None:
+            await self.quarantine.close(STOP_BUDGET_S / 4)
+        await self.clients.close(STOP_BUDGET_S / 4)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.intake.close()
         if self.health is not None:
@@ -394,7 +404,11 @@ class Worker:
             epochs, generation = self.tracker.epochs(), self.flow.generation
             errors = self.fetcher.consecutive_errors
             try:
-                fetched = await self.fetcher.fetch(room, s.fetch_timeout_ms, byte_room)
+                assert self.quarantine is not None  # records it held back come before fetching more
+                timeout_ms = self.quarantine.fetch_timeout_ms(s.fetch_timeout_ms)
+                fetched = await self.quarantine.held_back() or await self.fetcher.fetch(
+                    room, timeout_ms, byte_room
+                )
             except ConsumerStoppedError:
                 return
             except Exception as exc:
@@ -407,15 +421,23 @@ class Worker:
                 await self.flow.restart_from_committed()
                 generation = self.flow.generation  # its own restart: a failed round, not an overtaken one
                 fetched = Fetched([], [])
-            if self.flow.generation != generation:
+            # Crash markers armed (acknowledged) before anything of the round is tracked or runs.
+            admitted = await self._admit(fetched, epochs, generation)
+            if admitted is None:
                 # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
                 # returns records of the new one, so records in hand may belong to either. None is
                 # tracked; the partitions they came from start again from their committed offsets.
-                await self.flow.seek_to_committed(
-                    {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
-                )
+                await self.flow.seek_to_committed(_partitions_of(fetched))
                 continue
-            tracked = self._track(fetched, epochs)
+            # The records named as poison are tracked too (each the first of its partition in the round).
+            poison_of = {(_tp_of(r), r.offset): crashes for r, crashes in admitted.poisoned}
+            tracked = self._track(
+                Fetched(
+                    [*(r for r, _ in admitted.poisoned), *admitted.fetched.records],
+                    admitted.fetched.undecodable,
+                ),
+                epochs,
+            )
             # A round that raised no broker error, even an empty one, shows fetching works again: an
             # idle worker would otherwise stay fetch_failing until its next record.
             failed = self.fetcher.consecutive_errors > errors
@@ -427,7 +449,7 @@ class Worker:
                 continue
             self._state.fetching_rounds += 1
             try:
-                await self._take(tracked, epochs)
+                await self._take(tracked, poison_of, epochs)
                 log.debug("Processed a fetch of %d records", len(tracked.records) + len(tracked.undecodable))
             except Exception as exc:
                 # A fault here costs a redelivery: read this round's partitions again from its first offsets.
@@ -436,6 +458,29 @@ class Worker:
             finally:
                 self._state.fetching_rounds -= 1
                 self.flow.progressed()
+
+    async def _admit(
+        self, fetched: Fetched, epochs: Mapping[TopicPartition, int], generation: int
+    ) -> Admitted | None:
+        """The quarantine's view of a fetched round (None: a revoke overtook it). Markers that cannot be
+        armed (the broker away) send the round back: its partitions are sought to its first offsets
+        (nothing of it was tracked), and the failure counts as a failed fetch round."""
+        assert self.quarantine is not None and self.consumer is not None and self.fetcher is not None
+        if self.flow.generation != generation:
+            return None
+        if fetched.empty:
+            return Admitted(fetched, [])
+        try:
+            return await self.quarantine.admit(fetched, epochs, generation)
+        except Exception as exc:  # the broker away, mostly; no fault may end the fetch loop
+            log.warning("could not arm the crash markers of a round (%r); it is read again", exc)
+            self.fetcher.round_failed(exc)
+            first = _first_offsets(fetched)
+            self.quarantine.reread(first)
+            for tp, offset in first.items():
+                if tp in self.consumer.assignment():
+                    self.consumer.seek(tp, offset)
+            return Admitted(Fetched([], []), [])
 
     def _track(self, fetched: Fetched, epochs: Mapping[TopicPartition, int]) -> Fetched:
         """Track one round's records in the epochs they were fetched in (``epochs``, taken as the round
@@ -459,20 +504,25 @@ class Worker:
 
     def _read_again(self, tracked: Fetched, epochs: Mapping[TopicPartition, int], why: BaseException) -> None:
         """Rewind every partition of a round that could not be taken in to its first offset."""
-        coordinates = [(_tp_of(r), r.offset) for r in tracked.records]
-        coordinates += [(u.tp, u.offset) for u in tracked.undecodable]
-        first: dict[TopicPartition, int] = {}
-        for tp, offset in coordinates:
-            first[tp] = min(offset, first.get(tp, offset))
-        for tp, offset in first.items():
+        for tp, offset in _first_offsets(tracked).items():
             self.flow.redeliver(tp, offset, epochs.get(tp, 0), why)
-        for tp, offset in coordinates:  # what reached no batcher and no delivery is let go here
+        for tp, offset in _coordinates(tracked):  # what reached no batcher and no delivery is let go here
             self.tracker.release(tp, offset, epochs.get(tp, 0))
 
-    async def _take(self, tracked: Fetched, epochs: Mapping[TopicPartition, int]) -> None:
-        """Prepare and queue one tracked round; errors are answered off the intake path."""
-        origins = [self.intake.origin(r) for r in tracked.records]
+    async def _take(
+        self,
+        tracked: Fetched,
+        poison_of: Mapping[tuple[TopicPartition, int], int],
+        epochs: Mapping[TopicPartition, int],
+    ) -> None:
+        """Prepare and queue one tracked round; errors are answered off the intake path, and the records
+        the quarantine named as poison (``poison_of``: coordinates -> crashes) without being prepared."""
+        poisoned = [r for r in tracked.records if (_tp_of(r), r.offset) in poison_of]
+        origins = [self.intake.origin(r) for r in tracked.records if (_tp_of(r), r.offset) not in poison_of]
         rejected = [self.intake.undecodable(bad) for bad in tracked.undecodable]
+        rejected += [
+            poison_answer(self.intake.origin(r), r.key, poison_of[(_tp_of(r), r.offset)]) for r in poisoned
+        ]
         for origin in [*origins, *(out.origin for out in rejected)]:
             origin.epoch = epochs.get(origin.tp, 0)
         if rejected:
@@ -678,6 +728,22 @@ class Worker:
 
 def _tp_of(record: ConsumerRecord[Any, Any]) -> TopicPartition:
     return TopicPartition(record.topic, record.partition)
+
+
+def _coordinates(fetched: Fetched) -> list[tuple[TopicPartition, int]]:
+    return [(_tp_of(r), r.offset) for r in fetched.records] + [(u.tp, u.offset) for u in fetched.undecodable]
+
+
+def _partitions_of(fetched: Fetched) -> set[TopicPartition]:
+    return {tp for tp, _ in _coordinates(fetched)}
+
+
+def _first_offsets(fetched: Fetched) -> dict[TopicPartition, int]:
+    """Each partition of a round, with the round's first offset of it."""
+    first: dict[TopicPartition, int] = {}
+    for tp, offset in _coordinates(fetched):
+        first[tp] = min(offset, first.get(tp, offset))
+    return first
 
 
 def _job_length(model: ServedModel, job: Job) -> int | None:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -109,6 +109,33 @@ class KafkaClients:
             return min(self.settings.max_publish_bytes, self.max_request_size)
         log.info("record size limit: %d bytes (the broker's max.message.bytes)", reported)
         return min(reported, self.max_request_size)
+
+    async def marker_clients(
+        self, topic: str, configs: dict[str, str]
+    ) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+        """The quarantine's own clients, not started: ``topic`` (one partition) made sure of first, created
+        with ``configs`` where the broker takes them; a producer apart from the replies' batches, and a
+        group-less reader (worker/quarantine.py ``MarkerLog`` is all that uses them)."""
+        s = self.settings
+        assert self.admin is not None and s.bootstrap_servers, "connect() first"
+        if await ensure_topics(self.admin, [topic], 1, create=s.create_topics, configs=configs):
+            log.info("created topic %s", topic)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            # It reads only up to an end it knows is there; brokers that answer a fetch only when its
+            # wait expires (the embedded one) would otherwise add their wait to every catch-up.
+            fetch_max_wait_ms=10,
+            **s.kafka_client_kwargs(),
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,  # the embedded broker refuses idempotent producers
+            **s.kafka_client_kwargs(),
+        )
+        return producer, reader
 
     async def list_topics(self) -> set[str]:
         """Every topic of the cluster (a metadata request naming none, so creating none)."""

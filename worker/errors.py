@@ -14,6 +14,7 @@ __all__ = [
     "InferenceError",
     "InvalidRequest",
     "PayloadTooLarge",
+    "PoisonSuspected",
     "UndecodableInput",
     "UnknownModel",
 ]
@@ -47,3 +48,9 @@ class DeadlineExceeded(InferenceError):
     """The request's deadline passed before it could be answered."""
 
     code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class PoisonSuspected(InferenceError):
+    """The request was running each time a worker died, max_crash_attempts times: skipped, not run."""
+
+    code = ErrorCode.POISON_SUSPECTED

@@ -48,6 +48,8 @@ class Flow:
         self._progress = asyncio.Event()
         #: called with the revoked partitions once their answers are in (the fetcher forgets them)
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
+        #: awaited with the revoked partitions after their commit, before they are forgotten (quarantine)
+        self.on_revoking: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
         #: awaited before partitions are sought to their committed offsets (exactly-once: until no
@@ -190,6 +192,9 @@ class Flow:
                 await self.commit()
         except TimeoutError:
             log.warning("the commit before a revoke took over %.0f s; abandoned", REVOKE_COMMIT_S)
+        if self.on_revoking is not None:
+            # Still tracked here: the quarantine tells a partition with records running from an idle one.
+            await self.on_revoking(revoked)
         self.tracker.forget(revoked)
         self.generation += 1
         for tp in revoked:

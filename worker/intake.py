@@ -28,6 +28,7 @@ from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, Unkn
 from worker.fetching import Undecodable
 from worker.metrics import WorkerMetrics
 from worker.processors import Prepared
+from worker.quarantine import crash_if_marked
 from worker.registry import ServedModel
 from worker.routing import ReplyPolicy
 from worker.sandbox import Budget, DecoderPool
@@ -265,6 +266,7 @@ class Intake:
         modality = origin.modality
         request_id: str | None = None
         model_name: str | None = None
+        crash_if_marked(origin.raw)
         try:
             request = parse_request(origin.raw, modality, max_bytes=self.settings.max_message_bytes)
             request_id, model_name = request.id, request.model

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         "Unset: `demo` starts the embedded broker, `run` refuses to start.",
     )
     topic_prefix: str = Field(
-        "inference", description="Topics are <prefix>.<modality>.requests/results and <prefix>.dlq."
+        "inference",
+        description="Topics are <prefix>.<modality>.requests/results, <prefix>.dlq and <prefix>.quarantine "
+        "(the workers' crash markers).",
     )
     group_id: str = Field(
         "inference-workers", description="Consumer group; workers with the same id share partitions."
@@ -217,9 +219,15 @@ class Settings(BaseSettings):
         description="Times a batch the Kafka client cannot decode is fetched again before the worker reads "
         "it record by record and skips each record that fails with a DLQ record.",
     )
+    max_crash_attempts: int = Field(
+        3,
+        ge=1,
+        description="Worker crashes (OOM kill, native crash, abort) a request may cause across the group "
+        "before it is skipped with a poison_suspected error reply and DLQ record.",
+    )
     create_topics: bool = Field(
         True,
-        description="Create the worker's own request, results and DLQ topics when missing. Off: check "
+        description="Create the worker's own request, results, DLQ and quarantine topics when missing. Off: check "
         "they exist at start and exit naming the missing ones. Never creates any other topic.",
     )
     reply_to_pattern: str = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,13 +10,23 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
+    KafkaError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
     for_code,
 )
 
-from schemas.topics import DEFAULT_PREFIX, dlq_topic, private_reply_topic, requests_topic, results_topic
+from schemas.topics import (
+    DEFAULT_PREFIX,
+    dlq_topic,
+    private_reply_topic,
+    quarantine_topic,
+    requests_topic,
+    results_topic,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -26,6 +37,7 @@ __all__ = [
     "ensure_topics",
     "max_message_bytes",
     "private_reply_topic",
+    "quarantine_topic",
     "requests_topic",
     "results_topic",
 ]
@@ -110,20 +122,44 @@ class MissingTopics(RuntimeError):
 
 
 async def ensure_topics(
-    admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int, *, create: bool
+    admin: AIOKafkaAdminClient,
+    names: Iterable[str],
+    partitions: int,
+    *,
+    create: bool,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
-    """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created."""
+    """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created.
+
+    ``configs`` (topic settings such as cleanup.policy) are asked for; a broker that refuses them
+    gets the topics without.
+    """
     existing = set(await admin.list_topics())
     missing = [name for name in dict.fromkeys(names) if name not in existing]
     if not missing:
         return []
     if not create:
         raise MissingTopics(missing)
+    if configs:
+        try:
+            return await _create(
+                admin, [NewTopic(name, partitions, 1, topic_configs=configs) for name in missing]
+            )
+        except MissingTopics:
+            raise
+        except KafkaError as exc:
+            log.warning(
+                "the broker refused topic settings %s (%r); creating %s without", configs, exc, missing
+            )
+    return await _create(admin, [NewTopic(name, partitions, 1) for name in missing])
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[str]:
     try:
-        return _created(await admin.create_topics([NewTopic(name, partitions, 1) for name in missing]))
+        return _created(await admin.create_topics(topics))
     except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as exc:
         # Not a broker that is away: retrying cannot help, so the worker stops with the names.
-        raise MissingTopics(missing, refused=repr(exc)) from exc
+        raise MissingTopics([t.name for t in topics], refused=repr(exc)) from exc
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
