@@ -1,10 +1,12 @@
-"""Run the simulation from the command line.
+"""Run the simulation from the command line (from the repository root, HF_HUB_OFFLINE=1).
 
-    python -m tests.sim --seeds 0:1000          # a range of seeds, a per-defect summary
-    python -m tests.sim --minutes 30            # random seeds for 30 minutes (the long run)
-    python -m tests.sim --seed 42 --trace       # replay one seed: its plan, trace and violations
+    python -m tests.sim --seeds 0:2000 --workers 2   # a range of seeds, a per-defect summary
+    python -m tests.sim --minutes 30 --workers 2     # random seeds for 30 minutes (the long run)
+    python -m tests.sim --seed 42 --trace            # replay one seed: its plan, trace and violations
 
-Run from the repository root with HF_HUB_OFFLINE=1. Exit status 1 when any invariant was violated.
+Violations of defects not in tests.sim.invariants.DEFECTS are printed as they come, each with the
+command that replays its seed (--verbose prints every violation). Exit status 1 when any invariant
+was violated.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import time
 from collections import Counter, defaultdict
 
 from tests.sim.invariants import DEFECTS
-from tests.sim.run import REPLAY, SeedResult, run_seed
+from tests.sim.run import REPLAY, SeedResult, run_seed, timed
+
+#: Seeds per round of the timed run (--minutes): the clock is read between rounds.
+ROUND = 200
 
 
 def summary(results: list[SeedResult], wall_s: float) -> str:
@@ -40,6 +45,13 @@ def summary(results: list[SeedResult], wall_s: float) -> str:
     return "\n".join(lines)
 
 
+def _report(results: list[SeedResult], verbose: bool) -> None:
+    for r in results:
+        for v in r.violations:
+            if verbose or v.defect == "other":
+                print(f"seed {r.seed}: {v}\n    replay: {REPLAY.format(seed=r.seed)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group(required=True)
@@ -47,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--seeds", help="a range of seeds, FIRST:LAST (LAST excluded)")
     what.add_argument("--minutes", type=float, help="random seeds for this long")
     parser.add_argument("--trace", action="store_true", help="with --seed: print the whole trace")
+    parser.add_argument("--workers", type=int, default=1, help="processes running seeds (default 1)")
+    parser.add_argument("--verbose", action="store_true", help="print every violation, not only unknown ones")
     args = parser.parse_args(argv)
     if args.seed is not None:
         result = run_seed(args.seed, keep_trace=args.trace)
@@ -59,30 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         for v in result.violations:
             print(f"  {v}")
         return 1 if result.violations else 0
-    began = time.perf_counter()
-    results = []
     if args.seeds:
         first, last = (int(x) for x in args.seeds.split(":"))
-        seeds: range | None = range(first, last)
+        results, wall_s = timed(range(first, last), args.workers)
+        _report(results, args.verbose)
     else:
-        seeds = None
-    rng = random.Random()
-    count = 0
-    while True:
-        if seeds is not None:
-            if count >= len(seeds):
-                break
-            seed = seeds[count]
-        elif time.perf_counter() - began >= args.minutes * 60:
-            break
-        else:
-            seed = rng.randrange(2**32)
-        count += 1
-        result = run_seed(seed)
-        results.append(result)
-        for v in result.violations:
-            print(f"seed {seed}: {v}    replay: {REPLAY.format(seed=seed)}", flush=True)
-    print(summary(results, time.perf_counter() - began))
+        began = time.perf_counter()
+        rng = random.Random()
+        results = []
+        while time.perf_counter() - began < args.minutes * 60:
+            chunk, _ = timed([rng.randrange(2**32) for _ in range(ROUND)], args.workers)
+            _report(chunk, args.verbose)
+            results += chunk
+        wall_s = time.perf_counter() - began
+    print(summary(results, wall_s))
     return 1 if any(r.violations for r in results) else 0
 
 

@@ -41,6 +41,7 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaTimeoutError,
     NotLeaderForPartitionError,
+    RequestTimedOutError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
@@ -106,6 +107,10 @@ def _decode_error(batch: SimBatch) -> BaseException:
     return cramjam.DecompressionError(f"{batch.codec}: corrupt input")
 
 
+def _offset_of(value: Any) -> int:
+    return value if isinstance(value, int) else int(value[0])  # OffsetAndMetadata is a named tuple
+
+
 def _bad_header_error() -> UnicodeDecodeError:
     return UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte")
 
@@ -140,6 +145,7 @@ class Cluster:
         self.publish_errors: list[tuple[float, str, str]] = []
         self.trace: list[str] = []
         self.checker: Any = None  # tests.sim.invariants.Checker, set by the run
+        self.session_timeout_s = 10.0
 
     # --- time and change -----------------------------------------------------------------
 
@@ -192,10 +198,23 @@ class Cluster:
         self.outage_began = self.loop.now
         self.note("outage begins")
 
-    def restore(self, session_timeout_s: float) -> None:
+    def cut_for(self, length_s: float) -> None:
+        """An outage the scheduler starts in the middle of a call; it ends by itself (or when faults stop)."""
+        if not self.connected:
+            return
+        self.cut()
+        began = self.outage_began
+
+        def end() -> None:
+            if not self.connected and self.outage_began == began:
+                self.restore()
+
+        self.loop.call_later(length_s, end)
+
+    def restore(self) -> None:
         self.connected = True
         self.note("outage ends")
-        if self.loop.now - self.outage_began > session_timeout_s and self.member is not None:
+        if self.loop.now - self.outage_began > self.session_timeout_s and self.member is not None:
             # No heartbeat reached the coordinator for a whole session: the member was dropped.
             self.member.drop("session expired during the outage")
         self.changed()
@@ -344,7 +363,14 @@ class FakeConsumer:
         if self.stopped:
             raise ConsumerStoppedError()
 
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+    async def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (None when nothing was committed)."""
+        await self._alive()
+        return self.cluster.committed.get(tp)
+
+    async def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        """Commit explicit offsets: ints, (offset, metadata) pairs or OffsetAndMetadata, as aiokafka takes."""
+        offsets = {tp: _offset_of(value) for tp, value in offsets.items()}
         await self._alive()
         self.cluster.sched.on_call("commit")
         if self.cluster.sched.commit_fault():
@@ -352,8 +378,15 @@ class FakeConsumer:
             # CommitFailedError): it rejoins on its next getmany.
             self.drop("simulated: the group rebalanced during a commit")
             self.cluster.causes.append((self.loop.now, "rebalance", None))
-        await self.cluster.wait_connected()  # aiokafka retries a coordinator away with no time bound
-        await self._alive()
+        cut = self.cluster.sched.cut_now()
+        if cut is not None:
+            self.cluster.cut_for(cut)  # the coordinator goes away while this commit is in flight
+        while True:  # aiokafka retries a coordinator away with no time bound
+            await self.cluster.wait_connected()
+            await asyncio.sleep(self.cluster.sched.ack_latency())
+            await self._alive()
+            if self.cluster.connected:
+                break
         if self.dropped:
             raise CommitFailedError("the group has already rebalanced")
         self.cluster.note(f"commit {sorted((tp.partition, o) for tp, o in offsets.items())}")
@@ -514,6 +547,9 @@ class FakeClients:
         cluster = self.cluster
         cluster.sched.on_call("publish")
         cluster.note(f"publish {topic} {correlation_id}")
+        cut = cluster.sched.cut_now()
+        if cut is not None:
+            cluster.cut_for(cut)  # the connection drops as this record is sent
         if topic not in self._known:
             # The producer's metadata wait for a topic it has not written to yet.
             if not await cluster.wait_connected(REQUEST_TIMEOUT_S) or topic not in cluster.topics:
@@ -554,7 +590,9 @@ class FakeClients:
             if topic in cluster.refused_for_good:
                 self._fail(ack, topic, TopicAuthorizationFailedError(topic))
             elif cluster.refused_until.get(topic, -1.0) > cluster.loop.now:
-                self._fail(ack, topic, NotLeaderForPartitionError())
+                self._fail(
+                    ack, topic, cluster.sched.rng.choice([NotLeaderForPartitionError, RequestTimedOutError])()
+                )
             else:
                 cluster.record_output(topic, key, value, headers, correlation_id)
                 if not ack.done():

@@ -21,6 +21,8 @@ from worker.answers import run_batch
 
 #: Reply topics a request may name: one that exists and takes records, one the broker refuses for good.
 REPLIES, BLOCKED = "team.replies", "team.blocked"
+#: Outage lengths (s): within publish_retry_s, past it, past the 10 s session, past the 40 s producer timeouts.
+OUTAGE_LENGTHS = (2.0, 6.0, 15.0, 30.0, 45.0, 70.0)
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "answer")
 
 
@@ -53,6 +55,8 @@ class Plan:
     getmany_fault_p: float = 0.0
     commit_fault_p: float = 0.0
     slow_ack_p: float = 0.0
+    #: per commit or publish: the connection drops right then (for one of OUTAGE_LENGTHS)
+    cut_p: float = 0.0
     faults_end: float = 0.0
     #: the worker's session_timeout_ms: the default, or one longer than most outages (as in issue 23's cut)
     session_timeout_ms: int = 10_000
@@ -121,7 +125,7 @@ def draw_plan(rng: random.Random, topic: str) -> Plan:
         keep = {tp for tp in partitions if rng.random() < 0.5}
         plan.rebalances.append(Window(_when(rng, arrivals, horizon), rng.uniform(2, 30), keep))
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
-        length = rng.choice([2.0, 6.0, 15.0, 30.0, 45.0, 70.0])
+        length = rng.choice(OUTAGE_LENGTHS)
         if plan.rebalances and rng.random() < 0.2:
             # The coordinator goes away while a rebalance's revoke callback runs (it commits).
             at = rng.choice(plan.rebalances).at + rng.uniform(0.0, 2.0)
@@ -136,12 +140,16 @@ def draw_plan(rng: random.Random, topic: str) -> Plan:
         )
     if rng.random() < 0.15:
         plan.hang = Window(rng.uniform(1, horizon / 2), rng.choice([20.0, 90.0, 200.0, 330.0, 360.0]))
+    if plan.hang is not None and rng.random() < 0.5:
+        # A rebalance while the stalled model's requests wait in the batcher (they stay held).
+        plan.rebalances.append(Window(plan.hang.at + rng.uniform(1, 10), rng.uniform(2, 30), set(partitions)))
     plan.blocked_for_good = rng.random() < 0.5
     plan.session_timeout_ms = rng.choice([10_000, 60_000])
     plan.engine_fault_p = rng.choice([0.0, 0.0, 0.03, 0.1])
     plan.getmany_fault_p = rng.choice([0.0, 0.0, 0.01, 0.05])
     plan.commit_fault_p = rng.choice([0.0, 0.02])
     plan.slow_ack_p = rng.choice([0.0, 0.05])
+    plan.cut_p = rng.choice([0.0, 0.0, 0.0, 0.01, 0.03])
     ends = [horizon]
     ends += [w.end for w in plan.outages + plan.rebalances + plan.crashes + plan.refusals]
     ends += [plan.hang.end] if plan.hang else []
@@ -183,6 +191,12 @@ class Scheduler:
 
     def commit_fault(self) -> bool:
         return self.faulty and self.rng.random() < self.plan.commit_fault_p
+
+    def cut_now(self) -> float | None:
+        """Whether the connection drops during this call, and for how long."""
+        if self.faulty and self.plan.cut_p and self.rng.random() < self.plan.cut_p:
+            return self.rng.choice(OUTAGE_LENGTHS)
+        return None
 
     def ack_latency(self) -> float:
         if self.faulty and self.rng.random() < self.plan.slow_ack_p:

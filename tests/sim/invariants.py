@@ -111,6 +111,10 @@ class Checker:
             for coord in _dlq_coordinates(pub.headers):
                 self.answers.setdefault(coord, Answers()).dlq.append(pub)
                 record = self.by_coord.get(coord)
+                undelivered = pub.headers.get("reply_undelivered", "")
+                if "UnknownTopicOrPartitionError" in undelivered and record is not None:
+                    self.flag("I2", "D5", f"undelivered {coord}",
+                              f"partition {coord[0]} offset {coord[1]}: reply given up as refused ({undelivered})")  # fmt: skip
                 if (
                     record is not None
                     and record.kind in ("good", "invalid")
@@ -265,6 +269,10 @@ class Checker:
         got = self.answers.get((tp.partition, record.offset))
         if got is not None and any(p.headers.get("error_code") == "undecodable_input" for p in got.dlq):
             return "D2"
+        if got is not None and any(
+            "UnknownTopicOrPartition" in p.headers.get("reply_undelivered", "") for p in got.dlq
+        ):
+            return "D5"
         if self._fetch_dead_since is not None:
             return "D3"
         lost = [v for v in self.violations if v.invariant == "I1" and f"offset {record.offset} " in v.detail

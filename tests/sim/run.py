@@ -10,13 +10,15 @@ bert (real tokenizer, real ONNX Runtime run inline: deterministic on CPU), its e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import logging
+import multiprocessing
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ class _Run:
         settings = settings.model_copy(update={"session_timeout_ms": self.plan.session_timeout_ms})
         self.settings = settings
         self.cluster = Cluster(loop, self.sched, self.plan.partitions)
+        self.cluster.session_timeout_s = self.plan.session_timeout_ms / 1000
         self.models = {
             name: dataclasses.replace(m, engine=FaultyEngine(m.engine, self.sched))
             for name, m in models.items()
@@ -142,7 +145,7 @@ class _Run:
         self.sched.faulty = False
         self.cluster.note("faults stop")
         if not self.cluster.connected:
-            self.cluster.restore(self.settings.session_timeout_ms / 1000)
+            self.cluster.restore()
         if self.cluster.share != set(self.cluster.partitions):
             self.cluster.rebalance(set(self.cluster.partitions))
         self.checker.quiet_since = self.loop.now
@@ -207,7 +210,7 @@ class _Run:
             self.cluster.cut()
             await asyncio.sleep(w.length)
             if self.sched.faulty:
-                self.cluster.restore(self.settings.session_timeout_ms / 1000)
+                self.cluster.restore()
 
     async def _rebalance(self, w: Any) -> None:
         await asyncio.sleep(w.at)
@@ -267,15 +270,24 @@ def run_seed(seed: int, *, keep_trace: bool = False) -> SeedResult:
 
 
 def _cancel_all(loop: SimLoop) -> None:
-    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
+    """Cancel what is left (a crashed worker's frozen tasks too), until cancelling starts nothing new."""
+    for _ in range(10):
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(BaseException):
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
-def timed(seeds: range) -> tuple[list[SeedResult], float]:
-    """Run ``seeds``; returns their results and the wall seconds they took."""
+def timed(seeds: Iterable[int], workers: int = 1) -> tuple[list[SeedResult], float]:
+    """Run ``seeds`` (over ``workers`` processes); returns their results and the wall seconds taken."""
     began = time.perf_counter()
-    return [run_seed(s) for s in seeds], time.perf_counter() - began
+    if workers <= 1:
+        return [run_seed(s) for s in seeds], time.perf_counter() - began
+    # spawn: a fork would copy ONNX Runtime's threads' state; each child loads the tiny model once.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        results = list(pool.map(run_seed, seeds, chunksize=25))
+    return results, time.perf_counter() - began
