@@ -51,6 +51,15 @@ def test_seeds_differ() -> None:
     assert len({run_seed(seed).digest for seed in range(5)}) == 5
 
 
+def test_without_faults_no_invariant_is_violated() -> None:
+    """The control: the same seeds' records with no fault at all break nothing (the checks do not cry
+    wolf), and each answer comes once."""
+    for seed in range(40):
+        result = run_seed(seed, faults=False)
+        assert not result.violations, f"seed {seed}: {[str(v) for v in result.violations]}"
+        assert not result.duplicates, f"seed {seed}: {result.duplicates}"
+
+
 @pytest.mark.parametrize("defect", sorted(OPEN_DEFECTS))
 def test_open_defect_is_still_found(defect: str) -> None:
     """Each open defect of issue 23 shows in its seed; once fixed this fails: drop its entry."""

@@ -61,6 +61,18 @@ class Plan:
     #: the worker's session_timeout_ms: the default, or one longer than most outages (as in issue 23's cut)
     session_timeout_ms: int = 10_000
 
+    def without_faults(self) -> Plan:
+        """The same records and arrivals, every record decodable, and no fault at all (a control run)."""
+        for _, _, batch in self.batches:
+            batch.codec = None
+            for record in batch.records:
+                if record.kind in ("bad_header", "corrupt"):
+                    record.kind = "good"
+        last = max(at for at, _, _ in self.batches)
+        return Plan(
+            self.partitions, self.batches, session_timeout_ms=self.session_timeout_ms, faults_end=last
+        )
+
     def describe(self) -> str:
         parts = [
             f"{len(self.partitions)} partitions",
@@ -168,9 +180,11 @@ def _when(rng: random.Random, arrivals: list[float], horizon: float) -> float:
 class Scheduler:
     """Answers the fakes' per-call questions from the seed; silent once the faults stop."""
 
-    def __init__(self, seed: int, topic: str) -> None:
+    def __init__(self, seed: int, topic: str, *, faults: bool = True) -> None:
         self.seed = seed
         self.plan = draw_plan(random.Random(seed), topic)
+        if not faults:
+            self.plan = self.plan.without_faults()
         self.rng = random.Random(seed * 1_000_003 + 17)
         self.faulty = True
         self.calls: dict[str, int] = {}

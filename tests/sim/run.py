@@ -103,11 +103,11 @@ class _Run:
     """The driver of one seed: starts, crashes and restarts workers and plays the fault timeline."""
 
     def __init__(
-        self, seed: int, models: Mapping[str, ServedModel], settings: Settings, loop: SimLoop
+        self, seed: int, models: Mapping[str, ServedModel], settings: Settings, loop: SimLoop, *, faults: bool
     ) -> None:
         self.loop = loop
         topic = requests_topic("text", settings.topic_prefix)
-        self.sched = Scheduler(seed, topic)
+        self.sched = Scheduler(seed, topic, faults=faults)
         self.sched.now = loop.time
         self.plan = self.sched.plan
         settings = settings.model_copy(update={"session_timeout_ms": self.plan.session_timeout_ms})
@@ -164,7 +164,12 @@ class _Run:
 
     def _settled(self) -> bool:
         c = self.cluster
-        return self.checker.all_answered() and all(c.committed.get(tp, 0) >= c.end(tp) for tp in c.partitions)
+        produced = sum(len(b) for b in c.logs.values()) == len(self.plan.batches)
+        return (
+            produced
+            and self.checker.all_answered()
+            and all(c.committed.get(tp, 0) >= c.end(tp) for tp in c.partitions)
+        )
 
     def _boot(self) -> None:
         self.worker = Worker(self.settings, self.models)
@@ -236,11 +241,14 @@ class _Run:
         self.cluster.note(f"acks of {topic} fail until {w.end:.1f}")
 
 
-def run_seed(seed: int, *, keep_trace: bool = False) -> SeedResult:
-    """Run one seed to its end; the same seed gives the same trace (digest) every time."""
+def run_seed(seed: int, *, keep_trace: bool = False, faults: bool = True) -> SeedResult:
+    """Run one seed to its end; the same seed gives the same trace (digest) every time.
+
+    ``faults=False``: the seed's records only (all decodable), no fault: the control run.
+    """
     models = tiny_bert()
     loop = SimLoop()
-    run = _Run(seed, models, sim_settings(), loop)
+    run = _Run(seed, models, sim_settings(), loop, faults=faults)
     run.checker.index(run.plan.batches)
     quiet = logging.getLogger("worker")
     level = quiet.level
