@@ -15,12 +15,18 @@ entry: the fix is verified, delete the entry, and the invariants test holds it f
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.sim.__main__ import summary
 from tests.sim.invariants import DEFECTS
 from tests.sim.run import REPLAY, run_seed, timed
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: defect -> a seed that shows it on bab00a3 (python -m tests.sim --seeds 0:1000 lists more).
 OPEN_DEFECTS = {
@@ -44,6 +50,23 @@ def test_a_seed_replays_exactly() -> None:
     assert first.digest == again.digest
     assert [str(v) for v in first.violations] == [str(v) for v in again.violations]
     assert len(first.trace) > 100  # the run did something: records fetched, answered, committed
+
+
+def test_a_seed_replays_in_another_process() -> None:
+    """The printed replay command gives the same trace in a fresh interpreter, whatever its hash seed."""
+    seed = 557  # rich: a stalled model, rebalances, undecodable records
+    replay = subprocess.run(
+        [sys.executable, "-m", "tests.sim", "--seed", str(seed)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    digest = re.search(r"trace digest ([0-9a-f]+)", replay.stdout)
+    assert digest is not None, replay.stdout[-2000:] + replay.stderr[-2000:]
+    assert digest.group(1) == run_seed(seed).digest
 
 
 def test_seeds_differ() -> None:

@@ -293,7 +293,8 @@ class FakeConsumer:
         self._paused = set()
         self._positions = {tp: self.cluster.committed.get(tp, 0) for tp in share}
         self.cluster.causes.append((self.loop.now, "rebalance", None))
-        self.cluster.note(f"assigned {sorted(tp.partition for tp in share)} at {self._positions}")
+        positions = sorted((tp.partition, offset) for tp, offset in self._positions.items())
+        self.cluster.note(f"assigned (partition, offset) {positions}")
         if self.listener is not None:
             try:
                 await self.listener.on_partitions_assigned(set(share))
@@ -372,7 +373,6 @@ class FakeConsumer:
         """Commit explicit offsets: ints, (offset, metadata) pairs or OffsetAndMetadata, as aiokafka takes."""
         offsets = {tp: _offset_of(value) for tp, value in offsets.items()}
         await self._alive()
-        self.cluster.sched.on_call("commit")
         if self.cluster.sched.commit_fault():
             # The group rebalanced under this member (the only way aiokafka's commit ends in
             # CommitFailedError): it rejoins on its next getmany.
@@ -414,7 +414,6 @@ class FakeConsumer:
             self.reassign()  # rejoin
         await self._stable.wait()
         await self._alive()
-        cluster.sched.on_call("getmany")
         error = cluster.sched.getmany_fault()
         if error is not None:
             raise error
@@ -534,7 +533,6 @@ class FakeClients:
 
     async def list_topics(self) -> set[str]:
         await self._alive()
-        self.cluster.sched.on_call("list_topics")
         if not self.cluster.connected:
             await asyncio.sleep(1.0)
             raise KafkaConnectionError("Unable to bootstrap from [('sim', 9092)]")
@@ -545,7 +543,6 @@ class FakeClients:
     ) -> asyncio.Future[None]:
         await self._alive()
         cluster = self.cluster
-        cluster.sched.on_call("publish")
         cluster.note(f"publish {topic} {correlation_id}")
         cut = cluster.sched.cut_now()
         if cut is not None:

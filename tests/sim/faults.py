@@ -187,14 +187,10 @@ class Scheduler:
             self.plan = self.plan.without_faults()
         self.rng = random.Random(seed * 1_000_003 + 17)
         self.faulty = True
-        self.calls: dict[str, int] = {}
         #: times at which a model run returned the wrong number of outputs
         self.wrong_outputs: list[float] = []
         self.now: Callable[[], float] = lambda: 0.0
         self._hung = False
-
-    def on_call(self, kind: str) -> None:
-        self.calls[kind] = self.calls.get(kind, 0) + 1
 
     def getmany_fault(self) -> BaseException | None:
         if not self.faulty or self.rng.random() >= self.plan.getmany_fault_p:

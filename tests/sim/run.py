@@ -26,7 +26,7 @@ from typing import Any
 import worker.app
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeClients
-from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler
+from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
 from worker.registry import ServedModel
@@ -209,7 +209,7 @@ class _Run:
             await asyncio.sleep(0.25)
             self.checker.tick(self.worker)
 
-    async def _outage(self, w: Any) -> None:
+    async def _outage(self, w: Window) -> None:
         await asyncio.sleep(w.at)
         if self.cluster.connected:
             self.cluster.cut()
@@ -217,20 +217,20 @@ class _Run:
             if self.sched.faulty:
                 self.cluster.restore()
 
-    async def _rebalance(self, w: Any) -> None:
+    async def _rebalance(self, w: Window) -> None:
         await asyncio.sleep(w.at)
         self.cluster.rebalance(w.arg)
         await asyncio.sleep(w.length)
         if self.sched.faulty:
             self.cluster.rebalance(set(self.cluster.partitions))
 
-    async def _crash(self, w: Any) -> None:
+    async def _crash(self, w: Window) -> None:
         await asyncio.sleep(w.at)
         self._crash_now()
         await asyncio.sleep(w.length)
         self._boot()
 
-    async def _refuse(self, w: Any) -> None:
+    async def _refuse(self, w: Window) -> None:
         await asyncio.sleep(w.at)
         topic = (
             results_topic("text", self.settings.topic_prefix)
