@@ -34,7 +34,7 @@ OPEN_DEFECTS = {
     "D2": 3,  # (2): a mid-batch undecodable record costs the good records after it in its batch
     "D3": 1,  # (4): a batch that does not inflate ends the fetch loop; /healthz stays true
     "D4": 93,  # (5a): paused beyond max_poll_interval_ms, the member leaves the group
-    "D5": 506,  # (5b): UnknownTopicOrPartitionError during an outage taken as a refusal
+    "D5": 1015,  # (5b): UnknownTopicOrPartitionError during an outage taken as a refusal
     "D6": 37,  # (5c): an exception in a model loop outside run_batch, the batch never answered
     "D7": 576,  # (5d): forget()/rewind() stop counting queued jobs: more held than the bound
     "D8": 2,  # (5e): /readyz true with the broker away, or not true again after recovery

@@ -134,15 +134,14 @@ class Cluster:
         self.member: FakeConsumer | None = None
         #: the partitions the group gives this worker now (all, or fewer while another member holds some)
         self.share: set[TopicPartition] = set(partitions)
-        self.generation = 0
         self._waiters: list[asyncio.Future[None]] = []
         #: (time, cause, partition or None): crash, rebalance, rewind; what may explain a duplicate
         self.causes: list[tuple[float, str, TopicPartition | None]] = []
         #: (time, partition, offset) of every record getmany returned
         self.fetches: list[tuple[float, TopicPartition, int]] = []
         self.getmany_calls: list[float] = []
-        #: (time, topic, error name) of every publish the producer failed at once or on its ack
-        self.publish_errors: list[tuple[float, str, str]] = []
+        #: (time, topic, correlation id) of each publish the producer refused for want of metadata
+        self.unknown_topic: list[tuple[float, str, str]] = []
         self.trace: list[str] = []
         self.checker: Any = None  # tests.sim.invariants.Checker, set by the run
         self.session_timeout_s = 10.0
@@ -222,7 +221,6 @@ class Cluster:
     def rebalance(self, share: set[TopicPartition]) -> None:
         """Another member joins or leaves: the group moves partitions, this worker keeps ``share``."""
         self.share = set(share)
-        self.generation += 1
         self.note(f"rebalance share={sorted(tp.partition for tp in share)}")
         if self.member is not None:
             self.member.reassign()
@@ -308,7 +306,6 @@ class FakeConsumer:
         if self.dropped or self.dead or self.stopped:
             return
         self.dropped = True
-        self.cluster.generation += 1
         self.cluster.note(f"member dropped: {why}")
         if self.cluster.checker is not None:
             self.cluster.checker.on_member_dropped(why)
@@ -551,7 +548,7 @@ class FakeClients:
             # The producer's metadata wait for a topic it has not written to yet.
             if not await cluster.wait_connected(REQUEST_TIMEOUT_S) or topic not in cluster.topics:
                 await self._alive()
-                cluster.publish_errors.append((cluster.loop.now, topic, "UnknownTopicOrPartitionError"))
+                cluster.unknown_topic.append((cluster.loop.now, topic, correlation_id))
                 raise UnknownTopicOrPartitionError(f"topic {topic} not in metadata after 40 s")
             await self._alive()
             self._known.add(topic)
@@ -597,7 +594,7 @@ class FakeClients:
             return
 
     def _fail(self, ack: asyncio.Future[None], topic: str, error: BaseException) -> None:
-        self.cluster.publish_errors.append((self.cluster.loop.now, topic, type(error).__name__))
+        self.cluster.note(f"ack of {topic} fails: {error!r}")
         if not ack.done():
             ack.set_exception(error)
 

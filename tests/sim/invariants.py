@@ -148,14 +148,16 @@ class Checker:
             for offset in range(committed):
                 if (tp.partition, offset) not in self.answers:
                     record = self.by_coord.get((tp.partition, offset))
-                    self.flag("I1", self._unacked_cause(record), f"{tp.partition}:{offset}",
+                    self.flag("I1", self._unacked_cause(tp, offset, record), f"{tp.partition}:{offset}",
                               f"commit {committed} on partition {tp.partition} passes offset {offset} "
                               f"({record.kind if record else '?'}) with nothing acknowledged")  # fmt: skip
 
-    def _unacked_cause(self, record: SimRecord | None) -> str:
-        topic = self.dlq_topic if record is None or record.kind in ("bad_header", "corrupt") else None
-        refused = [e for e in self.cluster.publish_errors if e[2] == "UnknownTopicOrPartitionError"]
-        if refused and (topic is None or any(e[1] == topic for e in refused)):
+    def _unacked_cause(self, tp: TopicPartition, offset: int, record: SimRecord | None) -> str:
+        """D5 when the producer refused this record's answer for want of metadata, else D1 (given up)."""
+        mine = {f"{tp.topic}:{tp.partition}:{offset}"} | (
+            {record.request_id} if record and record.request_id else set()
+        )
+        if any(correlation in mine for _, _, correlation in self.cluster.unknown_topic):
             return "D5"
         return "D1"
 
