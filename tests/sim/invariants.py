@@ -85,6 +85,7 @@ class Checker:
         self.quiet_since: float | None = None
         self.max_job_bytes = 1
         self._fetch_dead_since: float | None = None
+        self._loop_dead_since: float | None = None
         self.duplicates: Counter[str] = Counter()
 
     def index(self, batches: list[tuple[float, TopicPartition, SimBatch]]) -> None:
@@ -205,8 +206,22 @@ class Checker:
                           "/healthz true with the fetch loop dead for 10 s")  # fmt: skip
         else:
             self._fetch_dead_since = None
+        dead_loops = [t for t in worker._loops if t.done()] if not worker._state.stopping else []
+        if dead_loops and self._loop_dead_since is None:
+            self._loop_dead_since = now
+        elif not dead_loops:
+            self._loop_dead_since = None
+        if (
+            self._loop_dead_since is not None
+            and now - self._loop_dead_since >= DEAD_SEEN_WITHIN_S
+            and worker.metrics.live
+        ):
+            self.flag("I4", "other", "healthz with dead model loop",
+                      "/healthz true with a model loop dead (not restarted) for 10 s")  # fmt: skip
 
     def _held(self, worker: Worker) -> None:
+        """I3. Held = the larger of what the tracker counts and what waits in the batchers: a lower bound
+        of their union that stays right whichever of the two a fix makes count the queued jobs."""
         s = self.settings
         queued = [
             q.item for b in worker.batchers.values() for bucket in b.queue._queues.values() for q in bucket
