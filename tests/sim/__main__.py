@@ -81,10 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         rng = random.Random()
         results = []
-        while time.perf_counter() - began < args.minutes * 60:
-            chunk, _ = timed([rng.randrange(2**32) for _ in range(ROUND)], args.workers)
-            _report(chunk, args.verbose)
-            results += chunk
+        try:
+            while time.perf_counter() - began < args.minutes * 60:
+                chunk, _ = timed([rng.randrange(2**32) for _ in range(ROUND)], args.workers)
+                _report(chunk, args.verbose)
+                results += chunk
+                seen = Counter(d for r in results for d in r.defects)
+                print(
+                    f"{len(results)} seeds, {time.perf_counter() - began:.0f} s: {dict(sorted(seen.items()))}",
+                    flush=True,
+                )
+        except KeyboardInterrupt:
+            print("interrupted: the summary of the seeds run so far")
         wall_s = time.perf_counter() - began
     print(summary(results, wall_s))
     return 1 if any(r.violations for r in results) else 0
