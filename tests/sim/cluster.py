@@ -2,12 +2,13 @@
 
 Semantics copied from aiokafka 0.14 (read in its sources), only as far as the worker can see them:
 - ``getmany`` parses a partition's records from the start of the record batch that holds the
-  position (Kafka returns whole batches; ``PartitionRecords._unpack_records`` parses each record
-  before it drops those below the position), lazily, stopping after ``max_records``. So a record whose
-  header name is not UTF-8 fails every fetch positioned anywhere in its batch at or after the batch
-  start up to the end of the batch, and a batch that does not inflate fails every fetch inside it with
-  ``zlib.error`` / ``cramjam.DecompressionError``. Partitions are drained one after another and each
-  one's position moves as it goes: an exception in a later partition loses the earlier ones' records.
+  position (Kafka returns whole batches; ``PartitionRecords._unpack_records`` parses each record,
+  headers included, before it drops those below the position), lazily, stopping after ``max_records``.
+  So a record whose header name is not UTF-8 fails every fetch positioned after it in its batch, and a
+  fetch positioned before it that asks for enough records to reach it; a batch that does not inflate
+  fails every fetch positioned inside it with ``zlib.error`` (gzip) or ``cramjam.DecompressionError``.
+  Partitions are drained one after another and each one's position moves as it goes: an exception in
+  a later partition loses the records already taken from the earlier ones.
 - While the broker is away, fetch errors stay inside aiokafka's fetch task: ``getmany`` returns
   nothing after its timeout. ``commit`` retries retriable errors with no time bound and raises
   ``CommitFailedError`` once the member was dropped from the group.
