@@ -323,8 +323,8 @@ class Checker:
                 for at, c, tp in self.cluster.causes
                 if lo <= at <= hi and (tp is None or tp.partition == coord[0])
             ]
-            if causes:
-                self.duplicates[causes[-1]] += len(copies) - 1
+            if causes:  # the first cause after the first fetch: a crash's rejoin is not its cause
+                self.duplicates[causes[0]] += len(copies) - 1
             else:
                 self.duplicates["unexplained"] += len(copies) - 1
                 self.flag("I5", "other", f"dup {coord}",
