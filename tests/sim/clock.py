@@ -113,6 +113,15 @@ class VirtualTime(types.SimpleNamespace):
     def time(self) -> float:
         return EPOCH_S + self._loop.now
 
+    def time_ns(self) -> int:
+        return int(self.time() * 1e9)
+
+    def monotonic_ns(self) -> int:
+        return int(self._loop.now * 1e9)
+
+    def perf_counter_ns(self) -> int:
+        return int(self._loop.now * 1e9)
+
 
 @contextlib.contextmanager
 def virtual_time(loop: SimLoop) -> Iterator[None]:

@@ -41,6 +41,7 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaConnectionError,
     KafkaTimeoutError,
+    NodeNotReadyError,
     NotLeaderForPartitionError,
     RequestTimedOutError,
     TopicAuthorizationFailedError,
@@ -48,6 +49,7 @@ from aiokafka.errors import (
 )
 
 from tests.sim.clock import EPOCH_S, SimLoop
+from worker.record_batches import BatchRead
 
 if TYPE_CHECKING:
     from tests.sim.faults import Scheduler
@@ -363,9 +365,50 @@ class FakeConsumer:
             raise ConsumerStoppedError()
 
     async def committed(self, tp: TopicPartition) -> int | None:
-        """The group's committed offset of ``tp`` (None when nothing was committed)."""
+        """The group's committed offset of ``tp`` (None when nothing was committed).
+
+        aiokafka's ``fetch_committed_offsets`` retries a coordinator away with no time bound.
+        """
         await self._alive()
+        await self._coordinator()
         return self.cluster.committed.get(tp)
+
+    async def _coordinator(self) -> None:
+        """One round trip to the coordinator: waits for the broker for as long as it is away."""
+        while True:
+            await self.cluster.wait_connected()
+            await asyncio.sleep(self.cluster.sched.ack_latency())
+            await self._alive()
+            if self.cluster.connected:
+                return
+
+    async def seek_to_committed(self, *partitions: TopicPartition) -> dict[TopicPartition, int | None]:
+        """aiokafka 0.14 ``seek_to_committed``: each partition's committed offset, sought to where one
+        is above 0 (the others stay where they are)."""
+        for tp in partitions:
+            self._owned(tp)
+        committed: dict[TopicPartition, int | None] = {}
+        for tp in partitions:
+            offset = await self.committed(tp)
+            committed[tp] = offset
+            if offset and offset > 0 and tp in self._assigned:
+                self.seek(tp, offset)
+        return committed
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
+        """aiokafka 0.14 ``seek_to_beginning``: an offset reset to the log start (0 here), waited for up
+        to request_timeout_ms; True once done."""
+        for tp in partitions:
+            self._owned(tp)
+        await self._alive()
+        if not await self.cluster.wait_connected(REQUEST_TIMEOUT_S):
+            return False
+        await asyncio.sleep(self.cluster.sched.ack_latency())
+        await self._alive()
+        for tp in partitions:
+            if tp in self._assigned:
+                self.seek(tp, 0)
+        return True
 
     async def commit(self, offsets: dict[TopicPartition, Any]) -> None:
         """Commit explicit offsets: ints, (offset, metadata) pairs or OffsetAndMetadata, as aiokafka takes."""
@@ -379,12 +422,7 @@ class FakeConsumer:
         cut = self.cluster.sched.cut_now()
         if cut is not None:
             self.cluster.cut_for(cut)  # the coordinator goes away while this commit is in flight
-        while True:  # aiokafka retries a coordinator away with no time bound
-            await self.cluster.wait_connected()
-            await asyncio.sleep(self.cluster.sched.ack_latency())
-            await self._alive()
-            if self.cluster.connected:
-                break
+        await self._coordinator()  # aiokafka retries a coordinator away with no time bound
         if self.dropped:
             raise CommitFailedError("the group has already rebalanced")
         self.cluster.note(f"commit {sorted((tp.partition, o) for tp, o in offsets.items())}")
@@ -626,3 +664,41 @@ class FakeClients:
             for task in (consumer._watch, consumer._rebalancing):
                 if task is not None:
                     task.cancel()
+
+
+class FakeBatches:
+    """worker.fetching.BatchReader over the fake cluster, as worker.record_batches.LeaderBatches reads:
+    the batch holding an offset, decoded record by record, each record that fails named by its offset."""
+
+    def __init__(self, consumer: FakeConsumer) -> None:
+        self.consumer = consumer
+
+    async def read(self, tp: TopicPartition, offset: int, limit: int) -> BatchRead | None:
+        """The batch of ``tp`` holding ``offset`` from there on (at most ``limit`` good records)."""
+        consumer, cluster = self.consumer, self.consumer.cluster
+        await consumer._alive()
+        if not cluster.connected:
+            # aiokafka's client.send to a leader it has no connection to (AIOKafkaClient.send).
+            raise NodeNotReadyError(f"Attempt to send a request to node which is not ready (node id 0).")
+        await asyncio.sleep(cluster.sched.ack_latency())
+        await consumer._alive()
+        batch = next((b for b in cluster.logs[tp] if b.next_offset > offset), None)
+        if batch is None:
+            return None  # nothing there yet: no complete batch holds the offset
+        start = max(batch.base, offset)
+        if batch.codec is not None:
+            why = f"{type(_decode_error(batch)).__name__}: {_decode_error(batch)}"
+            return BatchRead([], [(o, why) for o in range(start, batch.next_offset)], batch.next_offset)
+        out = BatchRead([], [], batch.next_offset)
+        for record in batch.records:
+            if record.offset < offset:
+                continue
+            if record.kind == "bad_header":
+                error = _bad_header_error()
+                out.failed.append((record.offset, f"{type(error).__name__}: {error}"))
+                continue
+            out.records.append(consumer._consumer_record(tp, record))
+            if len(out.records) >= limit:
+                return BatchRead(out.records, out.failed, record.offset + 1)
+        cluster.note(f"batch read {tp.partition} {start}..{batch.next_offset - 1} failed={[o for o, _ in out.failed]}")
+        return out

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import worker.app
+import worker.fetching
+import worker.intake
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
-from tests.sim.cluster import Cluster, FakeClients
+from tests.sim.cluster import Cluster, FakeBatches, FakeClients
 from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
@@ -90,13 +92,25 @@ class SeedResult:
 
 @contextlib.contextmanager
 def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator[None]:
-    saved = worker.app.KafkaClients, worker.app.ThreadPoolExecutor
+    saved = (
+        worker.app.KafkaClients,
+        worker.app.ThreadPoolExecutor,
+        worker.intake.ThreadPoolExecutor,
+        worker.fetching.LeaderBatches,
+    )
     worker.app.KafkaClients = lambda settings: FakeClients(cluster, settings)  # type: ignore[assignment,misc]
     worker.app.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
+    worker.intake.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
+    worker.fetching.LeaderBatches = FakeBatches  # type: ignore[assignment,misc]
     try:
         yield
     finally:
-        worker.app.KafkaClients, worker.app.ThreadPoolExecutor = saved  # type: ignore[misc]
+        (
+            worker.app.KafkaClients,
+            worker.app.ThreadPoolExecutor,
+            worker.intake.ThreadPoolExecutor,
+            worker.fetching.LeaderBatches,
+        ) = saved  # type: ignore[misc]
 
 
 class _Run:
@@ -193,6 +207,7 @@ class _Run:
         assert isinstance(w.clients, FakeClients)
         w.clients.crash()
         w.executor.shutdown()
+        w.intake.executor.shutdown()
         doomed = [self._starting, w._fetching, w._observer, *w._loops, *w._state.tasks]
         for task in doomed:
             if task is not None:
