@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiokafka import TopicPartition
 
 from tests.sim.faults import BLOCKED, REPLIES
+from worker.offsets import _ANSWERED
 
 if TYPE_CHECKING:
     from tests.sim.cluster import Cluster, Published, SimBatch, SimRecord
@@ -196,7 +197,8 @@ class Checker:
             self.flag("I4", "D8", "not ready after recovery",
                       f"/readyz still false {now - self.quiet_since:.0f} s after the faults stopped ({why})")  # fmt: skip
         fetching = worker._fetching
-        if fetching is not None and fetching.done() and not worker._state.stopping:
+        # A drain ends the fetch loop on purpose (the run's own stop, at its end).
+        if fetching is not None and fetching.done() and not (worker._state.stopping or worker.flow.draining):
             if self._fetch_dead_since is None:
                 self._fetch_dead_since = now
                 error = None if fetching.cancelled() else fetching.exception()
@@ -233,10 +235,35 @@ class Checker:
         bound = s.max_in_flight_bytes + s.fetch_max_records * self.max_job_bytes
         if held > bound:
             self.flag("I3", "D7", "bytes", f"{held} bytes held ({len(queued)} queued jobs), bound {bound}")
-        count = max(worker.tracker.in_flight, len(queued))
+        # The request count's bound is for records that decoded: a round takes up to fetch_max_records
+        # of them, plus whatever of one batch per partition could not be decoded (worker/fetching.py:
+        # a batch read past a failure may go past the round's room). Those hold no bytes and leave
+        # with their DLQ record; they are bounded apart, by the batches one round can read.
+        undecodable = self._undecodable_held(worker)
+        count = max(worker.tracker.in_flight - undecodable, len(queued))
         if count > s.max_in_flight + s.fetch_max_records:
             self.flag("I3", "D7", "count",
-                      f"{count} requests held, bound {s.max_in_flight} + {s.fetch_max_records}")  # fmt: skip
+                      f"{count} decoded requests held, bound {s.max_in_flight} + {s.fetch_max_records}")  # fmt: skip
+        one_round = sum(
+            max((len(b.records) for b in self.cluster.logs[tp]), default=0) for tp in self.cluster.partitions
+        )
+        if undecodable > s.max_in_flight + one_round:
+            self.flag("I3", "other", "undecodable count",
+                      f"{undecodable} undecodable records held, bound {s.max_in_flight} + {one_round}")  # fmt: skip
+
+    def _undecodable_held(self, worker: Worker) -> int:
+        """Records the tracker counts (unanswered, or dropped while their DLQ record is still out) that
+        the client cannot decode."""
+        tracker = worker.tracker
+        coords = [
+            (tp.partition, offset)
+            for tp, pending in tracker._pending.items()
+            for offset, (_, held) in pending.items()
+            if held != _ANSWERED
+        ]
+        coords += [(tp.partition, offset) for tp, _, offset in tracker._held]
+        kinds = ("bad_header", "corrupt")
+        return sum(1 for c in coords if (r := self.by_coord.get(c)) is not None and r.kind in kinds)
 
     # --- the end -------------------------------------------------------------------------
 
