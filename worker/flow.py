@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from worker.offsets import OffsetTracker
 from worker.settings import Settings
@@ -134,7 +134,12 @@ class Flow:
             return
         try:
             taken = await consumer.getmany(timeout_ms=wait_ms, max_records=1)
-        except KafkaError as exc:
+        except ConsumerStoppedError:
+            raise
+        except Exception as exc:
+            # A broker error, or a record that does not decode in a partition resumed during the
+            # wait: aiokafka raises before it takes that record, so the fetch loop meets it next
+            # (and skips it to the DLQ); ending the loop here would rewind every partition.
             log.debug("polling the paused consumer failed: %r", exc)
             await asyncio.sleep(wait_ms / 1000)
             return
