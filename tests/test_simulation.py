@@ -6,10 +6,11 @@ The invariants test runs ``SIM_SEEDS`` seeds (default 2000) over ``SIM_WORKERS``
 per 1000 seeds). The long run is ``python -m tests.sim --minutes 30 --workers 2``; a failing seed
 replays, trace and all, with ``python -m tests.sim --seed N --trace``.
 
-OPEN_DEFECTS are the defects of issue 23 that the simulation finds on the code it was written
-against (bab00a3), each with a seed that shows it. Their violations are reported, not failed on;
-any other violation fails. When a fix lands, ``test_open_defect_is_still_found`` fails for its
-entry: the fix is verified, delete the entry, and the invariants test holds it from then on.
+FIXED_DEFECTS are the defects the simulation found (the ten of issue 23 on bab00a3, one more on the
+fixed code), each with the seed that showed it before its fix: that seed now violates nothing.
+OPEN_DEFECTS are defects found and not yet fixed, each with a seed that shows it: their violations
+are reported, not failed on; any other violation fails. When a fix lands,
+``test_open_defect_is_still_found`` fails for its entry: move it to FIXED_DEFECTS.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ from tests.sim.run import REPLAY, run_seed, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: defect -> a seed that shows it on bab00a3 (python -m tests.sim --seeds 0:1000 lists more).
-OPEN_DEFECTS = {
+#: defect -> a seed that shows it on the code under test, not yet fixed (none: every defect of issue 23
+#: found so far is fixed; a new one goes here with its seed until its fix lands).
+OPEN_DEFECTS: dict[str, int] = {}
+
+#: defect -> the seed that showed it on bab00a3, before its fix (python -m tests.sim on that commit).
+FIXED_DEFECTS = {
     "D1": 104,  # issue 23 (1): several give-ups in a partition, the last seek wins, lower offsets lost
     "D2": 3,  # (2): a mid-batch undecodable record costs the good records after it in its batch
     "D3": 1,  # (4): a batch that does not inflate ends the fetch loop; /healthz stays true
@@ -40,6 +45,7 @@ OPEN_DEFECTS = {
     "D8": 2,  # (5e): /readyz true with the broker away, or not true again after recovery
     "D9": 45,  # (5f): a failure mark never cleared, an idle worker fetches ~50 times a second
     "D10": 156,  # (5g): the commit in the revoke callback has no time bound
+    "D3b": 1662,  # a record failing to decode in the paused poll (keep_membership) ended the fetch loop
 }
 
 
@@ -91,6 +97,17 @@ def test_open_defect_is_still_found(defect: str) -> None:
     assert defect in result.defects, (
         f"{defect} ({DEFECTS[defect]}) no longer shows in seed {seed}: if it was fixed, delete it from "
         f"OPEN_DEFECTS; replay: {REPLAY.format(seed=seed)}"
+    )
+
+
+@pytest.mark.parametrize("defect", sorted(FIXED_DEFECTS))
+def test_a_seed_that_found_a_fixed_defect_now_holds(defect: str) -> None:
+    """The seed that showed a defect before its fix violates no invariant now."""
+    seed = FIXED_DEFECTS[defect]
+    result = run_seed(seed)
+    assert not result.violations, (
+        f"seed {seed} (it found {defect}): {[str(v) for v in result.violations]}; "
+        f"replay: {REPLAY.format(seed=seed)}"
     )
 
 

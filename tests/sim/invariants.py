@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiokafka import TopicPartition
 
 from tests.sim.faults import BLOCKED, REPLIES
+from worker.app import FETCH_LOOP
 from worker.offsets import _ANSWERED
 
 if TYPE_CHECKING:
@@ -197,6 +198,10 @@ class Checker:
             self.flag("I4", "D8", "not ready after recovery",
                       f"/readyz still false {now - self.quiet_since:.0f} s after the faults stopped ({why})")  # fmt: skip
         fetching = worker._fetching
+        if FETCH_LOOP in worker._state.dead_loops:
+            # Restarted by its supervisor, but every partition starts over from its committed offset:
+            # issue 23 asks that no exception end the fetch loop.
+            self.flag("I2", "D3", "fetch loop restarted", "the fetch loop died (its supervisor restarts it)")
         # A drain ends the fetch loop on purpose (the run's own stop, at its end).
         if fetching is not None and fetching.done() and not (worker._state.stopping or worker.flow.draining):
             if self._fetch_dead_since is None:
