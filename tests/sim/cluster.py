@@ -388,7 +388,9 @@ class FakeConsumer:
         for tp in partitions:
             self._owned(tp)
         committed: dict[TopicPartition, int | None] = {}
-        for tp in partitions:
+        # In order: the worker passes a set, whose order follows str hashing (PYTHONHASHSEED), and
+        # each round trip draws from the seed's stream; sorted, a seed replays in any interpreter.
+        for tp in sorted(partitions):
             offset = await self.committed(tp)
             committed[tp] = offset
             if offset and offset > 0 and tp in self._assigned:
@@ -679,7 +681,7 @@ class FakeBatches:
         await consumer._alive()
         if not cluster.connected:
             # aiokafka's client.send to a leader it has no connection to (AIOKafkaClient.send).
-            raise NodeNotReadyError(f"Attempt to send a request to node which is not ready (node id 0).")
+            raise NodeNotReadyError("Attempt to send a request to node which is not ready (node id 0).")
         await asyncio.sleep(cluster.sched.ack_latency())
         await consumer._alive()
         batch = next((b for b in cluster.logs[tp] if b.next_offset > offset), None)
@@ -699,6 +701,8 @@ class FakeBatches:
                 continue
             out.records.append(consumer._consumer_record(tp, record))
             if len(out.records) >= limit:
-                return BatchRead(out.records, out.failed, record.offset + 1)
-        cluster.note(f"batch read {tp.partition} {start}..{batch.next_offset - 1} failed={[o for o, _ in out.failed]}")
+                out = BatchRead(out.records, out.failed, record.offset + 1)
+                break
+        failed = [o for o, _ in out.failed]
+        cluster.note(f"batch read {tp.partition} {start}..{out.next_offset - 1} failed={failed}")
         return out
