@@ -2,8 +2,8 @@
 surfaces, a virtual clock and a seeded fault scheduler, checked against the invariants of issue 23.
 
 The invariants test runs ``SIM_SEEDS`` seeds (default 2000) over ``SIM_WORKERS`` processes (default 2):
-2 min 40 s on the 2-core project machine shared with other jobs (about 80 s of wall time, 160 s of CPU,
-per 1000 seeds). The long run is ``python -m tests.sim --minutes 30 --workers 2``; a failing seed
+80 s on the 2-core project machine shared with other jobs (about 40 s of wall time, 67 s of CPU, per
+1000 seeds). The long run is ``python -m tests.sim --minutes 30 --workers 2``; a failing seed
 replays, trace and all, with ``python -m tests.sim --seed N --trace``.
 
 FIXED_DEFECTS are the defects the simulation found (the ten of issue 23 on bab00a3, one more on the
