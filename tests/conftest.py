@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from worker.apache_broker import ApacheKafka
 
 # Before any test module imports transformers/huggingface_hub: tests stay off the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -30,31 +34,55 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 # ===================================================================================
-# Kafka broker: one per session. KAFKA_BOOTSTRAP_SERVERS if set, else a testcontainers
-# Kafka where a Docker engine answers, else the embedded tansu broker.
+# Kafka brokers. `kafka_bootstrap` is parametrized over both brokers, so every test that takes
+# it runs against the embedded tansu and against Apache Kafka 4 (from the jars `make kafka`
+# caches); each broker starts once per session, when its first test needs it.
+# KAFKA_BOOTSTRAP_SERVERS set: that broker only ("external"). KAFKA_TEST_BROKERS=tansu (or
+# apache) runs one of the two.
 # ===================================================================================
 
+if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    KAFKA_BROKERS: tuple[str, ...] = ("external",)
+else:
+    KAFKA_BROKERS = tuple(os.environ.get("KAFKA_TEST_BROKERS", "tansu,apache").split(","))
 
-def _docker_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env().ping()
-    except Exception:  # no SDK, no socket, no permission: all mean "no Docker here"
-        return False
-    return True
+#: The principals of the secured broker (SASL/PLAIN): the worker and a client of it.
+SECURE_USERS = {"worker": "worker-secret", "client": "client-secret"}
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """Bootstrap servers of a Kafka-API broker that lives for the whole test session."""
-    if servers := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield servers
-    elif _docker_answers():
-        from testcontainers.community.kafka import KafkaContainer
+def apache_kafka() -> Iterator[ApacheKafka]:
+    """One Apache Kafka KRaft node (plaintext, auto-creation off) for the whole session."""
+    from worker.apache_broker import ApacheKafka
 
-        with KafkaContainer() as kafka:
-            yield kafka.get_bootstrap_server()
+    with ApacheKafka() as kafka:
+        yield kafka
+
+
+@pytest.fixture(scope="session")
+def secured_kafka() -> Iterator[ApacheKafka]:
+    """One Apache Kafka node that asks SASL/PLAIN (SECURE_USERS) and lets only ACLs allow anything."""
+    from worker.apache_broker import ApacheKafka
+
+    with ApacheKafka(users=SECURE_USERS) as kafka:
+        yield kafka
+
+
+@pytest.fixture(scope="session", params=KAFKA_BROKERS)
+def kafka_kind(request: pytest.FixtureRequest) -> str:
+    """Which broker this test runs against: "tansu", "apache" or "external"."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Bootstrap servers of the Kafka-API broker of `kafka_kind`, alive for the whole session."""
+    if kafka_kind == "external":
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    elif kafka_kind == "apache":
+        kafka: ApacheKafka = request.getfixturevalue("apache_kafka")
+        yield kafka.bootstrap_servers
     else:
         from worker.embedded_broker import EmbeddedBroker
 

@@ -18,6 +18,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
@@ -32,6 +34,7 @@ from tests.references import TINY
 from worker.app import Worker
 from worker.registry import ServedModel, load_models
 from worker.settings import Settings
+from worker.topics import max_message_bytes
 from worker.tracing import Tracing
 
 Record = ConsumerRecord[bytes, bytes]
@@ -60,6 +63,29 @@ async def raw_producer(bootstrap_servers: str, **config: Any) -> AsyncIterator[A
         await producer.stop()
 
 
+async def allow_records_up_to(bootstrap_servers: str, kind: str, topic: str, max_bytes: int) -> None:
+    """Let `topic` take records up to `max_bytes`, as an operator does for a topic of large requests.
+
+    Apache Kafka refuses records over 1 MiB unless the topic says otherwise; tansu has no limit
+    to raise (and no AlterConfigs), so on tansu this does nothing.
+    """
+    if kind == "tansu":
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        [response] = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(max_bytes)})]
+        )
+        assert all(error == 0 for error, *_ in response.resources), response
+        # The controller has it now; the broker applies it from the metadata log a moment later.
+        async with asyncio.timeout(10):
+            while await max_message_bytes(admin, [topic]) != max_bytes:  # noqa: ASYNC110 (broker state: no event to wait on)
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
 class TopicReader:
     """Reads topics from their first offset without a group; ``records`` grows as they arrive.
 
@@ -67,9 +93,11 @@ class TopicReader:
     metadata knew at that moment).
     """
 
-    def __init__(self, bootstrap_servers: str, *topics: str) -> None:
+    def __init__(self, bootstrap_servers: str, *topics: str, client: Mapping[str, Any] | None = None) -> None:
+        """`client`: aiokafka keyword arguments of its own (a secured broker's credentials)."""
         self.records: list[Record] = []
         self._bootstrap = bootstrap_servers
+        self._client = dict(client or {})
         self._topics = topics
         self._markers: dict[bytes, int] = {}
         """Settle markers by key, and how many of each were read."""
@@ -79,6 +107,7 @@ class TopicReader:
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            **self._client,
         )
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,7 +152,7 @@ class TopicReader:
         """
         marker = f"settle-{uuid.uuid4().hex}".encode()
         self._markers[marker] = 0
-        async with raw_producer(self._bootstrap) as producer:
+        async with raw_producer(self._bootstrap, **self._client) as producer:
             sent = 0
             for topic in self._topics:
                 for partition in sorted(await producer.partitions_for(topic)):
@@ -159,15 +188,23 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  
             await asyncio.sleep(0.01)
 
 
+def new_prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"kw{uuid.uuid4().hex[:12]}"
+
+
 @contextlib.asynccontextmanager
 async def serving(
-    bootstrap: str, models: Mapping[str, ServedModel], *, spans: Tracing | None = None, **knobs: Any
+    bootstrap: str,
+    models: Mapping[str, ServedModel],
+    prefix: str | None = None,
+    *,
+    spans: Tracing | None = None,
+    **knobs: Any,
 ) -> AsyncIterator[Worker]:
-    """A started Worker on a fresh prefix and group, holding its partitions; drained and stopped after.
-
-    ``spans``: where its spans go (tests of tracing); ``knobs``: settings.
-    """
-    prefix = f"kw{uuid.uuid4().hex[:12]}"
+    """A started Worker on `prefix` (default: a fresh one) and its own group, holding its partitions;
+    drained and stopped after. ``spans``: where its spans go (tests of tracing); ``knobs``: settings."""
+    prefix = prefix or new_prefix()
     settings = Settings(
         bootstrap_servers=bootstrap,
         topic_prefix=prefix,

@@ -35,6 +35,11 @@ class Stream:
     bootstrap: str
     prefix: str = field(default_factory=lambda: f"p{uuid.uuid4().hex[:12]}")
     partitions: int = 4
+    #: what the reply collector reads: read_committed skips replies of aborted or open transactions
+    isolation_level: str = "read_uncommitted"
+    #: an idempotent request producer: a send retried after a lost acknowledgement (a network cut) is not
+    #: written twice; the embedded broker refuses it (InitProducerId)
+    idempotent: bool = False
     sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (partition, offset)
     replies: dict[str, list[Reply]] = field(default_factory=dict)
 
@@ -51,9 +56,9 @@ class Stream:
     async def start(self) -> None:
         await create_topics(self.bootstrap, [self.requests_topic], self.partitions)
         await create_topics(self.bootstrap, [self.reply_topic], 1)
-        # Idempotence off: the embedded broker refuses InitProducerId (docs/kafka-notes.md).
+        # Idempotence off unless asked: the embedded broker refuses InitProducerId (docs/kafka-notes.md).
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False, linger_ms=5
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=self.idempotent, linger_ms=5
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -62,6 +67,7 @@ class Stream:
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            isolation_level=self.isolation_level,
         )
         await self._consumer.start()
         self._reader = asyncio.create_task(self._read(self._consumer), name="reply-collector")

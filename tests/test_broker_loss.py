@@ -9,6 +9,7 @@ Duplicates (redelivery if the group dropped the silent worker) are allowed, with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from tests.conftest import KAFKA_BROKERS
 from tests.kafka_support import TopicReader, body_of, raw_producer, request_bytes, serving, tiny_models, until
 from tests.process_support import Stream, WorkerLauncher, wait_until
 from tests.references import TINY
@@ -31,6 +33,7 @@ from tests.test_worker_processes import (
     start_worker,
     stop_worker,
 )
+from worker.apache_broker import ApacheKafka
 from worker.app import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S, STOP_BUDGET_S
 from worker.embedded_broker import EmbeddedBroker, free_port
 from worker.topics import dlq_topic, requests_topic, results_topic
@@ -43,14 +46,19 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 OUTAGE_S = 7.0
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[TcpProxy]:
-    """A proxy in front of a broker of this test's own, which advertises the proxy's address."""
+@pytest.fixture(params=KAFKA_BROKERS)
+async def proxy(request: pytest.FixtureRequest) -> AsyncIterator[TcpProxy]:
+    """A proxy in front of a broker of this test's own (tansu or Apache Kafka), which advertises the
+    proxy's address. Not the session's broker: its advertised address is the proxy's."""
+    if request.param == "external":
+        pytest.skip("the outage needs a broker of the test's own behind the proxy")
     broker_port = free_port()
-    async with (
-        TcpProxy(broker_port) as proxy,
-        EmbeddedBroker(port=broker_port, advertised_port=proxy.port),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(TcpProxy(broker_port))
+        if request.param == "apache":
+            await stack.enter_async_context(ApacheKafka(port=broker_port, advertised_port=proxy.port))
+        else:
+            await stack.enter_async_context(EmbeddedBroker(port=broker_port, advertised_port=proxy.port))
         yield proxy
 
 

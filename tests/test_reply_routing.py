@@ -69,6 +69,9 @@ async def test_refused_reply_to_is_answered_on_the_results_topic_and_writes_nowh
         cases = refused_cases(prefix)
         results = results_topic("text", prefix)
         watched = [dlq_topic(prefix), results_topic("vision", prefix), requests_topic("audio", prefix)]
+        # The worker serves text only; the reader needs the other two to exist (Apache Kafka creates
+        # no topic a client names; tansu would).
+        await create_topics(kafka_bootstrap, watched)
         async with (
             TopicReader(kafka_bootstrap, results) as answers,
             TopicReader(kafka_bootstrap, *watched) as elsewhere,

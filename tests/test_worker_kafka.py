@@ -25,6 +25,7 @@ from PIL import Image
 from tests.kafka_support import (
     Record,
     TopicReader,
+    allow_records_up_to,
     b64,
     b64_file,
     body_of,
@@ -560,13 +561,14 @@ async def test_a_deadline_that_passes_in_the_queue_is_answered_deadline_exceeded
 
 
 async def test_a_message_too_large_to_copy_to_the_dlq_is_still_answered_and_committed(
-    kafka_bootstrap: str, models: Models
+    kafka_bootstrap: str, kafka_kind: str, models: Models
 ) -> None:
     # The worker's producer takes max(2 * max_message_bytes, 1 MiB) per request: 1.5 MB is over it.
     huge = request_bytes("huge", "bert", {"text": "z" * 1_500_000})
     async with serving(kafka_bootstrap, {"bert": models["bert"]}, max_message_bytes=1024) as worker:
         prefix = prefix_of(worker)
         topic = requests_topic("text", prefix)
+        await allow_records_up_to(kafka_bootstrap, kafka_kind, topic, 4 * 1024 * 1024)
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
             TopicReader(kafka_bootstrap, dlq_topic(prefix)) as dlq,

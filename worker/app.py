@@ -49,6 +49,7 @@ from worker.routing import ReplyPolicy, TopicDirectory
 from worker.settings import Settings
 from worker.topics import dlq_topic, requests_topic, results_topic
 from worker.tracing import Tracing, configure
+from worker.transactions import TransactionalRebalance, Transactions
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,21 @@ class Worker:
             dlq_payload=settings.dlq_payload,
             retry_s=settings.publish_retry_s,
         )
+        # Exactly-once delivery (worker/transactions.py): answers and offsets go in transactions, not through
+        # delivery and flow.commit.
+        self.transactions = (
+            Transactions(
+                settings,
+                self.flow.tracker,
+                self.delivery,
+                self.flow.redeliver,
+                on_published=self._published,
+                on_redelivered=self._redelivered,
+                max_request_size=self.clients.max_request_size,
+            )
+            if settings.delivery == "exactly-once"
+            else None
+        )
         self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -168,7 +184,12 @@ class Worker:
         self._observer = asyncio.create_task(self._observe(), name="observe")
         requests = list(self.intake.modality_of)
         written = [*(results_topic(m, s.topic_prefix) for m in self.modalities), dlq_topic(s.topic_prefix)]
-        await self.clients.connect([*requests, *written], requests, Rebalance(self.flow))
+        listener = Rebalance(self.flow)
+        if self.transactions is not None:
+            listener = TransactionalRebalance(listener, self.transactions, lambda: self.clients.consumer)
+        await self.clients.connect([*requests, *written], requests, listener)
+        if self.transactions is not None:
+            await self.transactions.probe()  # at start, not at the first reply: a refusal ends the start
         self.delivery.limit_bytes = await self.clients.record_limit(written)
         self._checker = asyncio.create_task(self._check_broker(), name="check-broker")
         assert self.clients.consumer is not None
@@ -233,6 +254,8 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.flow.consumer = None
+        if self.transactions is not None:
+            await self.transactions.close()
         await self.clients.close(STOP_BUDGET_S / 2)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.intake.close()
@@ -586,6 +609,7 @@ class Worker:
         A reply whose delivery gave up (the broker away past publish_retry_s) is left uncommitted
         and read again: its partition is rewound to it, so a fault costs a redelivery, not a stall.
         A reply whose message was rewound or revoked meanwhile is not sent: it is read again.
+        Exactly-once: replies go to the transactions instead, which commit them with their offsets.
         """
         started_ns = time.time_ns()
         tracker = self.tracker
@@ -596,28 +620,41 @@ class Worker:
                 current.append(reply)
             else:
                 tracker.release(origin.tp, origin.offset, origin.epoch)
-                self.tracing.request_done(origin.trace, "redelivered")
+                self._redelivered(reply)
         replies = current
+        if self.transactions is not None:
+            await self.transactions.publish(replies)
+            self.flow.progressed()
+            self.flow.apply_backpressure()
+            return
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
             origin = reply.origin
             if outcome is None:
                 tracker.done(origin.tp, origin.offset, origin.epoch)
-                self._count(reply)
-                self.tracing.stage(origin.trace, "publish", started_ns)
-                self.tracing.request_done(origin.trace, reply.error.code.value if reply.error else None)
+                self._published(reply, started_ns)
             elif isinstance(outcome, Exception):
                 if not isinstance(outcome, GiveUp):
                     log.error("delivering the reply to %s offset %d failed", origin.tp, origin.offset,
                               exc_info=outcome)  # fmt: skip
                 self.flow.redeliver(origin.tp, origin.offset, origin.epoch, outcome)
                 tracker.release(origin.tp, origin.offset, origin.epoch)
-                self.tracing.request_done(origin.trace, "redelivered")
+                self._redelivered(reply)
             else:
                 raise outcome  # CancelledError and friends end the task
         self.flow.progressed()
         await self.flow.commit()
         self.flow.apply_backpressure()
+
+    def _published(self, reply: Outgoing, started_ns: int) -> None:
+        """A reply acknowledged (exactly-once: committed) since ``started_ns``: counted, its trace ended."""
+        self._count(reply)
+        self.tracing.stage(reply.origin.trace, "publish", started_ns)
+        self.tracing.request_done(reply.origin.trace, reply.error.code.value if reply.error else None)
+
+    def _redelivered(self, reply: Outgoing) -> None:
+        """A reply given up on: its request is read again, and traced anew."""
+        self.tracing.request_done(reply.origin.trace, "redelivered")
 
     def _count(self, reply: Outgoing) -> None:
         outcome = "ok" if reply.error is None else reply.error.code.value

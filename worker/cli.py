@@ -99,6 +99,7 @@ def _serve(models_dir: str, settings: Settings) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
     from worker.metadata import MetadataError
+    from worker.transactions import TransactionsRefused
 
     settings = settings_from(args)
     if not settings.bootstrap_servers:
@@ -109,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _serve(args.models_dir, settings)
             return 0
         return _run_processes(args.models_dir, settings, args.processes)
-    except MetadataError as exc:
+    except (MetadataError, TransactionsRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -172,7 +173,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded Kafka-API broker in the foreground."""
+    """Run the embedded Kafka-API broker (or Apache Kafka from `make kafka`'s jars) in the foreground."""
+    if args.apache:
+        from worker import apache_broker
+
+        apache_broker.serve_forever(args.nodes, args.port)
+        return 0
+    if args.nodes != 1:
+        print("error: --nodes needs --apache (tansu runs one node)", file=sys.stderr)
+        return 2
     from worker.embedded_broker import serve_forever
 
     serve_forever(args.port)
@@ -225,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-API broker (tansu) for local use")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    broker.add_argument(
+        "--apache",
+        action="store_true",
+        help="Apache Kafka 4 (KRaft) from the jars `make kafka` caches, instead of tansu",
+    )
+    broker.add_argument("--nodes", type=int, default=1, help="Apache Kafka nodes (3: replication 3)")
     broker.set_defaults(func=cmd_broker)
 
     settings = sub.add_parser("settings", help="print the settings table (markdown)")

@@ -33,7 +33,8 @@ class KafkaClients:
         #: what the producer itself may send in one request; records stay under the broker's limit too
         self.max_request_size = max(settings.max_message_bytes * 2, 1024 * 1024)
         self.broker = KafkaBroker(
-            settings.bootstrap_servers,
+            # A list: FastStream wraps a string as one server, so "a:9092,b:9092" would be one bad host.
+            [server.strip() for server in settings.bootstrap_servers.split(",")],
             acks="all",
             enable_idempotence=False,  # the embedded broker refuses idempotent producers
             max_batch_size=1024 * 1024,
@@ -70,6 +71,8 @@ class KafkaClients:
                     group_id=s.group_id,
                     enable_auto_commit=False,  # offsets are committed only past answered messages
                     auto_offset_reset="earliest",
+                    # exactly-once: requests of aborted transactions are never answered
+                    isolation_level="read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
                     fetch_max_wait_ms=s.fetch_max_wait_ms,
                     fetch_max_bytes=s.fetch_max_bytes,
                     max_partition_fetch_bytes=max(s.max_message_bytes, 1024 * 1024),

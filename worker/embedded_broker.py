@@ -54,14 +54,16 @@ def free_port(host: str = "127.0.0.1", port: int = 0) -> int:
         return bound
 
 
-def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to completion on a private loop, from sync or async code alike."""
     # asyncio.run cannot nest inside a running loop; a private thread with its own loop
     # lets the synchronous API be called from async code too (e.g. a sync pytest fixture).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-broker") as pool:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _port_accepts(host: str, port: int) -> bool:
+async def port_accepts(host: str, port: int) -> bool:
+    """True if a TCP connection to `host:port` opens now."""
     try:
         _, writer = await asyncio.open_connection(host, port)
     except OSError:
@@ -72,8 +74,11 @@ async def _port_accepts(host: str, port: int) -> bool:
     return True
 
 
-async def _metadata_answers(bootstrap_servers: str) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=_PROBE_TIMEOUT_MS)
+async def metadata_answers(bootstrap_servers: str, **client: Any) -> bool:
+    """True if the broker answers a metadata request; `client`: aiokafka security keywords."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=_PROBE_TIMEOUT_MS, **client
+    )
     try:
         await admin.start()
         await admin.list_topics()
@@ -151,7 +156,7 @@ class EmbeddedBroker:
 
     def start(self) -> str:
         """Start the broker and block until it answers metadata; returns bootstrap_servers."""
-        return _run_blocking(self.astart())
+        return run_blocking(self.astart())
 
     async def astart(self) -> str:
         """Start the broker and wait, without blocking the event loop, until it answers metadata."""
@@ -267,7 +272,7 @@ class EmbeddedBroker:
                     f"(port {self._port}); log tail:\n{self.log_tail()}"
                 )
             # The port check first: aiokafka logs errors for refused connections.
-            if await _port_accepts(self.host, self._port) and await _metadata_answers(self.bootstrap_servers):
+            if await port_accepts(self.host, self._port) and await metadata_answers(self.bootstrap_servers):
                 return
             if time.monotonic() > deadline:
                 raise BrokerStartError(

@@ -78,6 +78,8 @@ class Flow:
         """
         async with self._commit_lock:
             commits = self.tracker.take_commits()
+            if self.settings.delivery == "exactly-once":
+                return  # offsets are committed inside the transactions only (worker/transactions.py)
             consumer = self.consumer
             if consumer is None or not commits:
                 return

@@ -16,7 +16,7 @@ holder settles it (``done`` or ``release``): a running batch still holds its mem
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
@@ -147,6 +147,12 @@ class OffsetTracker(Generic[P]):
             else {p: self._pending.get(p, OrderedDict()) for p in partitions}
         )
         return sum(1 for pending in chosen.values() for _, held in pending.values() if held != _ANSWERED)
+
+    def unanswered(self, partition: P) -> Iterator[int]:
+        """The partition's unanswered offsets, oldest first (exactly-once delivery publishes in this order)."""
+        return (
+            o for o, (_, held) in self._pending.get(partition, OrderedDict()).items() if held != _ANSWERED
+        )
 
     def rewind(self, partition: P, offset: int, epoch: int) -> bool:
         """Drop ``offset`` and everything after it in ``partition``: they will be read again.

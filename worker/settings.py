@@ -247,6 +247,13 @@ class Settings(BaseSettings):
         description="Largest record the broker takes, used when it does not report max.message.bytes "
         "for the results and DLQ topics (Apache Kafka's default).",
     )
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description="at-least-once: replies published, then offsets committed (a crash or rebalance may "
+        "repeat replies). exactly-once: replies, DLQ records and offsets in one Kafka transaction per run "
+        "of answered offsets, so read_committed readers see each reply once; needs a broker with "
+        "transactions (Apache Kafka; the embedded broker refuses them).",
+    )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of replies and DLQ copies (requests of every codec are read)."
     )

@@ -7,7 +7,13 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 
 from schemas.topics import DEFAULT_PREFIX, dlq_topic, private_reply_topic, requests_topic, results_topic
 
@@ -91,12 +97,15 @@ async def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout
 class MissingTopics(RuntimeError):
     """The worker's own topics do not exist and it may not create them."""
 
-    def __init__(self, missing: list[str]) -> None:
-        super().__init__(
-            "these topics do not exist and WORKER_CREATE_TOPICS is off: "
-            + ", ".join(missing)
-            + " (create them, or let the worker create its own topics)"
-        )
+    def __init__(self, missing: list[str], *, refused: str | None = None) -> None:
+        """`refused`: the broker's answer when the worker tried to create them and was not allowed."""
+        if refused is None:
+            why = "WORKER_CREATE_TOPICS is off: "
+            hint = " (create them, or let the worker create its own topics)"
+        else:
+            why = "the broker refused to create them: "
+            hint = f" ({refused}; create them, or grant the worker's principal Create)"
+        super().__init__("these topics do not exist and " + why + ", ".join(missing) + hint)
         self.missing = missing
 
 
@@ -110,7 +119,11 @@ async def ensure_topics(
         return []
     if not create:
         raise MissingTopics(missing)
-    return _created(await admin.create_topics([NewTopic(name, partitions, 1) for name in missing]))
+    try:
+        return _created(await admin.create_topics([NewTopic(name, partitions, 1) for name in missing]))
+    except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as exc:
+        # Not a broker that is away: retrying cannot help, so the worker stops with the names.
+        raise MissingTopics(missing, refused=repr(exc)) from exc
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:

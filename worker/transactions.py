@@ -1,0 +1,458 @@
+"""Exactly-once delivery (``--delivery exactly-once``): answers and offsets in one Kafka transaction.
+
+A transaction holds the replies (and DLQ records) of a contiguous run of one input partition's
+offsets, starting at its first unanswered offset, and commits the offset after the run with them
+(``send_offsets_to_transaction``). Answers that arrive out of order wait in ``HeldAnswers`` until
+every earlier offset of their partition is answered: a transaction past a gap commits an offset
+beyond an unanswered request, and replies committed for a later offset would be produced again when
+the gap is redelivered. A transaction that fails is aborted and its run is read again.
+
+Fencing is KIP-98's: one transactional producer per assigned input partition, with the transactional
+id ``<group>.<topic>.<partition>`` on every worker and across restarts. A partition's new owner
+initialises that id (InitProducerId bumps its epoch, aborting an open transaction of the old owner)
+before it reads the partition's committed offset; from then on a worker that lost the partition
+(a zombie) cannot commit for it. KIP-447's fencing by consumer group metadata is not available:
+aiokafka 0.14 sends TxnOffsetCommit v0 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from worker.delivery import Delivery
+from worker.envelopes import Outgoing
+from worker.flow import Flow, Rebalance
+from worker.offsets import OffsetTracker
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+A = TypeVar("A")
+
+#: How long the start-up probe may take to get a transactional producer id (the first one on a
+#: fresh Apache Kafka creates __transaction_state: a few seconds).
+PROBE_TIMEOUT_S = 30.0
+#: How long opening (initialising) one partition's producer may take on assignment.
+OPEN_TIMEOUT_S = 20.0
+#: How long aborting a failed transaction, or closing a producer, may take.
+CLOSE_TIMEOUT_S = 5.0
+#: Beyond publish_retry_s (what delivery retries for), the most a transaction's offsets and commit may take.
+COMMIT_SLACK_S = 15.0
+
+
+class TransactionsRefused(RuntimeError):
+    """The broker will not run transactions: exactly-once delivery cannot start on it."""
+
+    code = "transactions_refused"
+
+
+def transactional_id(group_id: str, tp: TopicPartition) -> str:
+    """The id of the one producer that publishes answers for ``tp`` (stable across workers and restarts)."""
+    return f"{group_id}.{tp.topic}.{tp.partition}"
+
+
+class HeldAnswers(Generic[P, A]):
+    """Answers held per partition until every earlier offset of the partition is answered (no Kafka here)."""
+
+    def __init__(self) -> None:
+        self._held: dict[P, dict[int, A]] = {}
+
+    def hold(self, partition: P, offset: int, answer: A) -> None:
+        """Keep ``answer`` for ``offset`` (a later answer for the same offset replaces it)."""
+        self._held.setdefault(partition, {})[offset] = answer
+
+    def take_run(self, partition: P, unanswered: Iterable[int]) -> list[tuple[int, A]]:
+        """Pop the answers of the longest prefix of ``unanswered`` (the partition's unanswered offsets,
+        oldest first) that is held entirely; empty if its first offset is not answered yet.
+
+        Answers for offsets before the first unanswered one are dropped: those offsets were published,
+        rewound or forgotten since, so the answer is stale.
+        """
+        held = self._held.get(partition)
+        if not held:
+            return []
+        run: list[tuple[int, A]] = []
+        first: int | None = None
+        for offset in unanswered:
+            first = offset if first is None else first
+            if offset not in held:
+                break
+            run.append((offset, held.pop(offset)))
+        for stale in [o for o in held if first is None or o < first]:
+            del held[stale]
+        if not held:
+            del self._held[partition]
+        return run
+
+    def drop(self, partition: P, stale: Callable[[int, A], bool]) -> list[tuple[int, A]]:
+        """Pop the partition's held answers for which ``stale(offset, answer)`` holds."""
+        held = self._held.get(partition, {})
+        dropped = [(offset, answer) for offset, answer in held.items() if stale(offset, answer)]
+        for offset, _ in dropped:
+            del held[offset]
+        if not held:
+            self._held.pop(partition, None)
+        return dropped
+
+    def count(self, partitions: Iterable[P] | None = None) -> int:
+        """Answers held (in ``partitions``, or all)."""
+        chosen = self._held if partitions is None else {p: self._held.get(p, {}) for p in partitions}
+        return sum(len(held) for held in chosen.values())
+
+    def forget(self, partitions: Iterable[P]) -> None:
+        """Drop the answers of partitions no longer owned: they will be answered by the new owner."""
+        for partition in partitions:
+            self._held.pop(partition, None)
+
+
+class Transactions:
+    """The Kafka side: one transactional producer per assigned input partition, one transaction per run.
+
+    ``publish`` holds answers and commits each partition's ready runs; ``assigned`` and ``revoked``
+    open and close the partitions' producers. Offsets are committed only inside transactions.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        tracker: OffsetTracker[TopicPartition],
+        delivery: Delivery,
+        redeliver: Callable[[TopicPartition, int, int, BaseException], None],
+        *,
+        on_published: Callable[[Outgoing, int], None],
+        on_redelivered: Callable[[Outgoing], None],
+        max_request_size: int,
+    ) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        #: the worker's delivery, copied for each transaction with its publish bound to the partition's producer
+        self.delivery = delivery
+        self.redeliver = redeliver
+        #: called with each reply once its transaction committed, and the time (ns) the transaction began
+        self.on_published = on_published
+        #: called with each reply of a transaction given up on
+        self.on_redelivered = on_redelivered
+        self.max_request_size = max_request_size
+        self.held: HeldAnswers[TopicPartition, Outgoing] = HeldAnswers()
+        self.consumer: AIOKafkaConsumer | None = None
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        #: one transaction at a time per partition; waiting answers join the next one
+        self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        #: partitions whose producer broke, each with the task that opens a new one
+        self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
+
+    def _producer(self, transactional: str) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            transactional_id=transactional,
+            acks="all",
+            # A transaction begun right after a commit is refused (CONCURRENT_TRANSACTIONS) until the commit
+            # markers are written, then retried after this: measured 25 -> 18 ms median per transaction
+            # with 100 -> 20 ms (Apache Kafka 4.4, this 2-core machine; the Java client retries this case after 20 ms too).
+            retry_backoff_ms=20,
+            max_batch_size=1024 * 1024,
+            max_request_size=self.max_request_size,
+            compression_type=None if s.compression_type == "none" else s.compression_type,
+            **s.kafka_client_kwargs(),
+        )
+
+    # --- start-up ----------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Get a transactional producer id once, bounded: TransactionsRefused if the broker will not."""
+        producer = self._producer(f"{self.settings.group_id}.probe")
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await producer.start()
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise TransactionsRefused(
+                f"the broker at {self.settings.bootstrap_servers} refuses transactions (InitProducerId: "
+                f"{exc!r}); WORKER_DELIVERY=exactly-once (--delivery exactly-once) needs them: use a broker "
+                "that runs transactions (Apache Kafka; the embedded broker does not), or "
+                "WORKER_DELIVERY=at-least-once"
+            ) from exc
+        finally:
+            await _stop(producer)
+
+    # --- answers -----------------------------------------------------------------------
+
+    async def publish(self, replies: list[Outgoing]) -> None:
+        """Hold each answer; publish every run that became ready, one transaction per run."""
+        for reply in replies:
+            self.held.hold(reply.origin.tp, reply.origin.offset, reply)
+        await asyncio.gather(*(self._flush(tp) for tp in {r.origin.tp for r in replies}))
+
+    async def _flush(self, tp: TopicPartition) -> None:
+        """Publish the partition's ready runs until none is left (answers held meanwhile join the next)."""
+        async with self._locks.setdefault(tp, asyncio.Lock()):
+            while (producer := self._producers.get(tp)) is not None:
+                self._drop_stale(tp)
+                run = self.held.take_run(tp, self.tracker.unanswered(tp))
+                if not run:
+                    return
+                started_ns = time.time_ns()
+                try:
+                    await self._commit(producer, tp, run)
+                except Exception as exc:
+                    await self._failed(producer, tp, run, exc)
+                    return
+                for offset, reply in run:
+                    self.tracker.done(tp, offset, reply.origin.epoch)
+                    self.on_published(reply, started_ns)
+
+    async def _commit(
+        self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]]
+    ) -> None:
+        """One transaction: begin, deliver each answer (re-route, shrink, DLQ copy), the offsets, commit."""
+        delivery = copy.copy(self.delivery)
+        delivery.publish_record = functools.partial(_send, producer)
+        # No second send of a record in one transaction: one whose acknowledgement failed may have been
+        # written, and both would commit. A retriable failure gives up the transaction (a redelivery).
+        delivery.retry_s = 0.0
+        try:
+            async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
+                await producer.begin_transaction()
+                outcomes = await asyncio.gather(
+                    *(delivery.deliver(r) for _, r in run), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                await producer.send_offsets_to_transaction({tp: run[-1][0] + 1}, self.settings.group_id)
+                await producer.commit_transaction()
+        finally:
+            # /readyz reads the worker's delivery: publishing failing for long turns it not ready, as in
+            # at-least-once.
+            self.delivery.failing_since = delivery.failing_since
+        log.debug("%s: committed offsets %d-%d in one transaction", tp, run[0][0], run[-1][0])
+
+    async def _failed(
+        self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]], exc: Exception
+    ) -> None:
+        """Abort (or, fenced or broken, drop the producer) and read the run again: a give-up, a redelivery."""
+        first, last = run[0][0], run[-1][0]
+        if isinstance(exc, ProducerFenced):
+            # Another worker initialised this partition's id: it owns the partition now. Never re-open
+            # the id here, which would fence the new owner in turn; the rebalance revokes the partition.
+            log.error("%s: fenced by its new owner; offsets %d-%d are left to it", tp, first, last)
+            self._producers.pop(tp, None)
+            await _stop(producer)
+        else:
+            log.warning("%s: the transaction of offsets %d-%d failed (%r); aborting it", tp, first, last, exc)
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await producer.abort_transaction()
+            except Exception as abort_exc:
+                # The producer cannot go on (a fatal error, or a commit cut short: the transaction may have
+                # committed). A new one takes its place while the partition is ours; its InitProducerId
+                # ends what the old one left (commits or aborts it), and then the committed offset says
+                # where to read again.
+                log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
+                self._producers.pop(tp, None)
+                await _stop(producer)
+                self._replace_later(tp, exc)
+        self.redeliver(tp, first, run[0][1].origin.epoch, exc)
+        for offset, reply in run:
+            self.tracker.release(tp, offset, reply.origin.epoch)
+            self.on_redelivered(reply)
+        self._drop_stale(tp)
+
+    def _drop_stale(self, tp: TopicPartition) -> None:
+        """Held answers whose message was rewound or revoked since: let go (the message is read again)."""
+        tracker = self.tracker
+        for offset, reply in self.held.drop(
+            tp, lambda offset, reply: not tracker.current(tp, offset, reply.origin.epoch)
+        ):
+            tracker.release(tp, offset, reply.origin.epoch)
+            self.on_redelivered(reply)
+
+    def _replace_later(self, tp: TopicPartition, why: BaseException) -> None:
+        """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
+        if tp in self._replacing:
+            return
+        task = asyncio.create_task(self._replace(tp, why), name=f"replace-producer:{tp.topic}:{tp.partition}")
+        self._replacing[tp] = task
+        task.add_done_callback(
+            lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
+        )
+
+    async def _replace(self, tp: TopicPartition, why: BaseException) -> None:
+        """Until a new producer is open and the partition read from its committed offset (then publish what
+        waited), or the partition is no longer ours."""
+        delay = 0.5
+        while (consumer := self.consumer) is not None and tp in consumer.assignment():
+            if await self._still_owned(tp):
+                try:
+                    await self._open(tp)
+                    committed = await consumer.committed(tp)
+                except Exception as exc:
+                    log.warning("%s: opening a new transactional producer failed (%r)", tp, exc)
+                else:
+                    log.info("%s: a new transactional producer took over at offset %s", tp, committed)
+                    self._read_from(tp, committed, why)
+                    await self._flush(tp)
+                    return
+            await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
+            delay = min(delay * 2, 10.0)
+
+    def _read_from(self, tp: TopicPartition, committed: int | None, why: BaseException) -> None:
+        """After a transaction of unknown outcome: what it committed is answered, the rest is read again."""
+        if committed is None:
+            return  # nothing ever committed: the failed run is read again already
+        epoch = self.tracker.epoch(tp)
+        for offset in [o for o in self.tracker.unanswered(tp) if o < committed]:
+            self.tracker.done(tp, offset, epoch)  # answered by the transaction whose commit the failure hid
+        self.redeliver(tp, committed, epoch, why)
+        self._drop_stale(tp)
+
+    async def _still_owned(self, tp: TopicPartition) -> bool:
+        """Whether the group still gives ``tp`` to this worker, asked before its id is initialised anew.
+
+        The consumer's own view may be stale (a worker cut off from the group past its session), and
+        initialising the id would then fence the partition's real owner. Committing the partition's
+        committed offset again changes nothing, but passes the group's generation check only for the
+        current owner (TxnOffsetCommit v0 has no such check). With none committed yet, its first offset
+        is: reading from there is what the group does without a committed offset (auto_offset_reset).
+        """
+        consumer = self.consumer
+        if consumer is None or tp not in consumer.assignment():
+            return False
+        try:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                committed = (await consumer.beginning_offsets([tp]))[tp]
+            await consumer.commit({tp: committed})
+        except (KafkaError, AssertionError) as exc:
+            log.warning("%s: not re-opened, the group may have moved it (%r)", tp, exc)
+            return False
+        return True
+
+    # --- rebalances --------------------------------------------------------------------
+
+    async def assigned(
+        self, consumer: AIOKafkaConsumer, partitions: Collection[TopicPartition]
+    ) -> list[TopicPartition]:
+        """Open each new partition's producer (fencing its previous owner), then read the partition from
+        its committed offset, final only now; returns the partitions ready (the others stay paused)."""
+        self.consumer = consumer
+        opened = await asyncio.gather(*(self._open(tp) for tp in partitions), return_exceptions=True)
+        ready = []
+        for tp, outcome in zip(partitions, opened, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("%s: its transactional producer did not open (%r); the partition stays paused", tp,
+                          outcome)  # fmt: skip
+                continue
+            ready.append(tp)
+        if not ready:
+            return []
+        try:
+            await consumer.seek_to_committed(*ready)
+        except (KafkaError, AssertionError) as exc:
+            # Reassigned meanwhile (IllegalStateError), or the coordinator away: stay paused; the next
+            # assignment opens and positions the partitions again.
+            log.error("reading the committed offsets of %s failed (%r); they stay paused", ready, exc)
+            return []
+        return ready
+
+    async def _open(self, tp: TopicPartition) -> None:
+        producer = self._producer(transactional_id(self.settings.group_id, tp))
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                await producer.start()  # InitProducerId: the epoch moves on, the previous owner is fenced
+        except BaseException:
+            await _stop(producer)
+            raise
+        self._producers[tp] = producer
+
+    async def revoked(self, partitions: Collection[TopicPartition]) -> None:
+        """Let a transaction in progress end (bounded), drop held answers, close the partitions' producers."""
+
+        async def close(tp: TopicPartition) -> None:
+            replacing = self._replacing.pop(tp, None)
+            if replacing is not None:
+                replacing.cancel()
+                await asyncio.gather(replacing, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
+                    async with self._locks.setdefault(tp, asyncio.Lock()):
+                        pass
+            producer = self._producers.pop(tp, None)
+            if producer is not None:
+                await _stop(producer)
+
+        await asyncio.gather(*(close(tp) for tp in partitions))
+        for tp in partitions:  # the flow forgot them first: what is held is stale, counted until let go
+            self._drop_stale(tp)
+
+    async def close(self) -> None:
+        """Close every producer (bounded): what was not committed is read again by the next owner."""
+        replacing, self._replacing = list(self._replacing.values()), {}
+        for task in replacing:
+            task.cancel()
+        await asyncio.gather(*replacing, return_exceptions=True)
+        producers, self._producers = list(self._producers.values()), {}
+        await asyncio.gather(*(_stop(p) for p in producers))
+
+
+class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The flow's rebalance handling, with each assigned partition's producer opened before it is read."""
+
+    def __init__(
+        self, inner: Rebalance, transactions: Transactions, consumer: Callable[[], AIOKafkaConsumer | None]
+    ) -> None:
+        self.inner = inner
+        self.flow: Flow = inner.flow
+        self.transactions = transactions
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self.inner.on_partitions_revoked(revoked)
+        await self.transactions.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        consumer = self.consumer()
+        assert consumer is not None
+        # Paused before any await: nothing is read until the producer has fenced the previous owner and the
+        # committed offset is read again (aiokafka fetches it before calling this listener).
+        consumer.pause(*assigned)
+        await self.inner.on_partitions_assigned(assigned)
+        ready = await self.transactions.assigned(consumer, assigned)
+        if ready and not (self.flow.paused or self.flow.draining):
+            consumer.resume(*ready)
+
+
+async def _send(
+    producer: AIOKafkaProducer,
+    value: bytes,
+    topic: str,
+    key: bytes | None,
+    headers: dict[str, str],
+    correlation_id: str,
+) -> Awaitable[Any]:
+    """delivery.Publish over a transactional producer: queue the record, return its acknowledgement."""
+    pairs = [("correlation_id", correlation_id.encode())] if correlation_id else []
+    pairs += [(name, text.encode()) for name, text in headers.items()]
+    ack: Awaitable[Any] = await producer.send(topic, value, key=key, headers=pairs)
+    return ack
+
+
+async def _stop(producer: AIOKafkaProducer) -> None:
+    """Stop a producer within CLOSE_TIMEOUT_S whatever the broker does."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await producer.stop()
+    except Exception as exc:
+        log.warning("closing a transactional producer failed: %r", exc)
