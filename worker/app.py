@@ -212,6 +212,7 @@ class Worker:
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
         self.flow.on_dropped = self._drop_stale
+        self.flow.on_seek_failed = self._seek_failed
         self._fetching = asyncio.create_task(self._supervise_fetching(), name="fetch")
         log.info(
             "worker started: models %s on %s, group %s, records up to %d bytes",
@@ -432,6 +433,13 @@ class Worker:
             finally:
                 self._state.fetching_rounds -= 1
                 self.flow.progressed()
+
+    def _seek_failed(self, exc: BaseException) -> None:
+        """A try to seek partitions to their committed offsets failed: a failed fetch round for readiness."""
+        assert self.fetcher is not None
+        self.fetcher.round_failed(exc)
+        self._state.failed_rounds += 1
+        self.metrics.fetch_errors.inc()
 
     def _track(self, fetched: Fetched, epochs: Mapping[TopicPartition, int]) -> Fetched:
         """Track one round's records in the epochs they were fetched in (``epochs``, taken as the round

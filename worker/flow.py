@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: The longest the commit before a revoke may take (aiokafka retries it while the coordinator is away).
 REVOKE_COMMIT_S = 5.0
+#: The first and the longest pause between tries to read the committed offsets to seek to.
+SEEK_RETRY_S = 0.5
+SEEK_RETRY_MAX_S = 4.0
 
 
 class Flow:
@@ -50,6 +53,8 @@ class Flow:
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
+        #: called each time the committed offsets to seek to could not be read (readiness counts it)
+        self.on_seek_failed: Callable[[BaseException], None] | None = None
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
         #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
@@ -208,16 +213,33 @@ class Flow:
             await self.seek_to_committed(assigned)
 
     async def seek_to_committed(self, partitions: Collection[TopicPartition]) -> None:
-        """Seek the assigned ones of ``partitions`` to their committed offsets (bounded by REVOKE_COMMIT_S)."""
-        consumer = self.consumer
-        assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
-        if consumer is None or not assigned:
-            return
-        async with asyncio.timeout(REVOKE_COMMIT_S):
-            committed = await consumer.seek_to_committed(*assigned)
-            never = [tp for tp, offset in committed.items() if not offset]
-            if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)
-                await consumer.seek_to_beginning(*never)
+        """Seek the assigned ones of ``partitions`` to their committed offsets, each try bounded by
+        REVOKE_COMMIT_S and retried until one succeeds (or a drain begins).
+
+        Their positions may be past records nobody tracks (a dropped round's): fetching on from there
+        would let a later commit pass them. aiokafka waits for an absent coordinator with no bound,
+        so a try that runs out counts as a failed fetch round (``on_seek_failed``) and is tried again.
+        """
+        delay = SEEK_RETRY_S
+        while not self.draining:
+            consumer = self.consumer
+            assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
+            if consumer is None or not assigned:
+                return
+            try:
+                async with asyncio.timeout(REVOKE_COMMIT_S):
+                    committed = await consumer.seek_to_committed(*assigned)
+                    # Nothing committed yet: the group starts at the earliest offset (auto_offset_reset).
+                    never = [tp for tp, offset in committed.items() if not offset]
+                    if never:
+                        await consumer.seek_to_beginning(*never)
+                return
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("the committed offsets of %s could not be read (%r); trying again", assigned, exc)
+                if self.on_seek_failed is not None:
+                    self.on_seek_failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SEEK_RETRY_MAX_S)
 
     def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         """New partitions start paused while backpressure or a drain holds the others."""
