@@ -404,6 +404,11 @@ class Worker:
                 self.fetcher.round_failed(exc)
                 await self.flow.restart_from_committed()
                 fetched = Fetched([], [])
+            # A round that raised no broker error, even an empty one, shows fetching works again: an
+            # idle worker would otherwise stay fetch_failing until its next record. A round that
+            # failed counts even when it was dropped below (its restart moved the generation).
+            failed = self.fetcher.consecutive_errors > errors
+            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
             if self.flow.generation != generation:
                 # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
                 # returns records of the new one, so records in hand may belong to either. None is
@@ -411,12 +416,9 @@ class Worker:
                 await self.flow.seek_to_committed(
                     {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
                 )
-                continue
-            tracked = self._track(fetched, epochs)
-            # A round that raised no broker error, even an empty one, shows fetching works again: an
-            # idle worker would otherwise stay fetch_failing until its next record.
-            failed = self.fetcher.consecutive_errors > errors
-            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
+                tracked = Fetched([], [])
+            else:
+                tracked = self._track(fetched, epochs)
             if tracked.empty:
                 if failed:
                     self.metrics.fetch_errors.inc()
