@@ -265,8 +265,13 @@ def spoil_compressed(batch: bytearray) -> bytes:
     return bytes(spoilt)
 
 
+class ProduceRefused(Exception):
+    """The broker answered a raw produce with an error code (``args[0]``)."""
+
+
 async def produce_batch(bootstrap: str, tp: TopicPartition, batch: bytes) -> int:
-    """Send one prebuilt batch to the partition's leader as a raw ProduceRequest; returns its base offset."""
+    """Send one prebuilt batch to the partition's leader as a raw ProduceRequest; returns its base offset
+    (ProduceRefused with the broker's error code if it refuses the batch)."""
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     await client.bootstrap()
     try:
@@ -277,7 +282,8 @@ async def produce_batch(bootstrap: str, tp: TopicPartition, batch: bytes) -> int
             leader, ProduceRequest(None, -1, 10_000, [(tp.topic, [(tp.partition, batch)])])
         )
         [(_, [(_, error_code, base_offset, *_)])] = response.topics
-        assert error_code == 0, error_code
+        if error_code != 0:
+            raise ProduceRefused(error_code)
         return int(base_offset)
     finally:
         await client.close()

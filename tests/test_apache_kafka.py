@@ -211,7 +211,14 @@ async def test_a_reply_to_the_worker_may_not_write_is_refused_by_kafka_and_answe
         with pytest.raises(TopicAuthorizationFailedError):
             await producer.send_and_wait(results_topic("text", prefix), b"{}")
     async with (
-        serving(bootstrap, models, prefix=prefix, create_topics=False, **worker_login()) as worker,
+        serving(
+            bootstrap,
+            models,
+            prefix=prefix,
+            create_topics=False,
+            reply_to_pattern=r"team-x\.replies\..+",  # allowed by the worker's policy: only Kafka refuses it
+            **worker_login(),
+        ) as worker,
         # Read as admin: settle() writes a marker, which the client may not.
         TopicReader(bootstrap, results_topic("text", prefix), client=admin) as answers,
         TopicReader(bootstrap, forbidden, client=admin) as elsewhere,

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from tests.apache_kafka_once import apache_kafka
 from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.references import TINY
 from tests.tcp_proxy import TcpProxy
+from worker.apache_broker import ApacheKafka
 from worker.embedded_broker import EmbeddedBroker, free_port
 from worker.offsets import OffsetTracker
 from worker.transactions import HeldAnswers, transactional_id
@@ -124,10 +124,9 @@ def test_one_transactional_id_per_input_partition_the_same_on_every_worker() -> 
 
 
 @pytest.fixture(scope="module")
-def apache_bootstrap() -> Iterator[str]:
-    """TEMPORARY: one Apache Kafka node of this module's own; the shared fixture of issue 25 replaces it."""
-    with apache_kafka() as bootstrap:
-        yield bootstrap
+def apache_bootstrap(apache_kafka: ApacheKafka) -> str:
+    """The session's Apache Kafka node (tests/conftest.py): transactions need it (tansu refuses them)."""
+    return apache_kafka.bootstrap_servers
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +299,10 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
     caplog.set_level(logging.CRITICAL, logger="aiokafka")  # a reconnect error per attempt: noise here
     broker_port = free_port()
     async with TcpProxy(broker_port) as proxy:
-        with apache_kafka(port=broker_port, advertised_port=proxy.port) as bootstrap:
+        kafka = ApacheKafka(port=broker_port, advertised_port=proxy.port)
+        # Started without blocking this loop: its readiness check goes through the proxy, which it runs.
+        bootstrap = await kafka.astart()
+        try:
             stream = Stream(bootstrap, isolation_level="read_committed", idempotent=True)
             await stream.start()
             launcher = WorkerLauncher(bootstrap, bert_only, tmp_path)
@@ -328,6 +330,8 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
                 launcher.kill_all()
                 print(launcher.log_tails())
                 await stream.stop()
+        finally:
+            await kafka.astop()
     assert reset > 0, "the cut reset no connection: the traffic did not go through the proxy"
     assert_exactly_once(stream)
     assert committed == stream.committed_end()

@@ -327,6 +327,17 @@ class ApacheKafka:
             **TEST_SETTINGS,
             **replication_settings(self.node_count),
         }
+        if self._advertised_port is not None:
+            # Clients go through the advertised port (a proxy that cuts them off); the broker's own
+            # traffic (its transaction coordinator writing markers, say) keeps a listener of its own,
+            # so a cut isolates the clients, not the broker from itself.
+            internal = free_port(self.host)
+            props |= {
+                "listeners": f"{props['listeners']},INTERNAL://{self.host}:{internal}",
+                "advertised.listeners": f"{props['advertised.listeners']},INTERNAL://{self.host}:{internal}",
+                "listener.security.protocol.map": f"{props['listener.security.protocol.map']},INTERNAL:{protocol}",
+                "inter.broker.listener.name": "INTERNAL",
+            }
         if self.secured:
             users = {ADMIN_USER: self._admin_password, **self._users}
             accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())

@@ -141,6 +141,9 @@ class Worker:
             if settings.delivery == "exactly-once"
             else None
         )
+        if self.transactions is not None:
+            self.flow.before_seek_to_committed = self.transactions.settled
+            self.flow.own_commit = self.transactions.own_commit
         self.fetcher: PartitionFetcher | None = None
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -403,12 +406,8 @@ class Worker:
                 log.exception("a fetch round failed; its partitions start over from their committed offsets")
                 self.fetcher.round_failed(exc)
                 await self.flow.restart_from_committed()
+                generation = self.flow.generation  # its own restart: a failed round, not an overtaken one
                 fetched = Fetched([], [])
-            # A round that raised no broker error, even an empty one, shows fetching works again: an
-            # idle worker would otherwise stay fetch_failing until its next record. A round that
-            # failed counts even when it was dropped below (its restart moved the generation).
-            failed = self.fetcher.consecutive_errors > errors
-            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
             if self.flow.generation != generation:
                 # A revoke came during the round: aiokafka's getmany waits out a reassignment and then
                 # returns records of the new one, so records in hand may belong to either. None is
@@ -416,9 +415,12 @@ class Worker:
                 await self.flow.seek_to_committed(
                     {_tp_of(r) for r in fetched.records} | {u.tp for u in fetched.undecodable}
                 )
-                tracked = Fetched([], [])
-            else:
-                tracked = self._track(fetched, epochs)
+                continue
+            tracked = self._track(fetched, epochs)
+            # A round that raised no broker error, even an empty one, shows fetching works again: an
+            # idle worker would otherwise stay fetch_failing until its next record.
+            failed = self.fetcher.consecutive_errors > errors
+            self._state.failed_rounds = self._state.failed_rounds + 1 if failed else 0
             if tracked.empty:
                 if failed:
                     self.metrics.fetch_errors.inc()

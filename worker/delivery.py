@@ -97,6 +97,9 @@ class Delivery:
         self.limit_bytes = limit_bytes
         self.dlq_payload = dlq_payload
         self.retry_s = retry_s
+        #: each attempt bounded by what is left of retry_s; off inside a transaction, which is bounded as a
+        #: whole: an attempt abandoned there could still be sent, into the next transaction of its producer
+        self.bound_attempts = True
         #: monotonic time since which publishing has failed without a success (None: it works)
         self.failing_since: float | None = None
         #: calls of ``_retrying`` whose last attempt failed
@@ -242,7 +245,8 @@ class Delivery:
                     # a send for its own request_timeout_ms (40 s) while the broker is away, which
                     # would stretch the bound. A record abandoned here may still go out later (a
                     # duplicate reply, as after any give-up).
-                    async with asyncio.timeout(max(self.retry_s - (time.monotonic() - started), 0.1)):
+                    left = max(self.retry_s - (time.monotonic() - started), 0.1)
+                    async with asyncio.timeout(left if self.bound_attempts else None):
                         result = await attempt()
                 except Exception as exc:
                     if not _retriable(exc) and not await self._metadata_missing(exc):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -55,6 +55,12 @@ class Flow:
         self.on_dropped: Callable[[], None] | None = None
         #: called each time the committed offsets to seek to could not be read (readiness counts it)
         self.on_seek_failed: Callable[[BaseException], None] | None = None
+        #: awaited before partitions are sought to their committed offsets (exactly-once: until no
+        #: transaction of theirs is still committing, else the offsets read would miss its commit)
+        self.before_seek_to_committed: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
+        #: exactly-once: the offset this worker's own last transaction committed for a partition, which the
+        #: group's committed offsets may not show yet (a transaction's markers are written after its commit)
+        self.own_commit: Callable[[TopicPartition], int | None] | None = None
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
         #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
@@ -228,7 +234,16 @@ class Flow:
                 return
             try:
                 async with asyncio.timeout(REVOKE_COMMIT_S):
+                    if self.before_seek_to_committed is not None:
+                        await self.before_seek_to_committed(assigned)
                     committed = await consumer.seek_to_committed(*assigned)
+                    for tp in assigned:
+                        own = self.own_commit(tp) if self.own_commit is not None else None
+                        if own is not None and own > (committed.get(tp) or 0):
+                            consumer.seek(
+                                tp, own
+                            )  # never back over what this worker's transactions committed
+                            committed[tp] = own
                     # Nothing committed yet: the group starts at the earliest offset (auto_offset_reset).
                     never = [tp for tp, offset in committed.items() if not offset]
                     if never:

@@ -150,6 +150,8 @@ class Transactions:
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         #: one transaction at a time per partition; waiting answers join the next one
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        #: partition -> the offset this worker's last transaction for it committed (while it is ours)
+        self._committed: dict[TopicPartition, int] = {}
         #: partitions whose producer broke, each with the task that opens a new one
         self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
 
@@ -209,6 +211,7 @@ class Transactions:
                 except Exception as exc:
                     await self._failed(producer, tp, run, exc)
                     return
+                self._committed[tp] = run[-1][0] + 1
                 for offset, reply in run:
                     self.tracker.done(tp, offset, reply.origin.epoch)
                     self.on_published(reply, started_ns)
@@ -222,6 +225,7 @@ class Transactions:
         # No second send of a record in one transaction: one whose acknowledgement failed may have been
         # written, and both would commit. A retriable failure gives up the transaction (a redelivery).
         delivery.retry_s = 0.0
+        delivery.bound_attempts = False  # the transaction's own timeout bounds its sends
         try:
             async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
                 await producer.begin_transaction()
@@ -377,6 +381,17 @@ class Transactions:
             raise
         self._producers[tp] = producer
 
+    def own_commit(self, tp: TopicPartition) -> int | None:
+        """The offset this worker's last transaction for ``tp`` committed, while ``tp`` is ours."""
+        return self._committed.get(tp)
+
+    async def settled(self, partitions: Collection[TopicPartition]) -> None:
+        """Wait until no transaction of ``partitions`` is in progress (the caller bounds the wait): a
+        committed offset read after this includes every transaction this worker began for them."""
+        for tp in partitions:
+            async with self._locks.setdefault(tp, asyncio.Lock()):
+                pass
+
     async def revoked(self, partitions: Collection[TopicPartition]) -> None:
         """Let a transaction in progress end (bounded), drop held answers, close the partitions' producers."""
 
@@ -394,7 +409,10 @@ class Transactions:
                 await _stop(producer)
 
         await asyncio.gather(*(close(tp) for tp in partitions))
-        for tp in partitions:  # the flow forgot them first: what is held is stale, counted until let go
+        for tp in partitions:
+            self._committed.pop(
+                tp, None
+            )  # the flow forgot them first: what is held is stale, counted until let go
             self._drop_stale(tp)
 
     async def close(self) -> None:
