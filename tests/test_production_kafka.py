@@ -43,7 +43,9 @@ from tests.kafka_support import (
 )
 from tests.references import TINY
 from worker.app import Worker
+from worker.flow import Flow
 from worker.registry import ServedModel
+from worker.settings import Settings
 from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
@@ -679,3 +681,38 @@ async def test_a_fault_while_taking_records_in_costs_a_redelivery_not_a_request(
         await worker.drain()
         ends = await committed(kafka_bootstrap, worker)
         assert ends == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+async def test_a_record_that_fails_to_decode_while_paused_costs_no_fetch_loop(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure polls its paused consumer to keep the membership (Flow.keep_membership); a partition
+    resumed during that poll is fetched by it, and a record there that does not decode raises from
+    aiokafka's getmany. That poll takes nothing: the record stays where it is for the fetch loop,
+    which skips it to the DLQ. (Found by the simulation, seed 1662: the error ended the fetch loop.)"""
+    topic = f"paused-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_bootstrap, [topic], 1)
+    offset = await _send_undecodable(kafka_bootstrap, topic, 0, monkeypatch)
+    tp = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=f"g-{topic}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.pause(tp)
+        flow = Flow(Settings(bootstrap_servers=kafka_bootstrap))
+        flow.consumer = consumer
+        polling = asyncio.create_task(flow.keep_membership(8000))
+        await asyncio.sleep(0.3)
+        consumer.resume(tp)  # backpressure let go while the poll waits
+        await asyncio.wait_for(polling, 20)
+        assert await consumer.position(tp) == offset  # nothing taken: the fetch loop meets the record
+        with pytest.raises(UnicodeDecodeError):  # the record really does not decode (the test's premise)
+            await consumer.getmany(tp, timeout_ms=2000)
+    finally:
+        await consumer.stop()

@@ -201,7 +201,10 @@ class Worker:
         self.flow.consumer = self.clients.consumer
         broker_wait = BrokerWait(self.clients.consumer, s.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
         self.fetcher = PartitionFetcher(
-            self.clients.consumer, max_attempts=s.max_decode_attempts, broker_wait=broker_wait
+            self.clients.consumer,
+            max_attempts=s.max_decode_attempts,
+            broker_wait=broker_wait,
+            idle_poll=self.flow.keep_membership,
         )
         self.flow.on_revoked = self.fetcher.forget
         self.quarantine = await open_quarantine(
@@ -221,6 +224,7 @@ class Worker:
             self.batchers[name] = batcher
             self._loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
         self.flow.on_dropped = self._drop_stale
+        self.flow.on_seek_failed = self._seek_failed
         self._fetching = asyncio.create_task(self._supervise_fetching(), name="fetch")
         log.info(
             "worker started: models %s on %s, group %s, records up to %d bytes",
@@ -481,6 +485,13 @@ class Worker:
                 if tp in self.consumer.assignment():
                     self.consumer.seek(tp, offset)
             return Admitted(Fetched([], []), [])
+
+    def _seek_failed(self, exc: BaseException) -> None:
+        """A try to seek partitions to their committed offsets failed: a failed fetch round for readiness."""
+        assert self.fetcher is not None
+        self.fetcher.round_failed(exc)
+        self._state.failed_rounds += 1
+        self.metrics.fetch_errors.inc()
 
     def _track(self, fetched: Fetched, epochs: Mapping[TopicPartition, int]) -> Fetched:
         """Track one round's records in the epochs they were fetched in (``epochs``, taken as the round

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,8 +126,12 @@ class PartitionFetcher:
         max_attempts: int = 3,
         broker_wait: BrokerWait | None = None,
         batches: BatchReader | None = None,
+        idle_poll: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """``idle_poll(wait_ms)``: how to wait while every assigned partition is paused (the flow's
+        ``keep_membership``, which polls the consumer so the group keeps this member); default a sleep."""
         self.consumer = consumer
+        self.idle_poll = idle_poll
         self.max_attempts = max_attempts
         #: lengthened after each round that found nothing, back to the busy wait on the first record
         self.broker_wait = broker_wait
@@ -160,8 +164,13 @@ class PartitionFetcher:
         fetchable = sorted(self.consumer.assignment() - self.consumer.paused())
         out = Fetched([], [])
         if not fetchable or max_records <= 0 or (max_bytes is not None and max_bytes <= 0):
-            # Nothing to read (no partitions yet, or all paused): wait instead of spinning.
-            await asyncio.sleep(UNASSIGNED_POLL_MS / 1000)
+            # Nothing to read (no partitions yet, or all paused): wait instead of spinning. Paused
+            # for long (a record run alone after a crash, say), a consumer that is not polled leaves
+            # its group after max_poll_interval_ms: the idle poll keeps it in.
+            if self.idle_poll is not None:
+                await self.idle_poll(UNASSIGNED_POLL_MS)
+            else:
+                await asyncio.sleep(UNASSIGNED_POLL_MS / 1000)
             return out
         for tp in fetchable:
             room = max_records - len(out.records)

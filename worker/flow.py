@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from worker.offsets import OffsetTracker
 from worker.settings import Settings
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: The longest the commit before a revoke may take (aiokafka retries it while the coordinator is away).
 REVOKE_COMMIT_S = 5.0
+#: The first and the longest pause between tries to read the committed offsets to seek to.
+SEEK_RETRY_S = 0.5
+SEEK_RETRY_MAX_S = 4.0
 
 
 class Flow:
@@ -52,6 +55,8 @@ class Flow:
         self.on_revoking: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
+        #: called each time the committed offsets to seek to could not be read (readiness counts it)
+        self.on_seek_failed: Callable[[BaseException], None] | None = None
         #: awaited before partitions are sought to their committed offsets (exactly-once: until no
         #: transaction of theirs is still committing, else the offsets read would miss its commit)
         self.before_seek_to_committed: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
@@ -144,7 +149,12 @@ class Flow:
             return
         try:
             taken = await consumer.getmany(timeout_ms=wait_ms, max_records=1)
-        except KafkaError as exc:
+        except ConsumerStoppedError:
+            raise
+        except Exception as exc:
+            # A broker error, or a record that does not decode in a partition resumed during the
+            # wait: aiokafka raises before it takes that record, so the fetch loop meets it next
+            # (and skips it to the DLQ); ending the loop here would rewind every partition.
             log.debug("polling the paused consumer failed: %r", exc)
             await asyncio.sleep(wait_ms / 1000)
             return
@@ -214,23 +224,42 @@ class Flow:
             await self.seek_to_committed(assigned)
 
     async def seek_to_committed(self, partitions: Collection[TopicPartition]) -> None:
-        """Seek the assigned ones of ``partitions`` to their committed offsets (bounded by REVOKE_COMMIT_S)."""
-        consumer = self.consumer
-        assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
-        if consumer is None or not assigned:
-            return
-        async with asyncio.timeout(REVOKE_COMMIT_S):
-            if self.before_seek_to_committed is not None:
-                await self.before_seek_to_committed(assigned)
-            committed = await consumer.seek_to_committed(*assigned)
-            for tp in assigned:
-                own = self.own_commit(tp) if self.own_commit is not None else None
-                if own is not None and own > (committed.get(tp) or 0):
-                    consumer.seek(tp, own)  # never back over what this worker's transactions committed
-                    committed[tp] = own
-            never = [tp for tp, offset in committed.items() if not offset]
-            if never:  # nothing committed yet: the group starts at the earliest offset (auto_offset_reset)
-                await consumer.seek_to_beginning(*never)
+        """Seek the assigned ones of ``partitions`` to their committed offsets, each try bounded by
+        REVOKE_COMMIT_S and retried until one succeeds (or a drain begins).
+
+        Their positions may be past records nobody tracks (a dropped round's): fetching on from there
+        would let a later commit pass them. aiokafka waits for an absent coordinator with no bound,
+        so a try that runs out counts as a failed fetch round (``on_seek_failed``) and is tried again.
+        """
+        delay = SEEK_RETRY_S
+        while not self.draining:
+            consumer = self.consumer
+            assigned = [tp for tp in partitions if consumer is not None and tp in consumer.assignment()]
+            if consumer is None or not assigned:
+                return
+            try:
+                async with asyncio.timeout(REVOKE_COMMIT_S):
+                    if self.before_seek_to_committed is not None:
+                        await self.before_seek_to_committed(assigned)
+                    committed = await consumer.seek_to_committed(*assigned)
+                    for tp in assigned:
+                        own = self.own_commit(tp) if self.own_commit is not None else None
+                        if own is not None and own > (committed.get(tp) or 0):
+                            consumer.seek(
+                                tp, own
+                            )  # never back over what this worker's transactions committed
+                            committed[tp] = own
+                    # Nothing committed yet: the group starts at the earliest offset (auto_offset_reset).
+                    never = [tp for tp, offset in committed.items() if not offset]
+                    if never:
+                        await consumer.seek_to_beginning(*never)
+                return
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("the committed offsets of %s could not be read (%r); trying again", assigned, exc)
+                if self.on_seek_failed is not None:
+                    self.on_seek_failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SEEK_RETRY_MAX_S)
 
     def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         """New partitions start paused while backpressure or a drain holds the others."""
