@@ -40,7 +40,7 @@ from tests.kafka_support import (
 from worker.apache_broker import ApacheKafka
 from worker.delivery import RECORD_OVERHEAD
 from worker.registry import ServedModel
-from worker.topics import MissingTopics, dlq_topic, requests_topic, results_topic
+from worker.topics import MissingTopics, dlq_topic, quarantine_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -62,6 +62,8 @@ async def create_own_topics(
     await admin.start()
     try:
         topics = [NewTopic(name, 2, 1, topic_configs=dict((configs or {}).get(name, {}))) for name in names]
+        # The quarantine's crash markers: one partition, compacted (worker/quarantine.py).
+        topics.append(NewTopic(quarantine_topic(prefix), 1, 1, topic_configs={"cleanup.policy": "compact"}))
         response = await admin.create_topics(topics)
     finally:
         await admin.close()
@@ -178,6 +180,16 @@ def grant_worker(kafka: ApacheKafka, prefix: str) -> None:
             AclOperation.DESCRIBE,
             AclOperation.DESCRIBE_CONFIGS,
         )
+    allow(
+        kafka,
+        "worker",
+        ResourceType.TOPIC,
+        quarantine_topic(prefix),
+        AclOperation.READ,
+        AclOperation.WRITE,
+        AclOperation.DESCRIBE,
+        AclOperation.DESCRIBE_CONFIGS,
+    )
     allow(kafka, "worker", ResourceType.GROUP, f"{prefix}.workers", AclOperation.READ)
 
 
