@@ -30,7 +30,14 @@ from typing import Any, Self
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.embedded_broker import BrokerStartError, free_port, metadata_answers, port_accepts, run_blocking
+from worker.embedded_broker import (
+    BrokerStartError,
+    file_tail,
+    free_port,
+    metadata_answers,
+    port_accepts,
+    run_blocking,
+)
 
 KAFKA_VERSION = "4.4.0"
 DEFAULT_LIBS = Path.home() / ".cache" / "onnx-worker" / f"kafka-{KAFKA_VERSION}"
@@ -208,13 +215,7 @@ class ApacheKafka:
 
     def log_tail(self, node_id: int = 1, chars: int = _LOG_TAIL_CHARS) -> str:
         """The last `chars` characters of a node's log, for error messages."""
-        path = self._nodes[node_id].log_path if node_id in self._nodes else None
-        if path is None or not path.exists():
-            return ""
-        with path.open("rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - chars))
-            return log.read().decode("utf-8", errors="replace")
+        return file_tail(self._nodes[node_id].log_path if node_id in self._nodes else None, chars)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -89,6 +89,16 @@ async def metadata_answers(bootstrap_servers: str, **client: Any) -> bool:
     return True
 
 
+def file_tail(path: Path | None, chars: int) -> str:
+    """The last ``chars`` characters of a broker's log file ("" if there is none), for error messages."""
+    if path is None or not path.exists():
+        return ""
+    with path.open("rb") as log:
+        log.seek(0, os.SEEK_END)
+        log.seek(max(0, log.tell() - chars))
+        return log.read().decode("utf-8", errors="replace")
+
+
 class EmbeddedBroker:
     """One tansu broker process on loopback; a context manager (sync or async) or start()/stop()."""
 
@@ -145,12 +155,7 @@ class EmbeddedBroker:
 
     def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
         """The last `chars` characters of the broker log, for error messages."""
-        if self._log_path is None or not self._log_path.exists():
-            return ""
-        with self._log_path.open("rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - chars))
-            return log.read().decode("utf-8", errors="replace")
+        return file_tail(self._log_path, chars)
 
     # -- lifecycle --------------------------------------------------------------------
 
