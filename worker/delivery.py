@@ -104,6 +104,8 @@ class Delivery:
         self.failing_since: float | None = None
         #: calls of ``_retrying`` whose last attempt failed
         self._failing = 0
+        #: monotonic time of the last acknowledged publish (None: none yet)
+        self._last_ok: float | None = None
         self.stopping = False
 
     async def deliver(self, out: Outgoing) -> None:
@@ -265,12 +267,18 @@ class Delivery:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                 else:
+                    self._last_ok = time.monotonic()
                     if self._failing == (1 if failing else 0):
                         self.failing_since = None
                     return result
         finally:
             if failing:
                 self._failing -= 1
+                # The last failing call ended (given up) after a publish got through since the failures
+                # began: publishing works. An idle worker would otherwise stay publish_failing for good.
+                since, ok = self.failing_since, self._last_ok
+                if self._failing == 0 and since is not None and ok is not None and ok > since:
+                    self.failing_since = None
 
     async def _metadata_missing(self, exc: BaseException) -> bool:
         """An unknown-topic refusal while the cluster cannot be asked: the broker is away, not the topic.

@@ -453,7 +453,10 @@ class Quarantine:
         """Stop owning ``partitions`` here; returns the states they had."""
         partitions = set(partitions)
         self._read_since_assigned -= partitions
-        return {tp: state for tp in partitions if (state := self._partitions.pop(tp, None)) is not None}
+        # In partition order: the markers are written in this order (a set's order follows string hashing).
+        return {
+            tp: state for tp in sorted(partitions) if (state := self._partitions.pop(tp, None)) is not None
+        }
 
     def reread(self, partitions: Collection[TopicPartition]) -> None:
         """A round of ``partitions`` that was not tracked goes back to the broker (the caller seeks them to
