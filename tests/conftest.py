@@ -93,3 +93,13 @@ def kafka_bootstrap(kafka_kind: str, request: pytest.FixtureRequest) -> Iterator
 # ===================================================================================
 # (end of the Kafka broker block)
 # ===================================================================================
+
+
+@pytest.fixture(scope="module")
+def bert_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder that serves the tiny bert alone (one model loads fastest), for worker processes."""
+    from tests.references import TINY
+
+    models = tmp_path_factory.mktemp("models")
+    (models / "bert").symlink_to(TINY / "bert", target_is_directory=True)
+    return models

@@ -23,7 +23,6 @@ from aiokafka import TopicPartition
 
 from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
-from tests.references import TINY
 from tests.tcp_proxy import TcpProxy
 from worker.apache_broker import ApacheKafka
 from worker.embedded_broker import EmbeddedBroker, free_port
@@ -127,13 +126,6 @@ def test_one_transactional_id_per_input_partition_the_same_on_every_worker() -> 
 def apache_bootstrap(apache_kafka: ApacheKafka) -> str:
     """The session's Apache Kafka node (tests/conftest.py): transactions need it (tansu refuses them)."""
     return apache_kafka.bootstrap_servers
-
-
-@pytest.fixture(scope="module")
-def bert_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    models = tmp_path_factory.mktemp("models")
-    (models / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-    return models
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from aiokafka import AIOKafkaConsumer
 
 from tests.kafka_support import TopicReader, headers_of, raw_producer, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
-from tests.references import TINY
 from worker.app import Worker
 from worker.quarantine import CRASH_FAILPOINT_ENV
 from worker.settings import Settings
@@ -33,14 +32,6 @@ from worker.topics import create_topics, dlq_topic, quarantine_topic
 START_TIMEOUT_S = 90.0
 #: Issue 23's bound: the requests behind the killer answered within this.
 ANSWERED_WITHIN_S = 150.0
-
-
-@pytest.fixture
-def bert_only(tmp_path: Path) -> Path:
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-    return models
 
 
 @pytest.fixture
@@ -58,6 +49,26 @@ async def stream(kafka_bootstrap: str) -> AsyncIterator[Stream]:
     await s.start()
     yield s
     await s.stop()
+
+
+def stream_settings(bootstrap: str, stream: Stream, **knobs: Any) -> Settings:
+    """An in-process worker's settings on ``stream``'s topics and group (quick rebalances)."""
+    return Settings(
+        bootstrap_servers=bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        **knobs,
+    )
+
+
+async def write_marker(bootstrap: str, stream: Stream, key: str, marker: dict[str, Any]) -> None:
+    """A crash marker written by hand, as a worker of ``stream``'s group would have left it."""
+    async with raw_producer(bootstrap) as producer:
+        await producer.send_and_wait(
+            quarantine_topic(stream.prefix), json.dumps(marker).encode(), key=key.encode()
+        )
 
 
 @pytest.mark.kafka
@@ -114,13 +125,7 @@ async def test_a_rebalance_and_a_death_while_idle_count_no_crash(
     models = tiny_models(tmp_path, "bert")
     stream = Stream(kafka_bootstrap, partitions=2)
     await stream.start()
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-    )
+    settings = stream_settings(kafka_bootstrap, stream)
     first, second = Worker(settings, models), Worker(settings, models)
     caplog.set_level(logging.INFO, logger="worker.quarantine")
     try:
@@ -195,17 +200,8 @@ async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_run
         "named": 1,
         "writer": "dead",
     }
-    async with raw_producer(kafka_bootstrap) as producer:
-        await producer.send_and_wait(
-            quarantine_topic(stream.prefix), json.dumps(dead).encode(), key=key.encode()
-        )
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-    )
+    await write_marker(kafka_bootstrap, stream, key, dead)
+    settings = stream_settings(kafka_bootstrap, stream)
     worker = Worker(settings, models)
     try:
         await worker.start()
@@ -253,14 +249,7 @@ async def test_a_revoke_that_runs_out_with_records_running_marks_the_marker_revo
     models = tiny_models(tmp_path, "bert")
     stream = Stream(kafka_bootstrap, partitions=1)
     await stream.start()
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        session_timeout_ms=3000,  # the revoke waits 1.5 s for answers
-        heartbeat_interval_ms=500,
-        executor_threads=2,
-    )
+    settings = stream_settings(kafka_bootstrap, stream, executor_threads=2)  # the revoke waits 1.5 s
     first, second = Worker(settings, models), Worker(settings, models)
     gate = threading.Event()
     try:
@@ -299,17 +288,8 @@ async def test_a_marker_its_live_writer_revoked_costs_no_crash_and_no_one_at_a_t
     await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
     key = f"{stream.group_id}/{stream.requests_topic}/0"
     handed = {"upto": 4, "armed": True, "crashes": 0, "revoked": True, "resumed_at": 0, "writer": "alive"}
-    async with raw_producer(kafka_bootstrap) as producer:
-        await producer.send_and_wait(
-            quarantine_topic(stream.prefix), json.dumps(handed).encode(), key=key.encode()
-        )
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-    )
+    await write_marker(kafka_bootstrap, stream, key, handed)
+    settings = stream_settings(kafka_bootstrap, stream)
     worker = Worker(settings, models)
     caplog.set_level(logging.INFO, logger="worker.quarantine")
     try:

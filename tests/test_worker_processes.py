@@ -30,7 +30,6 @@ from tests.process_support import (
     replies_agree,
     wait_until,
 )
-from tests.references import TINY
 from worker.client import InferenceClient
 from worker.embedded_broker import EmbeddedBroker
 
@@ -40,14 +39,6 @@ RecordProperty = Callable[[str, object], None]
 ALL_PARTITIONS = {0, 1, 2, 3}
 #: Loading bert and joining the group takes 5-10 s on a 2-core machine; several at once, longer.
 START_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def bert_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder that serves the tiny bert alone (one model loads fastest)."""
-    models = tmp_path_factory.mktemp("models")
-    (models / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-    return models
 
 
 @pytest.fixture
