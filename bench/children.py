@@ -38,8 +38,8 @@ async def _stdin_lines() -> asyncio.StreamReader:
 async def _host_main(spec: Mapping[str, Any]) -> None:
     """Child: load models once, then serve Worker configurations (each on its own topics) as asked."""
     from worker.app import Worker
-    from worker.engine import EngineOptions
-    from worker.registry import load_model
+    from worker.serving.engine import EngineOptions
+    from worker.serving.registry import load_model
     from worker.settings import Settings
 
     began = time.perf_counter()

@@ -44,7 +44,7 @@ async def start_naive(
     python: str,
 ) -> tuple[int, str]:
     """A naive consumer (torch or onnx) in its own process, warmed up: its pid and request topic."""
-    from worker.topics import create_topics
+    from worker.kafka.topics import create_topics
 
     topic = f"{unique_name('naive')}.text.requests"
     await create_topics(ctx.bootstrap, [topic], partitions=4)

@@ -26,7 +26,7 @@ async def kafka(ctx: Context) -> AsyncIterator[None]:
         ctx.bootstrap, ctx.broker_pid = servers, None
         yield
         return
-    from worker.embedded_broker import EmbeddedBroker
+    from worker.kafka.embedded_broker import EmbeddedBroker
 
     async with EmbeddedBroker() as broker:
         ctx.bootstrap, ctx.broker_pid = broker.bootstrap_servers, broker.pid
@@ -128,7 +128,7 @@ class Host:
         """Load the benched model (and the extra models) with ``point``'s engine settings."""
         folders = [ctx.model_dir]
         if with_extras and ctx.extra_models is not None:
-            from worker.registry import model_folders
+            from worker.serving.registry import model_folders
 
             folders += model_folders([ctx.extra_models])
         spec = {

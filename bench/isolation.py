@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from bench.procstats import rss_mib
-from worker.decoding import InProcess, MediaDecoder, MediaLimits
-from worker.sandbox import Budget, DecoderPool
+from worker.serving.decoding import InProcess, MediaDecoder, MediaLimits
+from worker.serving.sandbox import Budget, DecoderPool
 
 
 def _jpeg(width: int, height: int) -> bytes:

@@ -91,7 +91,7 @@ class LoadClient:
     async def __aenter__(self) -> LoadClient:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-        from worker.topics import create_topics
+        from worker.kafka.topics import create_topics
 
         await create_topics(self.bootstrap, [self.reply_topic])
         self._producer = AIOKafkaProducer(

@@ -16,21 +16,24 @@ from typing import Any
 from bench.procstats import thread_cpu_seconds
 
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("engine (ONNX Runtime, buffers)", ("/onnxruntime/", "/worker/engine.py", "/worker/assembly.py")),
+    (
+        "engine (ONNX Runtime, buffers)",
+        ("/onnxruntime/", "/worker/serving/engine.py", "/worker/serving/assembly.py"),
+    ),
     (
         "preprocessing (tokenizer)",
         (
             "/tokenizers/",
             "/transformers/",
-            "/worker/processors.py",
-            "/worker/tokenizing.py",
-            "/worker/inputs.py",
+            "/worker/serving/processors.py",
+            "/worker/serving/tokenizing.py",
+            "/worker/serving/inputs.py",
         ),
     ),
     ("JSON + validation (pydantic)", ("/pydantic", "/json/", "/schemas/")),
-    ("task head (pooling)", ("/worker/tasks.py",)),
+    ("task head (pooling)", ("/worker/serving/tasks.py",)),
     ("Kafka client (aiokafka, FastStream)", ("/aiokafka/", "/faststream/")),
-    ("batcher", ("/worker/batching.py", "/worker/budget.py")),
+    ("batcher", ("/worker/serving/batching.py", "/worker/serving/budget.py")),
     ("worker app (intake, replies, commits)", ("/worker/",)),
     ("asyncio event loop", ("/asyncio/",)),
 )
@@ -139,8 +142,8 @@ class StackSampler:
 def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[str, Any]:
     """Milliseconds per sentence of each stage the worker runs, called directly (no Kafka)."""
     from schemas import Modality, Result, Timing, parse_request
-    from worker.batching import BatchQueue
-    from worker.decoding import MediaLimits, decode_inputs
+    from worker.serving.batching import BatchQueue
+    from worker.serving.decoding import MediaLimits, decode_inputs
 
     bodies = [
         json.dumps({"id": f"s{i}", "model": model.name, "inputs": {"text": t}}).encode()

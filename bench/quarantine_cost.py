@@ -24,12 +24,12 @@ from bench.samples import request_bytes
 from bench.worker_processes import wait_until
 from worker.app import Worker
 from worker.demo import TINY_MODELS
-from worker.embedded_broker import EmbeddedBroker
-from worker.fetching import Fetched
-from worker.quarantine import Admitted, Marker
-from worker.registry import load_models
+from worker.kafka.embedded_broker import EmbeddedBroker
+from worker.kafka.fetching import Fetched
+from worker.kafka.quarantine import Admitted, Marker
+from worker.kafka.topics import create_topics, requests_topic, results_topic
+from worker.serving.registry import load_models
 from worker.settings import Settings
-from worker.topics import create_topics, requests_topic, results_topic
 
 
 class Meter:

@@ -241,7 +241,7 @@ def measure_raw(ctx: Context, inputs: Inputs) -> dict[str, Any]:
     ctx.say("raw ONNX Runtime: session options and a fused graph")
     fused, found["fusion"] = fused_copy(onnx_path, ctx.out / "fused.onnx")
     variants: dict[str, tuple[Mapping[str, str], Path | None]] = {
-        "default (as worker/engine.py)": ({}, None),
+        "default (as worker/serving/engine.py)": ({}, None),
         "no spinning": ({"session.intra_op.allow_spinning": "0"}, None),
         "no pre-packing": ({"session.disable_prepacking": "1"}, None),
     }

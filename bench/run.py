@@ -58,7 +58,7 @@ async def run_bench(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from worker.metadata import ModelMetadata
+    from worker.serving.metadata import ModelMetadata
 
     metadata = ModelMetadata.load(model_dir)
     ctx = Context(plan, model_dir, extra_models, out, model_name=metadata.name)

@@ -21,8 +21,8 @@ from transformers import AutoTokenizer, BertModel
 
 from models.pack import copy_processor_files, pack, staged
 from models.tiny import Signature, export_onnx, onnx_inputs
-from worker.processors import TextInput
-from worker.registry import ServedModel
+from worker.serving.processors import TextInput
+from worker.serving.registry import ServedModel
 
 MIN_COSINE = 0.9999
 #: What a finished folder holds; the build renames it into place only once parity has passed.

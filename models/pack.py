@@ -19,15 +19,15 @@ from PIL import Image
 
 from schemas.requests import Modality
 from worker.errors import InferenceError
-from worker.metadata import (
+from worker.serving.metadata import (
     METADATA_PREFIX,
     Declared,
     MetadataError,
     ModelMetadata,
     SentenceTransformerFiles,
 )
-from worker.metadata.render import render_metadata
-from worker.processors import (
+from worker.serving.metadata.render import render_metadata
+from worker.serving.processors import (
     AudioInput,
     AudioPreprocessor,
     ImageInput,
@@ -37,7 +37,7 @@ from worker.processors import (
     TextInput,
     VideoInput,
 )
-from worker.registry import ServedModel, load_model
+from worker.serving.registry import ServedModel, load_model
 
 ONNX_NAME = "model.onnx"
 #: Hugging Face files copied next to the graph when present (plus every ``vocab.*``).

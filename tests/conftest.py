@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from worker.apache_broker import ApacheKafka
+    from worker.kafka.apache_broker import ApacheKafka
 
 # Before any test module imports transformers/huggingface_hub: tests stay off the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -53,7 +53,7 @@ SECURE_USERS = {"worker": "worker-secret", "client": "client-secret"}
 @pytest.fixture(scope="session")
 def apache_kafka() -> Iterator[ApacheKafka]:
     """One Apache Kafka KRaft node (plaintext, auto-creation off) for the whole session."""
-    from worker.apache_broker import ApacheKafka
+    from worker.kafka.apache_broker import ApacheKafka
 
     with ApacheKafka() as kafka:
         yield kafka
@@ -62,7 +62,7 @@ def apache_kafka() -> Iterator[ApacheKafka]:
 @pytest.fixture(scope="session")
 def secured_kafka() -> Iterator[ApacheKafka]:
     """One Apache Kafka node that asks SASL/PLAIN (SECURE_USERS) and lets only ACLs allow anything."""
-    from worker.apache_broker import ApacheKafka
+    from worker.kafka.apache_broker import ApacheKafka
 
     with ApacheKafka(users=SECURE_USERS) as kafka:
         yield kafka
@@ -84,7 +84,7 @@ def kafka_bootstrap(kafka_kind: str, request: pytest.FixtureRequest) -> Iterator
         kafka: ApacheKafka = request.getfixturevalue("apache_kafka")
         yield kafka.bootstrap_servers
     else:
-        from worker.embedded_broker import EmbeddedBroker
+        from worker.kafka.embedded_broker import EmbeddedBroker
 
         with EmbeddedBroker() as broker:
             yield broker.bootstrap_servers

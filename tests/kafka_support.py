@@ -32,10 +32,10 @@ from bench.samples import request_bytes as request_bytes
 from bench.samples import wire_inputs as wire_inputs
 from tests.references import TINY
 from worker.app import Worker
-from worker.registry import ServedModel, load_models
+from worker.kafka.topics import max_message_bytes
+from worker.kafka.tracing import Tracing
+from worker.serving.registry import ServedModel, load_models
 from worker.settings import Settings
-from worker.topics import max_message_bytes
-from worker.tracing import Tracing
 
 Record = ConsumerRecord[bytes, bytes]
 

@@ -12,8 +12,15 @@ from PIL import Image
 
 from bench.samples import TINY as TINY
 from bench.samples import TINY_MODELS as TINY_MODELS
-from worker.decoding import MediaLimits, decode_audio
-from worker.processors import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
+from worker.serving.decoding import MediaLimits, decode_audio
+from worker.serving.processors import (
+    AudioInput,
+    ImageInput,
+    ModelInput,
+    MultimodalInput,
+    TextInput,
+    VideoInput,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The text-task models that only the task-head tests and the live checks cover so far.

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.test_embedded_broker import process_exists, round_trip
-from worker.apache_broker import KAFKA_VERSION, SHARED_SETTINGS, ApacheKafka, replication_settings
-from worker.embedded_broker import BrokerStartError
+from worker.kafka.apache_broker import KAFKA_VERSION, SHARED_SETTINGS, ApacheKafka, replication_settings
+from worker.kafka.embedded_broker import BrokerStartError
 
 ROOT = Path(__file__).resolve().parent.parent
 

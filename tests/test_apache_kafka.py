@@ -37,10 +37,10 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.apache_broker import ApacheKafka
-from worker.delivery import RECORD_OVERHEAD
-from worker.registry import ServedModel
-from worker.topics import MissingTopics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.kafka.apache_broker import ApacheKafka
+from worker.kafka.delivery import RECORD_OVERHEAD
+from worker.kafka.topics import MissingTopics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka
 
@@ -62,7 +62,7 @@ async def create_own_topics(
     await admin.start()
     try:
         topics = [NewTopic(name, 2, 1, topic_configs=dict((configs or {}).get(name, {}))) for name in names]
-        # The quarantine's crash markers: one partition, compacted (worker/quarantine.py).
+        # The quarantine's crash markers: one partition, compacted (worker/kafka/quarantine.py).
         topics.append(NewTopic(quarantine_topic(prefix), 1, 1, topic_configs={"cleanup.policy": "compact"}))
         response = await admin.create_topics(topics)
     finally:

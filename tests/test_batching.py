@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.batching import ALIKE_WINDOW, BatcherClosed, BatchQueue, MicroBatcher
-from worker.offsets import OffsetTracker
+from worker.kafka.offsets import OffsetTracker
+from worker.serving.batching import ALIKE_WINDOW, BatcherClosed, BatchQueue, MicroBatcher
 
 
 def test_a_full_bucket_is_ready_at_once() -> None:

@@ -14,8 +14,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from bench import contenders, corpus, hosts, load, plan, profile, raw, report, stats, sweep
-from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
-from worker.registry import load_model
+from worker.serving.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
+from worker.serving.registry import load_model
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny" / "bert"
 
@@ -216,10 +216,10 @@ def fake_result() -> dict[str, Any]:
             "session_options": {
                 "length_sorted": {
                     "batch_size": 8,
-                    "default (as worker/engine.py)": _spread(200.0),
+                    "default (as worker/serving/engine.py)": _spread(200.0),
                     "fused graph (transformer optimizer)": _spread(250.0),
                 },
-                "padded_128": {"batch_size": 8, "default (as worker/engine.py)": _spread(200.0)},
+                "padded_128": {"batch_size": 8, "default (as worker/serving/engine.py)": _spread(200.0)},
             },
         },
         "head_to_head": {

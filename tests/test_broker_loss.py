@@ -33,10 +33,10 @@ from tests.test_worker_processes import (
     start_worker,
     stop_worker,
 )
-from worker.apache_broker import ApacheKafka
 from worker.app import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S, STOP_BUDGET_S
-from worker.embedded_broker import EmbeddedBroker, free_port
-from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.kafka.apache_broker import ApacheKafka
+from worker.kafka.embedded_broker import EmbeddedBroker, free_port
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

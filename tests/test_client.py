@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.client import ClientClosed, InferenceClient
-from worker.topics import create_topics, requests_topic
+from worker.kafka.topics import create_topics, requests_topic
 
 pytestmark = pytest.mark.kafka
 

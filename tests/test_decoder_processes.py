@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from tests.media_files import encode_audio, mp4_clip, progressive_jpeg
-from worker.decoding import InProcess, MediaLimits
 from worker.errors import PayloadTooLarge, UndecodableInput
-from worker.media import read_frames
-from worker.sandbox import Budget, DecoderPool
+from worker.serving.decoding import InProcess, MediaLimits
+from worker.serving.media import read_frames
+from worker.serving.sandbox import Budget, DecoderPool
 
 
 def photo(width: int, height: int) -> bytes:

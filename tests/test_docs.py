@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from worker.cli import settings_table
-from worker.metadata import Declared
+from worker.serving.metadata import Declared
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -14,8 +14,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker.embedded_broker import BrokerStartError, EmbeddedBroker
-from worker.topics import create_topics, delete_topics
+from worker.kafka.embedded_broker import BrokerStartError, EmbeddedBroker
+from worker.kafka.topics import create_topics, delete_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -102,7 +102,7 @@ async def test_create_topics_is_idempotent(kafka_bootstrap: str) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_forever_prints_the_address_and_stops_on_a_signal(signum: int) -> None:
-    code = "from worker.embedded_broker import serve_forever; serve_forever(None)"
+    code = "from worker.kafka.embedded_broker import serve_forever; serve_forever(None)"
     with subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT
     ) as process:

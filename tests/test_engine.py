@@ -19,11 +19,11 @@ from tests.references import (
     load_samples,
     to_model_input,
 )
-from worker.assembly import group_by_shape
-from worker.engine import EngineOptions, RunPlan, usable_cores
 from worker.errors import InvalidRequest
-from worker.metadata import ModelMetadata
-from worker.processors import (
+from worker.serving.assembly import group_by_shape
+from worker.serving.engine import EngineOptions, RunPlan, usable_cores
+from worker.serving.metadata import ModelMetadata
+from worker.serving.processors import (
     AudioInput,
     ImageInput,
     ModelInput,
@@ -34,7 +34,7 @@ from worker.processors import (
     VideoInput,
     sample_frames,
 )
-from worker.registry import ServedModel, load_model
+from worker.serving.registry import ServedModel, load_model
 
 SENTENCES = [
     "A short one.",
@@ -333,7 +333,7 @@ def test_a_model_reloaded_with_other_buckets_answers_as_the_pipeline(models: dic
 
 
 def test_raw_tensors_bypass_the_processor(models: dict[str, ServedModel]) -> None:
-    from worker.processors import TensorInput
+    from worker.serving.processors import TensorInput
 
     model = models["vit"]
     samples, tolerance = load_samples("vit")
@@ -356,7 +356,7 @@ def test_requests_group_by_shape_in_order_of_first_appearance() -> None:
 def test_the_run_plan_shares_the_cores_among_batches_on_cpu_and_keeps_fixed_shapes_on_cuda(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("worker.engine.usable_cores", lambda: 8)
+    monkeypatch.setattr("worker.serving.engine.usable_cores", lambda: 8)
     assert RunPlan.of(EngineOptions(), on_cuda=False) == RunPlan(False, 2, 4)
     assert RunPlan.of(EngineOptions(batches_in_flight=4), on_cuda=False) == RunPlan(False, 4, 2)
     assert RunPlan.of(EngineOptions(intra_op_threads=3), on_cuda=False) == RunPlan(False, 2, 3)
@@ -365,7 +365,7 @@ def test_the_run_plan_shares_the_cores_among_batches_on_cpu_and_keeps_fixed_shap
     assert RunPlan.of(EngineOptions(batch_shapes="buckets", batches_in_flight=3), on_cuda=False) == RunPlan(
         True, 1, 0
     )
-    monkeypatch.setattr("worker.engine.usable_cores", lambda: 1)
+    monkeypatch.setattr("worker.serving.engine.usable_cores", lambda: 1)
     assert RunPlan.of(EngineOptions(), on_cuda=False) == RunPlan(False, 1, 1)
 
 

@@ -24,10 +24,10 @@ from aiokafka import TopicPartition
 from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.tcp_proxy import TcpProxy
-from worker.apache_broker import ApacheKafka
-from worker.embedded_broker import EmbeddedBroker, free_port
-from worker.offsets import OffsetTracker
-from worker.transactions import HeldAnswers, transactional_id
+from worker.kafka.apache_broker import ApacheKafka
+from worker.kafka.embedded_broker import EmbeddedBroker, free_port
+from worker.kafka.offsets import OffsetTracker
+from worker.kafka.transactions import HeldAnswers, transactional_id
 
 TP = TopicPartition("inference.text.requests", 0)
 EXACTLY_ONCE = ("--delivery", "exactly-once")

@@ -23,13 +23,13 @@ from PIL import Image
 from schemas import Modality, RequestRejected, parse_request
 from tests.media_files import encode_audio, mp4_clip
 from tests.references import TINY
-from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs
-from worker.envelopes import Origin, Outgoing
 from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
 from worker.intake import Intake, Job
+from worker.kafka.messages import Origin, Outgoing
+from worker.kafka.routing import ReplyPolicy
 from worker.metrics import WorkerMetrics
-from worker.registry import ServedModel, load_model
-from worker.routing import ReplyPolicy
+from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs
+from worker.serving.registry import ServedModel, load_model
 from worker.settings import Settings
 
 # Generous deadlines: the suite shares 2 cores with broker and worker processes.

@@ -17,7 +17,7 @@ from tests.references import (
     zero_shot_by_raw_onnx,
 )
 from worker import pipeline
-from worker.decoding import MediaLimits, decode_audio
+from worker.serving.decoding import MediaLimits, decode_audio
 
 IMAGE = ROOT / "models" / "samples" / "image.png"
 WAV = ROOT / "models" / "samples" / "audio.wav"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.onnx_graphs import Pooled, write_onnx
-from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
+from worker.serving.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny"

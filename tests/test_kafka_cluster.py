@@ -24,9 +24,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from tests.kafka_support import TopicReader, body_of, new_prefix, request_bytes, serving, tiny_models
-from worker.apache_broker import ApacheKafka
-from worker.registry import ServedModel
-from worker.topics import create_topics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.kafka.apache_broker import ApacheKafka
+from worker.kafka.topics import create_topics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -171,7 +171,7 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
     prefix = new_prefix()
     topics = [requests_topic("text", prefix), results_topic("text", prefix), dlq_topic(prefix)]
     await create_topics(kafka.bootstrap_servers, topics, PARTITIONS, replication_factor=3)
-    # The quarantine's crash markers, one partition (worker/quarantine.py), created by the operator too.
+    # The quarantine's crash markers, one partition (worker/kafka/quarantine.py), created by the operator too.
     await create_topics(kafka.bootstrap_servers, [quarantine_topic(prefix)], 1, replication_factor=3)
     await known_everywhere(kafka, [*topics, quarantine_topic(prefix)])
     group = f"{prefix}.workers"

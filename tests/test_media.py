@@ -36,11 +36,11 @@ from tests.media_files import (
 )
 from tests.references import TINY
 from worker import pipeline
-from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
 from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
-from worker.media import pipeline_indices, resample, uniform_indices
-from worker.processors import AudioInput, VideoPreprocessor
-from worker.registry import load_model
+from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
+from worker.serving.media import pipeline_indices, resample, uniform_indices
+from worker.serving.processors import AudioInput, VideoPreprocessor
+from worker.serving.registry import load_model
 
 RATES = (8_000, 16_000, 22_050, 44_100, 48_000)
 #: Opus exists only at 8/12/16/24/48 kHz (the codec's own rates) and always decodes at 48 kHz;
@@ -135,7 +135,7 @@ def resampled_independently(data: bytes, target: int) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["wav2vec2", "whisper-encoder"])
 def test_a_44k_stereo_mp3_answers_like_the_same_audio_resampled_by_scipy(name: str) -> None:
-    """Parity: the worker's decode (worker/media.py) and soxr resampling vs the test's own decode and
+    """Parity: the worker's decode (worker/serving/media.py) and soxr resampling vs the test's own decode and
     scipy's resample_poly, both fed to the same model; the ONNX model's answers on arrays at 16 kHz are
     pinned against PyTorch elsewhere (tests/test_reference_live.py) and live in test_media_live.py."""
     mp3 = encode_audio("mp3", 44_100, 2)

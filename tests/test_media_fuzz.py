@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.media_files import encode_audio, encode_clip, mp4_clip
-from worker.decoding import MediaLimits
 from worker.errors import InferenceError
-from worker.media import uniform_indices
-from worker.sandbox import Budget, DecoderPool
+from worker.serving.decoding import MediaLimits
+from worker.serving.media import uniform_indices
+from worker.serving.sandbox import Budget, DecoderPool
 
 EXAMPLES = int(os.environ.get("MEDIA_FUZZ_EXAMPLES", "300"))
 #: Wall time one mutant may take, decode and frames together (the decoder's own cap is 2 CPU s).

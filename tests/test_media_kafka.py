@@ -27,9 +27,9 @@ from tests.kafka_support import (
 from tests.media_files import audio_read_directly, encode_audio, frames_read_directly, mp4_clip, tone
 from tests.references import TINY
 from worker.client import InferenceClient
-from worker.processors import AudioInput, ImageInput, ModelInput, VideoInput
-from worker.registry import ServedModel, load_model
-from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
+from worker.serving.processors import AudioInput, ImageInput, ModelInput, VideoInput
+from worker.serving.registry import ServedModel, load_model
 
 pytestmark = pytest.mark.kafka
 

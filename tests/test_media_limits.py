@@ -32,10 +32,10 @@ from tests.media_files import (
     webm_growing,
 )
 from tests.test_hardening import b64, intake, request
-from worker.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
-from worker.envelopes import Origin, Outgoing
 from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
 from worker.intake import Intake
+from worker.kafka.messages import Origin, Outgoing
+from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
 
 __all__ = ["intake"]  # the worker's intake, a fixture of tests/test_hardening.py
 

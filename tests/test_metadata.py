@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.onnx_graphs import Cross, Dim, Output, PerToken, Pooled, write_onnx
-from worker.budget import batch_limit
-from worker.metadata import (
+from worker.serving.budget import batch_limit
+from worker.serving.metadata import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_SEQUENCE_LENGTHS,
     DimRole,

@@ -28,9 +28,9 @@ from models.minilm import (
     package_folder,
 )
 from worker import pipeline
-from worker.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
-from worker.processors import ProcessorFactory, TextInput
-from worker.registry import ServedModel, load_model
+from worker.serving.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
+from worker.serving.processors import ProcessorFactory, TextInput
+from worker.serving.registry import ServedModel, load_model
 
 pytestmark = pytest.mark.torch
 

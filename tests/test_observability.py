@@ -13,7 +13,7 @@ from tests.kafka_support import serving, until
 from tests.references import TINY
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.registry import ServedModel, load_model
+from worker.serving.registry import ServedModel, load_model
 from worker.settings import Settings
 
 

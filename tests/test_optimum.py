@@ -24,7 +24,7 @@ import pytest
 from schemas.requests import Modality
 from tests.references import ROOT, assert_pipeline_equal, pipeline_call, to_model_input
 from worker import pipeline
-from worker.metadata import (
+from worker.serving.metadata import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_SEQUENCE_LENGTHS,
     DimRole,
@@ -32,8 +32,8 @@ from worker.metadata import (
     ProcessorKind,
     Source,
 )
-from worker.registry import ServedModel, load_model
-from worker.tasks import softmax
+from worker.serving.registry import ServedModel, load_model
+from worker.serving.tasks import softmax
 
 OPTIMUM = ROOT / "models" / "optimum"
 BERT = "bert-sequence-classification"

@@ -33,9 +33,9 @@ from tests.kafka_support import (
 )
 from tests.test_worker_kafka import SlowModel, committed_offsets
 from worker.app import Worker
-from worker.registry import ServedModel
-from worker.routing import TopicDirectory
-from worker.topics import dlq_topic, requests_topic, results_topic
+from worker.kafka.routing import TopicDirectory
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka
 

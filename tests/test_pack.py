@@ -13,9 +13,9 @@ import pytest
 
 from models.__main__ import main
 from tests.references import assert_pipeline_equal, load_samples, to_model_input
-from worker.metadata import METADATA_PREFIX, ModelMetadata, Source, iter_model_folders
-from worker.processors import ProcessorFactory
-from worker.registry import ServedModel, load_model
+from worker.serving.metadata import METADATA_PREFIX, ModelMetadata, Source, iter_model_folders
+from worker.serving.processors import ProcessorFactory
+from worker.serving.registry import ServedModel, load_model
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny"
 NAMES = [folder.name for folder in iter_model_folders(TINY)]

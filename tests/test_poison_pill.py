@@ -1,7 +1,7 @@
 """A request that kills its worker, for real: worker processes under a supervisor, the embedded broker.
 
 The killer is a request whose body carries the test-only failpoint's mark
-(worker/quarantine.py ``CRASH_FAILPOINT_ENV``): a worker that prepares it SIGKILLs itself, as
+(worker/kafka/quarantine.py ``CRASH_FAILPOINT_ENV``): a worker that prepares it SIGKILLs itself, as
 the OOM killer would. ``run --processes 2`` restarts each dead child, as an orchestrator would.
 Issue 23, measured defect 3: before the quarantine, such a request came back to every worker of
 the group for ever and nothing behind it was answered.
@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaConsumer
 from tests.kafka_support import TopicReader, headers_of, raw_producer, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
 from worker.app import Worker
-from worker.quarantine import CRASH_FAILPOINT_ENV
+from worker.kafka.quarantine import CRASH_FAILPOINT_ENV
+from worker.kafka.topics import create_topics, dlq_topic, quarantine_topic
 from worker.settings import Settings
-from worker.topics import create_topics, dlq_topic, quarantine_topic
 
 #: Two workers loading bert at once on a 2-core machine, and joining the group.
 START_TIMEOUT_S = 90.0
@@ -127,7 +127,7 @@ async def test_a_rebalance_and_a_death_while_idle_count_no_crash(
     await stream.start()
     settings = stream_settings(kafka_bootstrap, stream)
     first, second = Worker(settings, models), Worker(settings, models)
-    caplog.set_level(logging.INFO, logger="worker.quarantine")
+    caplog.set_level(logging.INFO, logger="worker.kafka.quarantine")
     try:
         await first.start()
         await stream.wait_answered(await stream.send(10), 60)
@@ -291,7 +291,7 @@ async def test_a_marker_its_live_writer_revoked_costs_no_crash_and_no_one_at_a_t
     await write_marker(kafka_bootstrap, stream, key, handed)
     settings = stream_settings(kafka_bootstrap, stream)
     worker = Worker(settings, models)
-    caplog.set_level(logging.INFO, logger="worker.quarantine")
+    caplog.set_level(logging.INFO, logger="worker.kafka.quarantine")
     try:
         await worker.start()
         await stream.wait_answered(ids, 60)

@@ -43,10 +43,10 @@ from tests.kafka_support import (
 )
 from tests.references import TINY
 from worker.app import Worker
-from worker.flow import Flow
-from worker.registry import ServedModel
+from worker.kafka.commits import Flow
+from worker.kafka.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 from worker.settings import Settings
-from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
 
 pytestmark = pytest.mark.kafka
 

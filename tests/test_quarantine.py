@@ -1,4 +1,4 @@
-"""The quarantine's counting rules (worker/quarantine.py), pure: no broker, no process.
+"""The quarantine's counting rules (worker/kafka/quarantine.py), pure: no broker, no process.
 
 Each case is a history told by hand: what the last owner of a partition wrote before it went
 away, and where the group resumes. The expected counts are worked out in the comments, not
@@ -7,7 +7,7 @@ taken from the code.
 
 from __future__ import annotations
 
-from worker.quarantine import Marker, Suspicion, recover
+from worker.kafka.quarantine import Marker, Suspicion, recover
 
 ME, DEAD = "this-process", "a-dead-process"
 MAX = 3

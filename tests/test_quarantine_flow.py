@@ -1,4 +1,4 @@
-"""The quarantine's held records against rewinds and revokes (worker/quarantine.py with worker/offsets.py).
+"""The quarantine's held records against rewinds and revokes (worker/kafka/quarantine.py with worker/kafka/offsets.py).
 
 Without a broker: the marker log and the consumer are fakes of the few calls the quarantine makes
 (a real consumer cannot be made to rewind or rebalance on cue in a unit test; the same paths run
@@ -12,9 +12,9 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from worker.fetching import Fetched
-from worker.offsets import OffsetTracker
-from worker.quarantine import Marker, Quarantine
+from worker.kafka.fetching import Fetched
+from worker.kafka.offsets import OffsetTracker
+from worker.kafka.quarantine import Marker, Quarantine
 
 TP = TopicPartition("inference.text.requests", 0)
 

@@ -1,4 +1,4 @@
-"""worker.record_batches, the one module below aiokafka's public API: its assumptions pinned, its decoding alone,
+"""worker.kafka.record_batches, the one module below aiokafka's public API: its assumptions pinned, its decoding alone,
 and how the fetcher hands a read over to a round.
 
 The batches are built with aiokafka's own record builder (as its producer builds them) and
@@ -19,7 +19,7 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from packaging.requirements import Requirement
 
 from tests.kafka_support import build_batch, spoil_compressed
-from worker.record_batches import decode_batch_at
+from worker.kafka.record_batches import decode_batch_at
 
 TP = TopicPartition("inference.text.requests", 2)
 NOT_UTF8 = b"\xff\xfe-not-utf8"
@@ -141,7 +141,7 @@ def test_a_round_hands_over_a_partitions_records_before_its_failures_in_offset_o
     bad: set[int], records: list[int], skipped: list[int], resume: int
 ) -> None:
     """The worker tracks a round's records before its skipped ones, each partition in offset order."""
-    from worker.fetching import _trackable_part
+    from worker.kafka.fetching import _trackable_part
 
     entries: list[tuple[bytes, list[tuple[str, bytes | None]]]] = [
         (v, [(_UndecodableName("x"), b"")] if i in bad else []) for i, v in enumerate(_values(5))

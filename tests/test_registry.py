@@ -13,9 +13,9 @@ import pytest
 
 from tests.references import ROOT, TINY
 from worker.demo import load_with_progress
-from worker.engine import EngineOptions
-from worker.metadata import MetadataError
-from worker.registry import load_models
+from worker.serving.engine import EngineOptions
+from worker.serving.metadata import MetadataError
+from worker.serving.registry import load_models
 from worker.settings import Settings
 
 

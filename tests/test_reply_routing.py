@@ -20,8 +20,8 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.registry import ServedModel
-from worker.topics import MissingTopics, create_topics, dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import MissingTopics, create_topics, dlq_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka
 

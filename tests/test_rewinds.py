@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from worker import flow as flow_module
-from worker.batching import BatchQueue
-from worker.flow import Flow
-from worker.offsets import OffsetTracker
+from worker.kafka import commits as flow_module
+from worker.kafka.commits import Flow
+from worker.kafka.offsets import OffsetTracker
+from worker.serving.batching import BatchQueue
 from worker.settings import Settings
 
 TP = TopicPartition("inference.text.requests", 0)

@@ -24,10 +24,10 @@ from tests.kafka_support import serving
 from tests.references import ROOT
 from worker import pipeline
 from worker.client import InferenceClient
-from worker.metadata import METADATA_PREFIX, MetadataError, ModelMetadata, Source
-from worker.metadata.render import render_metadata
-from worker.processors import ProcessorFactory, TextInput
-from worker.registry import ServedModel, load_model
+from worker.serving.metadata import METADATA_PREFIX, MetadataError, ModelMetadata, Source
+from worker.serving.metadata.render import render_metadata
+from worker.serving.processors import ProcessorFactory, TextInput
+from worker.serving.registry import ServedModel, load_model
 
 SENTENCE = ROOT / "models" / "sentence"
 #: name -> (pooling, normalize), as the builder made them.

@@ -20,9 +20,9 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.registry import ServedModel
-from worker.topics import dlq_topic, requests_topic, results_topic
-from worker.tracing import RequestTrace, Tracing
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
+from worker.kafka.tracing import RequestTrace, Tracing
+from worker.serving.registry import ServedModel
 
 #: A traceparent written by hand (version 00, sampled): the ids every reply must continue.
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

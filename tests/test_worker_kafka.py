@@ -48,11 +48,11 @@ from tests.references import (
 )
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.engine import EngineOptions
 from worker.errors import PayloadTooLarge
-from worker.processors import TextInput
-from worker.registry import ServedModel, load_model, load_models
-from worker.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.serving.engine import EngineOptions
+from worker.serving.processors import TextInput
+from worker.serving.registry import ServedModel, load_model, load_models
 
 pytestmark = pytest.mark.kafka
 

@@ -9,9 +9,9 @@ from aiokafka import ConsumerRecord
 
 from schemas import Modality
 from worker.intake import Intake
+from worker.kafka.offsets import OffsetTracker
+from worker.kafka.routing import Refusal, ReplyPolicy, legal_topic
 from worker.metrics import WorkerMetrics
-from worker.offsets import OffsetTracker
-from worker.routing import Refusal, ReplyPolicy, legal_topic
 from worker.settings import Settings
 
 POLICY = ReplyPolicy("inference", re.compile(r"team-a\.replies\..+"))
@@ -92,7 +92,7 @@ def test_a_record_aiokafka_skips_as_too_large_becomes_a_dlq_record_not_a_silent_
     from aiokafka import TopicPartition
     from aiokafka.errors import RecordTooLargeError
 
-    from worker.fetching import _skipped_as_too_large
+    from worker.kafka.fetching import _skipped_as_too_large
 
     tp = TopicPartition("inference.text.requests", 3)
     # Built as aiokafka 0.14's Fetcher builds it when a record exceeds max_partition_fetch_bytes.
@@ -141,7 +141,7 @@ def test_the_record_key_is_held_to_max_header_bytes_like_the_correlation_id_head
 
 
 def test_the_worker_process_fixes_glibc_mmap_threshold() -> None:
-    # Without it a flood of large audio grew a worker 406 MiB over idle instead of 168 (worker/allocator.py).
-    from worker.allocator import fix_mmap_threshold
+    # Without it a flood of large audio grew a worker 406 MiB over idle instead of 168 (worker/serving/allocator.py).
+    from worker.serving.allocator import fix_mmap_threshold
 
     assert fix_mmap_threshold(), "this Linux/glibc machine has mallopt: the threshold must be set"

@@ -31,7 +31,7 @@ from tests.process_support import (
     wait_until,
 )
 from worker.client import InferenceClient
-from worker.embedded_broker import EmbeddedBroker
+from worker.kafka.embedded_broker import EmbeddedBroker
 
 #: pytest's ``record_property`` fixture: a name and a value for the JUnit XML report.
 RecordProperty = Callable[[str, object], None]

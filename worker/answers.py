@@ -6,12 +6,12 @@ import logging
 import time
 
 from schemas import ErrorCode, Result, Timing
-from worker.envelopes import Outgoing, rejection
 from worker.errors import InferenceError
 from worker.intake import Job
-from worker.metadata import Bucket
+from worker.kafka.messages import Outgoing, rejection
 from worker.metrics import WorkerMetrics
-from worker.registry import ServedModel
+from worker.serving.metadata import Bucket
+from worker.serving.registry import ServedModel
 
 log = logging.getLogger(__name__)
 

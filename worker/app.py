@@ -1,11 +1,11 @@
 """The Kafka worker: a thin lifecycle shell over intake, batching, answers, delivery and flow.
 
-Life of a message: the fetch loop (worker/fetching.py) takes records one partition at a time;
+Life of a message: the fetch loop (worker/kafka/fetching.py) takes records one partition at a time;
 intake (worker/intake.py) reads each record's coordinates and, on its own threads, one request
-each, parses, validates, decodes and prepares it; flow (worker/flow.py) tracks its offset and bytes; the
-job waits in its model's micro-batcher (worker/batching.py); a model loop runs ready batches in
+each, parses, validates, decodes and prepares it; flow (worker/kafka/commits.py) tracks its offset and bytes; the
+job waits in its model's micro-batcher (worker/serving/batching.py); a model loop runs ready batches in
 the executor (worker/answers.py) and hands one reply per request to delivery
-(worker/delivery.py), which publishes it (acks=all) off the intake path. Only then is the
+(worker/kafka/delivery.py), which publishes it (acks=all) off the intake path. Only then is the
 message marked done, and offsets are committed past contiguous runs of done messages.
 
 Lifecycle: ``start()`` -> serve -> ``drain()`` (stop fetching, flush batchers, publish,
@@ -33,24 +33,24 @@ from faststream.kafka import KafkaBroker
 
 from schemas import ErrorCode
 from worker.answers import run_batch, split_expired
-from worker.batching import BatcherClosed, BatchQueue, MicroBatcher
-from worker.budget import batch_limit
-from worker.clients import KafkaClients
-from worker.delivery import Delivery, GiveUp
-from worker.envelopes import Origin, Outgoing, rejection
-from worker.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
-from worker.flow import Flow, Rebalance
 from worker.intake import Intake, Job, now_ms
-from worker.metadata import Bucket
+from worker.kafka.clients import KafkaClients
+from worker.kafka.commits import Flow, Rebalance
+from worker.kafka.delivery import Delivery, GiveUp
+from worker.kafka.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
+from worker.kafka.messages import Origin, Outgoing, rejection
+from worker.kafka.offsets import OffsetTracker
+from worker.kafka.quarantine import Admitted, Quarantine, open_quarantine, poison_answer
+from worker.kafka.routing import ReplyPolicy, TopicDirectory
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
+from worker.kafka.tracing import Tracing, configure
+from worker.kafka.transactions import TransactionalRebalance, Transactions
 from worker.metrics import HealthServer, WorkerMetrics
-from worker.offsets import OffsetTracker
-from worker.quarantine import Admitted, Quarantine, open_quarantine, poison_answer
-from worker.registry import ServedModel
-from worker.routing import ReplyPolicy, TopicDirectory
+from worker.serving.batching import BatcherClosed, BatchQueue, MicroBatcher
+from worker.serving.budget import batch_limit
+from worker.serving.metadata import Bucket
+from worker.serving.registry import ServedModel
 from worker.settings import Settings
-from worker.topics import dlq_topic, requests_topic, results_topic
-from worker.tracing import Tracing, configure
-from worker.transactions import TransactionalRebalance, Transactions
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Worker:
             dlq_payload=settings.dlq_payload,
             retry_s=settings.publish_retry_s,
         )
-        # Exactly-once delivery (worker/transactions.py): answers and offsets go in transactions, not through
+        # Exactly-once delivery (worker/kafka/transactions.py): answers and offsets go in transactions, not through
         # delivery and flow.commit.
         self.transactions = (
             Transactions(

@@ -30,8 +30,8 @@ log = logging.getLogger("worker")
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what the worker works out from a model folder."""
-    from worker.metadata import MetadataError, ModelMetadata
-    from worker.metadata.render import render_metadata
+    from worker.serving.metadata import MetadataError, ModelMetadata
+    from worker.serving.metadata.render import render_metadata
 
     try:
         meta = ModelMetadata.load(args.path)
@@ -82,9 +82,9 @@ def configure_logging(level: str | int) -> None:
 def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
     # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
-    from worker.allocator import fix_mmap_threshold
     from worker.app import Worker
-    from worker.registry import load_configured
+    from worker.serving.allocator import fix_mmap_threshold
+    from worker.serving.registry import load_configured
 
     configure_logging(settings.log_level)
     fix_mmap_threshold()
@@ -98,8 +98,8 @@ def _serve(models_dir: str, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
-    from worker.metadata import MetadataError
-    from worker.transactions import TransactionsRefused
+    from worker.kafka.transactions import TransactionsRefused
+    from worker.serving.metadata import MetadataError
 
     settings = settings_from(args)
     if not settings.bootstrap_servers:
@@ -159,7 +159,7 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Broker + worker + client in one process: a few requests per modality and a burst."""
     from worker.demo import TINY_MODELS, run_demo
-    from worker.metadata import MetadataError
+    from worker.serving.metadata import MetadataError
 
     settings = settings_from(args)
     configure_logging(logging.WARNING if not args.verbose else logging.DEBUG)
@@ -175,14 +175,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded Kafka-API broker (or Apache Kafka from `make kafka`'s jars) in the foreground."""
     if args.apache:
-        from worker import apache_broker
+        from worker.kafka import apache_broker
 
         apache_broker.serve_forever(args.nodes, args.port)
         return 0
     if args.nodes != 1:
         print("error: --nodes needs --apache (tansu runs one node)", file=sys.stderr)
         return 2
-    from worker.embedded_broker import serve_forever
+    from worker.kafka.embedded_broker import serve_forever
 
     serve_forever(args.port)
     return 0

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from schemas.requests import Modality
-from worker.topics import (
+from worker.kafka.topics import (
     DEFAULT_PREFIX,
     create_topics,
     delete_topics,

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.embedded_broker import EmbeddedBroker
-from worker.registry import ServedModel, load_configured
+from worker.kafka.embedded_broker import EmbeddedBroker
+from worker.serving.registry import ServedModel, load_configured
 from worker.settings import Settings
 
 #: Shipped inside the package (package data; in the repository, links to models/tiny and models/samples).

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from schemas.requests import Modality
-from worker.decoding import MediaLimits, decode_audio, decode_image, decode_video, to_rgb
-from worker.engine import EngineOptions
 from worker.errors import InvalidRequest
-from worker.inputs import (
+from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_video, to_rgb
+from worker.serving.engine import EngineOptions
+from worker.serving.inputs import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
     ImageInput,
@@ -28,7 +28,7 @@ from worker.inputs import (
     VideoFileInput,
     VideoInput,
 )
-from worker.registry import ServedModel, load_model
+from worker.serving.registry import ServedModel, load_model
 
 
 def _file_bytes(value: Any) -> bytes | None:

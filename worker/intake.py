@@ -22,18 +22,18 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.topics import results_topic
-from worker.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
-from worker.envelopes import Origin, Outgoing, rejection
 from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
-from worker.fetching import Undecodable
+from worker.kafka.fetching import Undecodable
+from worker.kafka.messages import Origin, Outgoing, rejection
+from worker.kafka.quarantine import crash_if_marked
+from worker.kafka.routing import ReplyPolicy
+from worker.kafka.tracing import Tracing
 from worker.metrics import WorkerMetrics
-from worker.processors import Prepared
-from worker.quarantine import crash_if_marked
-from worker.registry import ServedModel
-from worker.routing import ReplyPolicy
-from worker.sandbox import Budget, DecoderPool
+from worker.serving.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
+from worker.serving.processors import Prepared
+from worker.serving.registry import ServedModel
+from worker.serving.sandbox import Budget, DecoderPool
 from worker.settings import Settings
-from worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A fake Kafka cluster and the fakes of the few aiokafka surfaces the worker uses (worker/clients.py).
+"""A fake Kafka cluster and the fakes of the few aiokafka surfaces the worker uses (worker/kafka/clients.py).
 
 Semantics copied from aiokafka 0.14 (read in its sources), only as far as the worker can see them:
 - ``getmany`` parses a partition's records from the start of the record batch that holds the
@@ -49,7 +49,7 @@ from aiokafka.errors import (
 )
 
 from tests.sim.clock import EPOCH_S, SimLoop
-from worker.record_batches import BatchRead
+from worker.kafka.record_batches import BatchRead
 
 if TYPE_CHECKING:
     from tests.sim.faults import Scheduler
@@ -541,7 +541,7 @@ class FakeConsumer:
 
 @dataclass
 class FakeClients:
-    """Stands in for worker.clients.KafkaClients: the same five calls and two attributes."""
+    """Stands in for worker.kafka.clients.KafkaClients: the same five calls and two attributes."""
 
     cluster: Cluster
     settings: Settings
@@ -756,7 +756,7 @@ class MarkerReader:
 
 
 class FakeBatches:
-    """worker.fetching.BatchReader over the fake cluster, as worker.record_batches.LeaderBatches reads:
+    """worker.kafka.fetching.BatchReader over the fake cluster, as worker.record_batches.LeaderBatches reads:
     the batch holding an offset, decoded record by record, each record that fails named by its offset."""
 
     def __init__(self, consumer: FakeConsumer) -> None:

@@ -23,7 +23,7 @@ from aiokafka import TopicPartition
 
 from tests.sim.faults import BLOCKED, REPLIES
 from worker.app import FETCH_LOOP
-from worker.offsets import _ANSWERED
+from worker.kafka.offsets import _ANSWERED
 
 if TYPE_CHECKING:
     from tests.sim.cluster import Cluster, Published, SimBatch, SimRecord
@@ -241,7 +241,7 @@ class Checker:
         if held > bound:
             self.flag("I3", "D7", "bytes", f"{held} bytes held ({len(queued)} queued jobs), bound {bound}")
         # The request count's bound is for records that decoded: a round takes up to fetch_max_records
-        # of them, plus whatever of one batch per partition could not be decoded (worker/fetching.py:
+        # of them, plus whatever of one batch per partition could not be decoded (worker/kafka/fetching.py:
         # a batch read past a failure may go past the round's room). Those hold no bytes and leave
         # with their DLQ record; they are bounded apart, by the batches one round can read.
         undecodable = self._undecodable_held(worker)

@@ -1,7 +1,7 @@
 """One seed end to end: the real Worker on the fake cluster, the faults of its plan, the invariants.
 
 The worker is built by worker.app.Worker itself; only the two things it constructs that cannot run
-in a simulation are replaced while a seed runs: ``KafkaClients`` (the seam, worker/clients.py) by
+in a simulation are replaced while a seed runs: ``KafkaClients`` (the seam, worker/kafka/clients.py) by
 ``FakeClients`` and ``ThreadPoolExecutor`` by ``SimExecutor``. The models are the committed tiny
 bert (real tokenizer, real ONNX Runtime run inline: deterministic on CPU), its engine behind
 ``FaultyEngine``.
@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import worker.app
-import worker.fetching
 import worker.intake
+import worker.kafka.fetching
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeBatches, FakeClients
 from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
-from worker.registry import ServedModel
+from worker.kafka.topics import dlq_topic, requests_topic, results_topic
+from worker.serving.registry import ServedModel
 from worker.settings import Settings
-from worker.topics import dlq_topic, requests_topic, results_topic
 
 #: After the last fault, how long (virtual) every record has to get its answer: the longest honest
 #: path is a publish given up at publish_retry_s, the 40 s producer timeouts, a session timeout, backoffs.
@@ -96,12 +96,12 @@ def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator
         worker.app.KafkaClients,
         worker.app.ThreadPoolExecutor,
         worker.intake.ThreadPoolExecutor,
-        worker.fetching.LeaderBatches,
+        worker.kafka.fetching.LeaderBatches,
     )
     worker.app.KafkaClients = lambda settings: FakeClients(cluster, settings)  # type: ignore[assignment,misc]
     worker.app.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
     worker.intake.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
-    worker.fetching.LeaderBatches = FakeBatches  # type: ignore[assignment,misc]
+    worker.kafka.fetching.LeaderBatches = FakeBatches  # type: ignore[assignment,misc]
     try:
         yield
     finally:
@@ -109,7 +109,7 @@ def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator
             worker.app.KafkaClients,
             worker.app.ThreadPoolExecutor,
             worker.intake.ThreadPoolExecutor,
-            worker.fetching.LeaderBatches,
+            worker.kafka.fetching.LeaderBatches,
         ) = saved  # type: ignore[misc]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.metadata import Bucket, ModelMetadata
+from worker.serving.metadata import Bucket, ModelMetadata
 
 
 def batch_limit(metadata: ModelMetadata, key: Bucket, max_rows: int, max_tokens: int) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.metadata.keys import MetadataError
+from worker.serving.metadata.keys import MetadataError
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 
 import onnxruntime as ort
 
-from worker.metadata.keys import METADATA_PREFIX, ONNX_FILES, Declared, MetadataError
-from worker.metadata.record import TensorSpec
+from worker.serving.metadata.keys import METADATA_PREFIX, ONNX_FILES, Declared, MetadataError
+from worker.serving.metadata.record import TensorSpec
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",

@@ -16,10 +16,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.requests import Modality
-from worker.metadata.graph import declared_props, locate, read_graph
-from worker.metadata.hf_files import HFFiles, read_json
-from worker.metadata.inference import dim_roles, fixed_dims, infer_modality, infer_task, resolve_task
-from worker.metadata.keys import (
+from worker.serving.metadata.graph import declared_props, locate, read_graph
+from worker.serving.metadata.hf_files import HFFiles, read_json
+from worker.serving.metadata.inference import dim_roles, fixed_dims, infer_modality, infer_task, resolve_task
+from worker.serving.metadata.keys import (
     COMPANION_FILE,
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_BATCH_SIZES,
@@ -31,8 +31,8 @@ from worker.metadata.keys import (
     ProcessorKind,
     Source,
 )
-from worker.metadata.record import DimRole, ModelMetadata, TensorSpec
-from worker.metadata.sentence_transformers import SentenceTransformerFiles
+from worker.serving.metadata.record import DimRole, ModelMetadata, TensorSpec
+from worker.serving.metadata.sentence_transformers import SentenceTransformerFiles
 
 #: Sources that describe the model in general: a value the graph fixes beats them, without a conflict.
 _FOLDER_FILE_SOURCES = (Source.SENTENCE_TRANSFORMERS, Source.HF)

@@ -30,7 +30,7 @@ from typing import Any, Self
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.embedded_broker import (
+from worker.kafka.embedded_broker import (
     BrokerStartError,
     file_tail,
     free_port,

@@ -2,8 +2,8 @@
 
 schemas/ has already checked structure, base64, byte sizes and image signatures; this turns the
 bytes into pixels, samples, frames and arrays under the worker's limits (settings). Audio and
-video files go through PyAV (worker/media.py). ``decode_inputs`` is a plain function: it runs in
-process or in a decoder process (worker/sandbox.py) alike.
+video files go through PyAV (worker/serving/media.py). ``decode_inputs`` is a plain function: it runs in
+process or in a decoder process (worker/serving/sandbox.py) alike.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from schemas import (
     VideoInputs,
     ZeroShotImageInputs,
 )
-from worker import media
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.inputs import (
+from worker.serving import media
+from worker.serving.inputs import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
     ImageInput,
@@ -61,7 +61,7 @@ class MediaLimits:
 
     @property
     def av(self) -> media.AVLimits:
-        """The bounds worker/media.py enforces on audio and video files."""
+        """The bounds worker/serving/media.py enforces on audio and video files."""
         return media.AVLimits(
             max_audio_seconds=self.max_audio_seconds,
             max_video_seconds=self.max_video_seconds,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.requests import Modality
-from worker.metadata.keys import MetadataError
-from worker.metadata.record import DimRole, TensorSpec
+from worker.serving.metadata.keys import MetadataError
+from worker.serving.metadata.record import DimRole, TensorSpec
 
 _TEXT_INPUTS = {"input_ids", "inputs_embeds"}
 _VIDEO_INPUTS = {"pixel_values_videos"}

@@ -1,7 +1,7 @@
 """ONNX Runtime: one session per model and the provider it runs on; runs batches at bucket shapes.
 
 How requests fill the bucket buffers and how outputs are cut back per request is
-``worker.assembly``'s job; this module owns the session, the lock and the run itself.
+``worker.serving.assembly``'s job; this module owns the session, the lock and the run itself.
 
 One session per model, not one per bucket: measured on all-MiniLM-L6-v2 (2-core EPYC),
 a session pinned to one shape with free-dimension overrides ran no faster than the
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from worker.assembly import BucketLayout
-from worker.inputs import Prepared
-from worker.metadata import Bucket, ModelMetadata
+from worker.serving.assembly import BucketLayout
+from worker.serving.inputs import Prepared
+from worker.serving.metadata import Bucket, ModelMetadata
 
 log = logging.getLogger(__name__)
 

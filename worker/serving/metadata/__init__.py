@@ -7,10 +7,10 @@ record of where each field came from), ``render`` (the ``inspect`` text).
 """
 
 from schemas.requests import Modality
-from worker.metadata.graph import iter_model_folders, read_graph
-from worker.metadata.hf_files import HFFiles
-from worker.metadata.inference import infer_modality, infer_task
-from worker.metadata.keys import (
+from worker.serving.metadata.graph import iter_model_folders, read_graph
+from worker.serving.metadata.hf_files import HFFiles
+from worker.serving.metadata.inference import infer_modality, infer_task
+from worker.serving.metadata.keys import (
     COMPANION_FILE,
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_BATCH_SIZES,
@@ -26,8 +26,8 @@ from worker.metadata.keys import (
     ProcessorKind,
     Source,
 )
-from worker.metadata.record import Bucket, DimRole, ModelMetadata, TensorSpec
-from worker.metadata.sentence_transformers import SentenceTransformerFiles
+from worker.serving.metadata.record import Bucket, DimRole, ModelMetadata, TensorSpec
+from worker.serving.metadata.sentence_transformers import SentenceTransformerFiles
 
 __all__ = [
     "COMPANION_FILE",

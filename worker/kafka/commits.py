@@ -1,12 +1,12 @@
 """Flow: which offsets are answered, what may be committed, when partitions pause, rebalances.
 
-Invariant 1 of DESIGN.md is kept here with worker/offsets.py: a partition is committed only
+Invariant 1 of DESIGN.md is kept here with worker/kafka/offsets.py: a partition is committed only
 past a contiguous run of answered messages. Backpressure pauses every partition above
 ``max_in_flight`` requests or ``max_in_flight_bytes`` and resumes below half of both; while
 paused the consumer is still polled, so aiokafka's max_poll_interval_ms keeps the membership.
 
 Rewinds only move a partition back: a give-up rewinds only while its message is still tracked
-in the epoch it was fetched in (worker/offsets.py), and the seek is made by the fetch loop
+in the epoch it was fetched in (worker/kafka/offsets.py), and the seek is made by the fetch loop
 between rounds (``apply_seeks``), to the lowest offset given up since the last round. Records
 of a round that a rewind overtook are refused by the tracker and read again after the seek. A
 round that a revoke overtook is dropped whole and its partitions sought to their committed
@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
-from worker.offsets import OffsetTracker
+from worker.kafka.offsets import OffsetTracker
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Flow:
         async with self._commit_lock:
             commits = self.tracker.take_commits()
             if self.settings.delivery == "exactly-once":
-                return  # offsets are committed inside the transactions only (worker/transactions.py)
+                return  # offsets are committed inside the transactions only (worker/kafka/transactions.py)
             consumer = self.consumer
             if consumer is None or not commits:
                 return

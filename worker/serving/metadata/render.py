@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from worker.metadata.record import ModelMetadata
+from worker.serving.metadata.record import ModelMetadata
 
 
 def _format_shape(shape: Sequence[Any]) -> str:

@@ -40,13 +40,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.clients import KafkaClients
-from worker.envelopes import Origin, Outgoing, rejection
 from worker.errors import PoisonSuspected
-from worker.fetching import Fetched
-from worker.offsets import OffsetTracker
+from worker.kafka.clients import KafkaClients
+from worker.kafka.fetching import Fetched
+from worker.kafka.messages import Origin, Outgoing, rejection
+from worker.kafka.offsets import OffsetTracker
+from worker.kafka.topics import quarantine_topic
 from worker.settings import Settings
-from worker.topics import quarantine_topic
 
 log = logging.getLogger(__name__)
 

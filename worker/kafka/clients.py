@@ -18,8 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaBroker
 
+from worker.kafka.topics import MissingTopics, ensure_topics, max_message_bytes
 from worker.settings import Settings
-from worker.topics import MissingTopics, ensure_topics, max_message_bytes
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class KafkaClients:
     ) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
         """The quarantine's own clients, not started: ``topic`` (one partition) made sure of first, created
         with ``configs`` where the broker takes them; a producer apart from the replies' batches, and a
-        group-less reader (worker/quarantine.py ``MarkerLog`` is all that uses them)."""
+        group-less reader (worker/kafka/quarantine.py ``MarkerLog`` is all that uses them)."""
         s = self.settings
         assert self.admin is not None and s.bootstrap_servers, "connect() first"
         if await ensure_topics(self.admin, [topic], 1, create=s.create_topics, configs=configs):

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
 from worker.errors import InferenceError, InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.media import Clip, probe_video, read_frames
+from worker.serving.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
+from worker.serving.media import Clip, probe_video, read_frames
 
 log = logging.getLogger(__name__)
 

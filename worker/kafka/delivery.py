@@ -38,9 +38,9 @@ from aiokafka.errors import (
 
 from schemas import ErrorCode, ErrorDetail, ErrorReply
 from schemas.topics import dlq_topic, results_topic
-from worker.envelopes import Outgoing
+from worker.kafka.messages import Outgoing
+from worker.kafka.routing import Refusal, TopicDirectory, TopicsUnknown
 from worker.metrics import WorkerMetrics
-from worker.routing import Refusal, TopicDirectory, TopicsUnknown
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.metadata import ModelMetadata
+from worker.serving.metadata import ModelMetadata
 
 #: Tasks whose heads map tokens back to characters, so the text processor records where each came from.
 ALIGNED_TASKS = frozenset({"token-classification", "question-answering"})

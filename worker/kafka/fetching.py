@@ -7,7 +7,7 @@ and the records already drained from the earlier partitions are gone, their posi
 past them (``Fetcher.fetched_records`` in aiokafka 0.14). So records are taken one partition per
 call here: an exception then belongs to exactly one partition, and that partition's position has
 not moved. After ``max_attempts`` failures at the same position the batch holding it is read
-record by record below the consumer (``worker.record_batches``): the records that decode are
+record by record below the consumer (``worker.kafka.record_batches``): the records that decode are
 taken, each one that does not is skipped (the caller publishes a DLQ record for it before its
 offset may be committed), and the partition goes on after them.
 """
@@ -29,7 +29,7 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
-from worker.record_batches import BatchRead, LeaderBatches
+from worker.kafka.record_batches import BatchRead, LeaderBatches
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class BrokerWait:
 class BatchReader(Protocol):
     """Reads the batch holding an offset record by record, past records the consumer cannot decode.
 
-    The seam a simulated consumer fakes; ``worker.record_batches.LeaderBatches`` is the real one.
+    The seam a simulated consumer fakes; ``worker.kafka.record_batches.LeaderBatches`` is the real one.
     """
 
     async def read(self, tp: TopicPartition, offset: int, limit: int) -> BatchRead | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.requests import Modality
-from worker.metadata.keys import POOLED_OUTPUTS, TOKEN_OUTPUTS, ProcessorKind, Source
+from worker.serving.metadata.keys import POOLED_OUTPUTS, TOKEN_OUTPUTS, ProcessorKind, Source
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ModelMetadata:
     @classmethod
     def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> ModelMetadata:
         """Resolve a model folder (or a bare ``.onnx`` file) into metadata, or raise MetadataError."""
-        from worker.metadata.precedence import resolve  # precedence builds this record: import late
+        from worker.serving.metadata.precedence import resolve  # precedence builds this record: import late
 
         return resolve(Path(path), overrides or {})
 

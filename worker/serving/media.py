@@ -182,7 +182,7 @@ class Clip:
 
     The processor picks which frames it needs (that depends on the model), so only those are
     kept in memory, and decoding stops after the last one. ``reader`` decodes them elsewhere
-    (worker/sandbox.py); without one, ``read_frames`` here.
+    (worker/serving/sandbox.py); without one, ``read_frames`` here.
     """
 
     data: bytes

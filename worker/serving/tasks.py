@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from worker.errors import InvalidRequest
-from worker.inputs import Prepared
-from worker.metadata import POOLING_MODES, MetadataError, ModelMetadata
-from worker.tokenizing import TokenAlignment
+from worker.serving.inputs import Prepared
+from worker.serving.metadata import POOLING_MODES, MetadataError, ModelMetadata
+from worker.serving.tokenizing import TokenAlignment
 
 Outputs = Mapping[str, np.ndarray]
 Head = Callable[[ModelMetadata, Outputs, Prepared, Mapping[str, Any]], Any]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest, UndecodableInput
-from worker.inputs import (
+from worker.serving.inputs import (
     AudioInput,
     ImageInput,
     ModelInput,
@@ -30,10 +30,10 @@ from worker.inputs import (
     VideoFileInput,
     VideoInput,
 )
-from worker.media import Clip, pipeline_indices, resample, sample_frames, uniform_indices
-from worker.metadata import MetadataError, ModelMetadata, ProcessorKind
-from worker.tensor_inputs import checked_cast, value_ranges
-from worker.tokenizing import (
+from worker.serving.media import Clip, pipeline_indices, resample, sample_frames, uniform_indices
+from worker.serving.metadata import MetadataError, ModelMetadata, ProcessorKind
+from worker.serving.tensor_inputs import checked_cast, value_ranges
+from worker.serving.tokenizing import (
     ALIGNED_TASKS,
     bucket_for,
     encode_text,

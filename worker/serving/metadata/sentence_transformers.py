@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.metadata.hf_files import HFFiles, read_json
-from worker.metadata.keys import DEFAULT_SEQUENCE_LENGTHS, MetadataError
+from worker.serving.metadata.hf_files import HFFiles, read_json
+from worker.serving.metadata.keys import DEFAULT_SEQUENCE_LENGTHS, MetadataError
 
 _SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")
 #: Pooling config keys of sentence-transformers before v5, in the order it concatenates their vectors.

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, ErrorReply, Modality
-from worker.routing import Refusal
-from worker.tracing import RequestTrace
+from worker.kafka.routing import Refusal
+from worker.kafka.tracing import RequestTrace
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Origin:
     refused: tuple[str, Refusal] | None = None
     #: why the message is refused before it is parsed (an oversize header, say)
     rejected: str | None = None
-    #: the partition's epoch when the message was fetched (worker/offsets.py): answers name it
+    #: the partition's epoch when the message was fetched (worker/kafka/offsets.py): answers name it
     epoch: int = 0
     #: its place in its trace (W3C trace context), carried on to the reply and the DLQ record
     trace: RequestTrace = field(default_factory=RequestTrace)

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from worker.assembly import group_by_shape
-from worker.engine import Engine, EngineOptions
-from worker.inputs import ModelInput, Prepared
-from worker.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
-from worker.processors import Preprocessor, ProcessorFactory, processor_factory
+from worker.serving.assembly import group_by_shape
+from worker.serving.engine import Engine, EngineOptions
+from worker.serving.inputs import ModelInput, Prepared
+from worker.serving.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
+from worker.serving.processors import Preprocessor, ProcessorFactory, processor_factory
+from worker.serving.tasks import Head, Outputs, head_for
 from worker.settings import Settings
-from worker.tasks import Head, Outputs, head_for
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from worker.errors import InvalidRequest
-from worker.metadata import ModelMetadata
-from worker.metadata.hf_files import HFFiles
+from worker.serving.metadata import ModelMetadata
+from worker.serving.metadata.hf_files import HFFiles
 
 #: Inputs whose values are 0 or 1 whatever the model: masks.
 _MASKS = ("attention_mask", "pixel_mask", "decoder_attention_mask")

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from worker.errors import InvalidRequest
-from worker.inputs import Prepared
-from worker.metadata import Bucket, ModelMetadata
+from worker.serving.inputs import Prepared
+from worker.serving.metadata import Bucket, ModelMetadata
 
 #: Per batch dim, the rows one request occupies in a run.
 Span = dict[str, slice]

@@ -30,10 +30,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from worker.delivery import Delivery
-from worker.envelopes import Outgoing
-from worker.flow import Flow, Rebalance
-from worker.offsets import OffsetTracker
+from worker.kafka.commits import Flow, Rebalance
+from worker.kafka.delivery import Delivery
+from worker.kafka.messages import Outgoing
+from worker.kafka.offsets import OffsetTracker
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
