@@ -38,7 +38,8 @@ from bench.procstats import ProcessGone, cpu_seconds
 from bench.samples import TINY
 from bench.stats import percentiles
 from bench.worker_processes import FAST_GROUP_FLAGS, WorkerLauncher, WorkerProcess, wait_until
-from worker.kafka.topics import create_topics, requests_topic
+from schemas.topics import requests_topic
+from worker.kafka.topics import create_topics
 
 PARTITIONS = 4
 MODES = ("at-least-once", "exactly-once")

@@ -22,12 +22,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.samples import request_bytes
 from bench.worker_processes import wait_until
+from schemas.topics import requests_topic, results_topic
 from worker.app import Worker
 from worker.demo import TINY_MODELS
 from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.fetching import Fetched
 from worker.kafka.quarantine import Admitted, Marker
-from worker.kafka.topics import create_topics, requests_topic, results_topic
+from worker.kafka.topics import create_topics
 from worker.serving.registry import load_models
 from worker.settings import Settings
 

@@ -58,9 +58,9 @@ async def run_bench(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from worker.serving.metadata import ModelMetadata
+    from worker.serving.metadata import load_metadata
 
-    metadata = ModelMetadata.load(model_dir)
+    metadata = load_metadata(model_dir)
     ctx = Context(plan, model_dir, extra_models, out, model_name=metadata.name)
     ctx.max_tokens = max(metadata.sequence_lengths or (512,))
     started = time.perf_counter()

@@ -51,8 +51,9 @@ from bench.soak_figures import fmt_counts, summarise, write_results
 from bench.soak_fleet import START_TIMEOUT_S, Fleet, Member, scrape
 from bench.soak_stream import Kind, Ledger, request_kinds
 from bench.worker_processes import WorkerLauncher, wait_until
+from schemas.topics import requests_topic
 from worker.kafka.embedded_broker import EmbeddedBroker
-from worker.kafka.topics import create_topics, requests_topic
+from worker.kafka.topics import create_topics
 
 PARTITIONS = 4
 

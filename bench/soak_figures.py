@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,18 +11,32 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from bench.plan import ROOT
 from bench.soak_fleet import WORKER_FLAGS, Fleet, Member
+from bench.soak_stream import Kind, Ledger
 from bench.stats import percentiles
 
-if TYPE_CHECKING:
-    from bench.soak import Run
-
 RSS_WINDOW_S = 15.0
+
+
+class MeasuredRun(Protocol):
+    """What the figures read of a soak or chaos run (bench/soak.py's ``Run``)."""
+
+    args: argparse.Namespace
+    kinds: list[Kind]
+    ledger: Ledger
+    events: list[dict[str, Any]]
+    marks: dict[str, float]
+
+    def since_start(self, wall: float) -> float:
+        """A wall-clock time as seconds since the run began."""
+
+    def injected(self) -> Counter[str]:
+        """Malformed requests sent, by the error code each must get."""
 
 
 def latency_percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -67,7 +82,7 @@ def rss_figures(member: Member, warm_from: float, end_at: float) -> dict[str, An
 
 
 def summarise(
-    r: Run, fleet: Fleet, metrics: dict[str, Any], committed: dict[str, Any], wall_s: float
+    r: MeasuredRun, fleet: Fleet, metrics: dict[str, Any], committed: dict[str, Any], wall_s: float
 ) -> dict[str, Any]:
     """Every figure of the run, as one JSON-able dict."""
     args, ledger, marks = r.args, r.ledger, r.marks
@@ -141,7 +156,7 @@ def summarise(
     return result
 
 
-def chaos_figures(r: Run) -> dict[str, Any]:
+def chaos_figures(r: MeasuredRun) -> dict[str, Any]:
     """Latency during the chaos against the soak's p99 (soak.json in --out), or this run's pre-chaos p99."""
     ledger = r.ledger
     began = r.marks.get("chaos_began", float("inf"))

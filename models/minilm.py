@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, BertModel
 
 from models.pack import copy_processor_files, pack, staged
 from models.tiny import Signature, export_onnx, onnx_inputs
-from worker.serving.processors import TextInput
+from worker.serving.inputs import TextInput
 from worker.serving.registry import ServedModel
 
 MIN_COSINE = 0.9999

@@ -17,26 +17,19 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from PIL import Image
 
+from schemas.errors import InferenceError
 from schemas.requests import Modality
-from worker.errors import InferenceError
+from worker.serving.inputs import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
 from worker.serving.metadata import (
     METADATA_PREFIX,
     Declared,
     MetadataError,
     ModelMetadata,
     SentenceTransformerFiles,
+    load_metadata,
 )
 from worker.serving.metadata.render import render_metadata
-from worker.serving.processors import (
-    AudioInput,
-    AudioPreprocessor,
-    ImageInput,
-    ModelInput,
-    MultimodalInput,
-    ProcessorFactory,
-    TextInput,
-    VideoInput,
-)
+from worker.serving.processors import AudioPreprocessor, ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
 ONNX_NAME = "model.onnx"
@@ -70,7 +63,7 @@ class PackError(ValueError):
 def resolve(source: Path, overrides: Mapping[str, Any]) -> ModelMetadata:
     """The worker's metadata for the source; the error says so when the config points at the Hub."""
     try:
-        return ModelMetadata.load(source, overrides)
+        return load_metadata(source, overrides)
     except MetadataError as exc:
         config = (source if source.is_dir() else source.parent) / "config.json"
         hub_id = _hub_id(config)
@@ -201,6 +194,6 @@ def pack_command(source: Path, out: Path, overrides: Mapping[str, Any], *, force
     except (MetadataError, PackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(render_metadata(ModelMetadata.load(out)))
+    print(render_metadata(load_metadata(out)))
     print(f"checked: {out} loads offline and answers a dummy {model.metadata.modality.value} request")
     return 0

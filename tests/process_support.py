@@ -20,7 +20,8 @@ from bench.worker_processes import FAST_GROUP_FLAGS as FAST_GROUP_FLAGS
 from bench.worker_processes import Reply, WorkerProcess, wait_until
 from bench.worker_processes import WorkerLauncher as WorkerLauncher
 from bench.worker_processes import replies_agree as replies_agree
-from worker.kafka.topics import create_topics, requests_topic
+from schemas.topics import requests_topic
+from worker.kafka.topics import create_topics
 
 
 @dataclass

@@ -13,14 +13,7 @@ from PIL import Image
 from bench.samples import TINY as TINY
 from bench.samples import TINY_MODELS as TINY_MODELS
 from worker.serving.decoding import MediaLimits, decode_audio
-from worker.serving.processors import (
-    AudioInput,
-    ImageInput,
-    ModelInput,
-    MultimodalInput,
-    TextInput,
-    VideoInput,
-)
+from worker.serving.inputs import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The text-task models that only the task-head tests and the live checks cover so far.

@@ -26,6 +26,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
+from schemas.topics import dlq_topic, quarantine_topic, requests_topic, results_topic
 from tests.conftest import SECURE_USERS
 from tests.kafka_support import (
     TopicReader,
@@ -39,7 +40,7 @@ from tests.kafka_support import (
 )
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.delivery import RECORD_OVERHEAD
-from worker.kafka.topics import MissingTopics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.kafka.topics import MissingTopics
 from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka

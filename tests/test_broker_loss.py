@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.conftest import KAFKA_BROKERS
 from tests.kafka_support import TopicReader, body_of, raw_producer, request_bytes, serving, tiny_models, until
 from tests.process_support import Stream, WorkerLauncher, wait_until
@@ -36,7 +37,6 @@ from tests.test_worker_processes import (
 from worker.app import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S, STOP_BUDGET_S
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.embedded_broker import EmbeddedBroker, free_port
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -13,8 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from schemas.topics import requests_topic
 from worker.client import ClientClosed, InferenceClient
-from worker.kafka.topics import create_topics, requests_topic
+from worker.kafka.topics import create_topics
 
 pytestmark = pytest.mark.kafka
 

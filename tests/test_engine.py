@@ -22,18 +22,18 @@ from tests.references import (
 from worker.errors import InvalidRequest
 from worker.serving.assembly import group_by_shape
 from worker.serving.engine import EngineOptions, RunPlan, usable_cores
-from worker.serving.metadata import ModelMetadata
-from worker.serving.processors import (
+from worker.serving.inputs import (
     AudioInput,
     ImageInput,
     ModelInput,
     MultimodalInput,
     Prepared,
-    ProcessorFactory,
     TextInput,
     VideoInput,
-    sample_frames,
 )
+from worker.serving.media import sample_frames
+from worker.serving.metadata import load_metadata
+from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
 SENTENCES = [
@@ -304,7 +304,7 @@ def test_video_clips_are_sampled_or_padded_to_the_frame_count() -> None:
 
 def test_the_processor_factory_shares_one_instance_per_folder_and_metadata() -> None:
     factory = ProcessorFactory()
-    metadata = ModelMetadata.load(TINY / "bert")
+    metadata = load_metadata(TINY / "bert")
     got: list[object] = []
     threads = [threading.Thread(target=lambda: got.append(factory.get(metadata))) for _ in range(8)]
     for thread in threads:
@@ -312,9 +312,9 @@ def test_the_processor_factory_shares_one_instance_per_folder_and_metadata() -> 
     for thread in threads:
         thread.join()
     assert len({id(p) for p in got}) == 1
-    assert factory.get(ModelMetadata.load(TINY / "bert")) is got[0]
+    assert factory.get(load_metadata(TINY / "bert")) is got[0]
     # Other buckets make other arrays: the same folder with overrides gets its own processor.
-    narrower = ModelMetadata.load(TINY / "bert", {"sequence_lengths": [32, 64]})
+    narrower = load_metadata(TINY / "bert", {"sequence_lengths": [32, 64]})
     assert factory.get(narrower) is not got[0]
     assert factory.get(narrower).prepare(TextInput("Hi.")).shape_key == (("sequence", 32),)
 
@@ -333,7 +333,7 @@ def test_a_model_reloaded_with_other_buckets_answers_as_the_pipeline(models: dic
 
 
 def test_raw_tensors_bypass_the_processor(models: dict[str, ServedModel]) -> None:
-    from worker.serving.processors import TensorInput
+    from worker.serving.inputs import TensorInput
 
     model = models["vit"]
     samples, tolerance = load_samples("vit")

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from schemas import Modality, RequestRejected, parse_request
+from schemas.errors import InferenceError
 from tests.media_files import encode_audio, mp4_clip
 from tests.references import TINY
-from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
+from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.intake import Intake, Job
 from worker.kafka.messages import Origin, Outgoing
 from worker.kafka.routing import ReplyPolicy

@@ -23,9 +23,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from schemas.topics import dlq_topic, quarantine_topic, requests_topic, results_topic
 from tests.kafka_support import TopicReader, body_of, new_prefix, request_bytes, serving, tiny_models
 from worker.kafka.apache_broker import ApacheKafka
-from worker.kafka.topics import create_topics, dlq_topic, quarantine_topic, requests_topic, results_topic
+from worker.kafka.topics import create_topics
 from worker.serving.registry import ServedModel
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]

@@ -1,5 +1,9 @@
 """Dependencies point one way (DESIGN.md): bench -> models -> worker -> schemas, and tests beside them.
 
+Inside ``worker/`` the Kafka half (``worker/kafka/``) and the model half (``worker/serving/``) never
+import each other; no module imports itself round a circle; a name has one import path, the module
+that defines it (package ``__init__`` files, which gather their package's names, aside).
+
 Read from the source with ``ast``, not by importing: every ``import``/``from`` anywhere in a file
 (inside functions too: a lazy import is still a dependency) and every module named by a string
 to ``importlib.import_module``, ``importlib.util.find_spec`` or ``__import__``.
@@ -24,6 +28,12 @@ ALLOWED = {
     "tests": {"schemas", "worker", "models", "bench"},
 }
 _BY_STRING = {"import_module", "find_spec", "__import__"}
+#: Where no module may import another round a circle.
+ACYCLIC = ("schemas", "worker", "bench")
+#: The worker's two halves, which meet only in the shell above them.
+HALVES = ("worker.kafka", "worker.serving")
+#: The edges both halves may use (typed settings, metrics, the error classes); the shell and faces sit above.
+EDGE_MODULES = {"worker.settings", "worker.metrics", "worker.errors"}
 
 
 def _imports(path: Path) -> Iterator[str]:
@@ -54,6 +64,44 @@ def _edges() -> dict[str, set[tuple[str, str]]]:
 
 
 EDGES = _edges()
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+#: Every project module (dotted name -> file).
+MODULES = {
+    _module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The project modules ``path`` imports: ``from package import module`` names the module itself."""
+    found = {name for name in _imports(path) if name in MODULES}
+    # `from p import m` yields p and p.m: p's __init__ is a dependency only for a name it defines there.
+    only_modules: set[str] = set()
+    needed: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            needed.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module in found and node.level == 0:
+            modules = all(f"{node.module}.{alias.name}" in MODULES for alias in node.names)
+            (only_modules if modules else needed).add(node.module)
+    return found - (only_modules - needed)
+
+
+def _bound_by_import(path: Path) -> set[str]:
+    """Names a module binds at its top level by importing them from another project module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        alias.asname or alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES
+        for alias in node.names
+        if f"{node.module}.{alias.name}" not in MODULES
+    }
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -100,3 +148,75 @@ def test_the_check_sees_lazy_and_string_imports(tmp_path: Path) -> None:
         "    return importlib.import_module('bench.run')\n"
     )
     assert {"models.minilm", "bench.run"} <= set(_imports(sample))
+
+
+def test_the_kafka_and_the_serving_halves_never_import_each_other() -> None:
+    crossing = sorted(
+        (module, imported)
+        for module, path in MODULES.items()
+        for half, other in (HALVES, HALVES[::-1])
+        if module == half or module.startswith(half + ".")
+        for imported in _imported_modules(path)
+        if imported == other or imported.startswith(other + ".")
+    )
+    assert crossing == [], f"worker/kafka and worker/serving meet only in the shell: {crossing}"
+
+
+def test_no_module_imports_itself_round_a_circle() -> None:
+    graph = {
+        module: {m for m in _imported_modules(path) if m != module}
+        for module, path in MODULES.items()
+        if module.split(".")[0] in ACYCLIC
+    }
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join((*path[path.index(module) :], module))}"
+        if module in done:
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+
+
+def test_a_name_is_imported_from_the_module_that_defines_it() -> None:
+    passed_on = {
+        module: _bound_by_import(path)
+        for module, path in MODULES.items()
+        if module.split(".")[0] in ACYCLIC and path.name != "__init__.py"
+    }
+    second_paths = sorted(
+        (importer, f"{node.module}.{alias.name}")
+        for importer, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.module in passed_on
+        for alias in node.names
+        if alias.name in passed_on[node.module]
+    )
+    assert second_paths == [], f"import these from the module that defines them: {second_paths}"
+
+
+def test_the_checks_see_circles_across_lazy_imports_and_names_passed_on(tmp_path: Path) -> None:
+    module = tmp_path / "sample.py"
+    module.write_text(
+        "from worker.serving.inputs import Prepared\ndef f():\n    from worker.kafka import commits\n"
+    )
+    assert _imported_modules(module) == {"worker.serving.inputs", "worker.kafka.commits"}
+    assert _bound_by_import(module) == {"Prepared"}
+
+
+@pytest.mark.parametrize("half", HALVES)
+def test_a_half_imports_only_itself_the_edges_and_schemas(half: str) -> None:
+    above = sorted(
+        (module, imported)
+        for module, path in MODULES.items()
+        if module == half or module.startswith(half + ".")
+        for imported in _imported_modules(path)
+        if imported.startswith("worker")
+        and imported not in EDGE_MODULES
+        and not any(imported == h or imported.startswith(h + ".") for h in HALVES)
+    )
+    assert above == [], f"{half} may not reach up into the shell or the faces: {above}"

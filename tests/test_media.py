@@ -21,6 +21,7 @@ from PIL import Image
 from transformers.image_utils import load_image
 
 from schemas import Modality, RequestRejected, parse_request
+from schemas.errors import InferenceError
 from tests.kafka_support import b64, request_bytes
 from tests.media_files import (
     AUDIO_FORMATS,
@@ -36,10 +37,11 @@ from tests.media_files import (
 )
 from tests.references import TINY
 from worker import pipeline
-from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
+from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
+from worker.serving.inputs import AudioInput
 from worker.serving.media import pipeline_indices, resample, uniform_indices
-from worker.serving.processors import AudioInput, VideoPreprocessor
+from worker.serving.processors import VideoPreprocessor
 from worker.serving.registry import load_model
 
 RATES = (8_000, 16_000, 22_050, 44_100, 48_000)

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from schemas.errors import InferenceError
 from tests.media_files import encode_audio, encode_clip, mp4_clip
-from worker.errors import InferenceError
 from worker.serving.decoding import MediaLimits
 from worker.serving.media import uniform_indices
 from worker.serving.sandbox import Budget, DecoderPool

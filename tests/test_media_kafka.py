@@ -15,6 +15,7 @@ import pytest
 import scipy.signal
 from PIL import Image
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     TopicReader,
     b64,
@@ -27,8 +28,7 @@ from tests.kafka_support import (
 from tests.media_files import audio_read_directly, encode_audio, frames_read_directly, mp4_clip, tone
 from tests.references import TINY
 from worker.client import InferenceClient
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
-from worker.serving.processors import AudioInput, ImageInput, ModelInput, VideoInput
+from worker.serving.inputs import AudioInput, ImageInput, ModelInput, VideoInput
 from worker.serving.registry import ServedModel, load_model
 
 pytestmark = pytest.mark.kafka

@@ -22,6 +22,7 @@ from PIL import Image
 
 from bench.procstats import peak_rss_mib
 from schemas import Modality
+from schemas.errors import InferenceError
 from tests.media_files import (
     black_png,
     encode_audio,
@@ -32,7 +33,7 @@ from tests.media_files import (
     webm_growing,
 )
 from tests.test_hardening import b64, intake, request
-from worker.errors import InferenceError, PayloadTooLarge, UndecodableInput
+from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.intake import Intake
 from worker.kafka.messages import Origin, Outgoing
 from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video

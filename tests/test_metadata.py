@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from schemas.requests import Modality
 from tests.onnx_graphs import Cross, Dim, Output, PerToken, Pooled, write_onnx
 from worker.serving.budget import batch_limit
 from worker.serving.metadata import (
@@ -21,10 +22,9 @@ from worker.serving.metadata import (
     DEFAULT_SEQUENCE_LENGTHS,
     DimRole,
     MetadataError,
-    Modality,
-    ModelMetadata,
     ProcessorKind,
     Source,
+    load_metadata,
 )
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny"
@@ -122,7 +122,7 @@ def clip_model(folder: Path, inputs: dict[str, tuple[Dim, ...]] = CLIP_INPUTS) -
 def load_error(path: Path, overrides: dict[str, Any] | None = None) -> str:
     """The MetadataError message loading ``path`` raises."""
     with pytest.raises(MetadataError) as raised:
-        ModelMetadata.load(path, overrides=overrides)
+        load_metadata(path, overrides=overrides)
     return str(raised.value)
 
 
@@ -143,7 +143,7 @@ def load_error(path: Path, overrides: dict[str, Any] | None = None) -> str:
 def test_each_tiny_model_resolves_to_its_modality_and_processor_from_the_graph(
     name: str, modality: Modality, processor: ProcessorKind
 ) -> None:
-    meta = ModelMetadata.load(TINY / name)
+    meta = load_metadata(TINY / name)
 
     assert (meta.modality, meta.processor) == (modality, processor)
     assert meta.sources["modality"] is Source.GRAPH
@@ -165,7 +165,7 @@ def test_wav2vec2_waveform_with_attention_mask_is_audio_not_multimodal(tmp_path:
             {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "sampling_rate": 16000},
         )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.AUDIO
     assert meta.processor is ProcessorKind.FEATURE_EXTRACTOR
@@ -180,7 +180,7 @@ def test_whisper_encoder_features_are_audio_frames_not_samples(tmp_path: Path, b
         TINY / "whisper-encoder" if build == "tiny" else whisper_encoder(tmp_path / "w", ("batch", 80, 3000))
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.AUDIO
     assert meta.processor is ProcessorKind.FEATURE_EXTRACTOR
@@ -196,7 +196,7 @@ def test_whisper_encoder_with_dynamic_mel_and_frame_dims_pins_them_from_the_feat
 ) -> None:
     folder = whisper_encoder(tmp_path / "w", ("batch", "feature_size", "encoder_sequence_length"))
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.AUDIO
     assert meta.dim_roles == {
@@ -224,7 +224,7 @@ def test_videomae_five_dim_pixels_are_video_not_vision(tmp_path: Path, build: st
         )
         frames, size = 16, (224, 224)
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.VIDEO
     assert meta.processor is ProcessorKind.VIDEO_PROCESSOR
@@ -244,7 +244,7 @@ def test_video_with_dynamic_frames_takes_the_clip_length_from_config_json(tmp_pa
     )
     write_json(folder / "video_preprocessor_config.json", {"video_processor_type": "VideoMAEVideoProcessor"})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert (meta.modality, meta.processor) == (Modality.VIDEO, ProcessorKind.VIDEO_PROCESSOR)
     assert meta.processor_class == "VideoMAEVideoProcessor"
@@ -259,7 +259,7 @@ def test_clip_tokens_plus_pixels_are_multimodal_with_a_multimodal_processor(
 ) -> None:
     folder = TINY / "clip" if build == "tiny" else clip_model(tmp_path / "clip-vit-base")
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.MULTIMODAL
     assert meta.processor is ProcessorKind.MULTIMODAL_PROCESSOR
@@ -279,7 +279,7 @@ def test_vit_four_dim_pixels_are_vision_with_an_image_processor(tmp_path: Path, 
         )
         size = (224, 224)
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.VISION
     assert meta.processor is ProcessorKind.IMAGE_PROCESSOR
@@ -292,7 +292,7 @@ def test_vit_four_dim_pixels_are_vision_with_an_image_processor(tmp_path: Path, 
 def test_bert_tokens_are_text_with_a_tokenizer(tmp_path: Path, build: str) -> None:
     folder = TINY / "bert" if build == "tiny" else text_model(tmp_path / "bert-base")
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.TEXT
     assert meta.processor is ProcessorKind.TOKENIZER
@@ -312,7 +312,7 @@ def test_layoutlm_bbox_rides_with_the_tokens_so_the_model_is_text_not_audio(tmp_
         outputs={"logits": PerToken(7)},
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.modality is Modality.TEXT
     assert meta.processor is ProcessorKind.TOKENIZER
@@ -449,7 +449,7 @@ def test_the_highest_source_that_declares_a_field_wins_and_is_recorded(
     present = LAYERS[LAYERS.index(top) :]  # this layer and every one below it
     folder, overrides = folder_declaring(tmp_path, case, present)
 
-    meta = ModelMetadata.load(folder, overrides=overrides)
+    meta = load_metadata(folder, overrides=overrides)
 
     assert getattr(meta, case.name) == case.expected[top]
     expected_source = SOURCE_OF_LAYER.get(top, case.bottom_source)
@@ -460,7 +460,7 @@ def test_a_declared_modality_brings_its_processor_kind(tmp_path: Path) -> None:
     folder = text_model(tmp_path / "m", outputs={"last_hidden_state": PerToken(8)})
     write_json(folder / "preprocessor_config.json", {"do_normalize": True})
 
-    meta = ModelMetadata.load(folder, overrides={"modality": "audio"})
+    meta = load_metadata(folder, overrides={"modality": "audio"})
 
     assert meta.processor is ProcessorKind.FEATURE_EXTRACTOR
 
@@ -468,7 +468,7 @@ def test_a_declared_modality_brings_its_processor_kind(tmp_path: Path) -> None:
 def test_a_dim_the_graph_fixes_beats_the_resize_in_preprocessor_config(tmp_path: Path) -> None:
     folder = image_model(tmp_path / "vit", ("batch", 3, 32, 32), size={"height": 224, "width": 224})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.image_size == (32, 32)
     assert meta.sources["image_size"] is Source.GRAPH
@@ -492,7 +492,7 @@ def test_metadata_props_strings_decode_as_json_or_comma_lists(
 ) -> None:
     folder = text_model(tmp_path / "m", props={f"inference.{key}": raw})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert getattr(meta, attribute) == expected
     assert meta.sources[key] is Source.ONNX
@@ -509,7 +509,7 @@ def test_declared_image_size_pins_dynamic_height_and_width(
         tmp_path / "vit", ("batch", 3, "height", "width"), props={"inference.image_size": raw}
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.image_size == expected
     assert (meta.dims["height"], meta.dims["width"]) == ((expected[0],), (expected[1],))
@@ -520,7 +520,7 @@ def test_preprocessor_size_pins_dynamic_height_and_width(tmp_path: Path) -> None
         tmp_path / "vit", ("batch", 3, "height", "width"), crop_size={"height": 224, "width": 224}, size=256
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert (meta.image_size, meta.sources["image_size"]) == ((224, 224), Source.HF)
     assert (meta.dims["height"], meta.dims["width"]) == ((224,), (224,))
@@ -530,7 +530,7 @@ def test_image_size_nested_in_processor_config_pins_dynamic_pixels(tmp_path: Pat
     inputs = {**CLIP_INPUTS, "pixel_values": ("image_batch", 3, "height", "width")}
     folder = clip_model(tmp_path / "clip", inputs)
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.image_size == (224, 224)
     assert (meta.dims["height"], meta.dims["width"]) == ((224,), (224,))
@@ -565,7 +565,7 @@ def test_dynamic_sequence_gets_default_buckets_capped_by_the_model_limit(
     if tokenizer_config:
         write_json(folder / "tokenizer_config.json", tokenizer_config)
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.dims["sequence"] == expected
     assert meta.sequence_lengths == expected
@@ -586,13 +586,13 @@ def test_dynamic_sequence_gets_default_buckets_capped_by_the_model_limit(
 def test_the_token_budget_caps_rows_per_sequence_bucket(
     tmp_path: Path, sequence: int, max_rows: int, max_tokens: int, expected: int
 ) -> None:
-    meta = ModelMetadata.load(text_model(tmp_path / "m"))
+    meta = load_metadata(text_model(tmp_path / "m"))
     assert meta.batch_sizes == DEFAULT_BATCH_SIZES
     assert batch_limit(meta, (("sequence", sequence),), max_rows, max_tokens) == expected
 
 
 def test_a_shape_key_without_a_sequence_keeps_max_rows(tmp_path: Path) -> None:
-    meta = ModelMetadata.load(text_model(tmp_path / "m"))
+    meta = load_metadata(text_model(tmp_path / "m"))
     assert batch_limit(meta, (), 32, 1) == 32
 
 
@@ -604,7 +604,7 @@ def test_clip_text_sequence_is_capped_by_the_nested_text_config(tmp_path: Path) 
         {"architectures": ["CLIPModel"], "text_config": {"max_position_embeddings": 40}},
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.sequence_lengths == (8, 16, 24, 32, 40)
 
@@ -614,7 +614,7 @@ def test_declared_sequence_lengths_replace_the_default_buckets(tmp_path: Path) -
     add_tokenizer(folder, model_max_length=512)
     write_json(folder / "inference.json", {"sequence_lengths": [96, 24]})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.dims["sequence"] == (24, 96)
     assert meta.sources["sequence_lengths"] is Source.COMPANION
@@ -625,7 +625,7 @@ def test_buckets_are_the_cartesian_product_of_every_dynamic_dim(tmp_path: Path) 
         tmp_path / "m", props={"inference.batch_sizes": "1,4", "inference.sequence_lengths": "16,32"}
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.buckets() == [
         (("batch", 1), ("sequence", 16)),
@@ -639,7 +639,7 @@ def test_clip_buckets_cover_text_batch_image_batch_and_sequence(tmp_path: Path) 
     folder = clip_model(tmp_path / "clip")
     write_json(folder / "inference.json", {"batch_sizes": [1, 2], "sequence_lengths": [77]})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert sorted(meta.buckets()) == [
         (("image_batch", i), ("sequence", 77), ("text_batch", t)) for i in (1, 2) for t in (1, 2)
@@ -651,7 +651,7 @@ def test_waveform_samples_get_second_buckets_at_the_declared_sampling_rate(tmp_p
     write_onnx(folder / "model.onnx", {"input_values": ("batch", "samples")}, {"logits": Pooled(4)})
     write_json(folder / "preprocessor_config.json", {"sampling_rate": 8000})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.audio_samples == (8000, 40000, 80000)  # 1 s, 5 s, 10 s
     assert meta.sampling_rate == 8000
@@ -660,7 +660,7 @@ def test_waveform_samples_get_second_buckets_at_the_declared_sampling_rate(tmp_p
 def test_a_fixed_graph_has_one_bucket_and_no_dynamic_dims(tmp_path: Path) -> None:
     folder = text_model(tmp_path / "m", inputs={"input_ids": (1, 128), "attention_mask": (1, 128)})
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert dict(meta.dims) == {}
     assert meta.buckets() == [()]
@@ -672,7 +672,7 @@ def test_a_graph_that_fixes_the_batch_reports_that_batch_size(tmp_path: Path) ->
         tmp_path / "m", inputs={"input_ids": (4, "sequence"), "attention_mask": (4, "sequence")}
     )
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.batch_sizes == (4,)
 
@@ -746,7 +746,7 @@ def test_a_single_onnx_file_with_any_name_is_found(tmp_path: Path) -> None:
     write_onnx(folder / "encoder.onnx", TEXT_INPUTS, {"logits": Pooled(3)})
     add_tokenizer(folder)
 
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
 
     assert meta.onnx_path == folder / "encoder.onnx"
     assert meta.name == "m"

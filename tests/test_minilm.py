@@ -28,8 +28,9 @@ from models.minilm import (
     package_folder,
 )
 from worker import pipeline
-from worker.serving.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
-from worker.serving.processors import ProcessorFactory, TextInput
+from worker.serving.inputs import TextInput
+from worker.serving.metadata import DEFAULT_SEQUENCE_LENGTHS, Source, load_metadata
+from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
 pytestmark = pytest.mark.torch
@@ -104,7 +105,7 @@ def test_long_text_is_cut_where_sentence_transformers_cuts(model: ServedModel, r
 
 
 def test_folder_describes_itself(folder: Path) -> None:
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
     assert (meta.modality.value, meta.task, meta.pooling, meta.normalize) == (
         "text",
         "feature-extraction",
@@ -138,7 +139,7 @@ def test_the_wheel_folder_packed_as_is_embeds_as_the_minilm_build(
 
 
 def test_the_packed_wheel_folder_declares_what_sentence_transformers_does(packed_as_is: Path) -> None:
-    meta = ModelMetadata.load(packed_as_is)
+    meta = load_metadata(packed_as_is)
     assert (meta.task, meta.pooling, meta.normalize, meta.sequence_lengths) == (
         "feature-extraction",
         "mean",

@@ -28,9 +28,9 @@ from worker.serving.metadata import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_SEQUENCE_LENGTHS,
     DimRole,
-    ModelMetadata,
     ProcessorKind,
     Source,
+    load_metadata,
 )
 from worker.serving.registry import ServedModel, load_model
 from worker.serving.tasks import softmax
@@ -99,7 +99,7 @@ def test_the_fixture_holds_only_what_optimum_wrote_and_the_references(name: str)
 
 
 def test_optimum_text_classifier_resolves_from_its_graph_and_hf_files() -> None:
-    meta = ModelMetadata.load(OPTIMUM / BERT)
+    meta = load_metadata(OPTIMUM / BERT)
     assert meta.modality is Modality.TEXT
     assert meta.processor is ProcessorKind.TOKENIZER
     assert meta.task == "text-classification"
@@ -115,7 +115,7 @@ def test_optimum_text_classifier_resolves_from_its_graph_and_hf_files() -> None:
 
 
 def test_optimum_image_classifier_pins_its_dynamic_channels_height_and_width() -> None:
-    meta = ModelMetadata.load(OPTIMUM / VIT)
+    meta = load_metadata(OPTIMUM / VIT)
     assert meta.modality is Modality.VISION
     assert meta.processor is ProcessorKind.IMAGE_PROCESSOR
     assert meta.task == "image-classification"
@@ -152,7 +152,7 @@ def test_inspect_reports_the_optimum_folder(name: str, expected: dict[str, str])
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert {key: report[key] for key in expected} == expected
-    assert report["labels"] == list(ModelMetadata.load(OPTIMUM / name).labels or ())
+    assert report["labels"] == list(load_metadata(OPTIMUM / name).labels or ())
     assert report["dims"]["batch_size"] == {"role": "batch", "values": list(DEFAULT_BATCH_SIZES)}
 
 

@@ -21,6 +21,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, UnknownTopicOrPartitionError
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     TopicReader,
     body_of,
@@ -34,7 +35,6 @@ from tests.kafka_support import (
 from tests.test_worker_kafka import SlowModel, committed_offsets
 from worker.app import Worker
 from worker.kafka.routing import TopicDirectory
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka

@@ -13,7 +13,7 @@ import pytest
 
 from models.__main__ import main
 from tests.references import assert_pipeline_equal, load_samples, to_model_input
-from worker.serving.metadata import METADATA_PREFIX, ModelMetadata, Source, iter_model_folders
+from worker.serving.metadata import METADATA_PREFIX, Source, iter_model_folders, load_metadata
 from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
@@ -71,7 +71,7 @@ def test_packed_graph_carries_the_inference_keys(packed: Packed) -> None:
 
 
 def test_packed_folder_describes_itself_from_the_graph(packed: Packed) -> None:
-    meta = ModelMetadata.load(packed.folder)
+    meta = load_metadata(packed.folder)
     original = packed.original.metadata
     for field in ("modality", "processor", "task", "labels", "batch_sizes"):
         assert getattr(meta, field) == getattr(original, field), field
@@ -129,7 +129,7 @@ def test_bare_onnx_file_takes_its_metadata_from_flags(tmp_path: Path) -> None:
     flags = ["--task", "text-classification", "--modality", "text"]
     flags += ["--set", 'labels=["bad", "meh", "good"]', "--set", "batch_sizes=1,4"]
     assert pack(source / "classifier.onnx", tmp_path / "out", *flags) == 0
-    meta = ModelMetadata.load(tmp_path / "out")
+    meta = load_metadata(tmp_path / "out")
     assert meta.onnx_path.name == "model.onnx"
     assert (meta.task, meta.labels, meta.batch_sizes) == (
         "text-classification",

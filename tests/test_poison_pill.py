@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from schemas.topics import dlq_topic, quarantine_topic
 from tests.kafka_support import TopicReader, headers_of, raw_producer, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
 from worker.app import Worker
 from worker.kafka.quarantine import CRASH_FAILPOINT_ENV
-from worker.kafka.topics import create_topics, dlq_topic, quarantine_topic
+from worker.kafka.topics import create_topics
 from worker.settings import Settings
 
 #: Two workers loading bert at once on a 2-core machine, and joining the group.

@@ -25,6 +25,7 @@ from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     ProduceRefused,
     TopicReader,
@@ -44,7 +45,7 @@ from tests.kafka_support import (
 from tests.references import TINY
 from worker.app import Worker
 from worker.kafka.commits import Flow
-from worker.kafka.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import create_topics
 from worker.serving.registry import ServedModel
 from worker.settings import Settings
 

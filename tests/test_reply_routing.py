@@ -11,6 +11,7 @@ import uuid
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     TopicReader,
     body_of,
@@ -20,7 +21,7 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.kafka.topics import MissingTopics, create_topics, dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import MissingTopics, create_topics
 from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka

@@ -25,9 +25,9 @@ from schemas import (
     ZeroShotImageInputs,
     parse_request,
 )
+from schemas.errors import InferenceError
 from schemas.export import JSON_DIR, render_schemas
 from schemas.limits import MAX_MEDIA_B64_CHARS, MAX_TENSOR_ELEMENTS, MAX_TEXT_CHARS
-from worker.errors import InferenceError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "models" / "samples"
 PNG = (SAMPLES / "image.png").read_bytes()

@@ -24,9 +24,10 @@ from tests.kafka_support import serving
 from tests.references import ROOT
 from worker import pipeline
 from worker.client import InferenceClient
-from worker.serving.metadata import METADATA_PREFIX, MetadataError, ModelMetadata, Source
+from worker.serving.inputs import TextInput
+from worker.serving.metadata import METADATA_PREFIX, MetadataError, Source, load_metadata
 from worker.serving.metadata.render import render_metadata
-from worker.serving.processors import ProcessorFactory, TextInput
+from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
 SENTENCE = ROOT / "models" / "sentence"
@@ -64,7 +65,7 @@ def fresh(folder: Path, overrides: dict[str, Any] | None = None) -> ServedModel:
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_the_folder_resolves_from_its_sentence_transformers_files(name: str) -> None:
-    meta = ModelMetadata.load(SENTENCE / name)
+    meta = load_metadata(SENTENCE / name)
     pooling, normalize = FOLDERS[name]
     assert (meta.task, meta.pooling, meta.normalize) == ("feature-extraction", pooling, normalize)
     # The tokenizer saved by sentence-transformers 6 holds max_seq_length (64); the position table is 128.
@@ -75,12 +76,12 @@ def test_the_folder_resolves_from_its_sentence_transformers_files(name: str) -> 
 
 
 def test_prompts_and_their_pooling_come_from_the_folder() -> None:
-    mean, maximum = ModelMetadata.load(SENTENCE / "mean"), ModelMetadata.load(SENTENCE / "max")
+    mean, maximum = load_metadata(SENTENCE / "mean"), load_metadata(SENTENCE / "max")
     assert (mean.prompt, mean.include_prompt) == ("story: ", True)
     assert (maximum.prompt, maximum.include_prompt) == ("question: ", False)
     assert maximum.prompts is not None and maximum.prompts["story"] == "story: "
     assert {maximum.sources[f] for f in ("prompts", "default_prompt_name", "include_prompt")} == {ST}
-    assert ModelMetadata.load(SENTENCE / "cls").prompt is None
+    assert load_metadata(SENTENCE / "cls").prompt is None
 
 
 @pytest.mark.parametrize("name", FOLDERS)
@@ -130,7 +131,7 @@ def test_a_module_the_worker_cannot_apply_is_refused(tmp_path: Path) -> None:
     )
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(MetadataError, match=r"modules\.json: module\(s\) Dense"):
-        ModelMetadata.load(folder)
+        load_metadata(folder)
 
 
 def test_legacy_pooling_flags_and_max_seq_length_are_read(tmp_path: Path) -> None:
@@ -144,29 +145,29 @@ def test_legacy_pooling_flags_and_max_seq_length_are_read(tmp_path: Path) -> Non
     }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
-    meta = ModelMetadata.load(folder)
+    meta = load_metadata(folder)
     assert (meta.pooling, meta.sequence_lengths) == ("max", (8, 16, 24, 32, 40))
     # No flag set: sentence-transformers falls back to mean.
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16}))
-    assert ModelMetadata.load(folder).pooling == "mean"
+    assert load_metadata(folder).pooling == "mean"
 
 
 def test_declared_keys_still_beat_the_sentence_transformers_files() -> None:
-    meta = ModelMetadata.load(SENTENCE / "mean", {"pooling": "cls", "normalize": True})
+    meta = load_metadata(SENTENCE / "mean", {"pooling": "cls", "normalize": True})
     assert (meta.pooling, meta.normalize) == ("cls", True)
     assert meta.sources["pooling"] is Source.OVERRIDE
     with pytest.raises(MetadataError, match="pooling"):
-        ModelMetadata.load(SENTENCE / "mean", {"pooling": "median"})
+        load_metadata(SENTENCE / "mean", {"pooling": "median"})
 
 
 def test_inspect_shows_each_setting_with_its_source() -> None:
-    shown = render_metadata(ModelMetadata.load(SENTENCE / "max"))
+    shown = render_metadata(load_metadata(SENTENCE / "max"))
     assert "sequence    up to 64 tokens  <- sentence-transformers files" in shown
     assert "pooling     max  <- sentence-transformers files" in shown
     assert "normalize   False  <- sentence-transformers files" in shown
     assert "prompt      left out of pooling  <- sentence-transformers files" in shown
     assert "default     prompt 'question'  <- sentence-transformers files" in shown
-    pooled = render_metadata(ModelMetadata.load(SENTENCE / "mean-normalize-pooled"))
+    pooled = render_metadata(load_metadata(SENTENCE / "mean-normalize-pooled"))
     assert "pooling     in the graph (sentence_embedding); declared mean" in pooled
 
 
@@ -181,7 +182,7 @@ def test_pack_carries_the_files_and_writes_the_resolved_keys(tmp_path: Path) -> 
     assert json.loads(props[METADATA_PREFIX + "include_prompt"]) is False
     assert props[METADATA_PREFIX + "default_prompt_name"] == "question"
     assert json.loads(props[METADATA_PREFIX + "sequence_lengths"]) == [8, 16, 24, 32, 48, 64]
-    meta = ModelMetadata.load(out)
+    meta = load_metadata(out)
     assert meta.sources["pooling"] is Source.ONNX
     stored = reference("max")
     assert min(cosines(pipeline(model=out)(stored["sentences"]), stored["embeddings"])) >= MIN_COSINE

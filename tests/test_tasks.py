@@ -28,7 +28,7 @@ from tests.references import (
 from worker import pipeline
 from worker.errors import InvalidRequest
 from worker.inprocess import Pipeline
-from worker.serving.processors import TensorInput
+from worker.serving.inputs import TensorInput
 
 
 @functools.cache

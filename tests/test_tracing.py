@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     TopicReader,
     body_of,
@@ -20,7 +21,6 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 from worker.kafka.tracing import RequestTrace, Tracing
 from worker.serving.registry import ServedModel
 

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import UnknownTopicOrPartitionError
 from PIL import Image
 
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.kafka_support import (
     Record,
     TopicReader,
@@ -49,9 +50,9 @@ from tests.references import (
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.errors import PayloadTooLarge
-from worker.kafka.topics import create_topics, dlq_topic, requests_topic, results_topic
+from worker.kafka.topics import create_topics
 from worker.serving.engine import EngineOptions
-from worker.serving.processors import TextInput
+from worker.serving.inputs import TextInput
 from worker.serving.registry import ServedModel, load_model, load_models
 
 pytestmark = pytest.mark.kafka

@@ -6,7 +6,7 @@ import logging
 import time
 
 from schemas import ErrorCode, Result, Timing
-from worker.errors import InferenceError
+from schemas.errors import InferenceError
 from worker.intake import Job
 from worker.kafka.messages import Outgoing, rejection
 from worker.metrics import WorkerMetrics

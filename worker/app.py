@@ -32,6 +32,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faststream.kafka import KafkaBroker
 
 from schemas import ErrorCode
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from worker.answers import run_batch, split_expired
 from worker.intake import Intake, Job, now_ms
 from worker.kafka.clients import KafkaClients
@@ -42,7 +43,6 @@ from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.quarantine import Admitted, Quarantine, open_quarantine, poison_answer
 from worker.kafka.routing import ReplyPolicy, TopicDirectory
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 from worker.kafka.tracing import Tracing, configure
 from worker.kafka.transactions import TransactionalRebalance, Transactions
 from worker.metrics import HealthServer, WorkerMetrics

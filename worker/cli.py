@@ -30,11 +30,11 @@ log = logging.getLogger("worker")
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what the worker works out from a model folder."""
-    from worker.serving.metadata import MetadataError, ModelMetadata
+    from worker.serving.metadata import MetadataError, load_metadata
     from worker.serving.metadata.render import render_metadata
 
     try:
-        meta = ModelMetadata.load(args.path)
+        meta = load_metadata(args.path)
     except MetadataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

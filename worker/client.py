@@ -20,13 +20,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from schemas.requests import Modality
-from worker.kafka.topics import (
-    DEFAULT_PREFIX,
-    create_topics,
-    delete_topics,
-    private_reply_topic,
-    requests_topic,
-)
+from schemas.topics import DEFAULT_PREFIX, private_reply_topic, requests_topic
+from worker.kafka.topics import create_topics, delete_topics
 
 log = logging.getLogger(__name__)
 

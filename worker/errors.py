@@ -1,6 +1,6 @@
 """The worker's request failures, one class per code, under the one hierarchy in ``schemas.errors``.
 
-``InferenceError`` lives in ``schemas.errors`` and is re-exported here; ``schemas.RequestRejected``
+``InferenceError`` itself lives in ``schemas.errors``; ``schemas.RequestRejected``
 (bytes that are no valid request) is one too, so one ``except InferenceError`` catches every failure.
 """
 
@@ -11,7 +11,6 @@ from schemas.errors import InferenceError
 
 __all__ = [
     "DeadlineExceeded",
-    "InferenceError",
     "InvalidRequest",
     "PayloadTooLarge",
     "PoisonSuspected",

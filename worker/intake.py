@@ -21,8 +21,9 @@ from typing import Any
 from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import ErrorCode, ErrorDetail, Modality, parse_request
+from schemas.errors import InferenceError
 from schemas.topics import results_topic
-from worker.errors import DeadlineExceeded, InferenceError, InvalidRequest, UnknownModel
+from worker.errors import DeadlineExceeded, InvalidRequest, UnknownModel
 from worker.kafka.fetching import Undecodable
 from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.quarantine import crash_if_marked
@@ -30,7 +31,7 @@ from worker.kafka.routing import ReplyPolicy
 from worker.kafka.tracing import Tracing
 from worker.metrics import WorkerMetrics
 from worker.serving.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
-from worker.serving.processors import Prepared
+from worker.serving.inputs import Prepared
 from worker.serving.registry import ServedModel
 from worker.serving.sandbox import Budget, DecoderPool
 from worker.settings import Settings

@@ -26,12 +26,12 @@ from typing import Any
 import worker.app
 import worker.intake
 import worker.kafka.fetching
+from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeBatches, FakeClients
 from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
-from worker.kafka.topics import dlq_topic, requests_topic, results_topic
 from worker.serving.registry import ServedModel
 from worker.settings import Settings
 

@@ -40,12 +40,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from schemas.topics import quarantine_topic
 from worker.errors import PoisonSuspected
 from worker.kafka.clients import KafkaClients
 from worker.kafka.fetching import Fetched
 from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.offsets import OffsetTracker
-from worker.kafka.topics import quarantine_topic
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -17,30 +17,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from schemas.topics import (
-    DEFAULT_PREFIX,
-    dlq_topic,
-    private_reply_topic,
-    quarantine_topic,
-    requests_topic,
-    results_topic,
-)
-
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "DEFAULT_PREFIX",
-    "MissingTopics",
-    "create_topics",
-    "delete_topics",
-    "dlq_topic",
-    "ensure_topics",
-    "max_message_bytes",
-    "private_reply_topic",
-    "quarantine_topic",
-    "requests_topic",
-    "results_topic",
-]
 
 
 async def create_topics(

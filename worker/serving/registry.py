@@ -13,7 +13,7 @@ import numpy as np
 from worker.serving.assembly import group_by_shape
 from worker.serving.engine import Engine, EngineOptions
 from worker.serving.inputs import ModelInput, Prepared
-from worker.serving.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders
+from worker.serving.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders, load_metadata
 from worker.serving.processors import Preprocessor, ProcessorFactory, processor_factory
 from worker.serving.tasks import Head, Outputs, head_for
 from worker.settings import Settings
@@ -86,7 +86,7 @@ def load_model(
     factory: ProcessorFactory = processor_factory,
 ) -> ServedModel:
     """Load one model folder; raises MetadataError naming the folder on any problem."""
-    metadata = ModelMetadata.load(path, overrides)
+    metadata = load_metadata(path, overrides)
     head = head_for(metadata)
     preprocessor = factory.get(metadata)
     engine = Engine(metadata, engine_options)

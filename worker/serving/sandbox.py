@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker.errors import InferenceError, InvalidRequest, PayloadTooLarge, UndecodableInput
+from schemas.errors import InferenceError
+from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
 from worker.serving.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
 from worker.serving.media import Clip, probe_video, read_frames
 

@@ -6,7 +6,6 @@ files), ``inference`` (what the graph alone says), ``precedence`` (which source 
 record of where each field came from), ``render`` (the ``inspect`` text).
 """
 
-from schemas.requests import Modality
 from worker.serving.metadata.graph import iter_model_folders, read_graph
 from worker.serving.metadata.hf_files import HFFiles
 from worker.serving.metadata.inference import infer_modality, infer_task
@@ -26,6 +25,7 @@ from worker.serving.metadata.keys import (
     ProcessorKind,
     Source,
 )
+from worker.serving.metadata.precedence import load_metadata
 from worker.serving.metadata.record import Bucket, DimRole, ModelMetadata, TensorSpec
 from worker.serving.metadata.sentence_transformers import SentenceTransformerFiles
 
@@ -45,7 +45,6 @@ __all__ = [
     "DimRole",
     "HFFiles",
     "MetadataError",
-    "Modality",
     "ModelMetadata",
     "ProcessorKind",
     "SentenceTransformerFiles",
@@ -54,5 +53,6 @@ __all__ = [
     "infer_modality",
     "infer_task",
     "iter_model_folders",
+    "load_metadata",
     "read_graph",
 ]

@@ -74,6 +74,11 @@ class Precedence:
         return default
 
 
+def load_metadata(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ModelMetadata:
+    """Resolve a model folder (or a bare ``.onnx`` file) into metadata, or raise MetadataError."""
+    return resolve(Path(path), overrides or {})
+
+
 def resolve(path: Path, overrides: Mapping[str, Any]) -> ModelMetadata:
     """Resolve a model folder (or a bare ``.onnx`` file) into metadata, or raise MetadataError."""
     folder, onnx_path = locate(path)

@@ -72,13 +72,6 @@ class ModelMetadata:
     default_prompt_name: str | None = None
     onnx_metadata: Mapping[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> ModelMetadata:
-        """Resolve a model folder (or a bare ``.onnx`` file) into metadata, or raise MetadataError."""
-        from worker.serving.metadata.precedence import resolve  # precedence builds this record: import late
-
-        return resolve(Path(path), overrides or {})
-
     @property
     def batch_dims(self) -> tuple[str, ...]:
         """Names of the dims that run over requests (``batch``; CLIP has two)."""
