@@ -41,7 +41,7 @@ class Meter:
     """
 
     def __init__(self, worker: Worker, *, baseline: bool) -> None:
-        quarantine = worker.quarantine
+        quarantine = worker.fetch_loop.quarantine
         assert quarantine is not None
         self.writes = 0
         self.admits: list[float] = []

@@ -34,9 +34,10 @@ from tests.test_worker_processes import (
     start_worker,
     stop_worker,
 )
-from worker.app import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S, STOP_BUDGET_S
+from worker.app import STOP_BUDGET_S
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.embedded_broker import EmbeddedBroker, free_port
+from worker.readiness import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -227,7 +227,7 @@ async def test_a_fetch_loop_that_dies_is_reported_and_restarted_from_the_committ
     catch-all, after the client moved past the record (an exception no handler expects), so the loop
     dies with that record gone from the client: it is reported, restarted, and the record read again."""
     async with serving(kafka_bootstrap, models) as worker:
-        track = worker._track
+        track = worker.admission.track
         faults = iter([RuntimeError("injected fault after a fetch")])
 
         def failing_once(fetched: Any, epochs: Any) -> Any:
@@ -236,8 +236,8 @@ async def test_a_fetch_loop_that_dies_is_reported_and_restarted_from_the_committ
                 raise fault
             return track(fetched, epochs)
 
-        caplog.set_level(logging.ERROR, logger="worker.app")
-        monkeypatch.setattr(worker, "_track", failing_once)
+        caplog.set_level(logging.ERROR, logger="worker.fetch_loop")
+        monkeypatch.setattr(worker.admission, "track", failing_once)
         prefix = worker.settings.topic_prefix
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,
@@ -262,8 +262,8 @@ async def test_a_fetch_round_that_raises_after_taking_records_loses_none(
     """The fetch call raises after the client gave it a record (injected): the loop goes on, and the
     record, gone from the client, is read again from the committed offset and answered."""
     async with serving(kafka_bootstrap, models) as worker:
-        assert worker.fetcher is not None
-        fetch = worker.fetcher.fetch
+        assert worker.fetch_loop.fetcher is not None
+        fetch = worker.fetch_loop.fetcher.fetch
         faults = iter([RuntimeError("injected fetch fault")])
 
         async def failing_once(*args: Any, **kwargs: Any) -> Any:
@@ -273,7 +273,7 @@ async def test_a_fetch_round_that_raises_after_taking_records_loses_none(
                 raise fault
             return fetched
 
-        monkeypatch.setattr(worker.fetcher, "fetch", failing_once)
+        monkeypatch.setattr(worker.fetch_loop.fetcher, "fetch", failing_once)
         prefix = worker.settings.topic_prefix
         async with (
             TopicReader(kafka_bootstrap, results_topic("text", prefix)) as replies,

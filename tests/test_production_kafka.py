@@ -289,7 +289,7 @@ async def test_a_compressed_batch_that_does_not_inflate_costs_only_its_own_recor
         assert {(headers_of(c)["error_code"], int(headers_of(c)["source_partition"])) for c in copies} == {
             (b"undecodable_input", 2)
         }
-        assert worker.fetcher is not None and worker.fetcher.consecutive_errors == 0
+        assert worker.fetch_loop.fetcher is not None and worker.fetch_loop.fetcher.consecutive_errors == 0
         assert await committed(kafka_bootstrap, worker) == {0: 6, 1: 6, 2: 11, 3: 6}
 
 
@@ -324,8 +324,8 @@ async def test_a_fault_that_escapes_a_fetch_round_is_counted_and_fetching_goes_o
     """Injected: the worker's fetcher raises RuntimeError for its next six rounds (any fault the fetch
     path does not foresee: a bug, an aiokafka surprise); before, the fetch task ended, silently."""
     async with serving(kafka_bootstrap, models) as worker:
-        assert worker.fetcher is not None
-        fetch = worker.fetcher.fetch
+        assert worker.fetch_loop.fetcher is not None
+        fetch = worker.fetch_loop.fetcher.fetch
         faults = 6
 
         async def failing(*args: Any, **kwargs: Any) -> Any:
@@ -342,7 +342,7 @@ async def test_a_fault_that_escapes_a_fetch_round_is_counted_and_fetching_goes_o
         ):
             # Injected only now: the failing rounds' readiness is watched from their start (the first
             # round that works clears it).
-            monkeypatch.setattr(worker.fetcher, "fetch", failing)
+            monkeypatch.setattr(worker.fetch_loop.fetcher, "fetch", failing)
             await until(lambda: "fetch_failing" in worker.not_ready_reasons(), timeout=10)
             await producer.send_and_wait(
                 requests_topic("text", prefix), request_bytes("after-faults", "bert", TEXT), partition=0

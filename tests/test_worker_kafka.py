@@ -339,8 +339,8 @@ async def test_an_idle_worker_asks_the_broker_for_long_waits_and_short_ones_once
         seen: list[int] = []
         await until(lambda: seen.append(fetcher._fetch_max_wait_ms) or seen[-1] == 400, timeout=5)
         assert {40, 80, 160, 320} <= set(seen), f"the wait doubles round by round: {sorted(set(seen))}"
-        assert worker.fetcher is not None and worker.fetcher.broker_wait is not None
-        wait = worker.fetcher.broker_wait
+        assert worker.fetch_loop.fetcher is not None and worker.fetch_loop.fetcher.broker_wait is not None
+        wait = worker.fetch_loop.fetcher.broker_wait
         switches: list[bool] = []
         round_ended = wait.round_ended
         wait.round_ended = lambda found: (switches.append(found), round_ended(found))[1]  # type: ignore[method-assign]

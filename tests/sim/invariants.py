@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from aiokafka import TopicPartition
 
 from tests.sim.faults import BLOCKED, REPLIES
-from worker.app import FETCH_LOOP
 from worker.kafka.offsets import _ANSWERED
+from worker.run_state import FETCH_LOOP
 
 if TYPE_CHECKING:
     from tests.sim.cluster import Cluster, Published, SimBatch, SimRecord
