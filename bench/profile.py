@@ -143,6 +143,7 @@ def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[s
     """Milliseconds per sentence of each stage the worker runs, called directly (no Kafka)."""
     from schemas import Modality, Result, Timing, parse_request
     from worker.serving.batching import BatchQueue
+    from worker.serving.budget import batch_length
     from worker.serving.decoding import MediaLimits, decode_inputs
 
     bodies = [
@@ -161,7 +162,7 @@ def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[s
     took["tokenize + pad to bucket"] = clock() - began
     # Batched as the worker's batcher does when all of them are queued at once (a flood).
     queue: BatchQueue[Any, int] = BatchQueue(
-        max_batch_size, 0.0, length_of=lambda index: model.batch_length(prepared[index])
+        max_batch_size, 0.0, length_of=lambda index: batch_length(model, prepared[index])
     )
     for index, item in enumerate(prepared):
         queue.add(item.shape_key, index, 0.0)

@@ -21,6 +21,7 @@ from tests.references import (
 )
 from worker.errors import InvalidRequest
 from worker.serving.assembly import group_by_shape
+from worker.serving.budget import batch_length, merge_rank
 from worker.serving.engine import EngineOptions, RunPlan, usable_cores
 from worker.serving.inputs import (
     AudioInput,
@@ -159,7 +160,7 @@ def test_shorter_requests_ride_in_a_longer_bucket_with_the_same_answers(
     longest = max(keys, key=lambda k: dict(k)["sequence"])
     # The batcher merges buckets only at fixed shapes; the engine runs such a batch at either policy.
     ranks = [dict(k)["sequence"] if model.engine.fixed_shapes else None for k in keys]
-    assert [model.merge_rank(k) for k in keys] == ranks
+    assert [merge_rank(model, k) for k in keys] == ranks
     together = model.run(prepared, longest)
     for item, result in zip(prepared, together, strict=True):
         [alone] = model.run([item])
@@ -189,7 +190,7 @@ def test_only_masked_token_inputs_change_bucket(models: dict[str, ServedModel], 
     model = models[name]
     assert model.preprocessor.pad_values == {}
     assert all(
-        model.merge_rank(bucket) is None
+        merge_rank(model, bucket) is None
         for bucket in {p.shape_key for p in map(model.prepare, other_inputs(name, 2))}
     )
 
@@ -401,9 +402,9 @@ def test_the_batcher_groups_by_real_length_only_where_a_batch_runs_at_its_longes
     bert = models["bert"]
     short, long = bert.prepare(TextInput("Good book.")), bert.prepare(TextInput(LENGTHS[-1]))
     if bert.engine.fixed_shapes:  # every request pads to its bucket: nothing to group by
-        assert bert.batch_length(short) is None and bert.batch_length(long) is None
+        assert batch_length(bert, short) is None and batch_length(bert, long) is None
         return
     real = [int(item.arrays["attention_mask"].sum()) for item in (short, long)]
-    assert [bert.batch_length(short), bert.batch_length(long)] == real and real[0] < real[1]
+    assert [batch_length(bert, short), batch_length(bert, long)] == real and real[0] < real[1]
     vit = models["vit"]
-    assert vit.batch_length(vit.prepare(other_inputs("vit", 1)[0])) is None, "no token sequence"
+    assert batch_length(vit, vit.prepare(other_inputs("vit", 1)[0])) is None, "no token sequence"

@@ -17,8 +17,9 @@ from worker.kafka.messages import Outgoing, rejection
 from worker.kafka.tracing import Tracing
 from worker.metrics import WorkerMetrics
 from worker.run_state import RunState
-from worker.serving.batching import BatcherClosed, BatchQueue, MicroBatcher
-from worker.serving.budget import batch_limit
+from worker.serving.batching import BatcherClosed, MicroBatcher
+from worker.serving.budget import batch_queue
+from worker.serving.inputs import Prepared
 from worker.serving.metadata import Bucket
 from worker.serving.registry import ServedModel
 from worker.settings import Settings
@@ -54,14 +55,7 @@ class ModelLoops:
         loops = []
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
-            queue: BatchQueue[Bucket, Job] = BatchQueue(
-                size,
-                wait,
-                size_of=functools.partial(batch_limit, model.metadata, max_rows=size, max_tokens=tokens),
-                rank_of=model.merge_rank,
-                length_of=functools.partial(_job_length, model),
-            )
-            batcher = MicroBatcher(queue)
+            batcher = MicroBatcher(batch_queue(model, size, wait, tokens, prepared_of=_prepared_of))
             self.batchers[name] = batcher
             loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
         return loops
@@ -142,6 +136,5 @@ class ModelLoops:
         self._state.spawn(self._publish(replies))
 
 
-def _job_length(model: ServedModel, job: Job) -> int | None:
-    """A queued request's real token length, where its model's batches run at their longest one."""
-    return model.batch_length(job.prepared)
+def _prepared_of(job: Job) -> Prepared:
+    return job.prepared

@@ -43,26 +43,6 @@ class ServedModel:
         """Blocking: one engine call for the batch at shape ``key`` (split if over the largest bucket)."""
         return self.engine.run(batch, key, self.preprocessor.pad_values)
 
-    def merge_rank(self, key: Bucket) -> int | None:
-        """Where requests of shape ``key`` rank among shapes that can share a batch (a shorter request
-        rides in a longer bucket, its padding masked): the token length; None when they never share.
-
-        Only at fixed bucket shapes: there a short request pads to a bucket anyway, and one run saves
-        several. At the batch's longest length (CPU) the short ones would pay for the long one's
-        tokens: measured at half load on MiniLM, merging cost 8.3 ms of CPU per request, not 7.3."""
-        if not self.engine.fixed_shapes or not self.preprocessor.pad_values or len(key) != 1:
-            return None
-        return self.metadata.sequence_length(key)
-
-    def batch_length(self, prepared: Prepared) -> int | None:
-        """How far a request's real tokens reach, where a batch runs at its longest request (CPU): the
-        batcher then fills a batch with like lengths under load. None at fixed shapes (every request
-        pads to its bucket anyway) or without a token sequence."""
-        if self.engine.fixed_shapes or not self.preprocessor.pad_values:
-            return None
-        lengths = self.engine.layout.real_lengths(prepared, self.preprocessor.pad_values)
-        return max(lengths.values()) if lengths else None
-
     def postprocess(self, outputs: Outputs, prepared: Prepared, parameters: Mapping[str, Any]) -> Any:
         """Raw outputs of one request -> pipeline-shaped result."""
         return self.head(self.metadata, outputs, prepared, parameters)
