@@ -24,6 +24,7 @@ import pytest
 from schemas.requests import Modality
 from tests.references import ROOT, assert_pipeline_equal, pipeline_call, to_model_input
 from worker import pipeline
+from worker.serving.heads.outputs import softmax
 from worker.serving.metadata import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_SEQUENCE_LENGTHS,
@@ -33,7 +34,6 @@ from worker.serving.metadata import (
     load_metadata,
 )
 from worker.serving.registry import ServedModel, load_model
-from worker.serving.tasks import softmax
 
 OPTIMUM = ROOT / "models" / "optimum"
 BERT = "bert-sequence-classification"
