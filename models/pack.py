@@ -29,7 +29,8 @@ from worker.serving.metadata import (
     load_metadata,
 )
 from worker.serving.metadata.render import render_metadata
-from worker.serving.processors import AudioPreprocessor, ProcessorFactory
+from worker.serving.preprocessors.audio import AudioPreprocessor
+from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
 ONNX_NAME = "model.onnx"

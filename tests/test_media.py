@@ -41,7 +41,7 @@ from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
 from worker.serving.inputs import AudioInput
 from worker.serving.media import pipeline_indices, resample, uniform_indices
-from worker.serving.processors import VideoPreprocessor
+from worker.serving.preprocessors.video import VideoPreprocessor
 from worker.serving.registry import load_model
 
 RATES = (8_000, 16_000, 22_050, 44_100, 48_000)

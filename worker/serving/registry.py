@@ -15,7 +15,8 @@ from worker.serving.engine import Engine, EngineOptions
 from worker.serving.heads.outputs import Head, Outputs
 from worker.serving.inputs import ModelInput, Prepared
 from worker.serving.metadata import Bucket, MetadataError, ModelMetadata, iter_model_folders, load_metadata
-from worker.serving.processors import Preprocessor, ProcessorFactory, processor_factory
+from worker.serving.preprocessors.base import Preprocessor
+from worker.serving.processors import ProcessorFactory, processor_factory
 from worker.serving.tasks import head_for
 from worker.settings import Settings
 
