@@ -12,8 +12,8 @@ from PIL import Image
 from tests.media_files import encode_audio, mp4_clip, progressive_jpeg
 from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.serving.decoding import InProcess, MediaLimits
-from worker.serving.media import read_frames
 from worker.serving.sandbox import Budget, DecoderPool
+from worker.serving.video_files import read_frames
 
 
 def photo(width: int, height: int) -> bytes:

@@ -23,6 +23,7 @@ from worker.errors import InvalidRequest
 from worker.serving.assembly import group_by_shape
 from worker.serving.budget import batch_length, merge_rank
 from worker.serving.engine import EngineOptions, RunPlan, usable_cores
+from worker.serving.frame_sampling import sample_frames
 from worker.serving.inputs import (
     AudioInput,
     ImageInput,
@@ -32,7 +33,6 @@ from worker.serving.inputs import (
     TextInput,
     VideoInput,
 )
-from worker.serving.media import sample_frames
 from worker.serving.metadata import load_metadata
 from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model

@@ -30,7 +30,7 @@ from schemas import (
     ZeroShotImageInputs,
 )
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.serving import media
+from worker.serving import audio_files, media, video_files
 from worker.serving.inputs import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
@@ -162,12 +162,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_audio(raw: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
     """Any audio file FFmpeg reads -> mono float32 waveform in [-1, 1] and its own sampling rate."""
-    return media.decode_audio(raw, limits.av)
+    return audio_files.decode_audio(raw, limits.av)
 
 
 def decode_video(raw: bytes, limits: MediaLimits) -> VideoFileInput:
     """A video file whose container passed the limits; its processor decodes the frames it samples."""
-    return VideoFileInput(media.probe_video(raw, limits.av))
+    return VideoFileInput(video_files.probe_video(raw, limits.av))
 
 
 class MediaDecoder(Protocol):
@@ -181,7 +181,7 @@ class MediaDecoder(Protocol):
         """An audio file -> mono float32 samples and their rate."""
         ...
 
-    def video(self, raw: bytes) -> media.Clip:
+    def video(self, raw: bytes) -> video_files.Clip:
         """A video file checked against the limits; frames are decoded when the processor asks."""
         ...
 
@@ -200,9 +200,9 @@ class InProcess:
         """``decode_audio`` here."""
         return decode_audio(raw, self.limits)
 
-    def video(self, raw: bytes) -> media.Clip:
-        """``media.probe_video`` here."""
-        return media.probe_video(raw, self.limits.av)
+    def video(self, raw: bytes) -> video_files.Clip:
+        """``video_files.probe_video`` here."""
+        return video_files.probe_video(raw, self.limits.av)
 
 
 def check_waveform(array: np.ndarray, sampling_rate: int, limits: MediaLimits) -> np.ndarray:

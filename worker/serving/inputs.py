@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest
-from worker.serving.media import Clip
 from worker.serving.metadata import Bucket
+from worker.serving.video_files import Clip
 
 #: transformers' ZeroShotImageClassificationPipeline default, for a request that names no template.
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."

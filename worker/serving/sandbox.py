@@ -31,7 +31,7 @@ from PIL import Image
 from schemas.errors import InferenceError
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
 from worker.serving.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
-from worker.serving.media import Clip, probe_video, read_frames
+from worker.serving.video_files import Clip, probe_video, read_frames
 
 log = logging.getLogger(__name__)
 

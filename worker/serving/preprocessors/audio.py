@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from worker.errors import InvalidRequest, UndecodableInput
+from worker.serving.audio_files import resample
 from worker.serving.inputs import (
     AudioInput,
     ModelInput,
 )
-from worker.serving.media import resample
 from worker.serving.metadata import ModelMetadata, ProcessorKind
 from worker.serving.preprocessors.base import Preprocessor
 from worker.serving.tokenizing import (

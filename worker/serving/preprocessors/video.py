@@ -9,15 +9,16 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import InvalidRequest
+from worker.serving.frame_sampling import pipeline_indices, sample_frames, uniform_indices
 from worker.serving.inputs import (
     ModelInput,
     VideoFileInput,
     VideoInput,
 )
-from worker.serving.media import Clip, pipeline_indices, sample_frames, uniform_indices
 from worker.serving.metadata import MetadataError, ModelMetadata, ProcessorKind
 from worker.serving.preprocessors.base import Preprocessor
 from worker.serving.preprocessors.image import resize_to_graph, rgb
+from worker.serving.video_files import Clip
 
 
 class VideoPreprocessor(Preprocessor):
