@@ -11,25 +11,25 @@ the StandardAuthorizer refuses whatever no ACL allows (``admin`` is the super us
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import secrets
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
 
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-
+from worker.kafka.apache_config import (
+    ADMIN_USER,
+    KAFKA_VERSION,
+    LOG4J,
+    libs_dir,
+    server_properties,
+)
+from worker.kafka.apache_nodes import Node, format_nodes, reap_node, registered_brokers, spawn_node
 from worker.kafka.embedded_broker import (
     BrokerStartError,
     file_tail,
@@ -39,91 +39,8 @@ from worker.kafka.embedded_broker import (
     run_blocking,
 )
 
-KAFKA_VERSION = "4.4.0"
-DEFAULT_LIBS = Path.home() / ".cache" / "onnx-worker" / f"kafka-{KAFKA_VERSION}"
-
-#: Settings docker-compose.yml sets too (tests/test_apache_broker.py compares them): production
-#: practice, so the tests meet what users run.
-SHARED_SETTINGS: Mapping[str, str] = {
-    "num.partitions": "4",
-    # No topic exists because a client named it (README "Where replies go").
-    "auto.create.topics.enable": "false",
-    "group.initial.rebalance.delay.ms": "0",
-}
-
-#: Only for the fixtures: the tests use 3 s sessions (Kafka's floor is 6 s), a dead broker is
-#: fenced after 3 s instead of 9, and a 2-core machine runs several JVMs.
-TEST_SETTINGS: Mapping[str, str] = {
-    "group.min.session.timeout.ms": "1000",
-    "broker.session.timeout.ms": "3000",
-    "broker.heartbeat.interval.ms": "500",
-    "offsets.topic.num.partitions": "8",
-    "num.network.threads": "2",
-    "num.io.threads": "2",
-    "background.threads": "2",
-    "log.cleaner.threads": "1",
-}
-
-ADMIN_USER = "admin"
 _POLL_S = 0.1
 _LOG_TAIL_CHARS = 3_000
-_LOG4J = """\
-status = warn
-appender.out.type = Console
-appender.out.name = out
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = info
-rootLogger.appenderRef.out.ref = out
-logger.kafka.name = kafka
-logger.kafka.level = warn
-logger.org.name = org.apache.kafka
-logger.org.level = warn
-logger.server.name = kafka.server.KafkaRaftServer
-logger.server.level = info
-"""
-
-
-def replication_settings(nodes: int) -> dict[str, str]:
-    """Replication of internal and new topics for a cluster of `nodes`: all copies, two in sync."""
-    in_sync = str(min(2, nodes))
-    return {
-        "default.replication.factor": str(nodes),
-        "min.insync.replicas": in_sync,
-        "offsets.topic.replication.factor": str(nodes),
-        "transaction.state.log.replication.factor": str(nodes),
-        "transaction.state.log.min.isr": in_sync,
-        "share.coordinator.state.topic.replication.factor": str(nodes),
-        "share.coordinator.state.topic.min.isr": in_sync,
-    }
-
-
-def libs_dir() -> Path:
-    """Where the jars are: ``KAFKA_LIBS`` or the default cache; BrokerStartError if absent."""
-    libs = Path(os.environ.get("KAFKA_LIBS") or DEFAULT_LIBS)
-    if not (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
-        raise BrokerStartError(
-            f"Apache Kafka {KAFKA_VERSION} jars not found in {libs}: run `make kafka` "
-            "(mvn dependency:copy-dependencies on kafka/pom.xml) or set KAFKA_LIBS"
-        )
-    return libs
-
-
-@dataclass
-class _Node:
-    node_id: int
-    port: int
-    controller_port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def properties(self) -> Path:
-        return self.directory / "server.properties"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "kafka.log"
 
 
 class ApacheKafka:
@@ -162,7 +79,7 @@ class ApacheKafka:
         self._heap_mb = heap_mb
         self._startup_timeout_s = startup_timeout_s
         self._directory: Path | None = None
-        self._nodes: dict[int, _Node] = {}
+        self._nodes: dict[int, Node] = {}
 
     # -- what callers read ------------------------------------------------------------
 
@@ -231,9 +148,9 @@ class ApacheKafka:
         self._directory = Path(tempfile.mkdtemp(prefix="apache-kafka-"))
         try:
             self._plan_nodes()
-            await self._format(libs)
+            await format_nodes(self._nodes, libs, self._heap_mb)
             for node in self._nodes.values():
-                self._spawn(node, libs)
+                spawn_node(node, libs, self._heap_mb)
             await self._wait_cluster()
         except BaseException:
             await self.astop()
@@ -247,7 +164,7 @@ class ApacheKafka:
                 node.process.terminate()
         deadline = time.monotonic() + timeout_s
         for node in self._nodes.values():
-            self._reap(node, max(0.1, deadline - time.monotonic()))
+            reap_node(node, max(0.1, deadline - time.monotonic()))
         self._nodes = {}
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
@@ -269,14 +186,14 @@ class ApacheKafka:
         node = self._nodes[node_id]
         if node.process is not None and node.process.poll() is None:
             node.process.terminate()
-        await asyncio.to_thread(self._reap, node, timeout_s)
+        await asyncio.to_thread(reap_node, node, timeout_s)
 
     async def restart_node(self, node_id: int) -> None:
         """Start a stopped or killed node again on its ports and data; returns once it answers."""
         node = self._nodes[node_id]
         if node.process is not None and node.process.poll() is None:
             raise RuntimeError(f"node {node_id} is still running")
-        self._spawn(node, libs_dir())
+        spawn_node(node, libs_dir(), self._heap_mb)
         await self._wait_node(node, time.monotonic() + self._startup_timeout_s)
 
     def __enter__(self) -> Self:
@@ -305,104 +222,23 @@ class ApacheKafka:
             wanted = self._requested_port if node_id == 1 and self._requested_port else 0
             directory = self._directory / f"node-{node_id}"
             (directory / "data").mkdir(parents=True)
-            node = _Node(node_id, free_port(self.host, wanted), free_port(self.host), directory)
+            node = Node(node_id, free_port(self.host, wanted), free_port(self.host), directory)
             self._nodes[node_id] = node
         for node in self._nodes.values():
-            node.properties.write_text(self._server_properties(node))
-            (node.directory / "log4j2.properties").write_text(_LOG4J)
-
-    def _server_properties(self, node: _Node) -> str:
-        voters = ",".join(f"{n.node_id}@{self.host}:{n.controller_port}" for n in self._nodes.values())
-        protocol = "SASL_PLAINTEXT" if self.secured else "PLAINTEXT"
-        props: dict[str, str] = {
-            "process.roles": "broker,controller",
-            "node.id": str(node.node_id),
-            "controller.quorum.voters": voters,
-            "listeners": f"CLIENT://{self.host}:{node.port},CONTROLLER://{self.host}:{node.controller_port}",
-            "advertised.listeners": f"CLIENT://{self.host}:{self._advertised_port or node.port}",
-            "listener.security.protocol.map": f"CLIENT:{protocol},CONTROLLER:PLAINTEXT",
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "CLIENT",
-            "log.dirs": str(node.directory / "data"),
-            **SHARED_SETTINGS,
-            **TEST_SETTINGS,
-            **replication_settings(self.node_count),
-        }
-        if self._advertised_port is not None:
-            # Clients go through the advertised port (a proxy that cuts them off); the broker's own
-            # traffic (its transaction coordinator writing markers, say) keeps a listener of its own,
-            # so a cut isolates the clients, not the broker from itself.
-            internal = free_port(self.host)
-            props |= {
-                "listeners": f"{props['listeners']},INTERNAL://{self.host}:{internal}",
-                "advertised.listeners": f"{props['advertised.listeners']},INTERNAL://{self.host}:{internal}",
-                "listener.security.protocol.map": f"{props['listener.security.protocol.map']},INTERNAL:{protocol}",
-                "inter.broker.listener.name": "INTERNAL",
-            }
-        if self.secured:
-            users = {ADMIN_USER: self._admin_password, **self._users}
-            accounts = " ".join(f'user_{name}="{password}"' for name, password in users.items())
-            props |= {
-                "sasl.enabled.mechanisms": "PLAIN",
-                "sasl.mechanism.inter.broker.protocol": "PLAIN",
-                "listener.name.client.plain.sasl.jaas.config": (
-                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                    f'username="{ADMIN_USER}" password="{self._admin_password}" {accounts};'
-                ),
-                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-                # The controller listener is loopback plaintext: brokers and controllers reach each
-                # other there as ANONYMOUS, which must be allowed the cluster's own requests.
-                "super.users": f"User:{ADMIN_USER};User:ANONYMOUS",
-                "allow.everyone.if.no.acl.found": "false",
-            }
-        props |= self._settings
-        return "".join(f"{key}={value}\n" for key, value in props.items())
-
-    def _java(self, node: _Node, libs: Path, *args: str) -> list[str]:
-        java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java") if "JAVA_HOME" in os.environ else "java"
-        return [
-            java,
-            f"-Xmx{self._heap_mb}m",
-            "-Xms64m",
-            # One GC thread: several JVMs share two cores in the tests.
-            "-XX:+UseSerialGC",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={node.directory / 'log4j2.properties'}",
-            "-cp",
-            f"{libs}/*",
-            *args,
-        ]
-
-    async def _format(self, libs: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-
-        async def format_one(node: _Node) -> None:
-            command = self._java(
-                node, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(node.properties)
+            node.properties.write_text(
+                server_properties(
+                    node,
+                    self._nodes,
+                    self.host,
+                    advertised_port=self._advertised_port,
+                    users=self._users,
+                    admin_password=self._admin_password,
+                    settings=self._settings,
+                )
             )
-            process = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-            output, _ = await process.communicate()
-            if process.returncode != 0:
-                raise BrokerStartError(f"formatting node {node.node_id} failed:\n{output.decode()[-2000:]}")
+            (node.directory / "log4j2.properties").write_text(LOG4J)
 
-        await asyncio.gather(*(format_one(node) for node in self._nodes.values()))
-
-    def _spawn(self, node: _Node, libs: Path) -> None:
-        with node.log_path.open("ab") as log:
-            # A file, never a pipe nobody reads (it would fill and stall the JVM).
-            node.process = subprocess.Popen(
-                self._java(node, libs, "kafka.Kafka", str(node.properties)),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: Ctrl+C in a terminal reaches the worker first, which drains while
-                # the broker is still up.
-                start_new_session=True,
-            )
-
-    async def _wait_node(self, node: _Node, deadline: float) -> None:
+    async def _wait_node(self, node: Node, deadline: float) -> None:
         assert node.process is not None
         address = f"{self.host}:{node.port}"
         while True:
@@ -427,30 +263,10 @@ class ApacheKafka:
         for node in self._nodes.values():
             await self._wait_node(node, deadline)
         # Every broker registered: before that, topics get fewer replicas than asked for.
-        while await self._registered_brokers() < self.node_count:
+        while await registered_brokers(self.bootstrap_servers, self.admin_client_config()) < self.node_count:
             if time.monotonic() > deadline:
                 raise BrokerStartError(f"only some of the {self.node_count} Kafka nodes registered in time")
             await asyncio.sleep(_POLL_S)
-
-    async def _registered_brokers(self) -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **self.admin_client_config())
-        try:
-            await admin.start()
-            return len((await admin.describe_cluster())["brokers"])
-        except (KafkaError, OSError, TimeoutError):
-            return 0
-        finally:
-            await admin.close()
-
-    @staticmethod
-    def _reap(node: _Node, timeout_s: float) -> None:
-        if node.process is None:
-            return
-        try:
-            node.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
 
 
 def serve_forever(nodes: int = 1, port: int | None = None) -> None:
