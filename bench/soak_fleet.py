@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procstats import ProcessGone, cpu_seconds, rss_mib
 from bench.worker_processes import FAST_GROUP_FLAGS, WorkerLauncher, WorkerProcess, wait_until
-from worker.kafka.embedded_broker import free_port
+from worker.kafka.broker_processes import free_port
 
 WORKER_FLAGS = (*FAST_GROUP_FLAGS, "--intra-op-threads", "1", "--drain-timeout-s", "15")
 START_TIMEOUT_S = 120.0  # six models on a busy 2-core machine

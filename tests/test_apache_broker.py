@@ -14,7 +14,7 @@ import yaml
 from tests.test_embedded_broker import process_exists, round_trip
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.apache_config import KAFKA_VERSION, SHARED_SETTINGS, replication_settings
-from worker.kafka.embedded_broker import BrokerStartError
+from worker.kafka.broker_processes import BrokerStartError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,8 @@ from tests.test_worker_processes import (
 )
 from worker.app import STOP_BUDGET_S
 from worker.kafka.apache_broker import ApacheKafka
-from worker.kafka.embedded_broker import EmbeddedBroker, free_port
+from worker.kafka.broker_processes import free_port
+from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.readiness import BROKER_CHECK_S, BROKER_CHECK_TIMEOUT_S, BROKER_UNREACHABLE_S
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

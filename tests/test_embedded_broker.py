@@ -14,7 +14,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker.kafka.embedded_broker import BrokerStartError, EmbeddedBroker
+from worker.kafka.broker_processes import BrokerStartError
+from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.topics import create_topics, delete_topics
 
 pytestmark = pytest.mark.kafka

@@ -25,7 +25,8 @@ from tests.kafka_support import TopicReader
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.tcp_proxy import TcpProxy
 from worker.kafka.apache_broker import ApacheKafka
-from worker.kafka.embedded_broker import EmbeddedBroker, free_port
+from worker.kafka.broker_processes import free_port
+from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.transactions import HeldAnswers, transactional_id
 

@@ -30,7 +30,7 @@ from worker.kafka.apache_config import (
     server_properties,
 )
 from worker.kafka.apache_nodes import Node, format_nodes, reap_node, registered_brokers, spawn_node
-from worker.kafka.embedded_broker import (
+from worker.kafka.broker_processes import (
     BrokerStartError,
     file_tail,
     free_port,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from worker.kafka.apache_nodes import Node
-from worker.kafka.embedded_broker import BrokerStartError, free_port
+from worker.kafka.broker_processes import BrokerStartError, free_port
 
 KAFKA_VERSION = "4.4.0"
 DEFAULT_LIBS = Path.home() / ".cache" / "onnx-worker" / f"kafka-{KAFKA_VERSION}"

@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.kafka.embedded_broker import BrokerStartError
+from worker.kafka.broker_processes import BrokerStartError
 
 
 @dataclass
