@@ -25,9 +25,10 @@ from bench.worker_processes import wait_until
 from schemas.topics import requests_topic, results_topic
 from worker.app import Worker
 from worker.demo import TINY_MODELS
+from worker.kafka.crash_markers import Marker
 from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.fetching import Fetched
-from worker.kafka.quarantine import Admitted, Marker
+from worker.kafka.quarantine import Admitted
 from worker.kafka.topics import create_topics
 from worker.serving.registry import load_models
 from worker.settings import Settings

@@ -27,8 +27,9 @@ from tests.tcp_proxy import TcpProxy
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.broker_processes import free_port
 from worker.kafka.embedded_broker import EmbeddedBroker
+from worker.kafka.held_answers import HeldAnswers
 from worker.kafka.offsets import OffsetTracker
-from worker.kafka.transactions import HeldAnswers, transactional_id
+from worker.kafka.transactions import transactional_id
 
 TP = TopicPartition("inference.text.requests", 0)
 EXACTLY_ONCE = ("--delivery", "exactly-once")

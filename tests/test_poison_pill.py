@@ -1,7 +1,7 @@
 """A request that kills its worker, for real: worker processes under a supervisor, the embedded broker.
 
 The killer is a request whose body carries the test-only failpoint's mark
-(worker/kafka/quarantine.py ``CRASH_FAILPOINT_ENV``): a worker that prepares it SIGKILLs itself, as
+(worker/kafka/failpoint.py ``CRASH_FAILPOINT_ENV``): a worker that prepares it SIGKILLs itself, as
 the OOM killer would. ``run --processes 2`` restarts each dead child, as an orchestrator would.
 Issue 23, measured defect 3: before the quarantine, such a request came back to every worker of
 the group for ever and nothing behind it was answered.
@@ -25,7 +25,7 @@ from schemas.topics import dlq_topic, quarantine_topic
 from tests.kafka_support import TopicReader, headers_of, raw_producer, tiny_models, until
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, wait_until
 from worker.app import Worker
-from worker.kafka.quarantine import CRASH_FAILPOINT_ENV
+from worker.kafka.failpoint import CRASH_FAILPOINT_ENV
 from worker.kafka.topics import create_topics
 from worker.settings import Settings
 

@@ -7,7 +7,7 @@ taken from the code.
 
 from __future__ import annotations
 
-from worker.kafka.quarantine import Marker, Suspicion, recover
+from worker.kafka.crash_markers import Marker, Suspicion, recover
 
 ME, DEAD = "this-process", "a-dead-process"
 MAX = 3

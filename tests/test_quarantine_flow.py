@@ -12,9 +12,10 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
+from worker.kafka.crash_markers import Marker
 from worker.kafka.fetching import Fetched
 from worker.kafka.offsets import OffsetTracker
-from worker.kafka.quarantine import Marker, Quarantine
+from worker.kafka.quarantine import Quarantine
 
 TP = TopicPartition("inference.text.requests", 0)
 

@@ -34,7 +34,7 @@ from worker.kafka.delivery import Delivery
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.routing import ReplyPolicy, TopicDirectory
 from worker.kafka.tracing import Tracing, configure
-from worker.kafka.transactions import TransactionalRebalance
+from worker.kafka.transactional_rebalance import TransactionalRebalance
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.model_loops import ModelLoops
 from worker.publishing import Publisher

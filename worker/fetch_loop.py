@@ -15,9 +15,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError
 
 from worker.admission import Admission
+from worker.kafka.broker_wait import BrokerWait
 from worker.kafka.clients import KafkaClients
 from worker.kafka.commits import Flow
-from worker.kafka.fetching import POLL_MS, BrokerWait, Fetched, PartitionFetcher
+from worker.kafka.fetching import POLL_MS, Fetched, PartitionFetcher
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.quarantine import Admitted, Quarantine, open_quarantine
 from worker.kafka.rounds import first_offsets, partitions_of, tp_of

@@ -21,177 +21,41 @@ go. The next owner counts no crash for that, and reads whole rounds; only ``HAND
 such hand-overs in a row at the same resume offset count as one crash (a killer slower than a
 rebalance, or a process killed after it let go). A partition that was fully answered is never
 charged: the group resumes past the marker's ``upto``.
-The pure rules are ``recover``, ``Suspicion`` and ``Marker``; ``Quarantine`` is the Kafka shell.
+The pure rules are ``recover``, ``Suspicion`` and ``Marker`` (worker/kafka/crash_markers.py), the
+markers' topic is ``MarkerLog`` (worker/kafka/marker_log.py); ``Quarantine`` is the Kafka shell.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from schemas.topics import quarantine_topic
 from worker.errors import PoisonSuspected
 from worker.kafka.clients import KafkaClients
+from worker.kafka.crash_markers import HANDOVERS_PER_CRASH, Marker, Suspicion, recover
 from worker.kafka.fetching import Fetched
+from worker.kafka.marker_log import COMPACTED, MarkerLog
 from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.offsets import OffsetTracker
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Test-only failpoint: a worker whose environment sets this kills itself (SIGKILL, as the OOM
-#: killer does) when it prepares a request whose body contains the variable's value. Unset, it
-#: costs one lookup per request and does nothing.
-CRASH_FAILPOINT_ENV = "ONNX_WORKER_TEST_CRASH_ON"
-
-#: The quarantine topic's settings where the broker takes them: only the latest marker per key matters.
-COMPACTED = {"cleanup.policy": "compact"}
-
-#: Longest the first round after an assignment waits to read the markers (it is then read again).
-CATCH_UP_BUDGET_S = 30.0
 #: The fetch loop's wait for records while a record runs alone (fetch_timeout_ms otherwise).
 HELD_FETCH_TIMEOUT_MS = 20
 #: Longest the fetch loop waits for a record running alone to be answered before it looks around again.
 HELD_WAIT_S = 0.5
 #: Longest a revoke or drain waits to disarm markers (the broker may be away).
 RELEASE_BUDGET_S = 5.0
-#: Live hand-overs with records running (``Marker.revoked``), in a row at one resume offset, that count
-#: as one crash. In the chaos soak 5 of 12 crashes counted were such hand-overs, each then read one
-#: record at a time (p99 26 s against 8 s); at 2, a killer that always outlives its owner's membership
-#: costs at most 2 deaths per crash counted (plus one each time the group's commit moved in between).
-HANDOVERS_PER_CRASH = 2
-
-
-# --- the pure core ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What a partition's owner last wrote: which offsets may be running, and the crash count it carries."""
-
-    #: highest offset that may be running while ``armed``
-    upto: int
-    #: True from before a round runs until a revoke or drain finds nothing running
-    armed: bool
-    #: crashes with several records running, charged to every record up to ``suspect_to``
-    crashes: int = 0
-    #: armed over the one record ``upto`` alone: a crash now names it
-    alone: bool = False
-    #: last offset still read one record at a time (-1: none)
-    suspect_to: int = -1
-    #: the process that wrote it (a process never counts its own live marker as a crash)
-    writer: str = ""
-    #: crashes so far while ``upto`` ran alone (with ``alone``)
-    named: int = 0
-    #: armed, but its writer let the partition go alive (a revoke or drain ran out with records running)
-    revoked: bool = False
-    #: such hand-overs in a row before this one, at ``resumed_at``
-    handed: int = 0
-    #: the offset its writer resumed the partition from (-1: not known)
-    resumed_at: int = -1
-
-    def to_json(self) -> bytes:
-        """The marker as the quarantine topic stores it."""
-        return json.dumps(self.__dict__, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Marker | None:
-        """A marker read back; None for a record that is not one (never raises)."""
-        try:
-            data = json.loads(raw)
-            return cls(
-                upto=int(data["upto"]),
-                armed=bool(data["armed"]),
-                crashes=int(data.get("crashes", 0)),
-                alone=bool(data.get("alone", False)),
-                suspect_to=int(data.get("suspect_to", -1)),
-                writer=str(data.get("writer", "")),
-                named=int(data.get("named", 0)),
-                revoked=bool(data.get("revoked", False)),
-                handed=int(data.get("handed", 0)),
-                resumed_at=int(data.get("resumed_at", -1)),
-            )
-        except (ValueError, TypeError, KeyError):
-            return None
-
-
-@dataclass(frozen=True)
-class Suspicion:
-    """A partition's state as its owner reads it: crashes counted, and how far to read one at a time."""
-
-    #: crashes with several records running, charged to each record up to ``suspect_to``
-    crashes: int = 0
-    #: last offset read one record at a time (-1: none, whole rounds run)
-    suspect_to: int = -1
-    #: the offset the last crashes named (it ran alone), if any
-    named: int | None = None
-    #: crashes while ``named`` ran alone
-    named_crashes: int = 0
-    #: this reading counted a crash (the last owner died with records running)
-    crashed: bool = False
-    #: live hand-overs with records running in a row (``Marker.revoked``), none counted as a crash
-    handed: int = 0
-    #: where the owner resumed the partition (carried in its markers; not part of the count)
-    resumed_at: int = field(default=-1, compare=False)
-
-    def suspect(self, offset: int) -> bool:
-        """True when ``offset`` must run alone."""
-        return offset <= self.suspect_to
-
-    def charged(self, offset: int) -> int:
-        """The crashes charged to ``offset``: those of its range, and those while it ran alone."""
-        return self.crashes + (self.named_crashes if offset == self.named else 0)
-
-    def poisoned(self, offset: int, max_crashes: int) -> bool:
-        """True when ``offset`` was named by a crash and has used up its crashes.
-
-        A record that ran alone through a crash and was then answered was not the killer: the next
-        record starts from its range's count, so crashes with other causes do not pile up on it.
-        """
-        return offset == self.named and self.charged(offset) >= max_crashes
-
-
-def recover(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
-    """A new owner's view of a partition from its last marker and the offset the group resumes from.
-
-    Armed at or below ``upto`` and written by another process: its writer died with those offsets
-    running, one crash more, named to ``upto`` if it ran alone, else charged to the whole range.
-    Unless it was ``revoked`` (its writer let go alive): no crash, only the hand-over counted, until
-    HANDOVERS_PER_CRASH of them in a row at this resume offset count as one.
-    Otherwise the count goes on only while the one-at-a-time range lasts.
-    """
-    return replace(_recovered(marker, resume_at, me), resumed_at=resume_at)
-
-
-def _recovered(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
-    if marker is None:
-        return Suspicion()
-    if marker.armed and resume_at <= marker.upto and marker.writer != me:
-        handed = (marker.handed if resume_at == marker.resumed_at else 0) + 1
-        if marker.revoked and handed < HANDOVERS_PER_CRASH:
-            named = marker.upto if marker.alone and marker.named else None
-            return Suspicion(marker.crashes, marker.suspect_to, named, marker.named, handed=handed)
-        suspect_to = max(marker.suspect_to, marker.upto)
-        if marker.alone:
-            return Suspicion(marker.crashes, suspect_to, marker.upto, marker.named + 1, crashed=True)
-        return Suspicion(marker.crashes + 1, suspect_to, crashed=True)
-    if resume_at <= marker.suspect_to:
-        return Suspicion(marker.crashes, marker.suspect_to)
-    return Suspicion()
-
-
-# --- the Kafka shell -------------------------------------------------------------------------
 
 
 @dataclass
@@ -217,65 +81,6 @@ class Admitted:
     fetched: Fetched
     #: each with the crashes it caused
     poisoned: list[tuple[ConsumerRecord[Any, Any], int]]
-
-
-class MarkerLog:
-    """The quarantine topic: write one partition's marker (acknowledged), read back the latest ones.
-
-    Markers have a producer of their own: behind the replies' batches in the shared producer a
-    marker's ack took 14 ms (median) to 470 ms in a flood (bench/quarantine_cost.py), and each
-    round waits for it.
-    """
-
-    def __init__(self, topic: str, group: str, producer: AIOKafkaProducer, reader: AIOKafkaConsumer) -> None:
-        self.topic = topic
-        self.group = group
-        self.producer = producer
-        self.reader = reader
-        self._latest: dict[str, Marker] = {}
-        self._source = TopicPartition(topic, 0)
-
-    def key(self, tp: TopicPartition) -> str:
-        """The marker's key: one per group, topic and partition."""
-        return f"{self.group}/{tp.topic}/{tp.partition}"
-
-    async def start(self) -> None:
-        """Start the producer (its metadata for the topic fetched now, not at the first round) and the
-        group-less reader on the topic's one partition, from its beginning."""
-        await self.producer.start()
-        await self.producer.partitions_for(self.topic)
-        await self.reader.start()
-        self.reader.assign([self._source])
-        await self.reader.seek_to_beginning(self._source)
-        await self.catch_up()  # the reader's first offset look-ups now, not in the first round
-
-    async def write(self, tp: TopicPartition, marker: Marker) -> None:
-        """Publish ``marker`` for ``tp``; returns once the broker has acknowledged it."""
-        key = self.key(tp)
-        await self.producer.send_and_wait(self.topic, marker.to_json(), key=key.encode(), partition=0)
-
-    async def catch_up(self) -> None:
-        """Read the topic up to its end as of now (only what arrived since the last call).
-
-        Bounded (TimeoutError): aiokafka's getmany returns nothing for as long as the broker is away.
-        """
-        async with asyncio.timeout(CATCH_UP_BUDGET_S):
-            end = (await self.reader.end_offsets([self._source]))[self._source]
-            while await self.reader.position(self._source) < end:
-                batches = await self.reader.getmany(self._source, timeout_ms=1000)
-                for record in batches.get(self._source, []):
-                    marker = Marker.from_json(record.value or b"")
-                    if record.key is not None and marker is not None:
-                        self._latest[record.key.decode("utf-8", "replace")] = marker
-
-    def latest(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, Marker]:
-        """The last marker of each partition as of the last ``catch_up``."""
-        found = {tp: self._latest.get(self.key(tp)) for tp in partitions}
-        return {tp: marker for tp, marker in found.items() if marker is not None}
-
-    async def close(self) -> None:
-        """Stop the producer and the reader."""
-        await asyncio.gather(self.producer.stop(), self.reader.stop())
 
 
 class Quarantine:
@@ -611,11 +416,3 @@ def poison_answer(origin: Origin, key: bytes | None, crashes: int) -> Outgoing:
     request_id = key.decode("utf-8", "replace") if key else None
     message = f"this request was running each time a worker died ({crashes} times); it was skipped"
     return rejection(origin, request_id, None, PoisonSuspected.code, message)
-
-
-def crash_if_marked(raw: bytes) -> None:
-    """Test-only failpoint (``CRASH_FAILPOINT_ENV``): die as the OOM killer kills, on a marked request."""
-    mark = os.environ.get(CRASH_FAILPOINT_ENV)
-    if mark and mark.encode() in raw:
-        log.critical("test failpoint %s: killing this process", CRASH_FAILPOINT_ENV)
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -23,23 +23,20 @@ import copy
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from worker.kafka.commits import Flow, Rebalance
 from worker.kafka.delivery import Delivery
+from worker.kafka.held_answers import HeldAnswers
 from worker.kafka.messages import Outgoing
 from worker.kafka.offsets import OffsetTracker
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-P = TypeVar("P")
-A = TypeVar("A")
 
 #: How long the start-up probe may take to get a transactional producer id (the first one on a
 #: fresh Apache Kafka creates __transaction_state: a few seconds).
@@ -61,60 +58,6 @@ class TransactionsRefused(RuntimeError):
 def transactional_id(group_id: str, tp: TopicPartition) -> str:
     """The id of the one producer that publishes answers for ``tp`` (stable across workers and restarts)."""
     return f"{group_id}.{tp.topic}.{tp.partition}"
-
-
-class HeldAnswers(Generic[P, A]):
-    """Answers held per partition until every earlier offset of the partition is answered (no Kafka here)."""
-
-    def __init__(self) -> None:
-        self._held: dict[P, dict[int, A]] = {}
-
-    def hold(self, partition: P, offset: int, answer: A) -> None:
-        """Keep ``answer`` for ``offset`` (a later answer for the same offset replaces it)."""
-        self._held.setdefault(partition, {})[offset] = answer
-
-    def take_run(self, partition: P, unanswered: Iterable[int]) -> list[tuple[int, A]]:
-        """Pop the answers of the longest prefix of ``unanswered`` (the partition's unanswered offsets,
-        oldest first) that is held entirely; empty if its first offset is not answered yet.
-
-        Answers for offsets before the first unanswered one are dropped: those offsets were published,
-        rewound or forgotten since, so the answer is stale.
-        """
-        held = self._held.get(partition)
-        if not held:
-            return []
-        run: list[tuple[int, A]] = []
-        first: int | None = None
-        for offset in unanswered:
-            first = offset if first is None else first
-            if offset not in held:
-                break
-            run.append((offset, held.pop(offset)))
-        for stale in [o for o in held if first is None or o < first]:
-            del held[stale]
-        if not held:
-            del self._held[partition]
-        return run
-
-    def drop(self, partition: P, stale: Callable[[int, A], bool]) -> list[tuple[int, A]]:
-        """Pop the partition's held answers for which ``stale(offset, answer)`` holds."""
-        held = self._held.get(partition, {})
-        dropped = [(offset, answer) for offset, answer in held.items() if stale(offset, answer)]
-        for offset, _ in dropped:
-            del held[offset]
-        if not held:
-            self._held.pop(partition, None)
-        return dropped
-
-    def count(self, partitions: Iterable[P] | None = None) -> int:
-        """Answers held (in ``partitions``, or all)."""
-        chosen = self._held if partitions is None else {p: self._held.get(p, {}) for p in partitions}
-        return sum(len(held) for held in chosen.values())
-
-    def forget(self, partitions: Iterable[P]) -> None:
-        """Drop the answers of partitions no longer owned: they will be answered by the new owner."""
-        for partition in partitions:
-            self._held.pop(partition, None)
 
 
 class Transactions:
@@ -423,33 +366,6 @@ class Transactions:
         await asyncio.gather(*replacing, return_exceptions=True)
         producers, self._producers = list(self._producers.values()), {}
         await asyncio.gather(*(_stop(p) for p in producers))
-
-
-class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """The flow's rebalance handling, with each assigned partition's producer opened before it is read."""
-
-    def __init__(
-        self, inner: Rebalance, transactions: Transactions, consumer: Callable[[], AIOKafkaConsumer | None]
-    ) -> None:
-        self.inner = inner
-        self.flow: Flow = inner.flow
-        self.transactions = transactions
-        self.consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        await self.inner.on_partitions_revoked(revoked)
-        await self.transactions.revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        consumer = self.consumer()
-        assert consumer is not None
-        # Paused before any await: nothing is read until the producer has fenced the previous owner and the
-        # committed offset is read again (aiokafka fetches it before calling this listener).
-        consumer.pause(*assigned)
-        await self.inner.on_partitions_assigned(assigned)
-        ready = await self.transactions.assigned(consumer, assigned)
-        if ready and not (self.flow.paused or self.flow.draining):
-            consumer.resume(*ready)
 
 
 async def _send(

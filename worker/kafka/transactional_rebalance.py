@@ -1,0 +1,38 @@
+"""Rebalances under exactly-once: each assigned partition's transactional producer opened before it is read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from worker.kafka.commits import Flow, Rebalance
+from worker.kafka.transactions import Transactions
+
+
+class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The flow's rebalance handling, with each assigned partition's producer opened before it is read."""
+
+    def __init__(
+        self, inner: Rebalance, transactions: Transactions, consumer: Callable[[], AIOKafkaConsumer | None]
+    ) -> None:
+        self.inner = inner
+        self.flow: Flow = inner.flow
+        self.transactions = transactions
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self.inner.on_partitions_revoked(revoked)
+        await self.transactions.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        consumer = self.consumer()
+        assert consumer is not None
+        # Paused before any await: nothing is read until the producer has fenced the previous owner and the
+        # committed offset is read again (aiokafka fetches it before calling this listener).
+        consumer.pause(*assigned)
+        await self.inner.on_partitions_assigned(assigned)
+        ready = await self.transactions.assigned(consumer, assigned)
+        if ready and not (self.flow.paused or self.flow.draining):
+            consumer.resume(*ready)
