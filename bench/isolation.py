@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from bench.procstats import rss_mib
-from worker.serving.decoding import InProcess, MediaDecoder, MediaLimits
+from worker.serving.decoding import InProcess, MediaDecoder
+from worker.serving.media_limits import MediaLimits
 from worker.serving.sandbox import Budget, DecoderPool
 
 

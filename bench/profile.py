@@ -144,7 +144,8 @@ def stage_costs(model: Any, texts: Sequence[str], max_batch_size: int) -> dict[s
     from schemas import Modality, Result, Timing, parse_request
     from worker.serving.batching import BatchQueue
     from worker.serving.budget import batch_length
-    from worker.serving.decoding import MediaLimits, decode_inputs
+    from worker.serving.decoding import decode_inputs
+    from worker.serving.media_limits import MediaLimits
 
     bodies = [
         json.dumps({"id": f"s{i}", "model": model.name, "inputs": {"text": t}}).encode()

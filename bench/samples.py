@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from bench.plan import ROOT
-from worker.serving.decoding import MediaLimits, decode_audio
+from worker.serving.decoding import decode_audio
+from worker.serving.media_limits import MediaLimits
 
 TINY = ROOT / "models" / "tiny"
 #: The tiny models with stored samples of every modality (the text-task ones are bert-ner, -qa, -embed).

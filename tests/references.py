@@ -12,8 +12,9 @@ from PIL import Image
 
 from bench.samples import TINY as TINY
 from bench.samples import TINY_MODELS as TINY_MODELS
-from worker.serving.decoding import MediaLimits, decode_audio
+from worker.serving.decoding import decode_audio
 from worker.serving.inputs import AudioInput, ImageInput, ModelInput, MultimodalInput, TextInput, VideoInput
+from worker.serving.media_limits import MediaLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The text-task models that only the task-head tests and the live checks cover so far.

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.media_files import encode_audio, mp4_clip, progressive_jpeg
 from worker.errors import PayloadTooLarge, UndecodableInput
-from worker.serving.decoding import InProcess, MediaLimits
+from worker.serving.decoding import InProcess
+from worker.serving.media_limits import MediaLimits
 from worker.serving.sandbox import Budget, DecoderPool
 from worker.serving.video_files import read_frames
 

@@ -29,7 +29,8 @@ from worker.intake import Intake, Job
 from worker.kafka.messages import Origin, Outgoing
 from worker.kafka.routing import ReplyPolicy
 from worker.metrics import WorkerMetrics
-from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs
+from worker.serving.decoding import decode_audio, decode_image, decode_inputs
+from worker.serving.media_limits import MediaLimits
 from worker.serving.registry import ServedModel, load_model
 from worker.settings import Settings
 

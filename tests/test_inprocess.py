@@ -17,7 +17,8 @@ from tests.references import (
     zero_shot_by_raw_onnx,
 )
 from worker import pipeline
-from worker.serving.decoding import MediaLimits, decode_audio
+from worker.serving.decoding import decode_audio
+from worker.serving.media_limits import MediaLimits
 
 IMAGE = ROOT / "models" / "samples" / "image.png"
 WAV = ROOT / "models" / "samples" / "audio.wav"

@@ -39,9 +39,10 @@ from tests.references import TINY
 from worker import pipeline
 from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.serving.audio_files import resample
-from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
+from worker.serving.decoding import decode_audio, decode_image, decode_inputs, decode_video
 from worker.serving.frame_sampling import pipeline_indices, uniform_indices
 from worker.serving.inputs import AudioInput
+from worker.serving.media_limits import MediaLimits
 from worker.serving.preprocessors.video import VideoPreprocessor
 from worker.serving.registry import load_model
 

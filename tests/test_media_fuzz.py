@@ -25,8 +25,8 @@ from PIL import Image
 
 from schemas.errors import InferenceError
 from tests.media_files import encode_audio, encode_clip, mp4_clip
-from worker.serving.decoding import MediaLimits
 from worker.serving.frame_sampling import uniform_indices
+from worker.serving.media_limits import MediaLimits
 from worker.serving.sandbox import Budget, DecoderPool
 
 EXAMPLES = int(os.environ.get("MEDIA_FUZZ_EXAMPLES", "300"))

@@ -36,7 +36,8 @@ from tests.test_hardening import b64, intake, request
 from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.intake import Intake
 from worker.kafka.messages import Origin, Outgoing
-from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_inputs, decode_video
+from worker.serving.decoding import decode_audio, decode_image, decode_inputs, decode_video
+from worker.serving.media_limits import MediaLimits
 
 __all__ = ["intake"]  # the worker's intake, a fixture of tests/test_hardening.py
 

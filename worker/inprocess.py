@@ -16,7 +16,7 @@ from PIL import Image
 
 from schemas.requests import Modality
 from worker.errors import InvalidRequest
-from worker.serving.decoding import MediaLimits, decode_audio, decode_image, decode_video, to_rgb
+from worker.serving.decoding import decode_audio, decode_image, decode_video, to_rgb
 from worker.serving.engine import EngineOptions
 from worker.serving.inputs import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
@@ -28,6 +28,7 @@ from worker.serving.inputs import (
     VideoFileInput,
     VideoInput,
 )
+from worker.serving.media_limits import MediaLimits
 from worker.serving.registry import ServedModel, load_model
 
 

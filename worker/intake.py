@@ -30,7 +30,7 @@ from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.routing import ReplyPolicy
 from worker.kafka.tracing import Tracing
 from worker.metrics import WorkerMetrics
-from worker.serving.decoding import InProcess, MediaDecoder, MediaLimits, bound_pillow, decode_inputs
+from worker.serving.decoding import InProcess, MediaDecoder, bound_pillow, decode_inputs
 from worker.serving.inputs import Prepared
 from worker.serving.registry import ServedModel
 from worker.serving.sandbox import Budget, DecoderPool
@@ -95,16 +95,7 @@ class Intake:
         self.modality_of = modality_of
         self.policy = policy
         self.metrics = metrics
-        self.limits = MediaLimits(
-            max_image_pixels=settings.max_image_pixels,
-            max_audio_seconds=settings.max_audio_seconds,
-            max_video_frames=settings.max_video_frames,
-            max_text_chars=settings.max_text_chars,
-            max_video_seconds=settings.max_video_seconds,
-            max_video_frames_decoded=settings.max_video_frames_decoded,
-            max_video_pixels=settings.max_video_pixels,
-            max_jpeg_scans=settings.max_jpeg_scans,
-        )
+        self.limits = settings.media_limits()
         # Its own threads: a slow preparation never holds an inference thread, nor a batch an intake one.
         self.executor = ThreadPoolExecutor(settings.intake_concurrency, thread_name_prefix="intake")
         self._free = settings.intake_concurrency

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import re
 import ssl
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.serving.media_limits import MediaLimits
+
 if TYPE_CHECKING:  # FastStream loads aiokafka: only the commands that talk to Kafka pay for it
     from faststream.security import BaseSecurity
+
+#: The media limits' defaults (worker/serving/media_limits.py), written there once.
+_MEDIA = MediaLimits()
 
 
 class Settings(BaseSettings):
@@ -156,25 +162,35 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request message accepted (payload_too_large above)."
     )
-    max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters.")
-    max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest image accepted (width x height), checked before decoding."
+    max_text_chars: int = Field(
+        _MEDIA.max_text_chars, ge=1, description="Longest text accepted, in characters."
     )
-    max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted, in seconds.")
-    max_video_frames: int = Field(64, ge=1, description="Most video frames accepted in one request.")
-    max_video_seconds: float = Field(60.0, gt=0, description="Longest video file accepted, in seconds.")
+    max_image_pixels: int = Field(
+        _MEDIA.max_image_pixels,
+        ge=1,
+        description="Largest image accepted (width x height), checked before decoding.",
+    )
+    max_audio_seconds: float = Field(
+        _MEDIA.max_audio_seconds, gt=0, description="Longest audio accepted, in seconds."
+    )
+    max_video_frames: int = Field(
+        _MEDIA.max_video_frames, ge=1, description="Most video frames accepted in one request."
+    )
+    max_video_seconds: float = Field(
+        _MEDIA.max_video_seconds, gt=0, description="Longest video file accepted, in seconds."
+    )
     max_video_frames_decoded: int = Field(
-        1800,
+        _MEDIA.max_video_frames_decoded,
         ge=1,
         description="Most frames one video file may hold (checked before decoding where the container says).",
     )
     max_video_pixels: int = Field(
-        1920 * 1088,
+        _MEDIA.max_video_pixels,
         ge=1,
         description="Largest video frame accepted (width x height), checked before decoding.",
     )
     max_jpeg_scans: int = Field(
-        64,
+        _MEDIA.max_jpeg_scans,
         ge=1,
         description="Most scans one JPEG may hold, counted in its bytes before decoding: each scan is a "
         "pass over the whole image (about 5.6 ms of CPU at 4096x4096; Pillow and libjpeg write about 10).",
@@ -351,6 +367,10 @@ class Settings(BaseSettings):
         from faststream.kafka.security import parse_security
 
         return parse_security(self.kafka_security())
+
+    def media_limits(self) -> MediaLimits:
+        """The media limits these settings set (every field of ``MediaLimits`` is a setting of that name)."""
+        return MediaLimits(**{f.name: getattr(self, f.name) for f in fields(MediaLimits)})
 
     def metadata_overrides(self) -> dict[str, dict[str, Any]]:
         """The per-model overrides that are metadata keys (everything but batching knobs)."""

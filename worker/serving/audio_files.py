@@ -11,14 +11,8 @@ import soxr
 
 from schemas.limits import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE
 from worker.errors import PayloadTooLarge, UndecodableInput
-from worker.serving.media import (
-    AUDIO_CODECS,
-    AUDIO_FORMATS,
-    AVLimits,
-    codec_context,
-    codec_name,
-    open_container,
-)
+from worker.serving.media import AUDIO_CODECS, AUDIO_FORMATS, codec_context, codec_name, open_container
+from worker.serving.media_limits import AVLimits
 
 
 def decode_audio(raw: bytes, limits: AVLimits) -> tuple[np.ndarray, int]:

@@ -30,7 +30,7 @@ from schemas import (
     ZeroShotImageInputs,
 )
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.serving import audio_files, media, video_files
+from worker.serving import audio_files, video_files
 from worker.serving.inputs import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
     AudioInput,
@@ -42,32 +42,7 @@ from worker.serving.inputs import (
     VideoFileInput,
     VideoInput,
 )
-
-
-@dataclass(frozen=True)
-class MediaLimits:
-    """Upper bounds for decoded media; exceeding one is a payload_too_large error."""
-
-    max_image_pixels: int = 4096 * 4096
-    max_audio_seconds: float = 60.0
-    max_video_frames: int = 64
-    max_text_chars: int = 100_000
-    max_video_seconds: float = 60.0
-    #: Frames in one video file (60 s at 30 fps); decoding stops after the last sampled one.
-    max_video_frames_decoded: int = 1800
-    max_video_pixels: int = 1920 * 1088
-    #: Scans of one JPEG file: each costs a pass over the whole image (about 5.6 ms at 4096x4096).
-    max_jpeg_scans: int = 64
-
-    @property
-    def av(self) -> media.AVLimits:
-        """The bounds worker/serving/media.py enforces on audio and video files."""
-        return media.AVLimits(
-            max_audio_seconds=self.max_audio_seconds,
-            max_video_seconds=self.max_video_seconds,
-            max_video_frames_decoded=self.max_video_frames_decoded,
-            max_video_pixels=self.max_video_pixels,
-        )
+from worker.serving.media_limits import MediaLimits
 
 
 def bound_pillow(limits: MediaLimits) -> None:

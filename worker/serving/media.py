@@ -12,7 +12,6 @@ decoding; audio samples and video frames are counted as they are decoded, since 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import av
 import av.error
@@ -33,16 +32,6 @@ AUDIO_CODECS = frozenset(
 )
 #: Video codecs decoded: H.264, H.265, VP8, VP9, AV1.
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
-
-
-@dataclass(frozen=True)
-class AVLimits:
-    """The bounds this module enforces; ``MediaLimits.av`` fills them."""
-
-    max_audio_seconds: float
-    max_video_seconds: float
-    max_video_frames_decoded: int
-    max_video_pixels: int
 
 
 def open_container(

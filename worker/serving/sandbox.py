@@ -30,7 +30,8 @@ from PIL import Image
 
 from schemas.errors import InferenceError
 from worker.errors import InvalidRequest, PayloadTooLarge, UndecodableInput
-from worker.serving.decoding import MediaLimits, bound_pillow, decode_audio, decode_image
+from worker.serving.decoding import bound_pillow, decode_audio, decode_image
+from worker.serving.media_limits import MediaLimits
 from worker.serving.video_files import Clip, probe_video, read_frames
 
 log = logging.getLogger(__name__)

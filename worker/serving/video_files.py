@@ -13,12 +13,12 @@ from worker.errors import PayloadTooLarge, UndecodableInput
 from worker.serving.media import (
     VIDEO_CODECS,
     VIDEO_FORMATS,
-    AVLimits,
     codec_context,
     codec_name,
     declared_seconds,
     open_container,
 )
+from worker.serving.media_limits import AVLimits
 
 #: Decodes a clip's frames at the given indices: ``read_frames`` here, or a decoder process's.
 FrameReader = Callable[[bytes, Sequence[int]], list[Image.Image]]
