@@ -220,3 +220,14 @@ def test_a_half_imports_only_itself_the_edges_and_schemas(half: str) -> None:
         and not any(imported == h or imported.startswith(h + ".") for h in HALVES)
     )
     assert above == [], f"{half} may not reach up into the shell or the faces: {above}"
+
+
+def test_the_serving_half_is_configured_by_slices_not_the_whole_settings() -> None:
+    readers = sorted(
+        module
+        for module, path in MODULES.items()
+        if module.startswith("worker.serving.") and "worker.settings" in _imported_modules(path)
+    )
+    assert readers == [], (
+        f"worker/serving takes MediaLimits, EngineOptions and the like, not Settings: {readers}"
+    )

@@ -83,8 +83,8 @@ def _serve(models_dir: str, settings: Settings) -> None:
     """One worker process: load the models, serve until SIGTERM/SIGINT."""
     # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
     from worker.app import Worker
+    from worker.loading import load_configured
     from worker.serving.allocator import fix_mmap_threshold
-    from worker.serving.registry import load_configured
 
     configure_logging(settings.log_level)
     fix_mmap_threshold()

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.kafka.embedded_broker import EmbeddedBroker
-from worker.serving.registry import ServedModel, load_configured
+from worker.loading import load_configured
+from worker.serving.registry import ServedModel
 from worker.settings import Settings
 
 #: Shipped inside the package (package data; in the repository, links to models/tiny and models/samples).

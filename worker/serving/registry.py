@@ -18,7 +18,6 @@ from worker.serving.metadata import Bucket, MetadataError, ModelMetadata, iter_m
 from worker.serving.preprocessors.base import Preprocessor
 from worker.serving.processors import ProcessorFactory, processor_factory
 from worker.serving.tasks import head_for
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -122,25 +121,3 @@ def load_models(
     if not models:
         raise MetadataError(f"{', '.join(map(str, roots))}: no servable model folders")
     return models
-
-
-def load_configured(
-    paths: Iterable[str | Path],
-    settings: Settings,
-    *,
-    progress: Callable[[list[Path]], Iterable[Path]] = iter,
-) -> dict[str, ServedModel]:
-    """The one loading path of ``run`` and ``demo``: the settings' overrides, engine knobs and skip choice."""
-    return load_models(
-        paths,
-        overrides=settings.metadata_overrides(),
-        engine_options=EngineOptions(
-            intra_op_threads=settings.intra_op_threads,
-            batches_in_flight=settings.batches_in_flight,
-            provider=settings.provider,
-            spin=settings.intra_op_spinning,
-            batch_shapes=settings.batch_shapes,
-        ),
-        skip_bad=settings.skip_bad_models,
-        progress=progress,
-    )
