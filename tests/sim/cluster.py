@@ -756,7 +756,7 @@ class MarkerReader:
 
 
 class FakeBatches:
-    """worker.kafka.fetching.BatchReader over the fake cluster, as worker.record_batches.LeaderBatches reads:
+    """worker.kafka.fetching.BatchReader over the fake cluster, as worker.kafka.record_batches.LeaderBatches reads:
     the batch holding an offset, decoded record by record, each record that fails named by its offset."""
 
     def __init__(self, consumer: FakeConsumer) -> None:
