@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bench import contenders, corpus, hosts, load, plan, profile, raw, report, stats, sweep
-from worker.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
+from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from worker.registry import load_model
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny" / "bert"
@@ -362,7 +362,7 @@ async def test_worker_and_naive_consumer_answer_every_bench_request(
         client = await stack.enter_async_context(load.LoadClient(kafka_bootstrap, "bert"))
         host = await hosts.Host.start(ctx, plan.SweepPoint("defaults"), with_extras=False)
         stack.push_async_callback(host.child.close)
-        assert host.buckets == {"bert": len(DEFAULT_BATCH_SIZES) * len(DEFAULT_SEQUENCE_LENGTHS)}
+        assert host.buckets == {"bert": len(BATCH_SIZES) * len(SEQUENCE_LENGTHS)}
         topics = [
             await host.serve(ctx, plan.SweepPoint(f"wait {ms} ms", {"max_wait_ms": ms})) for ms in (2, 20)
         ]

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from schemas import limits
+from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from worker import app
 from worker.cli import build_parser, settings_table
 from worker.metadata import DEFAULT_AUDIO_SECONDS, DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS, Declared
@@ -148,9 +149,9 @@ def test_every_settings_default_is_the_documented_one() -> None:
 
 def test_readme_bucket_defaults_are_the_metadata_defaults() -> None:
     assert readme_key_default("batch_sizes") == "1,2,4,8,16,32"
-    assert DEFAULT_BATCH_SIZES == (1, 2, 4, 8, 16, 32)
+    assert DEFAULT_BATCH_SIZES == BATCH_SIZES
     assert readme_key_default("sequence_lengths") == "8,16,24,32,48,64,96,128"
-    assert DEFAULT_SEQUENCE_LENGTHS == (8, 16, 24, 32, 48, 64, 96, 128)
+    assert DEFAULT_SEQUENCE_LENGTHS == SEQUENCE_LENGTHS
     assert readme_key_default("audio_samples") == "1, 5 and 10 s at the sampling rate"
     assert DEFAULT_AUDIO_SECONDS == (1.0, 5.0, 10.0)
 

@@ -27,8 +27,9 @@ from models.minilm import (
     is_complete,
     package_folder,
 )
+from tests.documented import SEQUENCE_LENGTHS
 from worker import pipeline
-from worker.metadata import DEFAULT_SEQUENCE_LENGTHS, ModelMetadata, Source
+from worker.metadata import ModelMetadata, Source
 from worker.processors import ProcessorFactory, TextInput
 from worker.registry import ServedModel, load_model
 
@@ -111,7 +112,7 @@ def test_folder_describes_itself(folder: Path) -> None:
         "mean",
         True,
     )
-    assert meta.sequence_lengths == (*DEFAULT_SEQUENCE_LENGTHS, 256)
+    assert meta.sequence_lengths == (*SEQUENCE_LENGTHS, 256)
     for field in ("modality", "task", "pooling", "normalize", "sequence_lengths"):
         assert meta.sources[field] is Source.ONNX, field
 
@@ -143,7 +144,7 @@ def test_the_packed_wheel_folder_declares_what_sentence_transformers_does(packed
         "feature-extraction",
         "mean",
         True,
-        (*DEFAULT_SEQUENCE_LENGTHS, 256),
+        (*SEQUENCE_LENGTHS, 256),
     )
     vector = pipeline(model=packed_as_is)("Anna moved from Paris to Berlin.")
     assert len(vector) == 384
