@@ -599,8 +599,8 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
 
 #: What a worker process may grow by under a flood, beyond max_in_flight_bytes: one fetch, the
 #: largest batch's ONNX Runtime arena and decode buffers, and allocator slack. Measured on this
-#: 2-core machine: 275 MiB for 300 requests of 55 s audio, whatever the byte bound (a87b228: the
-#: issue measured +1.7 GB for the same flood).
+#: 2-core machine: 275 MiB for 300 requests of 55 s audio, whatever the byte bound (without the
+#: byte bound the same flood measured +1.7 GB).
 RSS_SLACK_MIB = 320
 
 

@@ -44,8 +44,8 @@ def test_a_corrupt_model_is_skipped_when_asked_and_the_others_serve(
 
 
 def test_the_demo_loads_models_with_the_settings_as_run_does(models_dir: Path) -> None:
-    """Issue 12 defect 4: demo accepted --provider, --intra-op-threads, spinning, --skip-bad-models
-    and the overrides, and ignored all but the overrides."""
+    """The demo honours --provider, --intra-op-threads, spinning, --skip-bad-models and the
+    overrides, as run does."""
     settings = Settings(
         provider="cpu",
         intra_op_threads=1,
