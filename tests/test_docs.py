@@ -274,12 +274,13 @@ def test_readme_has_exactly_the_two_setup_commands_ci_runs() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_compose_runs_kafka_in_kraft_mode_and_scaled_workers() -> None:
+def test_compose_runs_kafka_in_kraft_mode_and_the_three_workers_the_readme_says() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     kafka = compose["services"]["kafka"]["environment"]
     assert "controller" in kafka["KAFKA_PROCESS_ROLES"]
     worker = compose["services"]["worker"]
     assert worker["command"][0] == "run"
-    assert worker["deploy"]["replicas"] > 1
+    assert worker["deploy"]["replicas"] == 3
+    assert "runs Apache Kafka and three worker replicas" in README
     host = worker["environment"]["KAFKA_BOOTSTRAP_SERVERS"]
     assert host in kafka["KAFKA_ADVERTISED_LISTENERS"]

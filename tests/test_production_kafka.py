@@ -20,7 +20,12 @@ from typing import Any
 import cramjam
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError, NodeNotReadyError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    CorruptRecordException,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
@@ -35,6 +40,7 @@ from tests.kafka_support import (
     new_prefix,
     produce_batch,
     raw_producer,
+    read_to_the_end,
     request_bytes,
     serving,
     spoil_compressed,
@@ -105,7 +111,7 @@ async def test_requests_from_producers_of_every_codec_are_each_answered_once(
             for producer in producers.values():
                 assert await asyncio.to_thread(producer.flush, 20) == 0
             got = await answers.wait_for(len(sent), timeout=60)
-            await asyncio.sleep(1.0)  # a duplicate would arrive right behind
+            await read_to_the_end(worker, answers)
         counts = ids_of(answers.records)
         assert set(counts) == set(sent), f"unanswered: {set(sent) - set(counts)}"
         assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1]
@@ -250,9 +256,11 @@ async def test_a_compressed_batch_that_does_not_inflate_costs_only_its_own_recor
     spoilt = spoil_compressed(
         build_batch([(request_bytes(f"lost-{i}", "bert", TEXT), []) for i in range(5)], codec)
     )
-    # The fault this test is about, checked with aiokafka's own decoder: CRC valid, records unreadable.
+    # The fault this test is about, checked with aiokafka's own decoder: CRC valid, records unreadable
+    # (the batch's timestamps differ from run to run: some spoilt zstd frames still inflate, into
+    # bytes that are no records).
     assert DefaultRecordBatch(spoilt).validate_crc()
-    with pytest.raises((zlib.error, cramjam.DecompressionError)):
+    with pytest.raises((zlib.error, cramjam.DecompressionError, CorruptRecordException)):
         list(DefaultRecordBatch(spoilt))
     if kafka_kind == "apache":
         topic = f"{new_prefix()}.spoilt"
@@ -424,8 +432,7 @@ async def test_a_dlq_copy_the_broker_refuses_is_shrunk_not_retried_forever(
                 )
             await answers.wait_for(4)
             [copy] = await copies.wait_for(1)
-            await until(lambda: worker.tracker.in_flight == 0)
-            await asyncio.sleep(1.0)  # a loop would keep sending
+            await read_to_the_end(worker, answers, copies)
         counts = ids_of(answers.records)
         assert counts == Counter({"big": 1, "ok-1": 1, "ok-2": 1, "ok-3": 1})
         assert len(copies.records) == 1
@@ -464,7 +471,7 @@ async def test_a_reply_to_the_broker_refuses_goes_to_the_results_topic_once(
                 headers=[("reply_to", forbidden.encode())],
             )
             [reply] = await reader.wait_for(1)
-            await asyncio.sleep(1.0)
+            await read_to_the_end(worker, reader)
         assert len(reader.records) == 1 and reply.topic == results_topic("text", prefix)
         assert "error" not in body_of(reply)
         assert headers_of(reply)["reply_to_refused"] == b"refused_by_broker"
@@ -490,7 +497,7 @@ async def test_retriable_publish_failures_are_retried_with_a_bound_and_counted(
                 requests_topic("text", prefix), request_bytes("steady", "bert", TEXT)
             )
             await answers.wait_for(2)
-            await asyncio.sleep(0.5)
+            await read_to_the_end(worker, answers)
         assert ids_of(answers.records) == Counter({"flaky": 1, "steady": 1})
         assert worker.metrics.publish_retries.labels("reply")._value.get() == 3
         assert worker.delivery.failing_since is None
@@ -689,7 +696,7 @@ async def test_a_record_that_fails_to_decode_while_paused_costs_no_fetch_loop(
     """Backpressure polls its paused consumer to keep the membership (Flow.keep_membership); a partition
     resumed during that poll is fetched by it, and a record there that does not decode raises from
     aiokafka's getmany. That poll takes nothing: the record stays where it is for the fetch loop,
-    which skips it to the DLQ. (Found by the simulation, seed 1662: the error ended the fetch loop.)"""
+    which skips it to the DLQ, and the fetch loop goes on (the simulation's seed 1662 shows the case)."""
     topic = f"paused-{uuid.uuid4().hex[:8]}"
     await create_topics(kafka_bootstrap, [topic], 1)
     offset = await _send_undecodable(kafka_bootstrap, topic, 0, monkeypatch)
@@ -707,8 +714,16 @@ async def test_a_record_that_fails_to_decode_while_paused_costs_no_fetch_loop(
         consumer.pause(tp)
         flow = Flow(Settings(bootstrap_servers=kafka_bootstrap))
         flow.consumer = consumer
+        poll_began = asyncio.Event()
+        getmany = consumer.getmany
+
+        async def getmany_seen(*partitions: TopicPartition, **kwargs: Any) -> Any:
+            poll_began.set()
+            return await getmany(*partitions, **kwargs)
+
+        monkeypatch.setattr(consumer, "getmany", getmany_seen)
         polling = asyncio.create_task(flow.keep_membership(8000))
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(poll_began.wait(), 10)
         consumer.resume(tp)  # backpressure let go while the poll waits
         await asyncio.wait_for(polling, 20)
         assert await consumer.position(tp) == offset  # nothing taken: the fetch loop meets the record
