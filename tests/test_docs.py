@@ -221,6 +221,15 @@ def test_readme_transformers_range_is_the_one_tested() -> None:
     assert re.search(r"^test: .*\btest-compat\b", makefile, re.MULTILINE)
 
 
+def test_readme_versions_and_paths_are_the_builds() -> None:
+    assert "on a fresh machine with Python 3.11 and `make`" in README
+    assert 'requires-python = ">=3.11"' in (ROOT / "pyproject.toml").read_text()
+    assert README.count("Apache Kafka 4.4") >= 2
+    assert "<kafka.version>4.4.0</kafka.version>" in (ROOT / "kafka" / "pom.xml").read_text()
+    assert "`~/.cache/onnx-worker/kafka-4.4.0`" in README
+    assert "KAFKA_LIBS ?= $(HOME)/.cache/onnx-worker/kafka-4.4.0" in (ROOT / "Makefile").read_text()
+
+
 def readme_commands(prefix: str) -> list[str]:
     """Every command starting with ``prefix`` in the README: code-block lines and inline code."""
     found = re.findall(rf"`({re.escape(prefix)}[^`]*)`", README)
