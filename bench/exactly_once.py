@@ -1,4 +1,4 @@
-"""Exactly-once against at-least-once on Apache Kafka (issue 26): the chaos run, and the cost.
+"""Exactly-once against at-least-once on Apache Kafka: the chaos run, and the cost.
 
     python -m bench.exactly_once --bootstrap-servers HOST:PORT [--requests 8000] [--rate 500]
 

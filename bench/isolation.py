@@ -1,4 +1,4 @@
-"""What decoding in a decoder process costs beside decoding in process, per file (issue 24).
+"""What decoding in a decoder process costs beside decoding in process, per file.
 
 ``python -m bench.isolation``: each file decoded ``--rounds`` times both ways, in turns, one at a time;
 prints the median wall time of each, the difference, and the idle RSS of one decoder process.

@@ -62,8 +62,8 @@ FULL_SWEEP = (
     ),
 )
 """Points measured before and left out for time: max_wait_ms 25 (176/s against 185), batch buckets up to
-64 (165/s), no token budget (178/s) (issue 11); executor_threads 1 (266/s against 277), intra_op_spinning
-off (274/s) with one batch on both cores (issue 15, run 3; spinning does nothing with one thread a run)."""
+64 (165/s), no token budget (178/s); executor_threads 1 (266/s against 277), intra_op_spinning
+off (274/s) with one batch on both cores (spinning does nothing with one thread a run)."""
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  
             await asyncio.sleep(0.01)
 
 
+async def read_to_the_end(worker: Worker, *readers: TopicReader) -> None:
+    """Once ``worker`` holds no unanswered request, read each reader's topics to their end.
+
+    Nothing unanswered means every reply and DLQ record of what it fetched was acknowledged, so
+    each one, a duplicate included, is in the readers' ``records`` afterwards: no sleeping "long
+    enough" for a duplicate to show up. Call it after waiting for the answers the test expects.
+    """
+    await until(lambda: worker.tracker.in_flight == 0)
+    for reader in readers:
+        await reader.settle()
+
+
 def new_prefix() -> str:
     """A topic prefix no other test uses."""
     return f"kw{uuid.uuid4().hex[:12]}"

@@ -113,7 +113,7 @@ def audio_read_directly(data: bytes) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).mean(axis=0), rate
 
 
-# --- hostile files (issue 24): small messages that decode into something huge ---------------------
+# --- hostile files: small messages that decode into something huge ----------------------------------
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

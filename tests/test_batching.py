@@ -63,8 +63,8 @@ def test_a_bucket_can_hold_fewer_than_max_batch_size() -> None:
 
 
 def test_an_item_of_several_rows_counts_each_against_the_batch_size() -> None:
-    # Issue 24: zero-shot requests (a text row per candidate label) counted one each, so 32 requests with
-    # 64 labels made one batch of 2,048 text rows. Rows now fill the batch, hand-counted here.
+    # A zero-shot request is a text row per candidate label: counted one each, 32 requests with 64
+    # labels would make one batch of 2,048 text rows. Rows fill the batch, hand-counted here.
     queue: BatchQueue[str, str] = BatchQueue(max_batch_size=8, max_wait=1.0)
     queue.add("k", "three", now=0.0, rows=3)
     queue.add("k", "three more", now=0.0, rows=3)

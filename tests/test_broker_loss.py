@@ -173,7 +173,7 @@ async def test_sigterm_with_the_broker_gone_exits_within_the_drain_bound(
     assert stream.missing(ids) == []
 
 
-#: Issue 23's measured defect, scaled down: there publish_retry_s 4 s and a 45 s cut; here 2 s and
+#: A measured fault, scaled down: there publish_retry_s 4 s and a 45 s cut; here 2 s and
 #: 8 s (four times publish_retry_s, so every batch in flight gives up, some twice).
 GIVE_UP_RETRY_S = 2.0
 GIVE_UP_CUT_S = 8.0
@@ -182,8 +182,8 @@ GIVE_UP_CUT_S = 8.0
 async def test_a_cut_longer_than_publish_retry_s_while_batches_give_up_loses_nothing(
     proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 23 defect 1: give-ups handed back in offset order each sought their partition, the
-    highest offset won, and the next commit passed the others (2 of 60 answered). In process, so
+    """Give-ups handed back in offset order never move a partition's position forward past a lower
+    offset given up, so all 60 are answered (were the highest seek to win, 2 would be). In process, so
     the test can wait until the worker holds all 60 before it cuts the broker away."""
     caplog.set_level(logging.CRITICAL, logger="aiokafka")
     per_partition = 30
@@ -235,8 +235,8 @@ def dlq_records(reader: TopicReader) -> list[Any]:
 async def test_an_idle_worker_turns_not_ready_while_the_broker_is_away_and_ready_after(
     proxy: TcpProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 23 (readiness): an idle worker stayed ready with the broker gone (aiokafka's fetch errors
-    stay in its own task; getmany returns nothing either way). The stated bound: not ready within
+    """Readiness: an idle worker turns not ready with the broker gone, though aiokafka's fetch errors
+    stay in its own task and getmany returns nothing either way. The stated bound: not ready within
     BROKER_CHECK_S + BROKER_UNREACHABLE_S + BROKER_CHECK_TIMEOUT_S of the cut, ready again within
     BROKER_CHECK_S (plus one metadata answer) of the broker's return."""
     caplog.set_level(logging.CRITICAL, logger="aiokafka")

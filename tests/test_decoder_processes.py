@@ -1,4 +1,4 @@
-"""Decoder processes (issue 24): a decode over its CPU or memory budget costs only itself, never the worker."""
+"""Decoder processes: a decode over its CPU or memory budget costs only itself, never the worker."""
 
 from __future__ import annotations
 

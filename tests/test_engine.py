@@ -321,8 +321,8 @@ def test_the_processor_factory_shares_one_instance_per_folder_and_metadata() -> 
 
 
 def test_a_model_reloaded_with_other_buckets_answers_as_the_pipeline(models: dict[str, ServedModel]) -> None:
-    """Issue 12 defect 2: the shared factory handed the first load's processor (16-token buckets) to
-    a reload with sequence_lengths [32, 64], whose engine has no such bucket. Reference: the stored
+    """The shared factory hands a reload with sequence_lengths [32, 64] a processor of its own
+    buckets, not the first load's (16-token buckets, which its engine does not have). Reference: the stored
     transformers pipeline outputs of the bert samples (models/tiny/bert/reference.json)."""
     assert models["bert"].prepare(TextInput("Hi.")).shape_key != (("sequence", 32),)
     reloaded = load_model(TINY / "bert", overrides={"sequence_lengths": [32, 64]})

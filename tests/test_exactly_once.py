@@ -1,4 +1,4 @@
-"""Exactly-once delivery (issue 26): answers and offsets in one transaction per contiguous run.
+"""Exactly-once delivery: answers and offsets in one transaction per contiguous run.
 
 The run logic is tested alone (HeldAnswers, with the real OffsetTracker giving the order); the
 guarantee is tested on Apache Kafka with real worker processes: a read_committed reader sees each
@@ -280,13 +280,13 @@ async def test_a_frozen_worker_that_lost_its_partitions_commits_nothing_for_them
         pytest.param(OUTAGE_S, ("--publish-retry-s", "5"), id="past-the-session"),
         # Past the bound of a transaction (publish_retry_s + 15 s) but within the session: transactions are
         # abandoned, their producers replaced once the broker answers, no rebalance to help.
-        # Known defect since the merge with the epoch tracker (issue 23): duplicates to a read_committed
-        # reader in about one run of four here (the branch alone passed 3 of 3); see issue 26's note.
+        # Known defect with the epoch tracker: duplicates to a read_committed reader in about one run
+        # of four here.
         pytest.param(
             20.0,
             ("--publish-retry-s", "1", "--session-timeout-ms", "60000"),
             id="past-the-transaction",
-            marks=pytest.mark.xfail(strict=False, reason="duplicates in about 1 run of 4: open, issue 26"),
+            marks=pytest.mark.xfail(strict=False, reason="duplicates in about 1 run of 4: open"),
         ),
     ],
 )

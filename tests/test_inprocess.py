@@ -83,7 +83,7 @@ def test_zero_shot_takes_candidate_labels() -> None:
 
 
 def test_zero_shot_ranks_more_labels_than_one_run_holds() -> None:
-    """Issue 12 defect 1: 40 labels (CLIP runs 32 text rows at most) are split across runs and the
+    """40 labels (CLIP runs 32 text rows at most) are split across runs and the
     softmax spans all 40, as transformers' pipeline does. Reference: the folder's processor and a bare
     ONNX session in one run of 40 rows (tests/references.py), which agrees with the stored pipeline."""
     clf = pipeline(model=TINY / "clip")
@@ -101,7 +101,7 @@ def test_a_task_that_contradicts_nothing_loads_and_a_missing_model_is_refused() 
 
 
 def test_a_task_that_contradicts_the_model_is_refused_naming_both() -> None:
-    """Issue 12 defect 3: transformers refuses a task the model has no head for; so do we."""
+    """transformers refuses a task the model has no head for; so do we."""
     with pytest.raises(ValueError, match=r"'image-classification'.*'text-classification'"):
         pipeline("image-classification", model=TINY / "bert")
     with pytest.raises(ValueError, match=r"'text-classification'.*'zero-shot-image-classification'"):

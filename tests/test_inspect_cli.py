@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from tests.onnx_graphs import Pooled, write_onnx
-from worker.serving.metadata import DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "tiny"
@@ -33,7 +33,7 @@ class Expected:
     dims: dict[str, tuple[int, ...]]
 
 
-BATCH = DEFAULT_BATCH_SIZES
+BATCH = BATCH_SIZES
 EXPECTED = {
     "bert": Expected(
         "text",
@@ -41,7 +41,7 @@ EXPECTED = {
         "text-classification",
         ("input_ids", "attention_mask", "token_type_ids"),
         ("logits",),
-        {"batch": BATCH, "sequence": DEFAULT_SEQUENCE_LENGTHS},
+        {"batch": BATCH, "sequence": SEQUENCE_LENGTHS},
     ),
     "vit": Expected(
         "vision", "image processor", "image-classification", ("pixel_values",), ("logits",), {"batch": BATCH}

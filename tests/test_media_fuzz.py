@@ -1,4 +1,4 @@
-"""Fuzzing the media decoders over mutated real files (issue 24).
+"""Fuzzing the media decoders over mutated real files.
 
 Seeds are real files of each format the worker reads (WAV, MP3, FLAC, Ogg, MP4, WebM, PNG, JPEG,
 GIF, ICO, TIFF), made here with PyAV and Pillow. Hypothesis flips, inserts, deletes, duplicates

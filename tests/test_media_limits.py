@@ -1,6 +1,6 @@
-"""Issue 24: small requests that decode into something huge are refused before the memory or CPU is spent.
+"""Small requests that decode into something huge are refused before the memory or CPU is spent.
 
-Each hostile file is one of the issue's measured requests, built here (tests/media_files.py) in
+Each hostile file is a request measured to cost a worker dearly, built here (tests/media_files.py) in
 milliseconds. Where "before" is the point, the decode runs in a fresh process and its peak RSS
 is measured: the typed error alone would not tell an up-front refusal from a late one.
 """
@@ -141,12 +141,12 @@ def test_only_the_codecs_the_readme_names_are_decoded() -> None:
             Modality.VIDEO,
             "videomae",
             lambda: {"video": b64(png_mov([black_png(12000, 12000, depth=16)], (12000, 12000)))},
-            "undecodable_input",  # PNG is no codec the README names; probing no longer decodes the frame
+            "undecodable_input",  # PNG is no codec the README names; probing does not decode the frame
         ),
     ],
     ids=["frames", "jpeg-scans", "vorbis-2ghz", "ico", "mov"],
 )
-def test_the_issues_requests_are_answered_with_a_typed_error_within_5_s(
+def test_each_hostile_request_is_answered_with_a_typed_error_within_5_s(
     intake: Intake, modality: Modality, model: str, inputs: Callable[[], dict[str, Any]], code: str
 ) -> None:
     """The worker's own intake, its media decoded in decoder processes (the default)."""

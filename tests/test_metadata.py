@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from schemas.requests import Modality
+from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from tests.onnx_graphs import Cross, Dim, Output, PerToken, Pooled, write_onnx
 from worker.serving.budget import batch_limit
 from worker.serving.metadata import (
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_SEQUENCE_LENGTHS,
     DimRole,
     MetadataError,
     ProcessorKind,
@@ -188,7 +187,7 @@ def test_whisper_encoder_features_are_audio_frames_not_samples(tmp_path: Path, b
     assert meta.sources["audio_frames"] is Source.GRAPH
     assert meta.audio_samples is None
     assert DimRole.SAMPLES not in meta.dim_roles.values()
-    assert dict(meta.dims) == {"batch": DEFAULT_BATCH_SIZES}
+    assert dict(meta.dims) == {"batch": BATCH_SIZES}
 
 
 def test_whisper_encoder_with_dynamic_mel_and_frame_dims_pins_them_from_the_feature_extractor(
@@ -403,7 +402,7 @@ LAYERED = (
             "onnx": (16, 32),
             "companion": (24, 48),
             "hf": (8, 16, 24, 32, 40),  # the default buckets, capped at the tokenizer's limit
-            "bottom": DEFAULT_SEQUENCE_LENGTHS,
+            "bottom": SEQUENCE_LENGTHS,
         },
         bottom_source=Source.DEFAULT,
     ),
@@ -413,7 +412,7 @@ LAYERED = (
         onnx="1,4",
         companion=[16, 8],
         hf_files=None,
-        expected={"override": (2,), "onnx": (1, 4), "companion": (8, 16), "bottom": DEFAULT_BATCH_SIZES},
+        expected={"override": (2,), "onnx": (1, 4), "companion": (8, 16), "bottom": BATCH_SIZES},
         bottom_source=Source.DEFAULT,
     ),
 )
@@ -542,13 +541,13 @@ def test_image_size_nested_in_processor_config_pins_dynamic_pixels(tmp_path: Pat
 @pytest.mark.parametrize(
     ("config", "tokenizer_config", "expected", "source"),
     [
-        ({}, {}, DEFAULT_SEQUENCE_LENGTHS, Source.DEFAULT),
+        ({}, {}, SEQUENCE_LENGTHS, Source.DEFAULT),
         ({}, {"model_max_length": 40}, (8, 16, 24, 32, 40), Source.HF),
         ({"max_position_embeddings": 20}, {"model_max_length": 512}, (8, 16, 20), Source.HF),
-        ({"max_position_embeddings": 512}, {"model_max_length": 512}, DEFAULT_SEQUENCE_LENGTHS, Source.HF),
+        ({"max_position_embeddings": 512}, {"model_max_length": 512}, SEQUENCE_LENGTHS, Source.HF),
         ({}, {"model_max_length": 6}, (6,), Source.HF),
         # transformers writes VERY_LARGE_INTEGER when a tokenizer has no limit of its own
-        ({}, {"model_max_length": 1000000000000000019884624838656}, DEFAULT_SEQUENCE_LENGTHS, Source.DEFAULT),
+        ({}, {"model_max_length": 1000000000000000019884624838656}, SEQUENCE_LENGTHS, Source.DEFAULT),
     ],
     ids=["no-limit", "tokenizer-40", "positions-20", "limit-512", "tokenizer-6", "very-large-integer"],
 )
@@ -570,7 +569,7 @@ def test_dynamic_sequence_gets_default_buckets_capped_by_the_model_limit(
     assert meta.dims["sequence"] == expected
     assert meta.sequence_lengths == expected
     assert meta.sources["sequence_lengths"] is source
-    assert meta.dims["batch"] == DEFAULT_BATCH_SIZES
+    assert meta.dims["batch"] == BATCH_SIZES
 
 
 @pytest.mark.parametrize(
@@ -587,7 +586,7 @@ def test_the_token_budget_caps_rows_per_sequence_bucket(
     tmp_path: Path, sequence: int, max_rows: int, max_tokens: int, expected: int
 ) -> None:
     meta = load_metadata(text_model(tmp_path / "m"))
-    assert meta.batch_sizes == DEFAULT_BATCH_SIZES
+    assert meta.batch_sizes == BATCH_SIZES
     assert batch_limit(meta, (("sequence", sequence),), max_rows, max_tokens) == expected
 
 

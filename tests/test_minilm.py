@@ -27,9 +27,10 @@ from models.minilm import (
     is_complete,
     package_folder,
 )
+from tests.documented import SEQUENCE_LENGTHS
 from worker import pipeline
 from worker.serving.inputs import TextInput
-from worker.serving.metadata import DEFAULT_SEQUENCE_LENGTHS, Source, load_metadata
+from worker.serving.metadata import Source, load_metadata
 from worker.serving.processors import ProcessorFactory
 from worker.serving.registry import ServedModel, load_model
 
@@ -112,7 +113,7 @@ def test_folder_describes_itself(folder: Path) -> None:
         "mean",
         True,
     )
-    assert meta.sequence_lengths == (*DEFAULT_SEQUENCE_LENGTHS, 256)
+    assert meta.sequence_lengths == (*SEQUENCE_LENGTHS, 256)
     for field in ("modality", "task", "pooling", "normalize", "sequence_lengths"):
         assert meta.sources[field] is Source.ONNX, field
 
@@ -144,7 +145,7 @@ def test_the_packed_wheel_folder_declares_what_sentence_transformers_does(packed
         "feature-extraction",
         "mean",
         True,
-        (*DEFAULT_SEQUENCE_LENGTHS, 256),
+        (*SEQUENCE_LENGTHS, 256),
     )
     vector = pipeline(model=packed_as_is)("Anna moved from Paris to Berlin.")
     assert len(vector) == 384

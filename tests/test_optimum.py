@@ -22,12 +22,11 @@ import numpy as np
 import pytest
 
 from schemas.requests import Modality
+from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from tests.references import ROOT, assert_pipeline_equal, pipeline_call, to_model_input
 from worker import pipeline
 from worker.serving.heads.outputs import softmax
 from worker.serving.metadata import (
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_SEQUENCE_LENGTHS,
     DimRole,
     ProcessorKind,
     Source,
@@ -107,8 +106,8 @@ def test_optimum_text_classifier_resolves_from_its_graph_and_hf_files() -> None:
     assert [spec.name for spec in meta.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert dict(meta.dim_roles) == {"batch_size": DimRole.BATCH, "sequence_length": DimRole.SEQUENCE}
     # The default token buckets, capped by the 128 of model_max_length and max_position_embeddings.
-    assert dict(meta.dims) == {"batch_size": DEFAULT_BATCH_SIZES, "sequence_length": DEFAULT_SEQUENCE_LENGTHS}
-    assert len(meta.buckets()) == len(DEFAULT_BATCH_SIZES) * len(DEFAULT_SEQUENCE_LENGTHS)
+    assert dict(meta.dims) == {"batch_size": BATCH_SIZES, "sequence_length": SEQUENCE_LENGTHS}
+    assert len(meta.buckets()) == len(BATCH_SIZES) * len(SEQUENCE_LENGTHS)
     assert meta.sources["modality"] is Source.GRAPH
     assert meta.sources["task"] is Source.HF and meta.sources["labels"] is Source.HF
     assert meta.onnx_metadata == {}
@@ -128,7 +127,7 @@ def test_optimum_image_classifier_pins_its_dynamic_channels_height_and_width() -
         "width": DimRole.WIDTH,
     }
     assert dict(meta.dims) == {
-        "batch_size": DEFAULT_BATCH_SIZES,
+        "batch_size": BATCH_SIZES,
         "num_channels": (3,),
         "height": (32,),
         "width": (32,),
@@ -139,11 +138,27 @@ def test_optimum_image_classifier_pins_its_dynamic_channels_height_and_width() -
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        (BERT, {"modality": "text", "processor": "tokenizer", "task": "text-classification"}),
-        (VIT, {"modality": "vision", "processor": "image processor", "task": "image-classification"}),
+        (
+            BERT,
+            {
+                "modality": "text",
+                "processor": "tokenizer",
+                "task": "text-classification",
+                "labels": ["anger", "joy", "surprise"],
+            },
+        ),
+        (
+            VIT,
+            {
+                "modality": "vision",
+                "processor": "image processor",
+                "task": "image-classification",
+                "labels": ["sky", "grass", "house", "sun"],
+            },
+        ),
     ],
 )
-def test_inspect_reports_the_optimum_folder(name: str, expected: dict[str, str]) -> None:
+def test_inspect_reports_the_optimum_folder(name: str, expected: dict[str, object]) -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "worker", "inspect", "--json", str(OPTIMUM / name)]
     result = subprocess.run(
@@ -152,8 +167,7 @@ def test_inspect_reports_the_optimum_folder(name: str, expected: dict[str, str])
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert {key: report[key] for key in expected} == expected
-    assert report["labels"] == list(load_metadata(OPTIMUM / name).labels or ())
-    assert report["dims"]["batch_size"] == {"role": "batch", "values": list(DEFAULT_BATCH_SIZES)}
+    assert report["dims"]["batch_size"] == {"role": "batch", "values": list(BATCH_SIZES)}
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -1,4 +1,4 @@
-"""Issue 23's delivery faults against the real broker: a batch that fails outside run_batch, an
+"""Delivery faults against the real broker: a batch that fails outside run_batch, an
 unknown topic during an outage, readiness while publishing fails, a paused worker's membership,
 a fetch loop that dies.
 
@@ -67,8 +67,8 @@ class ShortModel(ServedModel):
 async def test_a_batch_failing_outside_run_batch_is_answered_and_the_loop_keeps_running(
     kafka_bootstrap: str, models: dict[str, ServedModel]
 ) -> None:
-    """Issue 23: such a batch was never answered nor rewound, its partition never committed again and
-    its count never released; the model loop died and was restarted."""
+    """Such a batch is answered (internal, with DLQ copies), its count released, and its model loop
+    keeps running: the requests after it are answered."""
     bert = models["bert"]
     short = ShortModel(bert.metadata, bert.preprocessor, bert.engine, bert.head)
     async with serving(
@@ -100,9 +100,9 @@ async def test_a_batch_failing_outside_run_batch_is_answered_and_the_loop_keeps_
 async def test_an_unknown_topic_while_the_cluster_cannot_be_asked_is_retried_not_refused(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 23: during an outage aiokafka's producer raises UnknownTopicOrPartitionError (after its
-    metadata wait) for a topic it has not written to; that was taken as a final refusal, and the
-    request was committed with nothing acknowledged. Injected for 3 s: that error on every publish,
+    """During an outage aiokafka's producer raises UnknownTopicOrPartitionError (after its metadata
+    wait) for a topic it has not written to: it is retried, not taken as a final refusal that would
+    commit the request with nothing acknowledged. Injected for 3 s: that error on every publish,
     and the cluster's topic list failing as it does with the broker away (KafkaConnectionError)."""
     async with serving(kafka_bootstrap, models, publish_retry_s=1.0) as worker:
         prefix = worker.settings.topic_prefix
@@ -141,8 +141,8 @@ async def test_an_unknown_topic_while_the_cluster_cannot_be_asked_is_retried_not
 async def test_one_reply_that_gets_through_does_not_clear_publishing_failing_while_another_fails(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 23 (readiness): any success cleared ``failing_since``, so /readyz's publish_failing
-    (after publish_retry_s / 2 of failing) restarted its wait at every other reply. Injected:
+    """Readiness: another reply's success does not clear ``failing_since``, so /readyz's
+    publish_failing (after publish_retry_s / 2 of failing) does not restart its wait. Injected:
     NodeNotReadyError on every attempt at one reply for 3 s from its first, while another goes through."""
     async with serving(kafka_bootstrap, models, publish_retry_s=4.0) as worker:
         prefix = worker.settings.topic_prefix
@@ -178,8 +178,8 @@ async def test_one_reply_that_gets_through_does_not_clear_publishing_failing_whi
 async def test_a_worker_paused_longer_than_max_poll_interval_keeps_its_partitions(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 23: while backpressure paused every partition getmany was not called, and aiokafka left
-    the group after max_poll_interval_ms (then a rebalance: revoke, re-fetch, duplicates). Here a
+    """While backpressure pauses every partition the worker keeps calling getmany, so aiokafka does
+    not leave the group after max_poll_interval_ms (a rebalance: revoke, re-fetch, duplicates). Here a
     pause lasts about 2.5 s (two batches of one, 2.5 s each, running at once) against a 2 s interval."""
     bert = models["bert"]
     slow = SlowModel(bert.metadata, bert.preprocessor, bert.engine, bert.head, delay_s=2.5)
@@ -222,8 +222,8 @@ async def test_a_fetch_loop_that_dies_is_reported_and_restarted_from_the_committ
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Issue 23 (readiness): a dead fetch task was not seen; the worker stayed ready and answered
-    nothing more. Injected: the first round that took a record raises outside the fetch call's own
+    """Readiness: a dead fetch task is seen (not ready, fetch_loop_died) and restarted, not left
+    ready and answering nothing. Injected: the first round that took a record raises outside the fetch call's own
     catch-all, after the client moved past the record (an exception no handler expects), so the loop
     dies with that record gone from the client: it is reported, restarted, and the record read again."""
     async with serving(kafka_bootstrap, models) as worker:
@@ -300,8 +300,8 @@ async def committed(bootstrap: str, worker: Worker) -> dict[int, int | None]:
 async def test_fetch_failing_clears_once_fetching_works_again_even_while_idle(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 23 (readiness): fetch_failing cleared only when a record arrived, so an idle worker stayed
-    not ready after the broker came back. Injected: the consumer's getmany raises
+    """Readiness: fetch_failing clears when fetching works again, not only when a record arrives, so
+    an idle worker is ready again after the broker came back. Injected: the consumer's getmany raises
     KafkaConnectionError (as aiokafka raises a fetch error it hands to its caller) for 2 s."""
     async with serving(kafka_bootstrap, models) as worker:
         consumer = worker.consumer

@@ -3,8 +3,8 @@
 The killer is a request whose body carries the test-only failpoint's mark
 (worker/kafka/failpoint.py ``CRASH_FAILPOINT_ENV``): a worker that prepares it SIGKILLs itself, as
 the OOM killer would. ``run --processes 2`` restarts each dead child, as an orchestrator would.
-Issue 23, measured defect 3: before the quarantine, such a request came back to every worker of
-the group for ever and nothing behind it was answered.
+Without the quarantine such a request would come back to every worker of the group for ever and
+nothing behind it would be answered.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from worker.settings import Settings
 
 #: Two workers loading bert at once on a 2-core machine, and joining the group.
 START_TIMEOUT_S = 90.0
-#: Issue 23's bound: the requests behind the killer answered within this.
+#: The bound: the requests behind the killer answered within this.
 ANSWERED_WITHIN_S = 150.0
 
 

@@ -20,7 +20,12 @@ from typing import Any
 import cramjam
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError, NodeNotReadyError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    CorruptRecordException,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
@@ -36,6 +41,7 @@ from tests.kafka_support import (
     new_prefix,
     produce_batch,
     raw_producer,
+    read_to_the_end,
     request_bytes,
     serving,
     spoil_compressed,
@@ -106,7 +112,7 @@ async def test_requests_from_producers_of_every_codec_are_each_answered_once(
             for producer in producers.values():
                 assert await asyncio.to_thread(producer.flush, 20) == 0
             got = await answers.wait_for(len(sent), timeout=60)
-            await asyncio.sleep(1.0)  # a duplicate would arrive right behind
+            await read_to_the_end(worker, answers)
         counts = ids_of(answers.records)
         assert set(counts) == set(sent), f"unanswered: {set(sent) - set(counts)}"
         assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1]
@@ -251,9 +257,11 @@ async def test_a_compressed_batch_that_does_not_inflate_costs_only_its_own_recor
     spoilt = spoil_compressed(
         build_batch([(request_bytes(f"lost-{i}", "bert", TEXT), []) for i in range(5)], codec)
     )
-    # The fault this test is about, checked with aiokafka's own decoder: CRC valid, records unreadable.
+    # The fault this test is about, checked with aiokafka's own decoder: CRC valid, records unreadable
+    # (the batch's timestamps differ from run to run: some spoilt zstd frames still inflate, into
+    # bytes that are no records).
     assert DefaultRecordBatch(spoilt).validate_crc()
-    with pytest.raises((zlib.error, cramjam.DecompressionError)):
+    with pytest.raises((zlib.error, cramjam.DecompressionError, CorruptRecordException)):
         list(DefaultRecordBatch(spoilt))
     if kafka_kind == "apache":
         topic = f"{new_prefix()}.spoilt"
@@ -425,8 +433,7 @@ async def test_a_dlq_copy_the_broker_refuses_is_shrunk_not_retried_forever(
                 )
             await answers.wait_for(4)
             [copy] = await copies.wait_for(1)
-            await until(lambda: worker.tracker.in_flight == 0)
-            await asyncio.sleep(1.0)  # a loop would keep sending
+            await read_to_the_end(worker, answers, copies)
         counts = ids_of(answers.records)
         assert counts == Counter({"big": 1, "ok-1": 1, "ok-2": 1, "ok-3": 1})
         assert len(copies.records) == 1
@@ -465,7 +472,7 @@ async def test_a_reply_to_the_broker_refuses_goes_to_the_results_topic_once(
                 headers=[("reply_to", forbidden.encode())],
             )
             [reply] = await reader.wait_for(1)
-            await asyncio.sleep(1.0)
+            await read_to_the_end(worker, reader)
         assert len(reader.records) == 1 and reply.topic == results_topic("text", prefix)
         assert "error" not in body_of(reply)
         assert headers_of(reply)["reply_to_refused"] == b"refused_by_broker"
@@ -491,7 +498,7 @@ async def test_retriable_publish_failures_are_retried_with_a_bound_and_counted(
                 requests_topic("text", prefix), request_bytes("steady", "bert", TEXT)
             )
             await answers.wait_for(2)
-            await asyncio.sleep(0.5)
+            await read_to_the_end(worker, answers)
         assert ids_of(answers.records) == Counter({"flaky": 1, "steady": 1})
         assert worker.metrics.publish_retries.labels("reply")._value.get() == 3
         assert worker.delivery.failing_since is None
@@ -600,8 +607,8 @@ async def test_bytes_in_flight_stay_under_the_bound_in_a_flood_of_large_audio(
 
 #: What a worker process may grow by under a flood, beyond max_in_flight_bytes: one fetch, the
 #: largest batch's ONNX Runtime arena and decode buffers, and allocator slack. Measured on this
-#: 2-core machine: 275 MiB for 300 requests of 55 s audio, whatever the byte bound (a87b228: the
-#: issue measured +1.7 GB for the same flood).
+#: 2-core machine: 275 MiB for 300 requests of 55 s audio, whatever the byte bound (without the
+#: byte bound the same flood measured +1.7 GB).
 RSS_SLACK_MIB = 320
 
 
@@ -690,7 +697,7 @@ async def test_a_record_that_fails_to_decode_while_paused_costs_no_fetch_loop(
     """Backpressure polls its paused consumer to keep the membership (Flow.keep_membership); a partition
     resumed during that poll is fetched by it, and a record there that does not decode raises from
     aiokafka's getmany. That poll takes nothing: the record stays where it is for the fetch loop,
-    which skips it to the DLQ. (Found by the simulation, seed 1662: the error ended the fetch loop.)"""
+    which skips it to the DLQ, and the fetch loop goes on (the simulation's seed 1662 shows the case)."""
     topic = f"paused-{uuid.uuid4().hex[:8]}"
     await create_topics(kafka_bootstrap, [topic], 1)
     offset = await _send_undecodable(kafka_bootstrap, topic, 0, monkeypatch)
@@ -708,8 +715,16 @@ async def test_a_record_that_fails_to_decode_while_paused_costs_no_fetch_loop(
         consumer.pause(tp)
         flow = Flow(Settings(bootstrap_servers=kafka_bootstrap))
         flow.consumer = consumer
+        poll_began = asyncio.Event()
+        getmany = consumer.getmany
+
+        async def getmany_seen(*partitions: TopicPartition, **kwargs: Any) -> Any:
+            poll_began.set()
+            return await getmany(*partitions, **kwargs)
+
+        monkeypatch.setattr(consumer, "getmany", getmany_seen)
         polling = asyncio.create_task(flow.keep_membership(8000))
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(poll_began.wait(), 10)
         consumer.resume(tp)  # backpressure let go while the poll waits
         await asyncio.wait_for(polling, 20)
         assert await consumer.position(tp) == offset  # nothing taken: the fetch loop meets the record

@@ -130,7 +130,8 @@ def test_sentence_embedding_matches_live_mean_pooling() -> None:
 
 
 def test_zero_shot_over_more_labels_than_one_run_matches_the_live_pipeline() -> None:
-    """Issue 12 defect 1 against transformers itself: 40 labels, where the worker runs 32 text rows at most."""
+    """More labels than one run holds, against transformers itself: 40 labels, where the worker runs 32
+    text rows at most."""
     image = str(TINY.parent / "samples" / "image.png")
     live = tiny.live_pipeline("zero-shot-image-classification", TINY / "clip")
     expected = tiny.plain(live(image, candidate_labels=list(MANY_LABELS)))

@@ -44,8 +44,8 @@ def test_a_corrupt_model_is_skipped_when_asked_and_the_others_serve(
 
 
 def test_the_demo_loads_models_with_the_settings_as_run_does(models_dir: Path) -> None:
-    """Issue 12 defect 4: demo accepted --provider, --intra-op-threads, spinning, --skip-bad-models
-    and the overrides, and ignored all but the overrides."""
+    """The demo honours --provider, --intra-op-threads, spinning, --skip-bad-models and the
+    overrides, as run does."""
     settings = Settings(
         provider="cpu",
         intra_op_threads=1,
@@ -65,15 +65,19 @@ def test_the_demo_loads_models_with_the_settings_as_run_does(models_dir: Path) -
     assert list(load_with_progress([models_dir / "bert"], settings)) == ["bert"]
 
 
-def test_run_exits_with_a_one_line_error_for_a_bad_folder(models_dir: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_exits_2_with_a_one_line_error_for_a_bad_folder(models_dir: Path, processes: int) -> None:
+    """One process or a supervisor of several: a configuration error ends the run, never a restart loop."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "worker", "run", str(models_dir), "--bootstrap-servers", "127.0.0.1:9"]
     result = subprocess.run(
-        [sys.executable, "-m", "worker", "run", str(models_dir), "--bootstrap-servers", "127.0.0.1:9"],
+        [*command, "--processes", str(processes)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        # Loading the models takes a few seconds; a supervisor that restarts its children never exits.
+        timeout=60,
     )
     assert result.returncode == 2
     assert "error:" in result.stderr and "broken" in result.stderr

@@ -50,7 +50,7 @@ def refused_cases(prefix: str) -> dict[str, str]:
     the default pattern, plus names that cannot be topics."""
     return {
         f"{prefix}.replies.{uuid.uuid4().hex[:8]}": "missing_topic",
-        # Issue 24: outside <prefix>.replies. by default (reply_to_pattern unset).
+        # Outside <prefix>.replies. by default (reply_to_pattern unset).
         "payments.events": "not_allowed",
         "_schemas": "not_allowed",
         dlq_topic(prefix): "reserved_topic",

@@ -1,7 +1,7 @@
 """Rewinds, revokes and held work, without a broker: the offset tracker, the flow and the batcher.
 
-Issue 23: give-ups handed to ``Flow.redeliver`` in offset order made the last seek (the highest
-offset) win while the tracker had dropped the lower ones, and the next commit passed them. The
+Give-ups handed to ``Flow.redeliver`` in offset order must not let the last seek (the highest
+offset) win while the tracker drops the lower ones, so that the next commit passes them. The
 consumer here is a fake of the few calls the flow makes (assignment, pause, seek, getmany,
 commit), recording each: a real consumer cannot be made to rebalance or hang on cue in a unit
 test. The same paths run against the real broker in tests/test_broker_loss.py and
@@ -192,7 +192,8 @@ async def test_a_revoke_drops_pending_seeks_and_later_give_ups_of_the_old_assign
 
 
 async def test_the_commit_before_a_revoke_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 23: aiokafka retries that commit while the coordinator is away, holding the rebalance."""
+    """The revoke's commit is bounded: aiokafka retries it while the coordinator is away, holding the
+    rebalance."""
     monkeypatch.setattr(flow_module, "REVOKE_COMMIT_S", 0.3)
     consumer = FakeConsumer(TP)
     consumer.commit_hangs = True

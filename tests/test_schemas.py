@@ -275,7 +275,7 @@ def test_inconsistent_tensors_are_invalid_requests(tensor: dict[str, Any]) -> No
     ],
 )
 def test_nan_infinite_and_out_of_range_floats_are_invalid_requests(datatype: str, value: float) -> None:
-    # Issue 24: JSON's NaN/Infinity (json.dumps writes them) were accepted; 65520 is infinite as FP16.
+    # JSON's NaN/Infinity (json.dumps writes them) are refused; 65520 is infinite as FP16.
     tensor = {"name": "pixel_values", "shape": [2], "datatype": datatype, "data": [0.5, value]}
     error = rejected(raw([tensor]), Modality.VISION)
     assert error.code is ErrorCode.INVALID_REQUEST and "NaN" in error.message

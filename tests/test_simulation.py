@@ -1,13 +1,13 @@
 """The deterministic simulation of the Kafka path (tests/sim): the real Worker over fake aiokafka
-surfaces, a virtual clock and a seeded fault scheduler, checked against the invariants of issue 23.
+surfaces, a virtual clock and a seeded fault scheduler, checked against the Kafka path's invariants.
 
 The invariants test runs ``SIM_SEEDS`` seeds (default 2000) over ``SIM_WORKERS`` processes (default 2):
 80 s on the 2-core project machine shared with other jobs (about 40 s of wall time, 67 s of CPU, per
 1000 seeds). The long run is ``python -m tests.sim --minutes 30 --workers 2``; a failing seed
 replays, trace and all, with ``python -m tests.sim --seed N --trace``.
 
-FIXED_DEFECTS are the defects the simulation found (the ten of issue 23 on bab00a3, two more on the
-fixed code), each with the seed that showed it before its fix: that seed now violates nothing.
+FIXED_DEFECTS are the defects the simulation found, each with the seed that showed it before its
+fix: that seed now violates nothing.
 OPEN_DEFECTS are defects found and not yet fixed, each with a seed that shows it: their violations
 are reported, not failed on; any other violation fails. When a fix lands,
 ``test_open_defect_is_still_found`` fails for its entry: move it to FIXED_DEFECTS.
@@ -33,18 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 #: the entry moves to FIXED_DEFECTS).
 OPEN_DEFECTS: dict[str, int] = {}
 
-#: defect -> the seed that showed it on bab00a3, before its fix (python -m tests.sim on that commit).
+#: defect -> the seed that showed it before its fix.
 FIXED_DEFECTS = {
-    "D1": 104,  # issue 23 (1): several give-ups in a partition, the last seek wins, lower offsets lost
-    "D2": 3,  # (2): a mid-batch undecodable record costs the good records after it in its batch
-    "D3": 1,  # (4): a batch that does not inflate ends the fetch loop; /healthz stays true
-    "D4": 93,  # (5a): paused beyond max_poll_interval_ms, the member leaves the group
-    "D5": 1015,  # (5b): UnknownTopicOrPartitionError during an outage taken as a refusal
-    "D6": 37,  # (5c): an exception in a model loop outside run_batch, the batch never answered
-    "D7": 576,  # (5d): forget()/rewind() stop counting queued jobs: more held than the bound
-    "D8": 2,  # (5e): /readyz true with the broker away, or not true again after recovery
-    "D9": 45,  # (5f): a failure mark never cleared, an idle worker fetches ~50 times a second
-    "D10": 156,  # (5g): the commit in the revoke callback has no time bound
+    "D1": 104,  # several give-ups in a partition: the last seek must not win, losing lower offsets
+    "D2": 3,  # a mid-batch undecodable record costs only itself, not the good records after it
+    "D3": 1,  # a batch that does not inflate does not end the fetch loop
+    "D4": 93,  # paused beyond max_poll_interval_ms, the member stays in the group
+    "D5": 1015,  # UnknownTopicOrPartitionError during an outage is retried, not taken as a refusal
+    "D6": 37,  # an exception in a model loop outside run_batch: the batch is still answered
+    "D7": 576,  # forget()/rewind() keep counting queued jobs: no more held than the bound
+    "D8": 2,  # /readyz false with the broker away, true again after recovery
+    "D9": 45,  # a failure mark clears: an idle worker does not fetch ~50 times a second
+    "D10": 156,  # the commit in the revoke callback is bounded in time
     "D3b": 1662,  # a record failing to decode in the paused poll (keep_membership) ended the fetch loop
     # a revoke during a fetch round while the coordinator is away: the seek to the committed offsets
     # timed out and ended the fetch loop (its supervisor rewound every partition, backing off to 30 s)
@@ -102,7 +102,7 @@ def test_without_faults_no_invariant_is_violated() -> None:
 
 @pytest.mark.parametrize("defect", sorted(OPEN_DEFECTS))
 def test_open_defect_is_still_found(defect: str) -> None:
-    """Each open defect of issue 23 shows in its seed; once fixed this fails: drop its entry."""
+    """Each open defect shows in its seed; once fixed this fails: drop its entry."""
     seed = OPEN_DEFECTS[defect]
     result = run_seed(seed)
     assert defect in result.defects, (

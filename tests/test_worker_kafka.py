@@ -167,7 +167,7 @@ async def test_a_tensor_request_with_two_rows_is_refused_as_invalid(
 async def test_zero_shot_with_more_labels_than_one_run_holds_is_answered_over_all_of_them(
     kafka_bootstrap: str, models: Models
 ) -> None:
-    """Issue 12 defect 1: 40 labels (CLIP runs 32 text rows at most) were answered ``internal``.
+    """40 labels (CLIP runs 32 text rows at most) are answered, split across runs, not ``internal``.
     Reference: the folder's processor and a bare ONNX session in one 40-row run (tests/references.py)."""
     template = "This is a photo of {}."
     inputs = {
@@ -188,8 +188,8 @@ async def test_zero_shot_with_more_labels_than_one_run_holds_is_answered_over_al
 async def test_a_model_reloaded_with_other_buckets_is_served_as_the_pipeline_answers(
     kafka_bootstrap: str, models: Models
 ) -> None:
-    """Issue 12 defect 2 over Kafka: bert reloaded with sequence_lengths [32, 64] after the module's
-    default load got the first load's processor (16-token buckets) and every request failed.
+    """Over Kafka: bert reloaded with sequence_lengths [32, 64] after the module's default load gets
+    a processor of its own buckets, not the first load's (16-token buckets, every request failing).
     Reference: the stored pipeline outputs (models/tiny/bert/reference.json)."""
     assert models["bert"].metadata.sequence_lengths != (32, 64)
     reloaded = load_model(TINY / "bert", overrides={"sequence_lengths": [32, 64]})
@@ -713,7 +713,7 @@ class PoisonModel(ServedModel):
 async def test_a_failing_batch_is_rerun_one_by_one_and_a_typed_error_keeps_its_code(
     kafka_bootstrap: str, models: Models
 ) -> None:
-    """Issue 12 defect 5: an InferenceError raised inside a model run was answered ``internal``. The
+    """An InferenceError raised inside a model run is answered with its own code, not ``internal``. The
     batch fails as a whole; each request is run again alone, so only the faulty one gets an error.
     Reference for the others: each text alone through the bare ONNX session (tests/references.py)."""
     bert = models["bert"]
@@ -856,7 +856,7 @@ async def test_a_slow_preparation_holds_up_no_other_request(
     kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Injected: one image request's preparation blocks until released (a decoder stuck on hostile media;
-    issue 24 measured text requests waiting 18.7 s behind such a fetch round). The text requests sent after
+    text requests were measured waiting 18.7 s behind such a fetch round). The text requests sent after
     it are answered meanwhile, and the stuck one is answered payload_too_large at prepare_timeout_s."""
     release = threading.Event()
     async with serving(kafka_bootstrap, models, prepare_timeout_s=4.0) as worker:

@@ -103,7 +103,7 @@ def test_a_record_aiokafka_skips_as_too_large_becomes_a_dlq_record_not_a_silent_
 
 
 def test_by_default_reply_to_may_name_only_the_prefixs_replies_topics() -> None:
-    # Issue 24: the default '.*' let any client make the worker write into any topic it can reach.
+    # A default of '.*' would let any client make the worker write into any topic it can reach.
     settings = Settings(topic_prefix="inference")
     policy = ReplyPolicy(settings.topic_prefix, re.compile(settings.reply_to_pattern))
     assert policy.refusal("inference.replies.3f2a", Modality.TEXT) is None

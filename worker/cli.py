@@ -16,16 +16,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_origin
+from typing import Any, get_origin
 
 from pydantic import ValidationError
 
 from worker.settings import Settings
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("worker")
+
+#: Exit status of a run that cannot start as configured (a bad model folder, a setting the broker refuses).
+CONFIGURATION_ERROR = 2
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -98,29 +98,41 @@ def _serve(models_dir: str, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve every model folder under MODELS_DIR until SIGTERM."""
-    from worker.kafka.transactions import TransactionsRefused
-    from worker.serving.metadata import MetadataError
-
     settings = settings_from(args)
     if not settings.bootstrap_servers:
         print("error: set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS (or use `demo`)", file=sys.stderr)
         return 2
+    if args.processes <= 1:
+        return _serve_or_refuse(args.models_dir, settings)
+    return _run_processes(args.models_dir, settings, args.processes)
+
+
+def _serve_or_refuse(models_dir: str, settings: Settings) -> int:
+    """Serve; a configuration error (a bad model folder, transactions refused) is one line and exit 2."""
+    from worker.kafka.transactions import TransactionsRefused
+    from worker.serving.metadata import MetadataError
+
     try:
-        if args.processes <= 1:
-            _serve(args.models_dir, settings)
-            return 0
-        return _run_processes(args.models_dir, settings, args.processes)
+        _serve(models_dir, settings)
     except (MetadataError, TransactionsRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return CONFIGURATION_ERROR
+    return 0
+
+
+def _child(models_dir: str, settings: Settings) -> None:
+    """A supervised worker process: its exit status is _serve_or_refuse's."""
+    sys.exit(_serve_or_refuse(models_dir, settings))
 
 
 def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
     """Supervise N worker processes in one consumer group.
 
     A child that dies unasked (OOM, SIGKILL) is restarted after a short pause; its
-    unanswered messages are redelivered to the group meanwhile. SIGTERM/SIGINT is passed on
-    to every child, which drains; the exit status is 0 only if every child exited 0.
+    unanswered messages are redelivered to the group meanwhile. A child that exits with
+    CONFIGURATION_ERROR would fail again on every restart: every child is stopped and the run
+    exits with it. SIGTERM/SIGINT is passed on to every child, which drains; the exit status is
+    0 only if every child exited 0.
     """
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -128,7 +140,7 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
     def spawn(index: int) -> multiprocessing.process.BaseProcess:
         port = settings.metrics_port
         mine = settings if not port else settings.model_copy(update={"metrics_port": port + index})
-        child = context.Process(target=_serve, args=(models_dir, mine), name=f"worker-{index}")
+        child = context.Process(target=_child, args=(models_dir, mine), name=f"worker-{index}")
         child.start()
         return child
 
@@ -146,6 +158,11 @@ def _run_processes(models_dir: str, settings: Settings, count: int) -> int:
     while not stopping:
         for index, child in enumerate(children):
             child.join(timeout=0.5 / count)
+            if child.exitcode == CONFIGURATION_ERROR:
+                stop(signal.SIGTERM, None)
+                for other in children:
+                    other.join()
+                return CONFIGURATION_ERROR
             if child.exitcode is not None and not stopping:
                 failed = failed or child.exitcode != 0
                 log.warning("%s exited with %s; restarting it", child.name, child.exitcode)

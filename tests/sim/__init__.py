@@ -1,4 +1,4 @@
-"""A deterministic simulation of the worker's Kafka path (issue 23), FoundationDB / VOPR style.
+"""A deterministic simulation of the worker's Kafka path, FoundationDB / VOPR style.
 
 The real ``worker.app.Worker`` (fetching, flow, offsets, delivery, batching, answers, the tiny bert
 on ONNX Runtime) runs unchanged over fakes of the aiokafka surfaces it uses, on one thread and a

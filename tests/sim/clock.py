@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 #: Worker modules read ``time.monotonic()``, ``time.perf_counter()`` and ``time.time()`` through the
-#: ``time`` module (app, answers, delivery, intake, metrics, routing at bab00a3): every loaded
+#: ``time`` module (app, answers, delivery, intake, metrics, routing): every loaded
 #: ``worker.*`` module whose ``time`` is the module gets the virtual clock instead.
 #: (A ``from time import monotonic`` would escape this: keep reading time through the module.)
 #: The wall clock the virtual clock starts at (Kafka timestamps and request deadlines are wall time).

@@ -58,7 +58,7 @@ class Plan:
     #: per commit or publish: the connection drops right then (for one of OUTAGE_LENGTHS)
     cut_p: float = 0.0
     faults_end: float = 0.0
-    #: the worker's session_timeout_ms: the default, or one longer than most outages (as in issue 23's cut)
+    #: the worker's session_timeout_ms: the default, or one longer than most outages
     session_timeout_ms: int = 10_000
 
     def without_faults(self) -> Plan:

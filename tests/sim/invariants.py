@@ -1,5 +1,5 @@
-"""The invariants of issue 23, checked as the run goes (each commit, each acknowledged record, each
-quarter second) and at its end. A violation names its invariant and the defect of issue 23 it shows.
+"""The invariants of the Kafka path, checked as the run goes (each commit, each acknowledged record,
+each quarter second) and at its end. A violation names its invariant and the known defect it shows.
 
 I1  no committed offset passes a record whose reply or DLQ record the broker has not acknowledged;
 I2  once faults stop, every record gets its answer within a bound (a good record its reply where it
@@ -30,18 +30,18 @@ if TYPE_CHECKING:
     from worker.app import Worker
     from worker.settings import Settings
 
-#: The defects of issue 23 a violation can show (its report lists seeds per defect).
+#: The known defects a violation can show (its report lists seeds per defect).
 DEFECTS = {
-    "D1": "give-ups: the last seek wins, lower offsets committed unanswered (1)",
-    "D2": "a mid-batch undecodable record costs its neighbours (2)",
-    "D3": "a batch that does not inflate kills the fetch loop, health stays true (4)",
-    "D4": "paused beyond max_poll_interval: the member leaves the group (5a)",
-    "D5": "UnknownTopicOrPartitionError during an outage taken as a refusal (5b)",
-    "D6": "a model-loop exception outside run_batch: batch never answered (5c)",
-    "D7": "forget/rewind stop counting queued jobs: held beyond the bound (5d)",
-    "D8": "readiness does not turn false / true again (5e)",
-    "D9": "a failure mark never cleared: an idle worker polls ~50/s for ever (5f)",
-    "D10": "the revoke callback's commit has no time bound (5g)",
+    "D1": "give-ups: the last seek wins, lower offsets committed unanswered",
+    "D2": "a mid-batch undecodable record costs its neighbours",
+    "D3": "a batch that does not inflate kills the fetch loop, health stays true",
+    "D4": "paused beyond max_poll_interval: the member leaves the group",
+    "D5": "UnknownTopicOrPartitionError during an outage taken as a refusal",
+    "D6": "a model-loop exception outside run_batch: batch never answered",
+    "D7": "forget/rewind stop counting queued jobs: held beyond the bound",
+    "D8": "readiness does not turn false / true again",
+    "D9": "a failure mark never cleared: an idle worker polls ~50/s for ever",
+    "D10": "the revoke callback's commit has no time bound",
     "other": "not one of the known defects",
 }
 #: After the broker has been away this long, /readyz must say no.
@@ -200,7 +200,7 @@ class Checker:
         fetching = worker._fetching
         if FETCH_LOOP in worker._state.dead_loops:
             # Restarted by its supervisor, but every partition starts over from its committed offset:
-            # issue 23 asks that no exception end the fetch loop.
+            # No exception may end the fetch loop.
             self.flag("I2", "D3", "fetch loop restarted", "the fetch loop died (its supervisor restarts it)")
         # A drain ends the fetch loop on purpose (the run's own stop, at its end).
         if fetching is not None and fetching.done() and not (worker._state.stopping or worker.flow.draining):

@@ -16,7 +16,7 @@ DEFAULT_LIBS = Path.home() / ".cache" / "onnx-worker" / f"kafka-{KAFKA_VERSION}"
 #: practice, so the tests meet what users run.
 SHARED_SETTINGS: Mapping[str, str] = {
     "num.partitions": "4",
-    # No topic exists because a client named it (README "Where replies go").
+    # No topic exists because a client named it (docs/reference.md, "Where replies go").
     "auto.create.topics.enable": "false",
     "group.initial.rebalance.delay.ms": "0",
 }
