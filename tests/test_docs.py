@@ -20,7 +20,12 @@ from schemas import limits
 from tests.documented import BATCH_SIZES, SEQUENCE_LENGTHS
 from worker import app, readiness
 from worker.cli import build_parser, settings_table
-from worker.serving.metadata import DEFAULT_AUDIO_SECONDS, DEFAULT_BATCH_SIZES, DEFAULT_SEQUENCE_LENGTHS, Declared
+from worker.serving.metadata import (
+    DEFAULT_AUDIO_SECONDS,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_SEQUENCE_LENGTHS,
+    Declared,
+)
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
