@@ -397,3 +397,48 @@ def test_committed_position_never_passes_an_unanswered_offset(order: list[int], 
         position = tracker.take_commits().get("p", position)
         assert all(o in answered for o in range(position))
         assert position == 30 or position not in answered
+
+
+def _by_real_length(max_tokens: int) -> BatchQueue[int, tuple[str, int]]:
+    """Keys are token buckets, items (name, real length): a batch runs at its longest item (CPU)."""
+    return BatchQueue(
+        max_batch_size=8,
+        max_wait=1.0,
+        size_of=lambda bucket: max_tokens // bucket,
+        rank_of=lambda bucket: bucket,
+        length_of=lambda item: item[1],
+    )
+
+
+def test_near_lengths_share_a_run_where_a_run_costs_more_than_their_padding() -> None:
+    queue = _by_real_length(max_tokens=4096)
+    queue.add(16, ("a", 14), now=0.0)
+    queue.add(24, ("b", 18), now=0.1)
+    # One run: 32 + 2 x 18 = 68 token-rows; two runs: 32 + 14 + 32 + 18 = 96.
+    assert queue.pop_ready(now=1.0) == (24, [("a", 14), ("b", 18)])
+
+
+def test_a_short_request_never_pays_for_a_long_ones_padding() -> None:
+    queue = _by_real_length(max_tokens=4096)
+    for i in range(4):
+        queue.add(16, (f"s{i}", 12), now=i / 100)
+    queue.add(128, ("long", 120), now=0.05)
+    # Together: 32 + 5 x 120 = 632 token-rows; apart: (32 + 4 x 12) + (32 + 120) = 232.
+    assert queue.pop_ready(now=1.0) == (16, [("s0", 12), ("s1", 12), ("s2", 12), ("s3", 12)])
+    assert queue.pop_ready(now=1.1) == (128, [("long", 120)])
+
+
+@given(st.lists(st.tuples(st.sampled_from([8, 16, 24, 32, 48, 64]), st.integers(1, 8)), max_size=40))
+def test_batches_by_cost_lose_nothing_and_stay_within_the_token_budget(
+    arrivals: list[tuple[int, int]],
+) -> None:
+    queue = _by_real_length(max_tokens=256)
+    for i, (bucket, shorter) in enumerate(arrivals):
+        queue.add(bucket, (f"r{i}", max(1, bucket - shorter)), now=i / 1000)
+    out: list[str] = []
+    while (ready := queue.pop_ready(now=10.0)) is not None:
+        key, items = ready
+        assert all(length <= key for _, length in items), "every item fits the batch's shape"
+        assert len(items) <= max(1, 256 // key), "within the budget of the batch's shape"
+        out += [name for name, _ in items]
+    assert sorted(out) == sorted(f"r{i}" for i in range(len(arrivals)))
