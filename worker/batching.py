@@ -21,8 +21,6 @@ of the buckets that ``rank_of`` ranks (token lengths), at the longest shape amon
 they all fit one batch of that shape: at low load a few short and long requests are answered
 in one run instead of one run per bucket. When more is queued than one batch holds (load),
 buckets go one by one at their own shapes, so no run pays for padding short texts to long.
-Where items have lengths (``length_of``: a batch runs at its longest item), other buckets join
-only while one run costs less than several (``RUN_COST_TOKENS``): near lengths share a run.
 
 Where a batch runs at its longest item (``length_of`` gives each item's length: CPU, text), a
 full bucket's batch is its oldest item and the items nearest its length among the next ones
@@ -47,10 +45,6 @@ T = TypeVar("T")
 
 #: How many batches' worth of a full bucket's oldest items a batch of like lengths is chosen from.
 ALIKE_WINDOW = 4
-#: What a run costs beside its rows, in token-rows (rows x tokens) of a run at its longest length.
-#: Measured on all-MiniLM-L6-v2 (2-core EPYC, one intra-op thread): a run costs about 2.5 ms plus
-#: 0.17 ms per token-row, and each batch adds an executor call, a publish and a commit (1-2 ms).
-RUN_COST_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -171,36 +165,12 @@ class BatchQueue(Generic[K, T]):
         return self._take({key: len(taken)})
 
     def _merged(self, start: K) -> tuple[K, list[T]]:
-        """Every ranked bucket's items at the longest shape, if they fit one batch; else ``start`` alone.
-        Where items have lengths (a batch runs at its longest), only as far as that pays (``_by_cost``)."""
+        """Every ranked bucket's items at the longest shape, if they fit one batch; else ``start`` alone."""
         ranks = {key: rank for key in self._queues if (rank := self._rank_of(key)) is not None}
-        if self._queues[start][0].length is not None:
-            return self._by_cost(start, ranks)
         widest = max(ranks, key=ranks.__getitem__)
         if sum(self._rows[key] for key in ranks) > self.batch_size(widest):
             return start, self._take({start: self._fitting(start)})
         return widest, self._take({key: len(self._queues[key]) for key in ranks}, in_age_order=True)
-
-    def _by_cost(self, start: K, ranks: Mapping[K, int]) -> tuple[K, list[T]]:
-        """``start``'s items, joined by other buckets' (nearest lengths first) while one run of them all
-        costs less than separate runs: each run ``RUN_COST_TOKENS`` plus its rows x its longest length.
-        At low load a few requests of near lengths share a run; a short one never pays for a long one."""
-        if self._rows[start] > self.batch_size(start):
-            return start, self._take({start: self._fitting(start)})
-        chosen = [start]
-        for key in sorted(ranks.keys() - {start}, key=lambda k: (abs(ranks[k] - ranks[start]), ranks[k])):
-            joined = [*chosen, key]
-            widest = max(joined, key=ranks.__getitem__)
-            fits = sum(self._rows[k] for k in joined) <= self.batch_size(widest)
-            if fits and self._run_cost(joined) <= self._run_cost(chosen) + self._run_cost([key]):
-                chosen = joined
-        widest = max(chosen, key=ranks.__getitem__)
-        return widest, self._take({key: len(self._queues[key]) for key in chosen}, in_age_order=True)
-
-    def _run_cost(self, keys: list[K]) -> int:
-        """One run of every item of buckets ``keys``, in token-rows: its fixed cost plus rows x the longest."""
-        items = [queued for key in keys for queued in self._queues[key]]
-        return RUN_COST_TOKENS + sum(q.rows for q in items) * max(q.length or 0 for q in items)
 
     def _fitting(self, key: K) -> int:
         """How many of bucket ``key``'s first items fit one batch's rows (at least one: a request with

@@ -47,11 +47,10 @@ class ServedModel:
         """Where requests of shape ``key`` rank among shapes that can share a batch (a shorter request
         rides in a longer bucket, its padding masked): the token length; None when they never share.
 
-        At fixed bucket shapes a short request pads to a bucket anyway, and one run saves several. At
-        the batch's longest length (CPU) the batcher merges only where a run's fixed cost outweighs
-        the padding (``worker.batching.RUN_COST_TOKENS``): merging every bucket at half load cost 8.3
-        ms of CPU per request on MiniLM against 7.3 unmerged, as short texts paid for long ones."""
-        if not self.preprocessor.pad_values or len(key) != 1:
+        Only at fixed bucket shapes: there a short request pads to a bucket anyway, and one run saves
+        several. At the batch's longest length (CPU) the short ones would pay for the long one's
+        tokens: measured at half load on MiniLM, merging cost 8.3 ms of CPU per request, not 7.3."""
+        if not self.engine.fixed_shapes or not self.preprocessor.pad_values or len(key) != 1:
             return None
         return self.metadata.sequence_length(key)
 
