@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         description="Dispatch a batch once a model's bucket holds this many rows (a request is one row, "
         "a zero-shot request one per candidate label).",
     )
-    max_wait_ms: float = Field(25.0, ge=0, description="...or once its oldest request has waited this long.")
+    max_wait_ms: float = Field(20.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
         True,
         description="A model with a batch slot free (fewer than batches_in_flight running) does not wait for "
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
         "a record arrives, so a long wait costs no latency; a short one wakes an idle worker often.",
     )
     fetch_linger_ms: int = Field(
-        20,
+        15,
         ge=0,
         description="When records arrive steadily (the recent rate brings at least one more in this time), the "
         "fetch loop holding a round's first record waits this long for more before handing the round on: one "
