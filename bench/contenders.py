@@ -20,6 +20,7 @@ from bench.load import LoadClient, Run
 from bench.plan import EXPORT_PYTHON, Context, Inputs, SweepPoint
 from bench.procstats import peak_rss_mib, rss_mib, watched
 from bench.raw import RawPass, in_flight_label
+from bench.report import PROFILES
 
 
 def torch_python() -> tuple[str | None, str]:
@@ -121,7 +122,7 @@ async def measure_worker(
 ) -> dict[str, Any]:
     """The chosen configuration with the extra models loaded: idle cost, saturation on the mix (after
     each run, ``rivals`` time the other contenders while this process idles, attached to nothing) and
-    on 128-token inputs, latency against offered load, profiles at saturation and at half load, RSS."""
+    on 128-token inputs, latency against offered load, profiles at saturation, at half and at 75% load, RSS."""
     plan = ctx.plan
     async with contextlib.AsyncExitStack() as stack:
         host = await Host.start(ctx, point, with_extras=True)
@@ -169,7 +170,8 @@ async def measure_worker(
         capacity = float(np.median([r["throughput_per_s"] for r in worker["saturation_mix"]]))
         worker["latency_vs_load"] = await latency_sweep(ctx, "worker", inputs, capacity, one_run)
         hwm["paced runs"] = peak_rss_mib(pid)
-        for label, rate in (("profile", None), ("profile_half_load", capacity / 2)):
+        for label, fraction, _ in PROFILES:
+            rate = None if fraction is None else fraction * capacity
             ctx.say(f"worker: profiled run ({label})")
             await one_run(
                 inputs.mix if rate is None else cycled(inputs.mix, rate, ctx.plan.load_seconds), rate, label
@@ -190,7 +192,7 @@ async def measure_worker(
         hwm["stage costs"] = peak_rss_mib(pid)
         ctx.tick()
         watched_runs = worker["saturation_mix"] + worker["saturation_fixed_128"] + worker["latency_vs_load"]
-        profiled_runs = [worker["profile"]["run"], worker["profile_half_load"]["run"]]
+        profiled_runs = [worker[label]["run"] for label, _, _ in PROFILES]
         worker["rss_peak_mib"] = round(max(r["peak_rss_mib"] for r in [*watched_runs, *profiled_runs]), 1)
         worker["vm_hwm_mib_after"] = {phase: round(mib, 1) for phase, mib in hwm.items()}
     return worker

@@ -86,7 +86,7 @@ class Plan:
     """Seconds of each sweep point's paced run at half its saturation rate."""
     naive_sentences: int | None = None
     """Sentences of the naive consumers' saturation runs (None: the whole mix, as every contender)."""
-    loads: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+    loads: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.85, 0.9, 1.0)
     """Offered load as fractions of the worker's saturation throughput."""
     idle_seconds: float = 20.0
     """How long an idle Worker's CPU (and the broker's) is read."""

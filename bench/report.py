@@ -36,6 +36,30 @@ def p99_by_load(runs: Sequence[Mapping[str, Any]]) -> dict[float, float]:
     return {f: median_of(rs, "latency_ms", "p99").median for f, rs in sorted(by_load.items())}
 
 
+#: The paced capacity: the highest offered rate held with p99 under this...
+PACED_P99_LIMIT_MS = 250.0
+#: ...and at least this fraction of it achieved.
+PACED_ACHIEVED_FRACTION = 0.98
+#: Profiled runs of the worker: (key in bench.json, offered load as a fraction of flooded or None, label).
+PROFILES = (
+    ("profile", None, "saturated"),
+    ("profile_half_load", 0.5, "at half load"),
+    ("profile_75_load", 0.75, "at 75% load"),
+)
+
+
+def paced_capacity(runs: Sequence[Mapping[str, Any]]) -> float:
+    """The highest offered rate among paced ``runs`` held with p99 <= PACED_P99_LIMIT_MS and at least
+    PACED_ACHIEVED_FRACTION of it achieved (0 when none was)."""
+    held = [
+        float(run["offered_per_s"])
+        for run in runs
+        if run["latency_ms"].get("p99", float("inf")) <= PACED_P99_LIMIT_MS
+        and run["throughput_per_s"] >= PACED_ACHIEVED_FRACTION * run["offered_per_s"]
+    ]
+    return max(held, default=0.0)
+
+
 def _target(name: str, measured: float | None, limit: float | None, at_most: bool = False) -> dict[str, Any]:
     met = None
     if measured is not None and limit is not None:
@@ -90,11 +114,14 @@ def assess(result: dict[str, Any]) -> None:
     fused = raw["session_options"]["length_sorted"].get("fused graph (transformer optimizer)")
     if fused:
         ratios["worker/raw_ort_fused_graph"] = round(throughput.median / fused["median"], 2)
-    full = [r for r in worker["latency_vs_load"] if r["fraction"] == 1.0]
-    if full:
-        ratios["worker_paced_capacity/flood"] = round(full[0]["throughput_per_s"] / throughput.median, 2)
-    half = [r for r in worker["latency_vs_load"] if r["fraction"] == 0.5]
+    paced = worker["latency_vs_load"]
+    ratios["worker_paced_capacity/flood"] = round(paced_capacity(paced) / throughput.median, 2)
+    half = [r for r in paced if r["fraction"] == 0.5]
     p99 = median_of(half, "latency_ms", "p99").median if half else None
+    flooded_cpu = cpu_ms_per_request(worker["saturation_mix"], "worker").median
+    half_cpu = cpu_ms_per_request(half, "worker").median if half else None
+    if half_cpu is not None:
+        ratios["worker_cpu_per_request_at_half_load/flooded"] = round(half_cpu / flooded_cpu, 2)
     bound = p99_bound(half, float(worker["settings"].get("max_wait_ms", 10.0)))
     worse = None
     naive_paced = result["naive_onnx"].get("latency_vs_load")
@@ -118,6 +145,19 @@ def assess(result: dict[str, Any]) -> None:
             "p99 at 50% load <= max_wait_ms + 2 x batch inference (median at that load)",
             p99,
             bound,
+            at_most=True,
+        ),
+        _target(
+            f"paced capacity (p99 <= {PACED_P99_LIMIT_MS:.0f} ms, >= {PACED_ACHIEVED_FRACTION:.0%} achieved) "
+            ">= 0.85 x the flood rate",
+            ratios["worker_paced_capacity/flood"],
+            0.85,
+        ),
+        _target("p99 at 50% load <= 80 ms", p99, 80.0, at_most=True),
+        _target(
+            "worker CPU per request at 50% load <= 1.3 x flooded",
+            ratios.get("worker_cpu_per_request_at_half_load/flooded"),
+            1.3,
             at_most=True,
         ),
         _target("worker p99 <= naive ONNX p99 at every offered load both ran", worse, 1.0, at_most=True),
@@ -243,11 +283,7 @@ def render_table(result: Mapping[str, Any]) -> str:
             for r in result["sweep"]
         ),
         f"  chosen: {worker['label']}",
-        *(
-            _profile_line(label, worker[key])
-            for key, label in (("profile", "saturated"), ("profile_half_load", "at half load"))
-            if key in worker
-        ),
+        *(_profile_line(label, worker[key]) for key, _, label in PROFILES if key in worker if key in worker),
         "targets:",
     ]
     for target in result["targets"]:

@@ -16,7 +16,7 @@ from bench.contenders import measure_main
 from bench.corpus import doc_roots, fixed_length_texts, harvest_sentences, token_lengths
 from bench.plan import DEFAULT_EXTRA_MODELS, DEFAULT_MODEL, FIXED_TOKENS, ROOT, Context, Inputs, Plan
 from bench.raw import measure_raw
-from bench.report import assess
+from bench.report import PROFILES, assess
 from bench.stats import percentiles
 from bench.sweep import pick_best, worker_sweep
 
@@ -72,7 +72,7 @@ async def run_bench(
         + plan.rounds * 4  # worker, raw ORT, naive ONNX, naive PyTorch, each alone, in turn
         + plan.repeats  # 128-token texts
         + 2 * (len(plan.loads) + (plan.repeats - 1) * (0.5 in plan.loads))  # paced: worker, naive ONNX
-        + 1  # profiled run
+        + len(PROFILES)  # profiled runs
     )
     with tqdm(total=steps, desc="bench", unit="step", disable=not progress, file=sys.stderr) as bar:
         ctx.bar = bar

@@ -255,8 +255,9 @@ async def test_micro_batcher_dispatches_a_full_batch_at_once() -> None:
 
 async def test_an_eager_get_takes_what_is_queued_without_waiting_and_at_most_one_batch() -> None:
     now = 0.0
+    # One arrival a second against a half-second max_wait: low load, nothing worth waiting for.
     batcher: MicroBatcher[str, int] = MicroBatcher(
-        BatchQueue(max_batch_size=2, max_wait=60.0), clock=lambda: now
+        BatchQueue(max_batch_size=2, max_wait=0.5), clock=lambda: now
     )
     getter = asyncio.create_task(batcher.get(eager=True))
     await _let_the_getter_run()
@@ -271,9 +272,75 @@ async def test_an_eager_get_takes_what_is_queued_without_waiting_and_at_most_one
     later = asyncio.create_task(batcher.get())
     await _let_the_getter_run()
     assert not later.done(), "a plain get still waits for size or time"
-    now = 60.0
+    now = 0.5
     batcher.put("c", 6)
     assert await asyncio.wait_for(later, 2.0) == ("b", [5])
+
+
+def _stream(queue: BatchQueue[str, int], per_s: float, seconds: float) -> float:
+    """Queue a steady stream (one item every 1/per_s s, in bucket "a"), each taken at once as a free
+    consumer would at low load; returns the time of the last arrival."""
+    now, step = 0.0, 1.0 / per_s
+    for i in range(round(per_s * seconds)):
+        now = i * step
+        queue.add("a", i, now)
+        queue.pop_ready(now, flush=True)
+    return now
+
+
+def test_a_free_consumer_waits_for_the_rows_a_steady_stream_brings_within_max_wait() -> None:
+    # 200 a second for 3 s against max_wait 25 ms: about 5 rows arrive while the first one waits.
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=32, max_wait=0.025)
+    now = _stream(queue, per_s=200, seconds=3.0)
+    assert queue.arrivals.per_s(now) == pytest.approx(200, rel=0.1)
+    for i in range(4):
+        now += 0.005
+        queue.add("a", 100 + i, now)
+        assert queue.pop_ready(now, eager=True) is None, f"{i + 1} rows: the stream fills more within 25 ms"
+    now += 0.005
+    queue.add("a", 104, now)
+    assert queue.pop_ready(now, eager=True) == ("a", [100, 101, 102, 103, 104])
+
+
+def test_a_free_consumer_never_holds_a_request_past_max_wait() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=32, max_wait=0.025)
+    now = _stream(queue, per_s=400, seconds=3.0)
+    queue.add("a", 1000, now + 0.001)
+    assert queue.pop_ready(now + 0.02, eager=True) is None, "about 10 rows are due within 25 ms"
+    assert queue.pop_ready(now + 0.027, eager=True) == ("a", [1000]), "but never later than max_wait"
+
+
+def test_a_free_consumer_takes_a_lone_request_at_once_at_low_load() -> None:
+    # 30 a second: under one arrival per 25 ms, so waiting would only add latency.
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=32, max_wait=0.025)
+    now = _stream(queue, per_s=30, seconds=3.0)
+    queue.add("a", 1000, now + 0.03)
+    assert queue.pop_ready(now + 0.03, eager=True) == ("a", [1000])
+
+
+def test_the_arrival_rate_fades_when_the_stream_stops() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=32, max_wait=0.025)
+    now = _stream(queue, per_s=400, seconds=3.0)
+    assert queue.arrivals.per_s(now + 5.0) < 5, "five quiet seconds later the model counts as idle"
+    queue.add("a", 1000, now + 5.0)
+    assert queue.pop_ready(now + 5.0, eager=True) == ("a", [1000])
+
+
+def test_the_fill_never_exceeds_one_batch() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=4, max_wait=1.0)
+    now = _stream(queue, per_s=400, seconds=2.0)
+    for i in range(4):
+        queue.add("a", 1000 + i, now)
+    assert queue.pop_ready(now, eager=True) == ("a", [1000, 1001, 1002, 1003])
+
+
+def test_dropped_items_no_longer_count_towards_a_full_batch() -> None:
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=2, max_wait=1.0)
+    queue.add("a", 1, now=0.0)
+    queue.add("a", 2, now=0.0)
+    assert queue.drop(lambda item: item == 1) == [1]
+    assert queue.pop_ready(now=0.0) is None, "one row left of a batch of two: it waits for time"
+    assert queue.pop_ready(now=1.0) == ("a", [2])
 
 
 async def test_micro_batcher_flushes_on_close_then_stops() -> None:

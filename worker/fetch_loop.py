@@ -67,6 +67,7 @@ class FetchLoop:
             max_attempts=s.max_decode_attempts,
             broker_wait=broker_wait,
             idle_poll=self.flow.keep_membership,
+            linger_ms=s.fetch_linger_ms,
         )
         self.flow.on_revoked = self.fetcher.forget
         self.quarantine = await open_quarantine(

@@ -54,12 +54,14 @@ class Settings(BaseSettings):
         description="Dispatch a batch once a model's bucket holds this many rows (a request is one row, "
         "a zero-shot request one per candidate label).",
     )
-    max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
+    max_wait_ms: float = Field(20.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
         True,
-        description="A model with a batch slot free (fewer than batches_in_flight running) takes what is "
-        "queued at once instead of waiting up to max_wait_ms: at low load requests run as they arrive; "
-        "under load the slots are busy and batches still fill up.",
+        description="A model with a batch slot free (fewer than batches_in_flight running) does not wait for "
+        "max_batch_size: it takes what is queued once that is what the arrival rate brings in max_wait_ms (at "
+        "once at low load, when less than one request a max_wait_ms arrives), or max_wait_ms has passed; a steady "
+        "stream then runs in batches that pay for a run's fixed cost. Under load the slots are busy and batches "
+        "fill up.",
     )
     max_batch_tokens: int = Field(
         2048,
@@ -125,6 +127,14 @@ class Settings(BaseSettings):
         ge=1,
         description="How long the fetch loop waits for records before it looks again. It returns as soon as "
         "a record arrives, so a long wait costs no latency; a short one wakes an idle worker often.",
+    )
+    fetch_linger_ms: int = Field(
+        15,
+        ge=0,
+        description="When records arrive steadily (the recent rate brings at least one more in this time), the "
+        "fetch loop holding a round's first record waits this long for more before handing the round on: one "
+        "round, one crash marker and one intake pass for several records instead of one each. At low load it "
+        "never waits. 0: off.",
     )
     fetch_max_wait_ms: int = Field(
         20,

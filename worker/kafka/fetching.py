@@ -29,6 +29,7 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
+from worker.arrivals import ArrivalRate
 from worker.kafka.broker_wait import BrokerWait
 from worker.kafka.record_batches import BatchRead, LeaderBatches
 
@@ -95,10 +96,18 @@ class PartitionFetcher:
         broker_wait: BrokerWait | None = None,
         batches: BatchReader | None = None,
         idle_poll: Callable[[int], Awaitable[None]] | None = None,
+        linger_ms: int = 0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """``idle_poll(wait_ms)``: how to wait while every assigned partition is paused (the flow's
-        ``keep_membership``, which polls the consumer so the group keeps this member); default a sleep."""
+        ``keep_membership``, which polls the consumer so the group keeps this member); default a sleep.
+        ``linger_ms``: how long a round that waited for its first record waits for more, while the
+        arrival rate says more come within it (``clock``, default the loop's, times the rate)."""
         self.consumer = consumer
+        self.linger_s = linger_ms / 1000
+        self._clock = clock
+        #: records fetched per second, recently
+        self.arrivals = ArrivalRate()
         self.idle_poll = idle_poll
         self.max_attempts = max_attempts
         #: lengthened after each round that found nothing, back to the busy wait on the first record
@@ -140,11 +149,7 @@ class PartitionFetcher:
             else:
                 await asyncio.sleep(UNASSIGNED_POLL_MS / 1000)
             return out
-        for tp in fetchable:
-            room = max_records - len(out.records)
-            if room <= 0 or (max_bytes is not None and out.value_bytes >= max_bytes):
-                break
-            await self._take(tp, room, out)
+        await self._take_buffered(max_records, max_bytes, out)
         if out.empty and (self._failing or self._suspect_rounds):
             # A failure not yet located or passed: poll one partition per call, so the fault shows
             # in the partition that has it (a multi-partition wait would hide whose it is).
@@ -152,9 +157,46 @@ class PartitionFetcher:
             await asyncio.sleep(min(timeout_ms, POLL_MS) / 1000)
         elif out.empty:
             await self._wait(timeout_ms, out)
-        if self.broker_wait is not None and out.records:
-            self.broker_wait.round_ended(found=True)
+            if out.records and self._lingers():
+                await self._linger(max_records, max_bytes, out)
+        if out.records:
+            self.arrivals.add(self._now(), len(out.records))
+            if self.broker_wait is not None:
+                self.broker_wait.round_ended(found=True)
         return out
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def _lingers(self) -> bool:
+        return self.linger_s > 0 and self.arrivals.expected(self._now(), self.linger_s) >= 1
+
+    async def _linger(self, max_records: int, max_bytes: int | None, out: Fetched) -> None:
+        """A steady stream: the next records are due within the linger, so this round takes what arrives
+        in it, instead of a round (a crash marker, an intake pass, a batch) for each record.
+
+        aiokafka fetches a partition again only once its last fetch is read to the end, so the records
+        are taken as they come (each wait wakes on the next one), not once the linger is over.
+        """
+        deadline = self._now() + self.linger_s
+        while True:
+            await self._take_buffered(max_records, max_bytes, out)
+            left_ms = int((deadline - self._now()) * 1000)
+            full = len(out.records) >= max_records or (max_bytes is not None and out.value_bytes >= max_bytes)
+            if left_ms <= 0 or full or self._suspect_rounds or self._failing:
+                return
+            before = len(out.records) + len(out.undecodable)
+            await self._wait(left_ms, out, idle_when_empty=False)
+            if len(out.records) + len(out.undecodable) == before:
+                return  # nothing more came within the linger, or a fault to locate next round
+
+    async def _take_buffered(self, max_records: int, max_bytes: int | None, out: Fetched) -> None:
+        """What the consumer holds of each assigned, unpaused partition, until the round is full."""
+        for tp in sorted(self.consumer.assignment() - self.consumer.paused()):
+            room = max_records - len(out.records)
+            if room <= 0 or (max_bytes is not None and out.value_bytes >= max_bytes):
+                break
+            await self._take(tp, room, out)
 
     async def _take(self, tp: TopicPartition, limit: int, out: Fetched) -> None:
         try:
@@ -179,7 +221,7 @@ class PartitionFetcher:
             # Moved away from the failure (a seek, a rewind): it is counted again if it recurs.
             del self._failing[tp]
 
-    async def _wait(self, timeout_ms: int, out: Fetched) -> None:
+    async def _wait(self, timeout_ms: int, out: Fetched, *, idle_when_empty: bool = True) -> None:
         """Nothing buffered: wait for the next fetch, taking at most one record so a fault costs nothing.
 
         With ``max_records=1`` aiokafka stops at the first record, so no other partition has been
@@ -205,7 +247,7 @@ class PartitionFetcher:
             if records:
                 self.consecutive_errors = 0
             out.records.extend(records)
-        if not out.records and self.broker_wait is not None:
+        if not out.records and self.broker_wait is not None and idle_when_empty:
             self.broker_wait.round_ended(found=False)
 
     def _broker_error(self, exc: BaseException) -> None:

@@ -7,8 +7,14 @@ when its bucket holds ``max_batch_size`` rows (or the bucket's own smaller size,
 candidate label does) or its oldest item has waited ``max_wait`` seconds, whichever comes
 first; on close every queued item is flushed.
 
-A consumer with room for another batch may take what is queued at once (``get(eager=True)``):
-the batch then holds what arrived together, and batches grow only while the model is busy.
+A consumer with room for another batch (``get(eager=True)``) takes what is queued once it is
+worth a run: at once while requests arrive slower than one per ``max_wait`` (low load: waiting
+would only add latency), else once the queue holds what the arrival rate brings in ``max_wait``
+(``fill``) or the oldest item has waited that long. A run has a fixed cost (a model run at one
+row costs about as much CPU as half a dozen rows of a full batch, and each batch is one executor
+call, one publish and one commit), so a steady stream answered one request per run costs twice
+the CPU per request of a flood; waiting a few milliseconds for the batch the stream fills anyway
+keeps it as cheap as a flood, and a flood fills every batch at once.
 
 A full bucket goes alone, at its own shape. A batch that goes on time takes every queued item
 of the buckets that ``rank_of`` ranks (token lengths), at the longest shape among them, when
@@ -31,6 +37,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from worker.arrivals import ArrivalRate
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -75,6 +83,9 @@ class BatchQueue(Generic[K, T]):
         self._rows: dict[K, int] = {}
         self._count = 0
         self._arrivals = 0
+        self._total_rows = 0
+        self.arrivals = ArrivalRate()
+        """Rows queued per second (``worker.arrivals``)."""
 
     def __len__(self) -> int:
         return self._count
@@ -95,14 +106,26 @@ class BatchQueue(Generic[K, T]):
         queued = _Queued(item, now, self._arrivals, self._length_of(item), max(1, rows))
         self._queues.setdefault(key, deque()).append(queued)
         self._rows[key] = self._rows.get(key, 0) + queued.rows
+        self._total_rows += queued.rows
+        self.arrivals.add(now, queued.rows)
         self._arrivals += 1
         self._count += 1
 
-    def pop_ready(self, now: float, *, flush: bool = False) -> tuple[K, list[T]] | None:
-        """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready.
+    def fill(self, now: float) -> int:
+        """Rows a free consumer waits for (``get(eager=True)``): what arrives in ``max_wait`` at the
+        current rate, within the oldest bucket's batch size; 1 (take what is there) at low load."""
+        if not self._queues:
+            return 1
+        oldest = min(self._queues, key=lambda key: (self._queues[key][0].since, self._queues[key][0].order))
+        return max(1, min(self.batch_size(oldest), round(self.arrivals.expected(now, self.max_wait))))
+
+    def pop_ready(self, now: float, *, flush: bool = False, eager: bool = False) -> tuple[K, list[T]] | None:
+        """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready,
+        ``eager`` (a consumer is free) too once the queue holds ``fill`` rows.
 
         Returns the batch's shape key and its items; items of a merged batch keep their own keys.
         """
+        flush = flush or (eager and self._total_rows >= self.fill(now))
         best: K | None = None
         best_head = (float("inf"), 0)
         best_full = False
@@ -166,7 +189,9 @@ class BatchQueue(Generic[K, T]):
         for key, count in counts.items():
             queue = self._queues[key]
             popped = [queue.popleft() for _ in range(min(count, len(queue)))]
-            self._rows[key] -= sum(q.rows for q in popped)
+            rows = sum(q.rows for q in popped)
+            self._rows[key] -= rows
+            self._total_rows -= rows
             queued += popped
             if not queue:
                 del self._queues[key]
@@ -184,12 +209,15 @@ class BatchQueue(Generic[K, T]):
             for queued in self._queues[key]:
                 if dropped(queued.item):
                     out.append(queued.item)
+                    self._rows[key] -= queued.rows
+                    self._total_rows -= queued.rows
                 else:
                     kept.append(queued)
             if kept:
                 self._queues[key] = kept
             else:
                 del self._queues[key]
+                del self._rows[key]
         self._count -= len(out)
         return out
 
@@ -234,12 +262,12 @@ class MicroBatcher(Generic[K, T]):
     async def get(self, *, eager: bool = False) -> tuple[K, list[T]]:
         """The next ready batch (by size, by time, or by flush on close).
 
-        ``eager``: whatever is queued is ready (the oldest bucket's items, at most one batch), without
-        waiting for max_wait: the caller has a batch slot free, so waiting would only add latency;
-        while its slots are busy, batches fill up as before.
+        ``eager``: the caller has a batch slot free: what is queued is ready (the oldest bucket's
+        items, at most one batch) once it holds what the arrival rate brings in max_wait
+        (``BatchQueue.fill``; at low load, at once), or when max_wait runs out.
         """
         while True:
-            ready = self.queue.pop_ready(self._clock(), flush=self._closing or eager)
+            ready = self.queue.pop_ready(self._clock(), flush=self._closing, eager=eager)
             if ready is not None:
                 return ready
             if self._closing:
