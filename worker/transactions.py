@@ -309,9 +309,15 @@ class Transactions:
         started_ns: int,
     ) -> None:
         """Take the partition's producer out of service until its late commit's outcome is known."""
+        if self._producers.get(tp) is not producer:
+            # Revoked meanwhile, its producer closed (its commit will never answer here): the partition's
+            # next producer ends the transaction, and its next owner reads from what it committed.
+            unanswered.ending.cancel()
+            self._give_up(tp, run, None)
+            return
         log.warning("%s: the commit of offsets %d-%d got no answer in time; awaiting its outcome", tp, run[0][0],
                     run[-1][0])  # fmt: skip
-        self._producers.pop(tp, None)
+        del self._producers[tp]
         task = asyncio.create_task(
             self._await_outcome(producer, tp, run, unanswered.ending, started_ns),
             name=f"await-commit:{tp.topic}:{tp.partition}",
