@@ -126,6 +126,15 @@ class _Node:
         return self.directory / "kafka.log"
 
 
+def random_cluster_id() -> str:
+    """A KRaft cluster id drawn as Kafka's own ``Uuid.randomUuid`` draws one: never one that starts with "-",
+    which kafka-storage's argument parser takes for an option (one start in 64 failed: "argument
+    --cluster-id/-t: expected one argument")."""
+    while (drawn := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return drawn
+
+
 class ApacheKafka:
     """A KRaft cluster of `nodes` JVMs on loopback; a context manager (sync or async) or start()/stop().
 
@@ -374,7 +383,7 @@ class ApacheKafka:
         ]
 
     async def _format(self, libs: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = random_cluster_id()
 
         async def format_one(node: _Node) -> None:
             command = self._java(
