@@ -2,7 +2,9 @@
 
 While cut, every open connection is reset and new ones are reset as soon as they are
 accepted: clients see the same thing as a refused connection (the listening socket stays
-bound, so ``restore()`` never has to win its port back from another process).
+bound, so ``restore()`` never has to win its port back from another process). While answers
+are dropped, requests still reach the server but nothing comes back: what a client asked is
+done, and it cannot know (a network cut between a request and its answer).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class TcpProxy:
         self.host = host
         self._server: asyncio.Server | None = None
         self._open = True
+        self._dropping = False
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -64,8 +67,13 @@ class TcpProxy:
         return self._reset_all()
 
     def restore(self) -> None:
-        """Forward new connections again."""
+        """Forward new connections again, answers included."""
         self._open = True
+        self._dropping = False
+
+    def drop_answers(self) -> None:
+        """Forward what clients send but drop what the server answers, until ``cut()`` and ``restore()``."""
+        self._dropping = True
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -99,7 +107,7 @@ class TcpProxy:
         self._writers |= {client_writer, upstream_writer}
         pipes = [
             asyncio.create_task(self._pipe(client_reader, upstream_writer)),
-            asyncio.create_task(self._pipe(upstream_reader, client_writer)),
+            asyncio.create_task(self._pipe(upstream_reader, client_writer, answers=True)),
         ]
         self._pipes.update(pipes)
         try:
@@ -114,9 +122,12 @@ class TcpProxy:
             await asyncio.gather(*pipes, return_exceptions=True)
             self._pipes.difference_update(pipes)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool = False
+    ) -> None:
         with contextlib.suppress(OSError):
             while chunk := await reader.read(_CHUNK):
+                if answers and self._dropping:
+                    continue  # the connection is reset before it carries anything again
                 writer.write(chunk)
                 await writer.drain()

@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+import worker.kafka.apache_nodes
 from tests.test_embedded_broker import process_exists, round_trip
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.apache_config import KAFKA_VERSION, SHARED_SETTINGS, replication_settings
+from worker.kafka.apache_nodes import random_cluster_id
 from worker.kafka.broker_processes import BrokerStartError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +33,13 @@ def test_docker_compose_runs_the_fixture_s_kafka_with_its_settings() -> None:
 
 def test_the_pom_fetches_the_version_the_module_runs() -> None:
     assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in (ROOT / "kafka" / "pom.xml").read_text()
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kafka-storage format -t -X... reads "-X..." as an option: the broker did not start, one time in 64.
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(int=1)])  # "-AAA...", then the next draw
+    monkeypatch.setattr(worker.kafka.apache_nodes.uuid, "uuid4", lambda: next(drawn))
+    assert random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAQ"  # 15 zero bytes and 0x01 in URL-safe base64
 
 
 def test_missing_jars_are_reported_with_the_command_that_fetches_them(

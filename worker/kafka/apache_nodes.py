@@ -40,6 +40,15 @@ class Node:
         return self.directory / "kafka.log"
 
 
+def random_cluster_id() -> str:
+    """A KRaft cluster id drawn as Kafka's own ``Uuid.randomUuid`` draws one: never one that starts with "-",
+    which kafka-storage's argument parser takes for an option (one start in 64 failed: "argument
+    --cluster-id/-t: expected one argument")."""
+    while (drawn := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return drawn
+
+
 def java_command(node: Node, libs: Path, heap_mb: int, *args: str) -> list[str]:
     """The JVM command line that runs ``args`` (a main class and its arguments) for ``node``."""
     java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java") if "JAVA_HOME" in os.environ else "java"
@@ -59,7 +68,7 @@ def java_command(node: Node, libs: Path, heap_mb: int, *args: str) -> list[str]:
 
 async def format_nodes(nodes: Mapping[int, Node], libs: Path, heap_mb: int) -> None:
     """Format every node's storage for one new cluster (kafka.tools.StorageTool), all at once."""
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = random_cluster_id()
 
     async def format_one(node: Node) -> None:
         command = java_command(

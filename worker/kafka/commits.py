@@ -30,7 +30,8 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The longest the commit before a revoke may take (aiokafka retries it while the coordinator is away).
+#: The longest the commit before a revoke and the quarantine's release after it may take together (aiokafka
+#: retries a commit while the coordinator is away); also the bound of one try to seek to committed offsets.
 REVOKE_COMMIT_S = 5.0
 #: The first and the longest pause between tries to read the committed offsets to seek to.
 SEEK_RETRY_S = 0.5
@@ -51,8 +52,9 @@ class Flow:
         self._progress = asyncio.Event()
         #: called with the revoked partitions once their answers are in (the fetcher forgets them)
         self.on_revoked: Callable[[Collection[TopicPartition]], None] | None = None
-        #: awaited with the revoked partitions after their commit, before they are forgotten (quarantine)
-        self.on_revoking: Callable[[Collection[TopicPartition]], Awaitable[None]] | None = None
+        #: awaited with the revoked partitions after their commit, before they are forgotten (quarantine),
+        #: and the seconds left of REVOKE_COMMIT_S for it
+        self.on_revoking: Callable[[Collection[TopicPartition], float], Awaitable[None]] | None = None
         #: called after a rewind or a revoke dropped tracked work (the worker drops it from its batchers)
         self.on_dropped: Callable[[], None] | None = None
         #: called each time the committed offsets to seek to could not be read (readiness counts it)
@@ -195,16 +197,20 @@ class Flow:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
                 await self.wait_answered(revoked)
+        loop = asyncio.get_running_loop()
+        # One budget for the commit and the quarantine's release: with one each, an outage held the callback
+        # for the wait above plus both, 15 s, its bound (simulation seed 7420).
+        deadline = loop.time() + REVOKE_COMMIT_S
         try:
             # aiokafka retries a commit for as long as the coordinator is away: bounded here,
             # so an outage cannot hold the rebalance (what is not committed is read again).
-            async with asyncio.timeout(REVOKE_COMMIT_S):
+            async with asyncio.timeout_at(deadline):
                 await self.commit()
         except TimeoutError:
             log.warning("the commit before a revoke took over %.0f s; abandoned", REVOKE_COMMIT_S)
         if self.on_revoking is not None:
             # Still tracked here: the quarantine tells a partition with records running from an idle one.
-            await self.on_revoking(revoked)
+            await self.on_revoking(revoked, max(0.0, deadline - loop.time()))
         self.tracker.forget(revoked)
         self.generation += 1
         for tp in revoked:

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 HELD_FETCH_TIMEOUT_MS = 20
 #: Longest the fetch loop waits for a record running alone to be answered before it looks around again.
 HELD_WAIT_S = 0.5
-#: Longest a revoke or drain waits to disarm markers (the broker may be away).
+#: Longest a drain waits to disarm markers (the broker may be away); a revoke gives it what is left of the
+#: budget it shares with the commit before it (worker/flow.py, REVOKE_COMMIT_S).
 RELEASE_BUDGET_S = 5.0
 
 
@@ -224,8 +225,11 @@ class Quarantine:
                 self.consumer.resume(tp)
         return Fetched(out, []) if out else None
 
-    async def release(self, partitions: Collection[TopicPartition]) -> None:
-        """Partitions leave (revoke, drain): disarm the markers of those with nothing running, forget them.
+    async def release(
+        self, partitions: Collection[TopicPartition], budget_s: float = RELEASE_BUDGET_S
+    ) -> None:
+        """Partitions leave (revoke, drain): disarm the markers of those with nothing running (within
+        ``budget_s``), forget them.
 
         A partition with records still running (the revoke's or drain's wait ran out) keeps its marker
         armed but ``revoked``: this process let it go alive, so the next owner counts no crash for it
@@ -235,7 +239,7 @@ class Quarantine:
         """
         releasing = {}
         try:
-            async with asyncio.timeout(RELEASE_BUDGET_S):
+            async with asyncio.timeout(budget_s):
                 async with self._lock:  # a round's marker writes land first, then are disarmed here
                     for tp, state in self._forget(partitions).items():
                         written = state.written

@@ -13,6 +13,11 @@ initialises that id (InitProducerId bumps its epoch, aborting an open transactio
 before it reads the partition's committed offset; from then on a worker that lost the partition
 (a zombie) cannot commit for it. KIP-447's fencing by consumer group metadata is not available:
 aiokafka 0.14 sends TxnOffsetCommit v0 only.
+
+A commit that gets no answer within the transaction's bound may still commit: aiokafka's sender goes on
+retrying EndTxn, and the coordinator may have prepared the commit already. Such a run is neither read again
+nor published again until that outcome is known (``_await_outcome``): read again from its first offset, as
+after an abort, it was answered twice once the late commit landed (issue 26, a network cut).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
+import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
@@ -47,6 +53,21 @@ OPEN_TIMEOUT_S = 20.0
 CLOSE_TIMEOUT_S = 5.0
 #: Beyond publish_retry_s (what delivery retries for), the most a transaction's offsets and commit may take.
 COMMIT_SLACK_S = 15.0
+#: The wait before a transaction's first AddPartitionsToTxn is sent again after CONCURRENT_TRANSACTIONS (the
+#: previous commit's markers not written yet): aiokafka 0.14 waits a fixed 20 ms (``BACKOFF_OVERRIDE`` in
+#: aiokafka/producer/sender.py, whatever retry_backoff_ms says), which back-to-back transactions of a partition
+#: paid each time. One transaction of two records, back to back (Apache Kafka 4.4, this 2-core machine, three
+#: runs each): 23-25 ms at 20 ms, 9-10 ms at 5 ms, 6-7 ms at 2 ms.
+CONCURRENT_RETRY_S = 0.005
+
+
+class CommitUnanswered(Exception):
+    """A transaction's commit was asked for and not answered within its bound: it may still commit."""
+
+    def __init__(self, ending: asyncio.Future[None]) -> None:
+        super().__init__("the commit got no answer in time")
+        #: commit_transaction, still running: aiokafka retries EndTxn until the coordinator answers
+        self.ending = ending
 
 
 class TransactionsRefused(RuntimeError):
@@ -89,13 +110,16 @@ class Transactions:
         self.on_redelivered = on_redelivered
         self.max_request_size = max_request_size
         self.held: HeldAnswers[TopicPartition, Outgoing] = HeldAnswers()
+        # Process-wide, but only transactional producers read it.
+        aiokafka.producer.sender.BACKOFF_OVERRIDE = CONCURRENT_RETRY_S
         self.consumer: AIOKafkaConsumer | None = None
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         #: one transaction at a time per partition; waiting answers join the next one
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
         #: partition -> the offset this worker's last transaction for it committed (while it is ours)
         self._committed: dict[TopicPartition, int] = {}
-        #: partitions whose producer broke, each with the task that opens a new one
+        #: partitions without a producer in service, each with the task that brings one back (it awaits a
+        #: late commit's outcome, or opens a new producer)
         self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
 
     def _producer(self, transactional: str) -> AIOKafkaProducer:
@@ -151,13 +175,20 @@ class Transactions:
                 started_ns = time.time_ns()
                 try:
                     await self._commit(producer, tp, run)
+                except CommitUnanswered as exc:
+                    self._await_outcome_later(producer, tp, run, exc, started_ns)
+                    return
                 except Exception as exc:
                     await self._failed(producer, tp, run, exc)
                     return
-                self._committed[tp] = run[-1][0] + 1
-                for offset, reply in run:
-                    self.tracker.done(tp, offset, reply.origin.epoch)
-                    self.on_published(reply, started_ns)
+                self._done(tp, run, started_ns)
+
+    def _done(self, tp: TopicPartition, run: list[tuple[int, Outgoing]], started_ns: int) -> None:
+        """A run's transaction committed: its offsets are answered."""
+        self._committed[tp] = run[-1][0] + 1
+        for offset, reply in run:
+            self.tracker.done(tp, offset, reply.origin.epoch)
+            self.on_published(reply, started_ns)
 
     async def _commit(
         self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]]
@@ -169,6 +200,7 @@ class Transactions:
         # written, and both would commit. A retriable failure gives up the transaction (a redelivery).
         delivery.retry_s = 0.0
         delivery.bound_attempts = False  # the transaction's own timeout bounds its sends
+        ending: asyncio.Future[None] | None = None
         try:
             async with asyncio.timeout(self.settings.publish_retry_s + COMMIT_SLACK_S):
                 await producer.begin_transaction()
@@ -179,7 +211,14 @@ class Transactions:
                     if isinstance(outcome, BaseException):
                         raise outcome
                 await producer.send_offsets_to_transaction({tp: run[-1][0] + 1}, self.settings.group_id)
-                await producer.commit_transaction()
+                # Shielded: once asked for, the commit goes on in aiokafka's sender whatever the timeout does
+                # (it cannot be aborted any more), so its outcome is kept to be awaited.
+                ending = asyncio.ensure_future(producer.commit_transaction())
+                await asyncio.shield(ending)
+        except TimeoutError as exc:
+            if ending is not None:
+                raise CommitUnanswered(ending) from exc
+            raise
         finally:
             # /readyz reads the worker's delivery: publishing failing for long turns it not ready, as in
             # at-least-once.
@@ -211,7 +250,75 @@ class Transactions:
                 self._producers.pop(tp, None)
                 await _stop(producer)
                 self._replace_later(tp, exc)
-        self.redeliver(tp, first, run[0][1].origin.epoch, exc)
+        self._give_up(tp, run, exc)
+
+    def _await_outcome_later(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        run: list[tuple[int, Outgoing]],
+        unanswered: CommitUnanswered,
+        started_ns: int,
+    ) -> None:
+        """Take the partition's producer out of service until its late commit's outcome is known."""
+        if self._producers.get(tp) is not producer:
+            # Revoked meanwhile, its producer closed (its commit will never answer here): the partition's
+            # next producer ends the transaction, and its next owner reads from what it committed.
+            unanswered.ending.cancel()
+            self._give_up(tp, run, None)
+            return
+        log.warning("%s: the commit of offsets %d-%d got no answer in time; awaiting its outcome", tp, run[0][0],
+                    run[-1][0])  # fmt: skip
+        del self._producers[tp]
+        task = asyncio.create_task(
+            self._await_outcome(producer, tp, run, unanswered.ending, started_ns),
+            name=f"await-commit:{tp.topic}:{tp.partition}",
+        )
+        self._replacing[tp] = task
+        task.add_done_callback(
+            lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
+        )
+
+    async def _await_outcome(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        run: list[tuple[int, Outgoing]],
+        ending: asyncio.Future[None],
+        started_ns: int,
+    ) -> None:
+        """Until the commit answers: committed, the run is answered and the producer goes on; refused, the
+        run is read again and a new producer opened. Cancelled (the partition revoked, the worker closing),
+        the producer is closed: the partition's next producer (InitProducerId) ends the transaction either way.
+
+        Nothing of the partition is read or committed meanwhile (``settled`` waits for this): its committed
+        offset may not yet show a commit that is coming.
+        """
+        try:
+            await ending
+        except asyncio.CancelledError:
+            await _stop(producer)
+            self._give_up(tp, run, None)
+            raise
+        except Exception as exc:
+            log.warning("%s: the commit of offsets %d-%d failed (%r); the producer is replaced", tp, run[0][0],
+                        run[-1][0], exc)  # fmt: skip
+            await _stop(producer)
+            self._give_up(tp, run, exc)
+            await self._replace(tp, exc)
+            return
+        log.info("%s: the late commit of offsets %d-%d went through", tp, run[0][0], run[-1][0])
+        self._producers[tp] = producer
+        self._done(tp, run, started_ns)
+        await self._flush(tp)
+
+    def _give_up(
+        self, tp: TopicPartition, run: list[tuple[int, Outgoing]], why: BaseException | None
+    ) -> None:
+        """The run was not committed: read it again (``why`` None: its transaction is left to the partition's
+        next producer, this worker closing or the partition revoked)."""
+        if why is not None:
+            self.redeliver(tp, run[0][0], run[0][1].origin.epoch, why)
         for offset, reply in run:
             self.tracker.release(tp, offset, reply.origin.epoch)
             self.on_redelivered(reply)
@@ -329,9 +436,13 @@ class Transactions:
         return self._committed.get(tp)
 
     async def settled(self, partitions: Collection[TopicPartition]) -> None:
-        """Wait until no transaction of ``partitions`` is in progress (the caller bounds the wait): a
-        committed offset read after this includes every transaction this worker began for them."""
+        """Wait until no transaction of ``partitions`` is in progress and none awaits its commit's outcome
+        (the caller bounds the wait): a committed offset read after this includes every transaction this
+        worker began for them."""
         for tp in partitions:
+            replacing = self._replacing.get(tp)
+            if replacing is not None:
+                await asyncio.wait([replacing])  # not cancelled by the caller's bound
             async with self._locks.setdefault(tp, asyncio.Lock()):
                 pass
 
