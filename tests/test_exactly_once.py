@@ -38,9 +38,10 @@ from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.held_answers import HeldAnswers
 from worker.kafka.messages import Origin, Outgoing
 from worker.kafka.offsets import OffsetTracker
+from worker.kafka.partition_producers import transactional_id
 from worker.kafka.routing import TopicDirectory
 from worker.kafka.transactional_rebalance import TransactionalRebalance
-from worker.kafka.transactions import Transactions, transactional_id
+from worker.kafka.transactions import Transactions
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings
 
