@@ -29,7 +29,8 @@ from worker.kafka.messages import Outgoing
 from worker.kafka.offsets import OffsetTracker
 from worker.settings import Settings
 
-log = logging.getLogger(__name__)
+# The logger of the part this is a piece of: its records keep the name operators and tests filter by.
+log = logging.getLogger("worker.kafka.transactions")
 
 
 #: How long opening (initialising) one partition's producer may take on assignment.

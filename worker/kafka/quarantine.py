@@ -22,17 +22,18 @@ such hand-overs in a row at the same resume offset count as one crash (a killer 
 rebalance, or a process killed after it let go). A partition that was fully answered is never
 charged: the group resumes past the marker's ``upto``.
 The pure rules are ``recover``, ``Suspicion`` and ``Marker`` (worker/kafka/crash_markers.py), the
-markers' topic is ``MarkerLog`` (worker/kafka/marker_log.py); ``Quarantine`` is the Kafka shell.
+markers' topic is ``MarkerLog`` (worker/kafka/marker_log.py); ``Quarantine`` is the Kafka shell, with
+the crash counting of ``CrashCounting`` (worker/kafka/crash_counting.py) and the holding of ``HeldRecords``
+(worker/kafka/held_records.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -41,8 +42,10 @@ from aiokafka.errors import KafkaError
 from schemas.topics import quarantine_topic
 from worker.errors import PoisonSuspected
 from worker.kafka.clients import KafkaClients
-from worker.kafka.crash_markers import HANDOVERS_PER_CRASH, Marker, Suspicion, recover
+from worker.kafka.crash_counting import CrashCounting
+from worker.kafka.crash_markers import Marker, Suspicion
 from worker.kafka.fetching import Fetched
+from worker.kafka.held_records import HeldRecords, PartitionState
 from worker.kafka.marker_log import COMPACTED, MarkerLog
 from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.offsets import OffsetTracker
@@ -50,29 +53,9 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The fetch loop's wait for records while a record runs alone (fetch_timeout_ms otherwise).
-HELD_FETCH_TIMEOUT_MS = 20
-#: Longest the fetch loop waits for a record running alone to be answered before it looks around again.
-HELD_WAIT_S = 0.5
 #: Longest a drain waits to disarm markers (the broker may be away); a revoke gives it what is left of the
 #: budget it shares with the commit before it (worker/flow.py, REVOKE_COMMIT_S).
 RELEASE_BUDGET_S = 5.0
-
-
-@dataclass
-class _Partition:
-    """One owned partition: its suspicion, its last written marker, offsets answered as poison."""
-
-    suspicion: Suspicion
-    written: Marker | None
-    #: offset -> the crashes it caused (a redelivered one is answered as poison again)
-    poisoned: dict[int, int] = field(default_factory=dict)
-    #: paused here while its one record runs alone
-    held: bool = False
-    #: records fetched behind the one running alone, waiting here for their turn (offset order)
-    backlog: list[ConsumerRecord[Any, Any]] = field(default_factory=list)
-    #: the tracker's epoch the backlog was fetched in: a rewind since sends it back to the broker
-    epoch: int = 0
 
 
 @dataclass
@@ -84,7 +67,7 @@ class Admitted:
     poisoned: list[tuple[ConsumerRecord[Any, Any], int]]
 
 
-class Quarantine:
+class Quarantine(HeldRecords, CrashCounting):
     """Arms markers before rounds run, counts crashes at the first round after an assignment, holds
     suspect partitions to one record at a time, and names the records to answer as poison."""
 
@@ -108,15 +91,11 @@ class Quarantine:
         self.generation = generation
         self.max_crashes = max_crashes
         self.me = uuid.uuid4().hex
-        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._partitions: dict[TopicPartition, PartitionState] = {}
         #: partitions whose assignment came before the last read of the topic (their markers are known)
         self._read_since_assigned: set[TopicPartition] = set()
         #: admit and release one at a time: a revoke during a round's marker writes disarms what they armed
         self._lock = asyncio.Lock()
-
-    def pending(self, tp: TopicPartition) -> int:
-        """Unanswered tracked records of ``tp``."""
-        return self.tracker.pending([tp])
 
     async def admit(
         self, fetched: Fetched, epochs: Mapping[TopicPartition, int], generation: int
@@ -190,41 +169,6 @@ class Quarantine:
         await self._write(arming)
         return Admitted(Fetched(records, undecodable), poisoned)
 
-    def fetch_timeout_ms(self, usual_ms: int) -> int:
-        """How long the next fetch may wait: short while a record runs alone, so the one behind it
-        starts soon after its answer instead of after a fetch of the other partitions times out."""
-        held = any(map(self._running_alone, self._partitions))
-        return min(usual_ms, HELD_FETCH_TIMEOUT_MS) if held else usual_ms
-
-    async def held_back(self) -> Fetched | None:
-        """Records waiting here whose turn has come (their partition's one running record is answered),
-        as a round for ``admit``; partitions with none left and nothing running are resumed.
-
-        Held records are run from memory, not fetched again: a broker that answers a fetch only when
-        its wait expires (the embedded one) would add that wait to every record.
-        """
-        out: list[ConsumerRecord[Any, Any]] = []
-        assigned = self.consumer.assignment()
-        if assigned and all(self._running_alone(tp) for tp in assigned):
-            # Nothing else to fetch: wait for the answer instead of polling (a fetch would sleep).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HELD_WAIT_S):
-                    await self.wait_until(lambda: not all(map(self._running_alone, assigned)))
-        for tp, state in self._partitions.items():
-            if state.backlog and self.tracker.epoch(tp) != state.epoch:
-                # Rewound since: the flow seeks it (between rounds) to an offset tracked before them.
-                log.info("%s was rewound: its held records are read again", tp)
-                state.backlog = []
-            if not state.held or self.pending(tp) or tp not in assigned:
-                continue
-            if state.backlog:
-                out += state.backlog
-                state.backlog = []
-            else:
-                state.held = False
-                self.consumer.resume(tp)
-        return Fetched(out, []) if out else None
-
     async def release(
         self, partitions: Collection[TopicPartition], budget_s: float = RELEASE_BUDGET_S
     ) -> None:
@@ -258,7 +202,7 @@ class Quarantine:
             )
             self._forget(partitions)
 
-    def _forget(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, _Partition]:
+    def _forget(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, PartitionState]:
         """Stop owning ``partitions`` here; returns the states they had."""
         partitions = set(partitions)
         self._read_since_assigned -= partitions
@@ -266,14 +210,6 @@ class Quarantine:
         return {
             tp: state for tp in sorted(partitions) if (state := self._partitions.pop(tp, None)) is not None
         }
-
-    def reread(self, partitions: Collection[TopicPartition]) -> None:
-        """A round of ``partitions`` that was not tracked goes back to the broker (the caller seeks them to
-        its first offsets): what waits here behind it goes too."""
-        for tp in partitions:
-            state = self._partitions.get(tp)
-            if state is not None:
-                state.backlog = []
 
     async def close(self, budget_s: float) -> None:
         """Stop the marker producer and reader, within ``budget_s`` whatever the broker does."""
@@ -284,93 +220,6 @@ class Quarantine:
             log.warning("closing the quarantine's clients failed: %r", exc)
 
     # --- inside ------------------------------------------------------------------------------
-
-    async def _recover(self, fetched: Fetched) -> None:
-        starts: dict[TopicPartition, int] = {}
-        for tp, offset in [(TopicPartition(r.topic, r.partition), r.offset) for r in fetched.records] + [
-            (u.tp, u.offset) for u in fetched.undecodable
-        ]:
-            if tp not in self._partitions:
-                starts[tp] = min(offset, starts.get(tp, offset))
-        if not starts:
-            return
-        if not starts.keys() <= self._read_since_assigned:
-            # Read once for every partition assigned by now: the previous owners' last markers were
-            # acknowledged before the rebalance that assigned them here ended.
-            self._read_since_assigned = set(self.consumer.assignment())
-            await self.markers.catch_up()
-        markers = self.markers.latest(starts)
-        for tp, resume_at in starts.items():
-            marker = markers.get(tp)
-            suspicion = recover(marker, resume_at, self.me)
-            if marker is not None and suspicion.crashed:
-                running = (
-                    f"offset {marker.upto} alone" if marker.alone else f"offsets {resume_at}..{marker.upto}"
-                )
-                log.error(
-                    "%s: its last owner died with %s running (crash %d of %d allowed for it); "
-                    "reading through offset %d one record at a time",
-                    tp,
-                    running,
-                    suspicion.charged(marker.upto),
-                    self.max_crashes,
-                    suspicion.suspect_to,
-                )
-            elif suspicion.handed:
-                log.info(
-                    "%s: its last owner let it go alive with offsets %d..%d running (hand-over %d of %d "
-                    "that count one crash); no crash counted",
-                    tp,
-                    resume_at,
-                    marker.upto if marker is not None else resume_at,
-                    suspicion.handed,
-                    HANDOVERS_PER_CRASH,
-                )
-            self._partitions[tp] = _Partition(suspicion, marker)
-
-    def _armed(self, state: _Partition, upto: int, *, alone: bool) -> Marker:
-        s = state.suspicion
-        named = s.named_crashes if alone and upto == s.named else 0
-        return Marker(
-            upto,
-            True,
-            s.crashes,
-            alone,
-            s.suspect_to,
-            self.me,
-            named,
-            handed=s.handed,
-            resumed_at=s.resumed_at,
-        )
-
-    def _poison(self, tp: TopicPartition, state: _Partition, offset: int) -> int:
-        crashes = state.poisoned.get(offset, state.suspicion.charged(offset))
-        if offset not in state.poisoned:
-            log.error(
-                "%s offset %d killed its worker %d times: answered as poison_suspected, not run again",
-                tp,
-                offset,
-                crashes,
-            )
-            state.poisoned[offset] = crashes
-        state.suspicion = Suspicion()  # its crashes are explained: the records behind it run whole again
-        return crashes
-
-    def _running_alone(self, tp: TopicPartition) -> bool:
-        state = self._partitions.get(tp)
-        return state is not None and state.held and self.pending(tp) > 0
-
-    def _hold(self, tp: TopicPartition, state: _Partition) -> None:
-        # Paused again each time: a resume of every partition (backpressure) may have let it go.
-        state.held = True
-        self.consumer.pause(tp)
-
-    def _defer_undecodable(self, tp: TopicPartition, first_held: int, undecodable: list[Any]) -> None:
-        """Undecodable records behind held ones are left for later: offsets are tracked in order."""
-        later = [u.offset for u in undecodable if u.tp == tp and u.offset > first_held]
-        if later:
-            undecodable[:] = [u for u in undecodable if u.tp != tp or u.offset < min(later)]
-            self.consumer.seek(tp, min(later))
 
     async def _write(self, markers: dict[TopicPartition, Marker], *, forgotten: bool = False) -> None:
         fresh = markers if forgotten else {tp: m for tp, m in markers.items() if self._written(tp) != m}
