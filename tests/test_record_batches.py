@@ -141,7 +141,7 @@ def test_a_round_hands_over_a_partitions_records_before_its_failures_in_offset_o
     bad: set[int], records: list[int], skipped: list[int], resume: int
 ) -> None:
     """The worker tracks a round's records before its skipped ones, each partition in offset order."""
-    from worker.kafka.fetching import _trackable_part
+    from worker.kafka.decode_failures import _trackable_part
 
     entries: list[tuple[bytes, list[tuple[str, bytes | None]]]] = [
         (v, [(_UndecodableName("x"), b"")] if i in bad else []) for i, v in enumerate(_values(5))

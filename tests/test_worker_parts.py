@@ -92,7 +92,7 @@ def test_a_record_aiokafka_skips_as_too_large_becomes_a_dlq_record_not_a_silent_
     from aiokafka import TopicPartition
     from aiokafka.errors import RecordTooLargeError
 
-    from worker.kafka.fetching import _skipped_as_too_large
+    from worker.kafka.decode_failures import _skipped_as_too_large
 
     tp = TopicPartition("inference.text.requests", 3)
     # Built as aiokafka 0.14's Fetcher builds it when a record exceeds max_partition_fetch_bytes.

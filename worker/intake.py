@@ -24,8 +24,8 @@ from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.errors import InferenceError
 from schemas.topics import results_topic
 from worker.errors import DeadlineExceeded, InvalidRequest, UnknownModel
+from worker.kafka.decode_failures import Undecodable
 from worker.kafka.failpoint import crash_if_marked
-from worker.kafka.fetching import Undecodable
 from worker.kafka.messages import Origin, Outgoing, rejection
 from worker.kafka.routing import ReplyPolicy
 from worker.kafka.tracing import Tracing
