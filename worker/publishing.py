@@ -9,9 +9,10 @@ from collections.abc import Collection
 from typing import Any
 
 from worker.kafka.commits import Flow
-from worker.kafka.delivery import Delivery, GiveUp
+from worker.kafka.delivery import Delivery
 from worker.kafka.messages import Outgoing
 from worker.kafka.offsets import OffsetTracker
+from worker.kafka.publish_retries import GiveUp
 from worker.kafka.tracing import Tracing
 from worker.kafka.transactions import Transactions
 from worker.metrics import WorkerMetrics

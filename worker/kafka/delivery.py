@@ -10,7 +10,7 @@ Every failure has one bounded way out, so no reply can loop:
   record that says the reply could not be delivered;
 - a retriable failure (broker away, leader moving) -> retried with backoff for ``retry_s`` (each
   attempt bounded by what is left of it); after that ``GiveUp``: the caller leaves the offset
-  uncommitted and has it redelivered;
+  uncommitted and has it redelivered (worker/kafka/publish_retries.py);
 - an unknown topic while the cluster cannot be asked for its topics (aiokafka's producer raises
   UnknownTopicOrPartitionError after its metadata wait during an outage) -> retriable, as above;
   only a cluster that answers can refuse a topic.
@@ -18,52 +18,29 @@ Every failure has one bounded way out, so no reply can loop:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from aiokafka.errors import (
-    InvalidTopicError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from schemas import ErrorCode, ErrorDetail, ErrorReply
 from schemas.topics import dlq_topic, results_topic
 from worker.kafka.messages import Outgoing
-from worker.kafka.routing import Refusal, TopicDirectory, TopicsUnknown
+from worker.kafka.publish_retries import _TOPIC_REFUSED, GiveUp, PublishRetries
+from worker.kafka.routing import Refusal, TopicDirectory
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-#: Failures that mean "this topic will not take it", as opposed to "the broker is not there now".
-_TOPIC_REFUSED = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 #: Room left in a record for its headers, key and framing under the broker's size limit.
 RECORD_OVERHEAD = 16 * 1024
 
 #: publish(value, topic, key, headers, correlation_id) -> awaitable of the broker's acknowledgement
 Publish = Callable[[bytes, str, bytes | None, dict[str, str], str], Awaitable[Any]]
-
-
-class GiveUp(Exception):
-    """A retriable failure outlasted the retry bound: leave the offset uncommitted, redeliver."""
-
-
-def _retriable(exc: BaseException) -> bool:
-    """Worth another try: the broker is away or busy. A topic refused by name is not (it is re-routed)."""
-    if isinstance(exc, _TOPIC_REFUSED):
-        return False
-    transient = TimeoutError | KafkaTimeoutError | TopicsUnknown | OSError
-    return isinstance(exc, transient) or bool(getattr(exc, "retriable", False))
 
 
 @dataclass
@@ -76,7 +53,7 @@ class _Record:
     headers: dict[str, str]
 
 
-class Delivery:
+class Delivery(PublishRetries):
     """Publishes ``Outgoing`` answers under the broker's size limit, with bounded retries."""
 
     def __init__(
@@ -228,71 +205,6 @@ class Delivery:
             record.value, record.topic, key, record.headers, out.origin.correlation_id
         )
         await ack
-
-    async def _retrying(
-        self, kind: str, attempt: Callable[[], Awaitable[Any]], topic: str | None = None
-    ) -> Any:
-        """Run ``attempt`` until it succeeds or fails for good; retriable failures back off up to retry_s.
-
-        ``failing_since`` is set by the first failure and cleared only by a success while no other
-        call is still failing, so one reply that gets through does not hide the others.
-        """
-        started = time.monotonic()
-        delay = 0.2
-        failing = False
-        try:
-            while True:
-                try:
-                    # Each attempt is bounded by what is left of retry_s: aiokafka's producer holds
-                    # a send for its own request_timeout_ms (40 s) while the broker is away, which
-                    # would stretch the bound. A record abandoned here may still go out later (a
-                    # duplicate reply, as after any give-up).
-                    left = max(self.retry_s - (time.monotonic() - started), 0.1)
-                    async with asyncio.timeout(left if self.bound_attempts else None):
-                        result = await attempt()
-                except Exception as exc:
-                    if not _retriable(exc) and not await self._metadata_missing(exc):
-                        raise
-                    waited = time.monotonic() - started
-                    if not failing:
-                        failing = True
-                        self._failing += 1
-                    if self.failing_since is None:
-                        self.failing_since = time.monotonic()
-                    self.metrics.publish_retries.labels(kind).inc()
-                    if self.stopping or waited + delay > self.retry_s:
-                        self.metrics.publish_failures.labels(kind, "gave_up").inc()
-                        raise GiveUp(f"{kind}: {exc!r} for {waited:.1f} s") from exc
-                    log.warning("publishing a %s failed (%r); retrying in %.1f s", kind, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                else:
-                    self._last_ok = time.monotonic()
-                    if self._failing == (1 if failing else 0):
-                        self.failing_since = None
-                    return result
-        finally:
-            if failing:
-                self._failing -= 1
-                # The last failing call ended (given up) after a publish got through since the failures
-                # began: publishing works. An idle worker would otherwise stay publish_failing for good.
-                since, ok = self.failing_since, self._last_ok
-                if self._failing == 0 and since is not None and ok is not None and ok > since:
-                    self.failing_since = None
-
-    async def _metadata_missing(self, exc: BaseException) -> bool:
-        """An unknown-topic refusal while the cluster cannot be asked: the broker is away, not the topic.
-
-        aiokafka's producer raises UnknownTopicOrPartitionError for a topic it has no metadata
-        for after its metadata wait, also when the broker is simply away. Only a cluster that
-        answers can say the topic is refused (missing, or not writable): then it is re-routed
-        or reported as before. A broker that comes back between the two looks like a refusal
-        (one request's reply re-routed or sent to the DLQ), which a retry of every refusal would
-        turn into endless redeliveries of a topic that really refuses.
-        """
-        if not isinstance(exc, UnknownTopicOrPartitionError):
-            return False
-        return not await self.directory.reachable()
 
     def _undeliverable(self, kind: str, record: _Record, exc: BaseException) -> str:
         reason = type(exc).__name__
