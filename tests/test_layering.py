@@ -32,9 +32,19 @@ _BY_STRING = {"import_module", "find_spec", "__import__"}
 ACYCLIC = ("schemas", "worker", "bench")
 #: The worker's two halves, which meet only in the shell above them.
 HALVES = ("worker.kafka", "worker.serving")
-#: The edges both halves may use (typed settings, metrics, the error classes, the arrival rate both
-#: the batcher and the fetch loop size their waits by); the shell and faces sit above.
-EDGE_MODULES = {"worker.settings", "worker.metrics", "worker.errors", "worker.arrivals"}
+#: The edges both halves may use (typed settings and their slices, metrics, the error classes, the arrival
+#: rate both the batcher and the fetch loop size their waits by); the shell and faces sit above.
+EDGE_MODULES = {
+    "worker.settings",
+    "worker.settings_kafka",
+    "worker.settings_fetching",
+    "worker.settings_batching",
+    "worker.settings_media",
+    "worker.settings_operations",
+    "worker.metrics",
+    "worker.errors",
+    "worker.arrivals",
+}
 
 
 def _imports(path: Path) -> Iterator[str]:
