@@ -138,8 +138,11 @@ class PartitionFetcher:
             await asyncio.sleep(min(timeout_ms, POLL_MS) / 1000)
         elif out.empty:
             await self._wait(timeout_ms, out)
-            if out.records and self._lingers():
-                await self._linger(max_records, max_bytes, out)
+            if out.records:
+                # The rest of the fetch that brought the first record is in hand: the same round takes it.
+                await self._take_buffered(max_records, max_bytes, out)
+                if self._lingers():
+                    await self._linger(max_records, max_bytes, out)
         if out.records:
             self.arrivals.add(self._now(), len(out.records))
             if self.broker_wait is not None:
@@ -161,7 +164,6 @@ class PartitionFetcher:
         """
         deadline = self._now() + self.linger_s
         while True:
-            await self._take_buffered(max_records, max_bytes, out)
             left_ms = int((deadline - self._now()) * 1000)
             full = len(out.records) >= max_records or (max_bytes is not None and out.value_bytes >= max_bytes)
             if left_ms <= 0 or full or self._suspect_rounds or self._failing:
@@ -170,6 +172,7 @@ class PartitionFetcher:
             await self._wait(left_ms, out, idle_when_empty=False)
             if len(out.records) + len(out.undecodable) == before:
                 return  # nothing more came within the linger, or a fault to locate next round
+            await self._take_buffered(max_records, max_bytes, out)
 
     async def _take_buffered(self, max_records: int, max_bytes: int | None, out: Fetched) -> None:
         """What the consumer holds of each assigned, unpaused partition, until the round is full."""
