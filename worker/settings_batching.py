@@ -16,7 +16,7 @@ class BatchingAndEngine(BaseModel):
         description="Dispatch a batch once a model's bucket holds this many rows (a request is one row, "
         "a zero-shot request one per candidate label).",
     )
-    max_wait_ms: float = Field(20.0, ge=0, description="...or once its oldest request has waited this long.")
+    max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
         True,
         description="A model with a batch slot free (fewer than batches_in_flight running) does not wait for "

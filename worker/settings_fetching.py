@@ -33,12 +33,14 @@ class FetchingAndDelivery(BaseModel):
         "a record arrives, so a long wait costs no latency; a short one wakes an idle worker often.",
     )
     fetch_linger_ms: int = Field(
-        15,
+        0,
         ge=0,
         description="When records arrive steadily (the recent rate brings at least one more in this time), the "
         "fetch loop holding a round's first record waits this long for more before handing the round on: one "
         "round, one crash marker and one intake pass for several records instead of one each. At low load it "
-        "never waits. 0: off.",
+        "never waits. 0 (default): off. 15 with max_wait_ms 20 took MiniLM's CPU per request at half load from "
+        "1.49 to 1.37 x flooded, but its p99 there from 36 to 64 ms and the paced capacity from 0.9 to 0.75 "
+        "of the flood rate (bench/RESULTS.md).",
     )
     fetch_max_wait_ms: int = Field(
         20,
