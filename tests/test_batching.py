@@ -397,3 +397,26 @@ def test_committed_position_never_passes_an_unanswered_offset(order: list[int], 
         position = tracker.take_commits().get("p", position)
         assert all(o in answered for o in range(position))
         assert position == 30 or position not in answered
+
+
+def test_a_free_consumer_waits_for_the_items_still_on_their_way_within_max_wait() -> None:
+    # A flooded round being prepared: 5 of its requests are still on their way to the queue.
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=4, max_wait=0.01)
+    queue.add("a", 1, now=0.0)
+    assert queue.pop_ready(now=0.0, eager=True, pending=5) is None, "the batch fills from the round"
+    for i in range(2, 5):
+        queue.add("a", i, now=0.001)
+    assert queue.pop_ready(now=0.001, eager=True, pending=2) == ("a", [1, 2, 3, 4]), "full: no more wait"
+    queue.add("a", 5, now=0.002)
+    assert queue.pop_ready(now=0.002, eager=True, pending=1) is None
+    assert queue.pop_ready(now=0.0125, eager=True, pending=1) == ("a", [5]), "never past max_wait"
+
+
+def test_a_clock_set_to_the_next_deadline_finds_the_batch_ready() -> None:
+    # 0.7 + 0.1 is 0.7999999999999999 in floating point, and that minus 0.7 is less than 0.1: a virtual
+    # clock that jumps to the deadline must find the batch ready, or a consumer waits zero seconds for ever.
+    queue: BatchQueue[str, int] = BatchQueue(max_batch_size=8, max_wait=0.1)
+    queue.add("a", 1, now=0.7)
+    deadline = queue.next_deadline()
+    assert deadline is not None
+    assert queue.pop_ready(now=deadline) == ("a", [1])

@@ -98,6 +98,7 @@ class Worker:
             self._state, settings, self.models, self.executor, self.tracing, self.metrics, publish
         )
         self.batchers = self.model_loops.batchers
+        self.model_loops.pending = lambda: self.intake.pending
         self.admission = Admission(self._state, self.flow, self.intake, self.batchers, publish)
         self.fetch_loop = FetchLoop(
             self._state, settings, self.clients, self.flow, self.admission, self.metrics

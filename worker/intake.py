@@ -99,6 +99,7 @@ class Intake:
         # Its own threads: a slow preparation never holds an inference thread, nor a batch an intake one.
         self.executor = ThreadPoolExecutor(settings.intake_concurrency, thread_name_prefix="intake")
         self._free = settings.intake_concurrency
+        self.pending = 0  # records taken in and not yet handed on (being prepared, or waiting for a thread)
         self._slot_freed: asyncio.Event | None = None
         bound_pillow(self.limits)
         budget = Budget(settings.decode_cpu_seconds, settings.decode_memory_mib)
@@ -182,10 +183,17 @@ class Intake:
         done once every outcome went to ``ready``, the moment it was ready. A fault of ours, not of the
         request, goes to ``failed``; cancelling the future drops what is still being prepared."""
         handoffs = []
-        for origin in origins:
-            while self._free <= 0:
-                await self._freed().wait()
-            handoffs.append(asyncio.ensure_future(self._hand_on(origin, self._start(origin), ready, failed)))
+        self.pending += len(origins)
+        try:
+            for origin in origins:
+                while self._free <= 0:
+                    await self._freed().wait()
+                handoffs.append(
+                    asyncio.ensure_future(self._hand_on(origin, self._start(origin), ready, failed))
+                )
+        except BaseException:
+            self.pending -= len(origins) - len(handoffs)
+            raise
         return asyncio.gather(*handoffs)
 
     def close(self) -> None:
@@ -224,6 +232,18 @@ class Intake:
         return asyncio.wrap_future(future, loop=loop)
 
     async def _hand_on(
+        self,
+        origin: Origin,
+        preparing: asyncio.Future[Job | Outgoing],
+        ready: Callable[[Job | Outgoing], None],
+        failed: Callable[[Origin, BaseException], None],
+    ) -> None:
+        try:
+            await self._await_and_hand_on(origin, preparing, ready, failed)
+        finally:
+            self.pending -= 1
+
+    async def _await_and_hand_on(
         self,
         origin: Origin,
         preparing: asyncio.Future[Job | Outgoing],

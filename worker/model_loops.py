@@ -48,6 +48,9 @@ class ModelLoops:
         self.metrics = metrics
         self._publish = publish
         self.batchers: dict[str, MicroBatcher[Bucket, Job]] = {}
+        #: requests fetched and still being prepared (the intake's count, wired by the shell): a model with
+        #: a free batch slot waits for them within max_wait, so a flood's round fills batches
+        self.pending: Callable[[], int] = lambda: 0
 
     def start(self) -> list[asyncio.Task[None]]:
         """A batcher per model and its loop, started; returns the loops' tasks."""
@@ -55,7 +58,8 @@ class ModelLoops:
         loops = []
         for name, model in self.models.items():
             size, wait, tokens = s.batching_for(name)
-            batcher = MicroBatcher(batch_queue(model, size, wait, tokens, prepared_of=_prepared_of))
+            queue = batch_queue(model, size, wait, tokens, prepared_of=_prepared_of)
+            batcher = MicroBatcher(queue, pending=self.pending)
             self.batchers[name] = batcher
             loops.append(asyncio.create_task(self._supervise(model, batcher), name=f"model:{name}"))
         return loops

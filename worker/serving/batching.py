@@ -111,28 +111,33 @@ class BatchQueue(Generic[K, T]):
         self._arrivals += 1
         self._count += 1
 
-    def fill(self, now: float) -> int:
-        """Rows a free consumer waits for (``get(eager=True)``): what arrives in ``max_wait`` at the
-        current rate, within the oldest bucket's batch size; 1 (take what is there) at low load."""
+    def fill(self, now: float, pending: int = 0) -> int:
+        """Rows a free consumer waits for (``get(eager=True)``), within the oldest bucket's batch size: what
+        arrives in ``max_wait`` at the current rate, or what is queued plus the ``pending`` items on their
+        way (a fetched round still being prepared), whichever is more; 1 (what is there) at low load."""
         if not self._queues:
             return 1
         oldest = min(self._queues, key=lambda key: (self._queues[key][0].since, self._queues[key][0].order))
-        return max(1, min(self.batch_size(oldest), round(self.arrivals.expected(now, self.max_wait))))
+        due = max(round(self.arrivals.expected(now, self.max_wait)), self._total_rows + pending)
+        return max(1, min(self.batch_size(oldest), due))
 
-    def pop_ready(self, now: float, *, flush: bool = False, eager: bool = False) -> tuple[K, list[T]] | None:
+    def pop_ready(
+        self, now: float, *, flush: bool = False, eager: bool = False, pending: int = 0
+    ) -> tuple[K, list[T]] | None:
         """The ready batch whose oldest item has waited longest, or None; ``flush`` makes all ready,
         ``eager`` (a consumer is free) too once the queue holds ``fill`` rows.
 
         Returns the batch's shape key and its items; items of a merged batch keep their own keys.
         """
-        flush = flush or (eager and self._total_rows >= self.fill(now))
+        flush = flush or (eager and self._total_rows >= self.fill(now, pending))
         best: K | None = None
         best_head = (float("inf"), 0)
         best_full = False
         for key, queue in self._queues.items():
             head = (queue[0].since, queue[0].order)
             full = self._rows[key] >= self.batch_size(key)
-            if (flush or full or now - head[0] >= self.max_wait) and head < best_head:
+            # The same sum as next_deadline: a clock set to that deadline finds the batch ready.
+            if (flush or full or now >= head[0] + self.max_wait) and head < best_head:
                 best, best_head, best_full = key, head, full
         if best is None:
             return None
@@ -234,9 +239,17 @@ class BatcherClosed(Exception):
 class MicroBatcher(Generic[K, T]):
     """Async shell over ``BatchQueue``: ``put`` never blocks, ``get`` waits for a ready batch."""
 
-    def __init__(self, queue: BatchQueue[K, T], *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        queue: BatchQueue[K, T],
+        *,
+        clock: Callable[[], float] | None = None,
+        pending: Callable[[], int] | None = None,
+    ) -> None:
+        """``pending``: how many items are on their way (an eager get waits for them, within max_wait)."""
         self.queue = queue
         self._clock = clock or asyncio.get_running_loop().time
+        self._pending = pending or (lambda: 0)
         self._wakeup = asyncio.Event()
         self._closing = False
 
@@ -267,7 +280,9 @@ class MicroBatcher(Generic[K, T]):
         (``BatchQueue.fill``; at low load, at once), or when max_wait runs out.
         """
         while True:
-            ready = self.queue.pop_ready(self._clock(), flush=self._closing, eager=eager)
+            ready = self.queue.pop_ready(
+                self._clock(), flush=self._closing, eager=eager, pending=self._pending()
+            )
             if ready is not None:
                 return ready
             if self._closing:
