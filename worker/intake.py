@@ -239,31 +239,22 @@ class Intake:
         failed: Callable[[Origin, BaseException], None],
     ) -> None:
         try:
-            await self._await_and_hand_on(origin, preparing, ready, failed)
+            limit = self.settings.prepare_timeout_s
+            done, _ = await asyncio.wait({preparing}, timeout=limit)
+            if not done:
+                # The request is answered now; its preparation's result is dropped when the thread ends.
+                log.warning("%s offset %d: preparing took longer than %g s", origin.tp, origin.offset, limit)
+                message = f"preparing the request took longer than {limit:g} s (prepare_timeout_s)"
+                ready(rejection(origin, None, None, ErrorCode.PAYLOAD_TOO_LARGE, message))
+                return
+            try:
+                outcome = preparing.result()
+            except Exception as exc:  # prepare answers every fault of the request itself: this one is ours
+                failed(origin, exc)
+                return
+            ready(outcome)
         finally:
             self.pending -= 1
-
-    async def _await_and_hand_on(
-        self,
-        origin: Origin,
-        preparing: asyncio.Future[Job | Outgoing],
-        ready: Callable[[Job | Outgoing], None],
-        failed: Callable[[Origin, BaseException], None],
-    ) -> None:
-        limit = self.settings.prepare_timeout_s
-        done, _ = await asyncio.wait({preparing}, timeout=limit)
-        if not done:
-            # The request is answered now; its preparation's result is dropped when the thread ends.
-            log.warning("%s offset %d: preparing took longer than %g s", origin.tp, origin.offset, limit)
-            message = f"preparing the request took longer than {limit:g} s (prepare_timeout_s)"
-            ready(rejection(origin, None, None, ErrorCode.PAYLOAD_TOO_LARGE, message))
-            return
-        try:
-            outcome = preparing.result()
-        except Exception as exc:  # prepare answers every fault of the request itself: this one is ours
-            failed(origin, exc)
-            return
-        ready(outcome)
 
     def prepare(self, origin: Origin) -> Job | Outgoing:
         """One message -> a Job for its model's batcher, or the typed error answer."""

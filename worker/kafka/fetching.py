@@ -165,8 +165,7 @@ class PartitionFetcher:
         deadline = self._now() + self.linger_s
         while True:
             left_ms = int((deadline - self._now()) * 1000)
-            full = len(out.records) >= max_records or (max_bytes is not None and out.value_bytes >= max_bytes)
-            if left_ms <= 0 or full or self._suspect_rounds or self._failing:
+            if left_ms <= 0 or _full(out, max_records, max_bytes) or self._suspect_rounds or self._failing:
                 return
             before = len(out.records) + len(out.undecodable)
             await self._wait(left_ms, out, idle_when_empty=False)
@@ -177,24 +176,42 @@ class PartitionFetcher:
     async def _take_buffered(self, max_records: int, max_bytes: int | None, out: Fetched) -> None:
         """What the consumer holds of each assigned, unpaused partition, until the round is full."""
         for tp in sorted(self.consumer.assignment() - self.consumer.paused()):
-            room = max_records - len(out.records)
-            if room <= 0 or (max_bytes is not None and out.value_bytes >= max_bytes):
+            if _full(out, max_records, max_bytes):
                 break
-            await self._take(tp, room, out)
+            await self._take(tp, max_records - len(out.records), out)
 
-    async def _take(self, tp: TopicPartition, limit: int, out: Fetched) -> None:
+    async def _getmany(
+        self,
+        out: Fetched,
+        on_content: Callable[[Exception], Awaitable[None]],
+        *partitions: TopicPartition,
+        timeout_ms: int,
+        max_records: int,
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]] | None:
+        """The consumer's getmany; None after a fault, which went where it belongs: a record too large
+        to the round's undecodable ones, one in the records' bytes to ``on_content``, else the broker's."""
         try:
-            taken = await self.consumer.getmany(tp, timeout_ms=0, max_records=limit)
+            taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = await self.consumer.getmany(
+                *partitions, timeout_ms=timeout_ms, max_records=max_records
+            )
         except ConsumerStoppedError:
             raise
         except RecordTooLargeError as exc:
             out.undecodable += _skipped_as_too_large(exc)
-            return
+            return None
         except Exception as exc:
             if _in_the_records(exc):
-                await self._failed(tp, limit, exc, out)
+                await on_content(exc)
             else:
                 self._broker_error(exc)
+            return None
+        return taken
+
+    async def _take(self, tp: TopicPartition, limit: int, out: Fetched) -> None:
+        taken = await self._getmany(
+            out, lambda exc: self._failed(tp, limit, exc, out), tp, timeout_ms=0, max_records=limit
+        )
+        if taken is None:
             return
         records = taken.get(tp, [])
         if records:
@@ -213,19 +230,8 @@ class PartitionFetcher:
         It returns as soon as a record arrives, so a long ``timeout_ms`` costs no latency; it names
         no partition, so one assigned during the wait counts too (paused ones return nothing).
         """
-        try:
-            taken = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1)
-        except ConsumerStoppedError:
-            raise
-        except RecordTooLargeError as exc:
-            out.undecodable += _skipped_as_too_large(exc)
-            return
-        except Exception as exc:
-            if _in_the_records(exc):
-                log.debug("a record failed to decode while waiting (%r); locating it", exc)
-                self._suspect_rounds = SUSPECT_ROUNDS
-            else:
-                self._broker_error(exc)
+        taken = await self._getmany(out, self._locate, timeout_ms=timeout_ms, max_records=1)
+        if taken is None:
             return
         for records in taken.values():
             if records:
@@ -233,6 +239,11 @@ class PartitionFetcher:
             out.records.extend(records)
         if not out.records and self.broker_wait is not None and idle_when_empty:
             self.broker_wait.round_ended(found=False)
+
+    async def _locate(self, exc: Exception) -> None:
+        """A record failed to decode during a wait that named no partition: the next rounds find it."""
+        log.debug("a record failed to decode while waiting (%r); locating it", exc)
+        self._suspect_rounds = SUSPECT_ROUNDS
 
     def _broker_error(self, exc: BaseException) -> None:
         self.round_failed(exc)
@@ -272,3 +283,8 @@ class PartitionFetcher:
         out.records.extend(records)
         out.undecodable += [Undecodable(tp, offset, why) for offset, why in failed]
         self.consumer.seek(tp, resume)
+
+
+def _full(out: Fetched, max_records: int, max_bytes: int | None) -> bool:
+    """Whether a round holds ``max_records`` records or, with ``max_bytes``, that many value bytes."""
+    return len(out.records) >= max_records or (max_bytes is not None and out.value_bytes >= max_bytes)
