@@ -121,7 +121,7 @@ class Admission:
         self.flow.redeliver(origin.tp, origin.offset, origin.epoch, why)
         self.tracker.release(origin.tp, origin.offset, origin.epoch)  # it reached no batcher
 
-    async def _round_taken(self, handed_on: asyncio.Future[list[None]]) -> None:
+    async def _round_taken(self, handed_on: asyncio.Future[None]) -> None:
         try:
             await handed_on
         finally:

@@ -2,15 +2,15 @@
 
 Reading the record's coordinates and headers (``origin``) runs on the event loop and is cheap.
 Parsing, validation, decoding and preprocessing (``prepare``) run in the intake's own threads,
-one request each, at most ``intake_concurrency`` at once (``take_in``): each outcome is handed on
-as soon as it is ready and each request has its own time limit (``prepare_timeout_s``), so a slow
-request delays neither the others of its fetch nor those of other modalities, nor a model's batch.
+one request each, at most ``intake_concurrency`` at once (``take_in``, worker/intake_threads.py):
+each outcome is handed on as soon as it is ready and each request has its own time limit
+(``prepare_timeout_s``), so a slow request delays neither the others of its fetch nor those of
+other modalities, nor a model's batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +24,7 @@ from schemas import ErrorCode, ErrorDetail, Modality, parse_request
 from schemas.errors import InferenceError
 from schemas.topics import results_topic
 from worker.errors import DeadlineExceeded, InvalidRequest, UnknownModel
+from worker.intake_threads import IntakeThreads
 from worker.kafka.decode_failures import Undecodable
 from worker.kafka.failpoint import crash_if_marked
 from worker.kafka.messages import Origin, Outgoing, rejection
@@ -98,9 +99,14 @@ class Intake:
         self.limits = settings.media_limits()
         # Its own threads: a slow preparation never holds an inference thread, nor a batch an intake one.
         self.executor = ThreadPoolExecutor(settings.intake_concurrency, thread_name_prefix="intake")
-        self._free = settings.intake_concurrency
-        self.pending = 0  # records taken in and not yet handed on (being prepared, or waiting for a thread)
-        self._slot_freed: asyncio.Event | None = None
+        # ``prepare`` looked up on each call: the tests' fault injection replaces it on the instance.
+        self.threads = IntakeThreads(
+            self.executor,
+            settings.intake_concurrency,
+            settings.prepare_timeout_s,
+            lambda origin: self.prepare(origin),
+            self._overdue,
+        )
         bound_pillow(self.limits)
         budget = Budget(settings.decode_cpu_seconds, settings.decode_memory_mib)
         self.decoder: MediaDecoder = (
@@ -177,24 +183,14 @@ class Intake:
         origins: list[Origin],
         ready: Callable[[Job | Outgoing], None],
         failed: Callable[[Origin, BaseException], None],
-    ) -> asyncio.Future[list[None]]:
-        """Start preparing each record, in fetch order, as intake threads come free; returns once every
-        one has started (so fetching runs at most one round ahead of the intake), with a future that is
-        done once every outcome went to ``ready``, the moment it was ready. A fault of ours, not of the
-        request, goes to ``failed``; cancelling the future drops what is still being prepared."""
-        handoffs = []
-        self.pending += len(origins)
-        try:
-            for origin in origins:
-                while self._free <= 0:
-                    await self._freed().wait()
-                handoffs.append(
-                    asyncio.ensure_future(self._hand_on(origin, self._start(origin), ready, failed))
-                )
-        except BaseException:
-            self.pending -= len(origins) - len(handoffs)
-            raise
-        return asyncio.gather(*handoffs)
+    ) -> asyncio.Future[None]:
+        """Queue each record, in fetch order, for the intake threads (``IntakeThreads.take_in``)."""
+        return await self.threads.take_in(origins, ready, failed)
+
+    @property
+    def pending(self) -> int:
+        """Records taken in and not yet handed on (being prepared, or waiting for a thread)."""
+        return self.threads.pending
 
     def close(self) -> None:
         """Stop the intake's threads (what still runs ends on its own) and the decoder processes."""
@@ -202,59 +198,11 @@ class Intake:
         if isinstance(self.decoder, DecoderPool):
             self.decoder.close()
 
-    def _freed(self) -> asyncio.Event:
-        if self._slot_freed is None:  # made on first use, inside the event loop
-            self._slot_freed = asyncio.Event()
-        return self._slot_freed
-
-    def _start(self, origin: Origin) -> asyncio.Future[Job | Outgoing]:
-        """Take a thread and prepare ``origin`` on it; the thread counts as taken until the work really
-        ends, even past its time limit (a thread cannot be stopped)."""
-        self._free -= 1
-        self._freed().clear()
-        loop = asyncio.get_running_loop()
-
-        def release(_: object) -> None:
-            self._free += 1
-            self._freed().set()
-
-        try:
-            future = self.executor.submit(self.prepare, origin)
-        except RuntimeError:  # shut down: stopping
-            release(None)
-            raise
-
-        def released(done: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed first: nobody waits any more
-                loop.call_soon_threadsafe(release, done)
-
-        future.add_done_callback(released)
-        return asyncio.wrap_future(future, loop=loop)
-
-    async def _hand_on(
-        self,
-        origin: Origin,
-        preparing: asyncio.Future[Job | Outgoing],
-        ready: Callable[[Job | Outgoing], None],
-        failed: Callable[[Origin, BaseException], None],
-    ) -> None:
-        try:
-            limit = self.settings.prepare_timeout_s
-            done, _ = await asyncio.wait({preparing}, timeout=limit)
-            if not done:
-                # The request is answered now; its preparation's result is dropped when the thread ends.
-                log.warning("%s offset %d: preparing took longer than %g s", origin.tp, origin.offset, limit)
-                message = f"preparing the request took longer than {limit:g} s (prepare_timeout_s)"
-                ready(rejection(origin, None, None, ErrorCode.PAYLOAD_TOO_LARGE, message))
-                return
-            try:
-                outcome = preparing.result()
-            except Exception as exc:  # prepare answers every fault of the request itself: this one is ours
-                failed(origin, exc)
-                return
-            ready(outcome)
-        finally:
-            self.pending -= 1
+    def _overdue(self, origin: Origin) -> Outgoing:
+        limit = self.settings.prepare_timeout_s
+        log.warning("%s offset %d: preparing took longer than %g s", origin.tp, origin.offset, limit)
+        message = f"preparing the request took longer than {limit:g} s (prepare_timeout_s)"
+        return rejection(origin, None, None, ErrorCode.PAYLOAD_TOO_LARGE, message)
 
     def prepare(self, origin: Origin) -> Job | Outgoing:
         """One message -> a Job for its model's batcher, or the typed error answer."""
