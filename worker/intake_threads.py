@@ -67,13 +67,18 @@ class IntakeThreads(Generic[Item, Outcome]):
         self.limit_s = limit_s
         self.prepare = prepare
         self.overdue = overdue
-        self.pending = 0  # items taken in and not yet handed on (being prepared, or waiting for a thread)
         self._outstanding = 0  # items queued whose work has not ended (those past their limit included)
         self._progressed: asyncio.Event | None = None
         self._done: deque[_Preparing[Item, Outcome]] = deque()  # ended, for the loop to hand on
         self._delivering = False  # a call of _deliver is scheduled
-        self._unsettled: set[_Preparing[Item, Outcome]] = set()  # what the time limit watches
+        #: taken in and not yet handed on (being prepared, or waiting for a thread): what the limit watches
+        self._unsettled: set[_Preparing[Item, Outcome]] = set()
         self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def pending(self) -> int:
+        """Items taken in and not yet handed on (being prepared, or waiting for a thread)."""
+        return len(self._unsettled)
 
     async def take_in(
         self,
@@ -89,7 +94,6 @@ class IntakeThreads(Generic[Item, Outcome]):
         round_: _Round[Item, Outcome] = _Round(loop.create_future(), ready, failed, len(items))
         queued = [_Preparing(item, round_) for item in items]
         round_.future.add_done_callback(lambda future: self._dropped(queued) if future.cancelled() else None)
-        self.pending += len(queued)
         self._unsettled.update(queued)
         for preparing in queued:
             try:
@@ -177,10 +181,8 @@ class IntakeThreads(Generic[Item, Outcome]):
             self._watchdog = loop.call_later(max(min(starts) + self.limit_s - now, 0.001), again)
 
     def _settle(self, preparing: _Preparing[Item, Outcome]) -> None:
-        preparing.settled = True
-        preparing.future = None  # nothing keeps its outcome (a prepared request's arrays) alive past here
-        self._unsettled.discard(preparing)
-        self.pending -= 1
+        """Handed on (or answered at its limit): forgotten, and its round one closer to done."""
+        self._forget(preparing)
         round_ = preparing.round
         round_.left -= 1
         if round_.left == 0 and not round_.future.done():
@@ -190,8 +192,11 @@ class IntakeThreads(Generic[Item, Outcome]):
         """A round's future was cancelled: what is not yet handed on is dropped (and not started)."""
         for preparing in queued:
             if not preparing.settled:
-                preparing.settled = True
-                self.pending -= 1
-                self._unsettled.discard(preparing)
                 if preparing.future is not None:
                     preparing.future.cancel()
+                self._forget(preparing)
+
+    def _forget(self, preparing: _Preparing[Item, Outcome]) -> None:
+        preparing.settled = True
+        preparing.future = None  # nothing keeps its outcome (a prepared request's arrays) alive past here
+        self._unsettled.discard(preparing)
