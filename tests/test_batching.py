@@ -277,24 +277,6 @@ async def test_an_eager_get_takes_what_is_queued_without_waiting_and_at_most_one
     assert await asyncio.wait_for(later, 2.0) == ("b", [5])
 
 
-async def test_an_eager_callable_is_asked_again_when_the_batcher_is_woken() -> None:
-    now = 0.0
-    # One arrival against a half-second max_wait (the injected clock stands still): low load.
-    batcher: MicroBatcher[str, int] = MicroBatcher(
-        BatchQueue(max_batch_size=8, max_wait=0.5), clock=lambda: now
-    )
-    eager = False
-    getter = asyncio.create_task(batcher.get(eager=lambda: eager))
-    batcher.put("a", 1)
-    await _let_the_getter_run()
-    assert not getter.done(), "not eager: one of 8 rows waits for size or time"
-    eager = True
-    await _let_the_getter_run()
-    assert not getter.done(), "nothing told the batcher to look again"
-    batcher.wake()
-    assert await asyncio.wait_for(getter, 2.0) == ("a", [1]), "woken, it asks again and takes the queue"
-
-
 def _stream(queue: BatchQueue[str, int], per_s: float, seconds: float) -> float:
     """Queue a steady stream (one item every 1/per_s s, in bucket "a"), each taken at once as a free
     consumer would at low load; returns the time of the last arrival."""

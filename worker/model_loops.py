@@ -80,20 +80,9 @@ class ModelLoops:
 
     async def _model_loop(self, model: ServedModel, batcher: MicroBatcher[Bucket, Job]) -> None:
         """Take ready batches of one model and run as many at once as its engine takes, in the executor;
-        each hands its replies on as it ends.
-
-        A free slot takes what is queued eagerly (``eager_when_idle``) only while none of the model's
-        batches runs. Beside a running batch it waits for a full batch or max_wait, and for that batch
-        to end: its thread then takes the queue with the model's weights still warm in the caches. A
-        run that starts cold costs more (MiniLM, one row: 8.8 ms of CPU after 10 ms idle against 6.5
-        back to back, bench/RESULTS.md), and at moderate load runs beside each other were mostly cold
-        ones of a row or two. Under load batches fill and every slot runs."""
+        each hands its replies on as it ends."""
         slots = asyncio.Semaphore(model.engine.batches_in_flight)
         running: set[asyncio.Task[None]] = set()
-
-        def eager() -> bool:
-            return self.settings.eager_when_idle and all(task.done() for task in running)
-
         try:
             while True:
                 await slots.acquire()
@@ -101,12 +90,14 @@ class ModelLoops:
                     running.discard(task)
                     task.result()  # a batch that failed outside run_batch's own handling ends the loop
                 try:
-                    key, jobs = await batcher.get(eager=eager)
+                    # A batch slot is free (the semaphore): what is queued runs at once, as waiting for
+                    # max_wait would only add latency. Under load the slots are busy and batches fill.
+                    key, jobs = await batcher.get(eager=self.settings.eager_when_idle)
                 except BatcherClosed:
                     return
                 task = asyncio.create_task(self._answer(model, key, jobs))
                 running.add(task)
-                task.add_done_callback(functools.partial(_batch_ended, slots, batcher))
+                task.add_done_callback(lambda _: slots.release())
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -147,12 +138,6 @@ class ModelLoops:
             )
         # Publishing runs beside the next batch: the executor stays busy meanwhile.
         self._state.spawn(self._publish(replies))
-
-
-def _batch_ended(slots: asyncio.Semaphore, batcher: MicroBatcher[Bucket, Job], _: object) -> None:
-    """A batch that ends frees its slot and lets a get waiting beside it turn eager."""
-    slots.release()
-    batcher.wake()
 
 
 def _prepared_of(job: Job) -> Prepared:

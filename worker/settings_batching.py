@@ -19,11 +19,11 @@ class BatchingAndEngine(BaseModel):
     max_wait_ms: float = Field(10.0, ge=0, description="...or once its oldest request has waited this long.")
     eager_when_idle: bool = Field(
         True,
-        description="A model with no batch running does not wait for max_batch_size: it takes what is queued "
-        "once that is what the arrival rate brings in max_wait_ms (at once at low load, when less than one "
-        "request a max_wait_ms arrives), or max_wait_ms has passed; a steady stream then runs in batches that pay "
-        "for a run's fixed cost. Beside a running batch a free slot waits for a full batch, max_wait_ms or the "
-        "running batch's end. Under load batches fill and every slot runs.",
+        description="A model with a batch slot free (fewer than batches_in_flight running) does not wait for "
+        "max_batch_size: it takes what is queued once that is what the arrival rate brings in max_wait_ms (at "
+        "once at low load, when less than one request a max_wait_ms arrives), or max_wait_ms has passed; a steady "
+        "stream then runs in batches that pay for a run's fixed cost. Under load the slots are busy and batches "
+        "fill up.",
     )
     max_batch_tokens: int = Field(
         2048,

@@ -7,15 +7,14 @@ when its bucket holds ``max_batch_size`` rows (or the bucket's own smaller size,
 candidate label does) or its oldest item has waited ``max_wait`` seconds, whichever comes
 first; on close every queued item is flushed.
 
-An eager consumer (``get(eager=True)``: the model loop's, while none of its batches runs) takes
-what is queued once it is worth a run: at once while requests arrive slower than one per
-``max_wait`` (low load: waiting would only add latency), else once the queue holds what the
-arrival rate brings in ``max_wait`` (``fill``) or the oldest item has waited that long. A run has
-a fixed cost (a model run at one row costs about as much CPU as two or three rows of a full batch,
-more when it starts cold, and each batch is one executor call, one publish and one commit), so a
-steady stream answered one request per run costs far more CPU per request than a flood; waiting a
-few milliseconds for the batch the stream fills anyway narrows that, and a flood fills every batch
-at once.
+A consumer with room for another batch (``get(eager=True)``) takes what is queued once it is
+worth a run: at once while requests arrive slower than one per ``max_wait`` (low load: waiting
+would only add latency), else once the queue holds what the arrival rate brings in ``max_wait``
+(``fill``) or the oldest item has waited that long. A run has a fixed cost (a model run at one
+row costs about as much CPU as half a dozen rows of a full batch, and each batch is one executor
+call, one publish and one commit), so a steady stream answered one request per run costs twice
+the CPU per request of a flood; waiting a few milliseconds for the batch the stream fills anyway
+keeps it as cheap as a flood, and a flood fills every batch at once.
 
 A full bucket goes alone, at its own shape. A batch that goes on time takes every queued item
 of the buckets that ``rank_of`` ranks (token lengths), at the longest shape among them, when
@@ -273,23 +272,16 @@ class MicroBatcher(Generic[K, T]):
         self._closing = True
         self._wakeup.set()
 
-    def wake(self) -> None:
-        """Look at the queue again (an ``eager`` callable may answer differently now)."""
-        self._wakeup.set()
-
-    async def get(self, *, eager: bool | Callable[[], bool] = False) -> tuple[K, list[T]]:
+    async def get(self, *, eager: bool = False) -> tuple[K, list[T]]:
         """The next ready batch (by size, by time, or by flush on close).
 
-        ``eager`` (or a callable asked at each look, see ``wake``): what is queued is ready (the oldest
-        bucket's items, at most one batch) once it holds what the arrival rate brings in max_wait
+        ``eager``: the caller has a batch slot free: what is queued is ready (the oldest bucket's
+        items, at most one batch) once it holds what the arrival rate brings in max_wait
         (``BatchQueue.fill``; at low load, at once), or when max_wait runs out.
         """
         while True:
             ready = self.queue.pop_ready(
-                self._clock(),
-                flush=self._closing,
-                eager=eager() if callable(eager) else eager,
-                pending=self._pending(),
+                self._clock(), flush=self._closing, eager=eager, pending=self._pending()
             )
             if ready is not None:
                 return ready
