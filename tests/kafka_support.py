@@ -290,8 +290,13 @@ async def produce_batch(bootstrap: str, tp: TopicPartition, batch: bytes) -> int
     await client.bootstrap()
     try:
         client.add_topic(tp.topic)
-        await client.force_metadata_update()
-        leader = client.cluster.leader_for_partition(tp)
+        leader = None
+        for _ in range(100):  # a topic created just now may have no leader in the metadata yet
+            await client.force_metadata_update()
+            leader = client.cluster.leader_for_partition(tp)
+            if leader is not None and leader >= 0:
+                break
+            await asyncio.sleep(0.1)
         response = await client.send(
             leader, ProduceRequest(None, -1, 10_000, [(tp.topic, [(tp.partition, batch)])])
         )

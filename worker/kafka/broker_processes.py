@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import random
 import socket
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +25,32 @@ class BrokerStartError(RuntimeError):
     """The broker process exited early or did not answer a Kafka metadata request in time."""
 
 
+#: Where a broker's port is picked for port 0, below the kernel's range for outgoing connections.
+_LISTEN_PORTS_FROM = 20_000
+#: Ports this process handed out lately: a cluster's nodes each get their own.
+_handed_out: collections.deque[int] = collections.deque(maxlen=256)
+
+
 def free_port(host: str = "127.0.0.1", port: int = 0) -> int:
-    """`port` if it is free on `host` right now, or any free port the kernel picks for 0."""
+    """`port` if it is free on `host` right now; for 0, a free port below the kernel's range for
+    outgoing connections (``ip_local_port_range``), where no client connection (of another test
+    process, say) can take it before the broker binds it, and none handed out here lately."""
+    if port:
+        return _bind_check(host, port)
+    first_outgoing = _first_outgoing_port()
+    if first_outgoing - _LISTEN_PORTS_FROM >= 1_000:
+        for candidate in random.sample(range(_LISTEN_PORTS_FROM, first_outgoing), 50):
+            if candidate in _handed_out:
+                continue
+            with contextlib.suppress(BrokerStartError):
+                _handed_out.append(_bind_check(host, candidate))
+                return candidate
+    bound = _bind_check(host, 0)
+    _handed_out.append(bound)
+    return bound
+
+
+def _bind_check(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -32,6 +58,14 @@ def free_port(host: str = "127.0.0.1", port: int = 0) -> int:
             raise BrokerStartError(f"cannot listen on {host}:{port}: {exc}") from exc
         bound: int = sock.getsockname()[1]
         return bound
+
+
+def _first_outgoing_port() -> int:
+    """The lowest port the kernel picks for outgoing connections (Linux; 32768 elsewhere, its default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
