@@ -46,8 +46,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Two test processes (each with its own brokers; a module's tests stay in one, so its fixtures start
+# once): most tests wait on brokers and timers, and one process used about one of the two cores.
+TEST_PROCESSES ?= 2
+
 test-fast: $(VENV)/.installed $(KAFKA_LIBS)/.installed
-	$(VENV)/bin/python -m pytest -m "not torch" -q
+	$(VENV)/bin/python -m pytest -m "not torch" -q -n $(TEST_PROCESSES) --dist loadscope
 
 test-torch: $(EXPORT_VENV)/.installed $(KAFKA_LIBS)/.installed
 	$(EXPORT_VENV)/bin/python -m pytest -m "torch and not transformers457" -q
