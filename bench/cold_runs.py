@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.corpus import doc_roots, harvest_sentences
+from worker.serving.assembly import group_by_shape
 from worker.serving.engine import EngineOptions
 from worker.serving.inputs import Prepared, TextInput
 from worker.serving.metadata import Bucket
@@ -27,15 +28,11 @@ CASES = ((1, 0.0), (1, 0.002), (1, 0.005), (1, 0.010), (4, 0.0), (4, 0.010), (16
 
 def batches(model: ServedModel, sentences: Sequence[str], size: int) -> list[tuple[Bucket, list[Prepared]]]:
     """Batches of ``size`` requests of one shape each, shuffled (the same order every time)."""
-    by_shape: dict[Bucket, list[Prepared]] = collections.defaultdict(list)
-    for sentence in sentences:
-        prepared = model.prepare(TextInput(sentence))
-        by_shape[prepared.shape_key].append(prepared)
-    out = [
-        (key, items[i : i + size])
-        for key, items in by_shape.items()
-        for i in range(0, len(items) - size + 1, size)
-    ]
+    prepared = [model.prepare(TextInput(sentence)) for sentence in sentences]
+    out = []
+    for group in group_by_shape(prepared):
+        items = [prepared[i] for i in group]
+        out += [(items[0].shape_key, items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
     random.Random(2).shuffle(out)
     return out
 
