@@ -63,6 +63,17 @@ async def raw_producer(bootstrap_servers: str, **config: Any) -> AsyncIterator[A
         await producer.stop()
 
 
+async def replica_counts(bootstrap_servers: str, topics: list[str]) -> dict[str, set[int]]:
+    """The number of replicas of each partition of each topic, as the cluster's metadata lists them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {t["topic"]: {len(p["replicas"]) for p in t["partitions"]} for t in described}
+
+
 async def allow_records_up_to(bootstrap_servers: str, kind: str, topic: str, max_bytes: int) -> None:
     """Let `topic` take records up to `max_bytes`, as an operator does for a topic of large requests.
 

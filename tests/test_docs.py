@@ -37,6 +37,7 @@ SETTINGS_DEFAULTS: dict[str, object] = {
     "topic_prefix": "inference",
     "group_id": "inference-workers",
     "partitions": 4,
+    "replication_factor": None,
     "max_batch_size": 32,
     "max_wait_ms": 10.0,
     "eager_when_idle": True,

@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from tests.kafka_support import replica_counts
 from worker.kafka.broker_processes import BrokerStartError
 from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.topics import create_topics, delete_topics
@@ -99,6 +100,14 @@ async def test_create_topics_is_idempotent(kafka_bootstrap: str) -> None:
     assert await create_topics(kafka_bootstrap, [name], partitions=2) == []
     await delete_topics(kafka_bootstrap, [name])
     await delete_topics(kafka_bootstrap, [name])  # already gone: fine
+
+
+async def test_topics_created_on_a_single_broker_have_one_replica(kafka_bootstrap: str) -> None:
+    """As many replicas as brokers, up to three: one here (tests/test_kafka_cluster.py has three)."""
+    name = f"topics-{uuid.uuid4().hex}"
+    assert await create_topics(kafka_bootstrap, [name], partitions=2) == [name]
+    assert await replica_counts(kafka_bootstrap, [name]) == {name: {1}}
+    await delete_topics(kafka_bootstrap, [name])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -24,7 +24,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from schemas.topics import dlq_topic, quarantine_topic, requests_topic, results_topic
-from tests.kafka_support import TopicReader, body_of, new_prefix, request_bytes, serving, tiny_models
+from tests.kafka_support import (
+    TopicReader,
+    body_of,
+    new_prefix,
+    replica_counts,
+    request_bytes,
+    serving,
+    tiny_models,
+)
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.topics import create_topics
 from worker.serving.registry import ServedModel
@@ -248,3 +256,31 @@ async def test_a_cluster_fault_loses_no_request(
     cluster: ApacheKafka, models: dict[str, ServedModel], fault: Fault, tmp_path: Path
 ) -> None:
     await survive(cluster, models, fault)
+
+
+@pytest.mark.parametrize(("replication_factor", "replicas"), [(None, 3), (2, 2)])
+async def test_the_topics_a_worker_creates_are_replicated(
+    cluster: ApacheKafka, models: dict[str, ServedModel], replication_factor: int | None, replicas: int
+) -> None:
+    """Left to create its own topics, the worker gives each as many replicas as the cluster has brokers
+    (up to three), or ``replication_factor``: a broker lost loses none of them (it used to create one)."""
+    prefix = new_prefix()
+    async with serving(
+        cluster.bootstrap_servers, models, prefix=prefix, replication_factor=replication_factor
+    ):
+        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
+        await admin.start()
+        try:
+            created = [t for t in await admin.list_topics() if t.startswith(f"{prefix}.")]
+        finally:
+            await admin.close()
+    own = {
+        requests_topic("text", prefix),
+        results_topic("text", prefix),
+        dlq_topic(prefix),
+        quarantine_topic(prefix),
+    }
+    assert own <= set(created), created
+    assert await replica_counts(cluster.bootstrap_servers, created) == {
+        topic: {replicas} for topic in created
+    }

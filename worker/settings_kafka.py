@@ -33,6 +33,12 @@ class KafkaConnection(BaseModel):
     partitions: int = Field(
         4, ge=1, description="Partitions per topic when the worker creates missing topics."
     )
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="Replicas of each topic the worker creates. Unset: as many as the cluster has brokers, "
+        "up to 3 (one on a single broker). More than the brokers alive: creation waits for them.",
+    )
     create_topics: bool = Field(
         True,
         description="Create the worker's own request, results, DLQ and quarantine topics when missing. Off: check "

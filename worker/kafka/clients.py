@@ -62,7 +62,13 @@ class KafkaClients:
                     **s.kafka_client_kwargs(),
                 )
                 await self.admin.start()
-                created = await ensure_topics(self.admin, own_topics, s.partitions, create=s.create_topics)
+                created = await ensure_topics(
+                    self.admin,
+                    own_topics,
+                    s.partitions,
+                    create=s.create_topics,
+                    replication_factor=s.replication_factor,
+                )
                 if created:
                     log.info("created topics %s", ", ".join(created))
                 await self.broker.start()
@@ -118,7 +124,14 @@ class KafkaClients:
         group-less reader (worker/kafka/quarantine.py ``MarkerLog`` is all that uses them)."""
         s = self.settings
         assert self.admin is not None and s.bootstrap_servers, "connect() first"
-        if await ensure_topics(self.admin, [topic], 1, create=s.create_topics, configs=configs):
+        if await ensure_topics(
+            self.admin,
+            [topic],
+            1,
+            create=s.create_topics,
+            replication_factor=s.replication_factor,
+            configs=configs,
+        ):
             log.info("created topic %s", topic)
         reader = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,

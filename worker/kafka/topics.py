@@ -19,21 +19,35 @@ from aiokafka.errors import (
 
 log = logging.getLogger(__name__)
 
+#: The most replicas a created topic gets unless told otherwise: Kafka's own default for its internal
+#: topics (offsets, transactions), so losing one broker of three loses no reply, DLQ record or marker.
+MAX_DEFAULT_REPLICAS = 3
+
+
+async def replicas(admin: AIOKafkaAdminClient, wanted: int | None) -> int:
+    """``wanted``, else as many replicas as the cluster has brokers (those its metadata lists), up to
+    MAX_DEFAULT_REPLICAS: 1 on a single broker, 3 on a cluster of three or more."""
+    if wanted is not None:
+        return wanted
+    brokers = (await admin.describe_cluster()).get("brokers") or []
+    return max(1, min(MAX_DEFAULT_REPLICAS, len(brokers)))
+
 
 async def create_topics(
     bootstrap_servers: str,
     names: Iterable[str],
     partitions: int = 1,
     *,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     timeout_ms: int = 10_000,
     client_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created.
 
-    Existing topics are left as they are (their partition count is not changed).
+    Existing topics are left as they are (their partition count is not changed). ``replication_factor``
+    None: as many replicas as the cluster has brokers, up to three (``replicas``).
     """
-    if partitions < 1 or replication_factor < 1:
+    if partitions < 1 or (replication_factor is not None and replication_factor < 1):
         raise ValueError("partitions and replication_factor must be at least 1")
     wanted = list(dict.fromkeys(names))
     if not wanted:
@@ -43,9 +57,9 @@ async def create_topics(
     )
     await admin.start()
     try:
+        copies = await replicas(admin, replication_factor)
         response = await admin.create_topics(
-            [NewTopic(name, partitions, replication_factor) for name in wanted],
-            timeout_ms=timeout_ms,
+            [NewTopic(name, partitions, copies) for name in wanted], timeout_ms=timeout_ms
         )
     finally:
         await admin.close()
@@ -104,12 +118,13 @@ async def ensure_topics(
     partitions: int,
     *,
     create: bool,
+    replication_factor: int | None = None,
     configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created.
 
-    ``configs`` (topic settings such as cleanup.policy) are asked for; a broker that refuses them
-    gets the topics without.
+    Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings such
+    as cleanup.policy) are asked for; a broker that refuses them gets the topics without.
     """
     existing = set(await admin.list_topics())
     missing = [name for name in dict.fromkeys(names) if name not in existing]
@@ -117,10 +132,11 @@ async def ensure_topics(
         return []
     if not create:
         raise MissingTopics(missing)
+    copies = await replicas(admin, replication_factor)
     if configs:
         try:
             return await _create(
-                admin, [NewTopic(name, partitions, 1, topic_configs=configs) for name in missing]
+                admin, [NewTopic(name, partitions, copies, topic_configs=configs) for name in missing]
             )
         except MissingTopics:
             raise
@@ -128,7 +144,7 @@ async def ensure_topics(
             log.warning(
                 "the broker refused topic settings %s (%r); creating %s without", configs, exc, missing
             )
-    return await _create(admin, [NewTopic(name, partitions, 1) for name in missing])
+    return await _create(admin, [NewTopic(name, partitions, copies) for name in missing])
 
 
 async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[str]:
