@@ -38,6 +38,7 @@ async def _stdin_lines() -> asyncio.StreamReader:
 async def _host_main(spec: Mapping[str, Any]) -> None:
     """Child: load models once, then serve Worker configurations (each on its own topics) as asked."""
     from worker.app import Worker
+    from worker.serving.collector import freeze_loaded
     from worker.serving.engine import EngineOptions
     from worker.serving.registry import load_model
     from worker.settings import Settings
@@ -61,6 +62,7 @@ async def _host_main(spec: Mapping[str, Any]) -> None:
             "buckets": {name: m.engine.bucket_count for name, m in models.items()},
         }
     )
+    freeze_loaded()  # as `python -m worker run` does after loading (worker/cli.py)
     reader = await _stdin_lines()
     workers: dict[str, Worker] = {}
     sampler: StackSampler | None = None

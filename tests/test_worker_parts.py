@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from aiokafka import ConsumerRecord
 
 from schemas import Modality
+from tests.references import TINY
 from worker.intake import Intake
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.routing import Refusal, ReplyPolicy, legal_topic
@@ -145,3 +151,36 @@ def test_the_worker_process_fixes_glibc_mmap_threshold() -> None:
     from worker.serving.allocator import fix_mmap_threshold
 
     assert fix_mmap_threshold(), "this Linux/glibc machine has mallopt: the threshold must be set"
+
+
+def test_the_worker_process_freezes_what_it_loaded_and_still_collects_later_cycles() -> None:
+    """A worker process freezes all it loaded (worker/cli.py ``prepare_process``, worker/serving/collector.py):
+    a full collection then walks only what was made since, not the ~10^5 objects of transformers and
+    the model. In a process of its own: a freeze lasts for the process."""
+    code = """
+import gc, json
+from worker.cli import prepare_process
+from worker.settings import Settings
+gc.collect()
+imported = len(gc.get_objects())
+prepare_process({models!r}, Settings())
+after = len(gc.get_objects())
+cycle = []
+cycle.append(cycle)
+del cycle
+print(json.dumps({{"imported": imported, "frozen": gc.get_freeze_count(), "after": after, "collected": gc.collect()}}))
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "bert").symlink_to(TINY / "bert", target_is_directory=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code.format(models=folder)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    # all it had before loading, and transformers, tokenizers and ONNX Runtime on top; nothing left over
+    assert counts["frozen"] > counts["imported"] and counts["after"] < 1_000, counts
+    assert counts["collected"] >= 1, counts  # a cycle made after the freeze is still collected

@@ -16,11 +16,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_origin
+from typing import TYPE_CHECKING, Any, get_origin
 
 from pydantic import ValidationError
 
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.serving.registry import ServedModel
 
 log = logging.getLogger("worker")
 
@@ -79,16 +82,26 @@ def configure_logging(level: str | int) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
-def _serve(models_dir: str, settings: Settings) -> None:
-    """One worker process: load the models, serve until SIGTERM/SIGINT."""
+def prepare_process(models_dir: str, settings: Settings) -> dict[str, ServedModel]:
+    """What a worker process does before it serves: logging, glibc's mmap threshold, the models, then
+    the freeze of all it loaded (worker/serving/collector.py)."""
     # Imported here: only serving pays for Kafka and ONNX Runtime (and a spawned child imports it anew).
-    from worker.app import Worker
     from worker.loading import load_configured
     from worker.serving.allocator import fix_mmap_threshold
+    from worker.serving.collector import freeze_loaded
 
     configure_logging(settings.log_level)
     fix_mmap_threshold()
     models = load_configured([models_dir], settings)
+    freeze_loaded()
+    return models
+
+
+def _serve(models_dir: str, settings: Settings) -> None:
+    """One worker process: load the models, serve until SIGTERM/SIGINT."""
+    from worker.app import Worker
+
+    models = prepare_process(models_dir, settings)
 
     async def main() -> None:
         await Worker(settings, models).serve()
