@@ -3,10 +3,11 @@
 The objects built at start (transformers and its tokenizers, ONNX Runtime's bindings, the model
 metadata: about 110,000 tracked objects with MiniLM) live as long as the process. Left in the
 collector's oldest generation, every full collection walks them all: 37-49 ms of CPU on the idle
-2-core machine, and a full collection that landed in a half-load run of ``bench.paced`` held the
-event loop 114 ms, every request in flight with it. Frozen after loading (``gc.freeze``), they are
-never walked again; a full collection walks only what was made since (a few thousand objects
-between requests), and garbage cycles made later are collected as before.
+2-core machine; in 30 s runs of ``bench.paced`` at half load, the full collection held the event
+loop (and every request in flight) 76-85 ms, frozen 6 ms. Frozen after loading (``gc.freeze``),
+they are never walked again; a full collection walks only what was made since, and garbage cycles
+made later are collected as before. (Flooded, a full collection still takes 50-110 ms: it walks the
+thousand requests in flight.)
 """
 
 from __future__ import annotations
