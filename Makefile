@@ -51,7 +51,7 @@ lint: $(VENV)/.installed
 TEST_PROCESSES ?= 2
 
 test-fast: $(VENV)/.installed $(KAFKA_LIBS)/.installed
-	$(VENV)/bin/python -m pytest -m "not torch" -q -n $(TEST_PROCESSES) --dist loadscope
+	$(VENV)/bin/python -m pytest -m "not torch" -q -n $(TEST_PROCESSES) --dist loadscope --durations=15
 
 test-torch: $(EXPORT_VENV)/.installed $(KAFKA_LIBS)/.installed
 	$(EXPORT_VENV)/bin/python -m pytest -m "torch and not transformers457" -q
