@@ -6,12 +6,13 @@ Each refused ``reply_to`` must be answered on the modality's results topic with 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.topics import dlq_topic, requests_topic, results_topic
+from schemas.topics import dlq_topic, quarantine_topic, requests_topic, results_topic
 from tests.kafka_support import (
     TopicReader,
     body_of,
@@ -21,7 +22,7 @@ from tests.kafka_support import (
     serving,
     tiny_models,
 )
-from worker.kafka.topics import MissingTopics, create_topics
+from worker.kafka.topics import MISSING_GRACE_S, MissingTopics, create_topics
 from worker.serving.registry import ServedModel
 
 pytestmark = pytest.mark.kafka
@@ -199,3 +200,29 @@ async def test_missing_own_topics_are_named_when_the_worker_may_not_create_them(
     assert refused.value.missing == [results_topic("text", prefix), dlq_topic(prefix)]
     assert results_topic("text", prefix) in str(refused.value)
     assert results_topic("text", prefix) not in await topic_names(kafka_bootstrap)
+
+
+async def test_own_topics_the_operator_creates_just_after_the_start_are_found(
+    kafka_bootstrap: str, models: dict[str, ServedModel]
+) -> None:
+    """A topic reaches each broker's metadata a moment after its creation: a worker that may not create
+    its topics looks for missing ones for MISSING_GRACE_S before it stops (a 3-node cluster answered
+    once without a topic every node had listed)."""
+    from worker.app import Worker
+    from worker.settings import Settings
+
+    prefix = f"nc{uuid.uuid4().hex[:10]}"
+    await create_topics(kafka_bootstrap, [requests_topic("text", prefix)], 1)
+    worker = Worker(
+        Settings(bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, create_topics=False), models
+    )
+    starting = asyncio.create_task(worker.start())
+    await asyncio.sleep(MISSING_GRACE_S / 5)  # the operator's delay under test, not a wait for the worker
+    assert not starting.done(), "the worker stopped at once"
+    await create_topics(
+        kafka_bootstrap, [results_topic("text", prefix), dlq_topic(prefix), quarantine_topic(prefix)], 1
+    )
+    try:
+        await starting
+    finally:
+        await worker.stop()

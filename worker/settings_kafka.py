@@ -42,7 +42,8 @@ class KafkaConnection(BaseModel):
     create_topics: bool = Field(
         True,
         description="Create the worker's own request, results, DLQ and quarantine topics when missing. Off: check "
-        "they exist at start and exit naming the missing ones. Never creates any other topic.",
+        "they exist at start (a missing one is looked for 5 s) and exit naming the missing ones. Never "
+        "creates any other topic.",
     )
     session_timeout_ms: int = Field(
         10_000,

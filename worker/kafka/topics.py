@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +20,10 @@ from aiokafka.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+#: How long a worker that may not create its topics looks for missing ones before it stops, and how often.
+MISSING_GRACE_S = 5.0
+MISSING_RECHECK_S = 0.5
 
 #: The most replicas a created topic gets unless told otherwise: Kafka's own default for its internal
 #: topics (offsets, transactions), so losing one broker of three loses no reply, DLQ record or marker.
@@ -123,15 +129,21 @@ async def ensure_topics(
 ) -> list[str]:
     """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created.
 
-    Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings such
+    Not allowed to create them, it looks for missing ones for MISSING_GRACE_S before it gives up. Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings such
     as cleanup.policy) are asked for; a broker that refuses them gets the topics without.
     """
-    existing = set(await admin.list_topics())
-    missing = [name for name in dict.fromkeys(names) if name not in existing]
+    missing = await _missing(admin, names)
+    if missing and not create:
+        # A topic the operator just created reaches each broker's metadata a moment later: one node of
+        # three answered without a topic every node had listed just before (tests/test_kafka_cluster.py).
+        deadline = time.monotonic() + MISSING_GRACE_S
+        while missing and time.monotonic() < deadline:
+            await asyncio.sleep(MISSING_RECHECK_S)
+            missing = await _missing(admin, missing)
+        if missing:
+            raise MissingTopics(missing)
     if not missing:
         return []
-    if not create:
-        raise MissingTopics(missing)
     copies = await replicas(admin, replication_factor)
     if configs:
         try:
@@ -145,6 +157,12 @@ async def ensure_topics(
                 "the broker refused topic settings %s (%r); creating %s without", configs, exc, missing
             )
     return await _create(admin, [NewTopic(name, partitions, copies) for name in missing])
+
+
+async def _missing(admin: AIOKafkaAdminClient, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` the cluster's topic list lacks, in their order."""
+    existing = set(await admin.list_topics())
+    return [name for name in dict.fromkeys(names) if name not in existing]
 
 
 async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[str]:
