@@ -265,22 +265,24 @@ async def test_the_topics_a_worker_creates_are_replicated(
     """Left to create its own topics, the worker gives each as many replicas as the cluster has brokers
     (up to three), or ``replication_factor``: a broker lost loses none of them (it used to create one)."""
     prefix = new_prefix()
+    own = [
+        requests_topic("text", prefix),
+        results_topic("text", prefix),
+        dlq_topic(prefix),
+        quarantine_topic(prefix),
+    ]
     async with serving(
         cluster.bootstrap_servers, models, prefix=prefix, replication_factor=replication_factor
     ):
+        # A topic reaches each node's metadata a moment after its creation: the node asked may lag (CI).
+        await known_everywhere(cluster, own)
         admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap_servers)
         await admin.start()
         try:
             created = [t for t in await admin.list_topics() if t.startswith(f"{prefix}.")]
         finally:
             await admin.close()
-    own = {
-        requests_topic("text", prefix),
-        results_topic("text", prefix),
-        dlq_topic(prefix),
-        quarantine_topic(prefix),
-    }
-    assert own <= set(created), created
+    assert set(own) <= set(created), created
     assert await replica_counts(cluster.bootstrap_servers, created) == {
         topic: {replicas} for topic in created
     }
