@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas.topics import dlq_topic, quarantine_topic, requests_topic, results_topic
 from tests.kafka_support import (
@@ -113,16 +115,24 @@ async def wait_in_sync(kafka: ApacheKafka, topics: list[str], timeout: float = 6
 
 async def known_everywhere(kafka: ApacheKafka, topics: list[str]) -> None:
     """Wait until every node's metadata lists `topics`: CreateTopics returns once the controller has
-    them, and each broker learns them from the metadata log a moment later."""
-    for node in kafka.node_ids:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.node_address(node))
-        await admin.start()
-        try:
-            async with asyncio.timeout(10):
-                while not set(topics) <= set(await admin.list_topics()):  # noqa: ASYNC110 (broker state: no event to wait on)
+    them, and each broker learns them from the metadata log a moment later. Each node is asked by its
+    id: an admin client sends a metadata request to a random node, whatever address it started from
+    (aiokafka 0.14 ``AIOKafkaAdminClient._send_request``), so asking one per node checked none for sure."""
+    client = AIOKafkaClient(bootstrap_servers=kafka.bootstrap_servers)
+    await client.bootstrap()
+    try:
+        async with asyncio.timeout(10):
+            for node in kafka.node_ids:
+                while True:
+                    response = await client.send(
+                        node, MetadataRequest(topics, allow_auto_topic_creation=False)
+                    )
+                    listed = {t["topic"] for t in response.to_object()["topics"] if t["error_code"] == 0}
+                    if set(topics) <= listed:
+                        break
                     await asyncio.sleep(0.05)
-        finally:
-            await admin.close()
+    finally:
+        await client.close()
 
 
 async def leader_of(kafka: ApacheKafka, topic: str, partition: int) -> int:

@@ -206,8 +206,8 @@ async def test_own_topics_the_operator_creates_just_after_the_start_are_found(
     kafka_bootstrap: str, models: dict[str, ServedModel]
 ) -> None:
     """A topic reaches each broker's metadata a moment after its creation: a worker that may not create
-    its topics looks for missing ones for MISSING_GRACE_S before it stops (a 3-node cluster answered
-    once without a topic every node had listed)."""
+    its topics looks for missing ones for MISSING_GRACE_S before it stops (on a 3-node cluster the check
+    once met a broker that did not list the operator's new topic yet)."""
     from worker.app import Worker
     from worker.settings import Settings
 

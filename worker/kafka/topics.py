@@ -134,8 +134,8 @@ async def ensure_topics(
     """
     missing = await _missing(admin, names)
     if missing and not create:
-        # A topic the operator just created reaches each broker's metadata a moment later: one node of
-        # three answered without a topic every node had listed just before (tests/test_kafka_cluster.py).
+        # A topic the operator just created reaches each broker's metadata a moment after CreateTopics
+        # returns (the controller has it then), and the check asks any one broker.
         deadline = time.monotonic() + MISSING_GRACE_S
         while missing and time.monotonic() < deadline:
             await asyncio.sleep(MISSING_RECHECK_S)
