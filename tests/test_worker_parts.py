@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -153,7 +152,7 @@ def test_the_worker_process_fixes_glibc_mmap_threshold() -> None:
     assert fix_mmap_threshold(), "this Linux/glibc machine has mallopt: the threshold must be set"
 
 
-def test_the_worker_process_freezes_what_it_loaded_and_still_collects_later_cycles() -> None:
+def test_the_worker_process_freezes_what_it_loaded_and_still_collects_later_cycles(tmp_path: Path) -> None:
     """A worker process freezes all it loaded (worker/cli.py ``prepare_process``, worker/serving/collector.py):
     a full collection then walks only what was made since, not the ~10^5 objects of transformers and
     the model. In a process of its own: a freeze lasts for the process."""
@@ -170,15 +169,14 @@ cycle.append(cycle)
 del cycle
 print(json.dumps({{"imported": imported, "frozen": gc.get_freeze_count(), "after": after, "collected": gc.collect()}}))
 """
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "bert").symlink_to(TINY / "bert", target_is_directory=True)
-        run = subprocess.run(
-            [sys.executable, "-c", code.format(models=folder)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+    (tmp_path / "bert").symlink_to(TINY / "bert", target_is_directory=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code.format(models=str(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     # all it had before loading, and transformers, tokenizers and ONNX Runtime on top; nothing left over

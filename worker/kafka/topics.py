@@ -129,8 +129,9 @@ async def ensure_topics(
 ) -> list[str]:
     """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created.
 
-    Not allowed to create them, it looks for missing ones for MISSING_GRACE_S before it gives up. Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings such
-    as cleanup.policy) are asked for; a broker that refuses them gets the topics without.
+    Not allowed to create them, it looks for missing ones for MISSING_GRACE_S before it gives up.
+    Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings
+    such as cleanup.policy) are asked for; a broker that refuses them gets the topics without.
     """
     missing = await _missing(admin, names)
     if missing and not create:
