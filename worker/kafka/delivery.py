@@ -84,6 +84,8 @@ class Delivery(PublishRetries):
         #: monotonic time of the last acknowledged publish (None: none yet)
         self._last_ok: float | None = None
         self.stopping = False
+        #: records handed to the producer and not yet acknowledged (or failed)
+        self.sending = 0
 
     async def deliver(self, out: Outgoing) -> None:
         """Publish the reply and its DLQ copy; return once both are acknowledged or definitively placed."""
@@ -201,10 +203,14 @@ class Delivery(PublishRetries):
 
     async def _send(self, out: Outgoing, record: _Record) -> None:
         key = (out.request_id or "").encode() or None
-        ack = await self.publish_record(
-            record.value, record.topic, key, record.headers, out.origin.correlation_id
-        )
-        await ack
+        self.sending += 1
+        try:
+            ack = await self.publish_record(
+                record.value, record.topic, key, record.headers, out.origin.correlation_id
+            )
+            await ack
+        finally:
+            self.sending -= 1
 
     def _undeliverable(self, kind: str, record: _Record, exc: BaseException) -> str:
         reason = type(exc).__name__
