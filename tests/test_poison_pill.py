@@ -9,6 +9,7 @@ nothing behind it would be answered.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -159,6 +160,7 @@ async def until_committed(stream: Stream, within: float) -> None:
     deadline = time.monotonic() + within
     while await stream.committed() != stream.committed_end():
         assert time.monotonic() < deadline, "the commits never reached the end of the partitions"
+        await asyncio.sleep(0.2)
 
 
 async def last_markers(bootstrap: str, prefix: str) -> dict[str, dict[str, object]]:
