@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,8 @@ class MultimodalPreprocessor(Preprocessor):
     def __init__(self, metadata: ModelMetadata, processor: Any) -> None:
         super().__init__(metadata)
         self.tokenizer = processor.tokenizer
+        #: a fast tokenizer keeps its truncation setting in itself, set by each call: one call at a time
+        self.tokenizing = threading.Lock()
         self.image_processor = processor.image_processor
         self._pixels = functools.partial(image_pixels, processor.image_processor)
         self.resize = resize_to_graph(self._pixels, metadata.image_size)
@@ -83,7 +86,8 @@ class MultimodalPreprocessor(Preprocessor):
         if not isinstance(item, MultimodalInput):
             raise InvalidRequest(f"model {self.metadata.name!r} takes an image with texts")
         texts = item.texts()
-        arrays, truncated = encode_text(self.tokenizer, [(t, None) for t in texts], self.buckets)
+        with self.tokenizing:
+            arrays, truncated = encode_text(self.tokenizer, [(t, None) for t in texts], self.buckets)
         arrays["pixel_values"] = self._pixels(item.image, self.resize)
         labels = list(item.candidate_labels) if item.candidate_labels else [item.text]
         return arrays, truncated, {"candidate_labels": labels}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ class TextPreprocessor(Preprocessor):
     def __init__(self, metadata: ModelMetadata, tokenizer: Any) -> None:
         super().__init__(metadata)
         self.tokenizer = tokenizer
+        #: a fast tokenizer keeps its truncation setting in itself, set by each call: one call at a time
+        self.tokenizing = threading.Lock()
         buckets = metadata.sequence_lengths
         if not buckets:
             raise MetadataError(f"{metadata.onnx_path}: a text model needs a sequence dim")
@@ -52,7 +55,10 @@ class TextPreprocessor(Preprocessor):
         extra = {"return_offsets_mapping": True, "return_special_tokens_mask": True} if self.aligned else {}
         # A sentence-transformers default prompt goes before the text, as SentenceTransformer.encode puts it.
         text = (self.prompt or "") + item.text
-        encoding, truncated = tokenize_text(self.tokenizer, [(text, item.text_pair)], self.buckets, **extra)
+        with self.tokenizing:
+            encoding, truncated = tokenize_text(
+                self.tokenizer, [(text, item.text_pair)], self.buckets, **extra
+            )
         context: dict[str, Any] = {"text": item.text, "text_pair": item.text_pair}
         if self.prompt:
             context["prompt_tokens"] = self.prompt_tokens
