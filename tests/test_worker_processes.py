@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -93,6 +93,26 @@ def split(*assignments: set[int]) -> bool:
     return all(assignments) and union == ALL_PARTITIONS and sum(map(len, assignments)) == len(union)
 
 
+async def sigkill_mid_stream(
+    stream: Stream,
+    victim: WorkerProcess,
+    ready: Callable[[], bool],
+    within: float,
+    what: str,
+    survivors: Sequence[WorkerProcess] = (),
+) -> int:
+    """SIGKILL ``victim`` once ``ready`` holds, with requests coming steadily (about 100/s) until 200
+    more were sent after the kill; returns how many were answered at the kill. A backlog alone was all
+    answered before the kill more than once (CI in a fast sitting; a debug-logged run): not mid-stream."""
+    async with stream.steadily(5) as steady:
+        await wait_until(ready, within, what, [victim, *survivors])
+        victim.send(signal.SIGKILL)
+        assert await victim.wait_exit(10) == -signal.SIGKILL
+        answered, sent = stream.answered(), len(steady)
+        await wait_until(lambda: len(steady) >= sent + 200, 30, "200 requests sent after SIGKILL", survivors)
+    return answered
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
@@ -100,15 +120,9 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 ) -> None:
     await stream.send(2000)
     first = start_worker(workers, stream, "first", "--max-batch-size", "8")
-    # Requests keep coming while the worker dies and until another starts: a backlog alone was all
-    # answered before the kill once (a run with debug logging slowing the reader), and the kill was
-    # not mid-stream.
-    async with stream.steadily(5) as steady:
-        await wait_until(lambda: stream.answered() >= 200, START_TIMEOUT_S, "200 replies", [first])
-        first.send(signal.SIGKILL)
-        assert await first.wait_exit(10) == -signal.SIGKILL
-        answered_before_kill, sent_at_kill = stream.answered(), len(steady)
-        await wait_until(lambda: len(steady) >= sent_at_kill + 200, 30, "200 requests sent after SIGKILL")
+    answered_before_kill = await sigkill_mid_stream(
+        stream, first, lambda: stream.answered() >= 200, START_TIMEOUT_S, "200 replies"
+    )
 
     second = start_worker(workers, stream, "second", "--max-batch-size", "8")
     await stream.wait_answered(None, START_TIMEOUT_S + 30, [second])
@@ -199,21 +213,14 @@ async def test_sigkill_one_of_two_workers_mid_stream_loses_nothing(
         [a, b],
     )
     await stream.send(3000)
-    # Requests keep coming while a dies: a backlog alone was all answered before the kill once (CI, a
-    # fast sitting), and the kill was not mid-stream.
-    async with stream.steadily(5) as steady:
-        await wait_until(
-            lambda: stream.answered() >= 400 and a.answered() > 0 and b.answered() > 0,
-            30,
-            "both answering, 400 replies",
-            [a, b],
-        )
-        a.send(signal.SIGKILL)
-        assert await a.wait_exit(10) == -signal.SIGKILL
-        answered_at_kill, sent_at_kill = stream.answered(), len(steady)
-        await wait_until(
-            lambda: len(steady) >= sent_at_kill + 200, 30, "200 requests sent after SIGKILL", [b]
-        )
+    answered_at_kill = await sigkill_mid_stream(
+        stream,
+        a,
+        lambda: stream.answered() >= 400 and a.answered() > 0 and b.answered() > 0,
+        30,
+        "both answering, 400 replies",
+        survivors=[b],
+    )
 
     await stream.wait_answered(None, 60, [b])
     await stop_worker(b)

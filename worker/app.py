@@ -190,7 +190,8 @@ class Worker:
         return (
             f"{self._state.fetching_rounds} rounds being taken in, {self.intake.pending} being prepared, "
             f"{queued} queued for a batch, {self.model_loops.running} batches running, "
-            f"{len(self._state.tasks)} publishing tasks, {self.delivery.sending} sends awaiting the broker"
+            f"{len(self._state.tasks)} tasks publishing or handing on, "
+            f"{self.delivery.sending} sends awaiting the broker"
         )
 
     async def _drain_in_flight(self) -> None:
