@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka import ConsumerRecord, TopicPartition
 
 from worker.kafka.crash_markers import Marker
+from worker.kafka.decode_failures import Undecodable
 from worker.kafka.fetching import Fetched
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.quarantine import Quarantine
@@ -121,3 +122,27 @@ async def test_a_revoke_forgets_the_held_records_and_a_round_it_overtook_is_not_
     assert await q.admit(Fetched(records(6, 7), []), {}, 0) is None
     consumer.paused_set.clear()
     assert await q.held_back() is None
+
+
+async def test_a_round_fetched_past_the_held_records_goes_back_whole_and_its_partition_stays_held() -> None:
+    """A resume of every partition (backpressure) lets a held partition fetch past what waits here. Its
+    records and an undecodable record behind them all go back to the broker, from the first record, and
+    the partition is paused again. (Simulation seed 12934: the seek went to the undecodable record,
+    past the good ones before it, which a later commit passed unanswered; and the partition, never
+    paused again, re-read that batch every 45 ms while its one record ran.)"""
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    q, consumer = quarantine(tracker, [0])
+    admitted = await q.admit(Fetched(records(0, 5), []), {}, 0)
+    assert admitted is not None and [r.offset for r in admitted.fetched.records] == [0]
+    assert tracker.track(TP, 0, 2, 0)
+    consumer.paused_set.clear()  # backpressure resumed every partition
+    again = await q.admit(Fetched(records(6, 7), [Undecodable(TP, 8, "corrupt")]), tracker.epochs(), 0)
+    assert again is not None and not again.fetched.records and not again.fetched.undecodable
+    assert consumer.seeks[-1] == (TP, 6), "6 and 7 are read again, not skipped"
+    assert TP in consumer.paused_set
+    # Only an undecodable record fetched past them: it waits too, its partition paused.
+    consumer.paused_set.clear()
+    alone = await q.admit(Fetched([], [Undecodable(TP, 6, "corrupt")]), tracker.epochs(), 0)
+    assert alone is not None and not alone.fetched.undecodable
+    assert consumer.seeks[-1] == (TP, 6)
+    assert TP in consumer.paused_set, "held, not fetching the same batch every round"

@@ -339,11 +339,13 @@ class FakeConsumer:
         for tp in partitions:
             self._owned(tp)
             self._paused.add(tp)
+            self.cluster.note(f"pause {tp.partition}")
 
     def resume(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
             self._owned(tp)
             self._paused.discard(tp)
+            self.cluster.note(f"resume {tp.partition}")
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._owned(tp)

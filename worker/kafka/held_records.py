@@ -106,9 +106,14 @@ class HeldRecords:
         state.held = True
         self.consumer.pause(tp)
 
-    def _defer_undecodable(self, tp: TopicPartition, first_held: int, undecodable: list[Any]) -> None:
-        """Undecodable records behind held ones are left for later: offsets are tracked in order."""
-        later = [u.offset for u in undecodable if u.tp == tp and u.offset > first_held]
+    def _defer_undecodable(
+        self, tp: TopicPartition, state: PartitionState, undecodable: list[Any], sent_back: int | None
+    ) -> None:
+        """Undecodable records behind held ones are left for later (offsets are tracked in order): the
+        partition goes back to the first of them, or to the first record this round sent back
+        (``sent_back``) if that is lower, and stays held until its turn comes."""
+        later = [u.offset for u in undecodable if u.tp == tp and u.offset > state.backlog[0].offset]
         if later:
             undecodable[:] = [u for u in undecodable if u.tp != tp or u.offset < min(later)]
-            self.consumer.seek(tp, min(later))
+            self.consumer.seek(tp, min(later) if sent_back is None else min(min(later), sent_back))
+            self._hold(tp, state)

@@ -120,6 +120,8 @@ class Quarantine(HeldRecords, CrashCounting):
         poisoned: list[tuple[ConsumerRecord[Any, Any], int]] = []
         undecodable = list(fetched.undecodable)
         arming: dict[TopicPartition, Marker] = {}
+        #: partition -> the first record of this round sent back to the broker (its backlog waits)
+        sent_back: dict[TopicPartition, int] = {}
         for tp, taken in _by_partition(fetched.records).items():
             state = self._partitions.get(tp)
             if state is None:
@@ -128,6 +130,7 @@ class Quarantine(HeldRecords, CrashCounting):
                 # A resume of every partition (backpressure) let it fetch past records still waiting
                 # here: those are read again later, so what waits here stays within one fetch.
                 self.consumer.seek(tp, taken[0].offset)
+                sent_back[tp] = taken[0].offset
                 self._hold(tp, state)
                 continue
             first = taken[0].offset
@@ -165,7 +168,7 @@ class Quarantine(HeldRecords, CrashCounting):
         assigned = self.consumer.assignment()
         for tp, state in self._partitions.items():
             if state.backlog and tp in assigned:
-                self._defer_undecodable(tp, state.backlog[0].offset, undecodable)
+                self._defer_undecodable(tp, state, undecodable, sent_back.get(tp))
         await self._write(arming)
         return Admitted(Fetched(records, undecodable), poisoned)
 
