@@ -203,7 +203,10 @@ def test_readme_readiness_reasons_and_their_conditions_are_the_workers() -> None
     stated = {row[0].strip("`"): row[1] for row in table_headed(section("Operations"), "| reason |")}
     assert stated == {
         "fetch_failing": "5 fetch rounds in a row failed",
-        "publish_failing": "a reply has been failing to publish for longer than half of `publish_retry_s`",
+        "publish_failing": (
+            "a reply has been failing to publish for longer than half of `publish_retry_s`, and neither a"
+            " reply nor, once none is failing, the broker has answered since"
+        ),
         "model_loop_died": "a model's batch loop died (it is logged and restarted)",
         "fetch_loop_died": "the fetch loop died (it is logged and restarted from the committed offsets)",
         "broker_unreachable": "the broker has not answered the topic list, asked every 2 s, for 5 s",

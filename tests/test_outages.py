@@ -176,6 +176,34 @@ async def test_one_reply_that_gets_through_does_not_clear_publishing_failing_whi
             assert "publish_failing" not in worker.not_ready_reasons()
 
 
+async def test_an_idle_worker_whose_last_reply_gave_up_turns_ready_once_the_broker_answers(
+    kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness: the last reply gives up and nothing is published after it (its record is not read again
+    here, as when a revoke dropped it). publish_failing clears at the broker's next answer; no reply
+    is left to clear it (simulation seed 16282: /readyz said no for good). Injected: NodeNotReadyError
+    on every attempt at that reply, and no redelivery."""
+    async with serving(kafka_bootstrap, models, publish_retry_s=2.0) as worker:
+        prefix = worker.settings.topic_prefix
+        publish = worker.delivery.publish_record
+
+        async def failing(value: bytes, topic: str, *args: Any) -> Awaitable[Any]:
+            if b'"stuck"' in value:
+                raise NodeNotReadyError()
+            return await publish(value, topic, *args)
+
+        monkeypatch.setattr(worker.delivery, "publish_record", failing)
+        monkeypatch.setattr(worker.flow, "redeliver", lambda *args: None)
+        async with raw_producer(kafka_bootstrap) as producer:
+            await producer.send_and_wait(requests_topic("text", prefix), request_bytes("stuck", "bert", TEXT))
+            await until(lambda: "publish_failing" in worker.not_ready_reasons(), timeout=5)
+            await until(lambda: worker.delivery.failing_calls == 0, timeout=10)
+            await until(lambda: "publish_failing" not in worker.not_ready_reasons(), timeout=5)
+            assert worker.delivery.failing_since is not None, (
+                "no reply got through: the broker's answer cleared it"
+            )
+
+
 async def test_a_worker_paused_longer_than_max_poll_interval_keeps_its_partitions(
     kafka_bootstrap: str, models: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:

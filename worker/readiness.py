@@ -69,8 +69,7 @@ class Readiness:
         reasons = set()
         if self._state.failed_rounds >= FETCH_ERRORS_NOT_READY:
             reasons.add("fetch_failing")
-        failing = self.delivery.failing_since
-        if failing is not None and time.monotonic() - failing > self.settings.publish_retry_s / 2:
+        if self._publishing_fails():
             reasons.add("publish_failing")
         if self._state.dead_loops - {FETCH_LOOP}:
             reasons.add("model_loop_died")
@@ -80,6 +79,19 @@ class Readiness:
         if since is not None and time.monotonic() - since >= BROKER_UNREACHABLE_S:
             reasons.add("broker_unreachable")
         return frozenset(reasons)
+
+    def _publishing_fails(self) -> bool:
+        """A publish has failed for over publish_retry_s / 2, and nothing since says publishing works.
+
+        A reply that gets through clears the delivery's ``failing_since``. So does, here, the broker
+        answering after the failures began while no publish fails any more: an idle worker whose last
+        reply gave up during an outage has nothing left to publish that could prove the broker back.
+        """
+        since = self.delivery.failing_since
+        if since is None or time.monotonic() - since <= self.settings.publish_retry_s / 2:
+            return False
+        answered = self._state.broker_answered_at
+        return self.delivery.failing_calls > 0 or answered is None or answered <= since
 
     async def check_broker(self) -> None:
         """Every BROKER_CHECK_S, ask the broker for its topics (bounded); record since when asks fail."""
@@ -94,6 +106,7 @@ class Readiness:
                     self._state.unreachable_since = asked
             else:
                 self._state.unreachable_since = None
+                self._state.broker_answered_at = time.monotonic()
             await asyncio.sleep(BROKER_CHECK_S)
 
     async def observe(self) -> None:

@@ -27,6 +27,8 @@ class RunState:
     dead_loops: set[str] = field(default_factory=set)
     #: monotonic start of the first of the broker checks failing in a row (None: the last one worked)
     unreachable_since: float | None = None
+    #: monotonic time of the last broker check that was answered (None: none yet)
+    broker_answered_at: float | None = None
     not_ready: frozenset[str] = frozenset()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

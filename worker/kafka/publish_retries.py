@@ -50,6 +50,11 @@ class PublishRetries:
     _last_ok: float | None
     stopping: bool
 
+    @property
+    def failing_calls(self) -> int:
+        """Publishes retrying after a failure, now."""
+        return self._failing
+
     async def _retrying(
         self, kind: str, attempt: Callable[[], Awaitable[Any]], topic: str | None = None
     ) -> Any:
