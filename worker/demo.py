@@ -25,6 +25,8 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.loading import load_configured
+from worker.serving.allocator import fix_mmap_threshold
+from worker.serving.collector import freeze_loaded
 from worker.serving.registry import ServedModel
 from worker.settings import Settings
 
@@ -131,7 +133,9 @@ def load_with_progress(paths: list[Path], settings: Settings) -> dict[str, Serve
 
 async def run_demo(paths: list[Path], settings: Settings, burst: int = 300) -> int:
     """The whole demo; returns the process exit code."""
+    fix_mmap_threshold()
     models = load_with_progress(paths, settings)
+    freeze_loaded()  # as `python -m worker run` does (worker/cli.py's prepare_process)
     async with _bootstrap(settings) as bootstrap:
         worker = Worker(settings.model_copy(update={"bootstrap_servers": bootstrap}), models)
         await worker.start()
