@@ -339,13 +339,14 @@ class FakeConsumer:
         for tp in partitions:
             self._owned(tp)
             self._paused.add(tp)
-            self.cluster.note(f"pause {tp.partition}")
+        # One line, sorted: a set of partitions (the whole assignment) comes in the hash seed's order.
+        self.cluster.note(f"pause {sorted(tp.partition for tp in partitions)}")
 
     def resume(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
             self._owned(tp)
             self._paused.discard(tp)
-            self.cluster.note(f"resume {tp.partition}")
+        self.cluster.note(f"resume {sorted(tp.partition for tp in partitions)}")
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._owned(tp)
