@@ -215,14 +215,51 @@ async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_run
         await stream.stop()
     # The group resumed at 0, under the marker: its writer died with offset 2 running alone, its
     # third crash (one over the round, two alone). 0 and 1 ran alone first (each armed with the
-    # round's count and none of their own), 2 was not run, 3 and 4 ran as a whole round.
+    # round's count and none of their own, carrying 2's), 2 was not run, 3 and 4 ran as a whole round
+    # under a marker that keeps the verdict on 2 (read again if the commit past it fails).
     codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
     assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
     assert stream.replies[ids[2]][0].body["id"] == ids[2], "the key names the request"
     armed = await all_markers(kafka_bootstrap, stream.prefix)
-    alone = [(m["upto"], m["crashes"], m["named"]) for m in armed if m["armed"] and m["alone"]]
-    assert alone == [(2, 1, 1), (0, 1, 0), (1, 1, 0)], armed
-    assert [(m["upto"], m["crashes"]) for m in armed if m["armed"] and not m["alone"]] == [(4, 0)]
+    alone = [
+        (m["upto"], m["crashes"], m["named"], m.get("named_at")) for m in armed if m["armed"] and m["alone"]
+    ]
+    assert alone == [(2, 1, 1, None), (0, 1, 2, 2), (1, 1, 2, 2)], armed
+    whole = [
+        (m["upto"], m["crashes"], m["poison"], m["poison_crashes"])
+        for m in armed
+        if m["armed"] and not m["alone"]
+    ]
+    assert whole == [(4, 0, 2, 3)], armed
+
+
+async def test_a_poison_verdict_whose_commit_failed_is_answered_again_without_running(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A marker written by hand: its writer answered offset 2 as poison (3 crashes), then let the
+    partition go cleanly before the commit past it landed (disarmed; the group resumes at 0)."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(kafka_bootstrap, partitions=1)
+    await stream.start()
+    ids = await stream.send(5)  # offsets 0..4, nothing committed
+    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
+    key = f"{stream.group_id}/{stream.requests_topic}/0"
+    let_go = {"upto": 4, "armed": False, "writer": "gone", "poison": 2, "poison_crashes": 3}
+    await write_marker(kafka_bootstrap, stream, key, let_go)
+    worker = Worker(stream_settings(kafka_bootstrap, stream), models)
+    try:
+        await worker.start()
+        await stream.wait_answered(ids, 60)
+        await until_committed(stream, 30)
+        await worker.drain()
+    finally:
+        await worker.stop()
+        await stream.stop()
+    codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
+    assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
+    # 0 and 1 ran alone (so 2 came up alone), 2 never ran; 3 and 4 as a whole round.
+    armed = [m for m in await all_markers(kafka_bootstrap, stream.prefix) if m["armed"]]
+    assert [(m["upto"], m["alone"]) for m in armed] == [(0, True), (1, True), (4, False)], armed
 
 
 async def all_markers(bootstrap: str, prefix: str) -> list[dict[str, Any]]:

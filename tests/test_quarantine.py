@@ -95,9 +95,45 @@ def test_a_revoke_during_one_at_a_time_reading_hands_the_count_on() -> None:
     assert recover(disarmed, resume_at=21, me=ME) == Suspicion()
 
 
+def test_a_poison_verdict_whose_commit_failed_is_answered_again_without_running() -> None:
+    # Offset 5 killed three workers and was answered as poison; the commit past it failed (a rebalance)
+    # and its owner let the partition go cleanly: the marker is disarmed but carries the verdict.
+    # (Simulation seed 117: the next owner ran 5 again, three more deaths.)
+    after = Marker(upto=7, armed=False, suspect_to=-1, writer=DEAD, poison=5, poison_crashes=3)
+    again = recover(after, resume_at=5, me=ME)
+    assert again.poisoned(5, MAX) and again.crashes_of(5) == 3
+    assert not again.poisoned(6, MAX)
+    # Resumed before it (the commits of 3 and 4 were lost too): 3 and 4 run alone, so 5 comes up alone.
+    earlier = recover(after, resume_at=3, me=ME)
+    assert earlier.suspect(3) and earlier.suspect(5) and earlier.poisoned(5, MAX)
+    # Committed past it: nothing is left of it.
+    assert recover(after, resume_at=6, me=ME) == Suspicion()
+
+
+def test_a_named_count_survives_innocent_records_read_alone_before_it_and_a_hand_over() -> None:
+    # Death 1 over 0..3, death 2 while 2 ran alone (named, 1 crash of its own). The next owner resumes
+    # at 0 and reads 0 alone; it hangs, and a revoke lets the partition go alive (a hand-over). Its
+    # marker carries 2's count. (Simulation seed 106: it did not, and 2 killed five workers.)
+    handed = Marker(0, True, 1, True, 3, DEAD, named=1, revoked=True, resumed_at=0, named_at=2)
+    after_handover = recover(handed, resume_at=0, me=ME)
+    assert (after_handover.named, after_handover.named_crashes, after_handover.charged(2)) == (2, 1, 2)
+    # 0 and 1 answered, 2 armed alone with its count, and the third death: 1 + 2 crashes, quarantined.
+    third = recover(Marker(2, True, 1, True, 3, DEAD, named=1, named_at=2), resume_at=2, me=ME)
+    assert third.charged(2) == 3 and third.poisoned(2, MAX)
+    # A death while another record ran alone names that one afresh (one named record per partition):
+    # 2's count goes, so a crash with another cause may cost the killer one death more.
+    other = recover(Marker(0, True, 1, True, 3, DEAD, named=1, named_at=2), resume_at=0, me=ME)
+    assert (other.named, other.charged(0), other.charged(2)) == (0, 2, 1)
+
+
 def test_a_marker_survives_its_wire_form_and_junk_is_not_a_marker() -> None:
     marker = Marker(upto=41, armed=True, crashes=2, alone=True, suspect_to=60, writer=DEAD, named=1)
     assert Marker.from_json(marker.to_json()) == marker
+    carrying = Marker(upto=41, armed=True, named=2, named_at=44, poison=39, poison_crashes=3)
+    assert Marker.from_json(carrying.to_json()) == carrying
+    # Written before a marker carried a named count past its own record, or a poison verdict.
+    old = Marker.from_json(b'{"upto": 41, "armed": true, "alone": true, "named": 1}')
+    assert old is not None and (old.named_at, old.poison, old.poison_crashes) == (-1, -1, 0)
     assert Marker.from_json(b"not json") is None
     assert Marker.from_json(b'{"upto": "x", "armed": true}') is None
     assert Marker.from_json(b'{"armed": true}') is None

@@ -72,7 +72,8 @@ class CrashCounting:
 
     def _armed(self, state: PartitionState, upto: int, *, alone: bool) -> Marker:
         s = state.suspicion
-        named = s.named_crashes if alone and upto == s.named else 0
+        # The named record's count rides along in every marker (innocent records before it run alone
+        # first; a hand-over may come between): a crash then names whichever record runs alone.
         return Marker(
             upto,
             True,
@@ -80,13 +81,16 @@ class CrashCounting:
             alone,
             s.suspect_to,
             self.me,
-            named,
+            s.named_crashes if s.named is not None else 0,
             handed=s.handed,
             resumed_at=s.resumed_at,
+            poison=s.poison,
+            poison_crashes=s.poison_crashes,
+            named_at=s.named if s.named is not None else -1,
         )
 
     def _poison(self, tp: TopicPartition, state: PartitionState, offset: int) -> int:
-        crashes = state.poisoned.get(offset, state.suspicion.charged(offset))
+        crashes = state.poisoned.get(offset, state.suspicion.crashes_of(offset))
         if offset not in state.poisoned:
             log.error(
                 "%s offset %d killed its worker %d times: answered as poison_suspected, not run again",
@@ -95,5 +99,7 @@ class CrashCounting:
                 crashes,
             )
             state.poisoned[offset] = crashes
-        state.suspicion = Suspicion()  # its crashes are explained: the records behind it run whole again
+        # Its crashes are explained: the records behind it run whole again. The markers written from now
+        # on carry the verdict, so an owner that resumes at it (a commit past it failed) answers it again.
+        state.suspicion = Suspicion(poison=offset, poison_crashes=crashes)
         return crashes

@@ -31,7 +31,7 @@ class Marker:
     suspect_to: int = -1
     #: the process that wrote it (a process never counts its own live marker as a crash)
     writer: str = ""
-    #: crashes so far while ``upto`` ran alone (with ``alone``)
+    #: crashes so far while the offset ``named_at`` ran alone
     named: int = 0
     #: armed, but its writer let the partition go alive (a revoke or drain ran out with records running)
     revoked: bool = False
@@ -39,6 +39,14 @@ class Marker:
     handed: int = 0
     #: the offset its writer resumed the partition from (-1: not known)
     resumed_at: int = -1
+    #: the last offset answered as poison_suspected here (-1: none): an owner that resumes at or before
+    #: it (the commit past it failed) answers it so again instead of running it
+    poison: int = -1
+    #: the crashes that offset caused
+    poison_crashes: int = 0
+    #: the offset ``named`` counts the crashes of (-1: ``upto``, as in markers written before it was
+    #: carried past the named record's own marker)
+    named_at: int = -1
 
     def to_json(self) -> bytes:
         """The marker as the quarantine topic stores it."""
@@ -60,6 +68,9 @@ class Marker:
                 revoked=bool(data.get("revoked", False)),
                 handed=int(data.get("handed", 0)),
                 resumed_at=int(data.get("resumed_at", -1)),
+                poison=int(data.get("poison", -1)),
+                poison_crashes=int(data.get("poison_crashes", 0)),
+                named_at=int(data.get("named_at", -1)),
             )
         except (ValueError, TypeError, KeyError):
             return None
@@ -83,6 +94,9 @@ class Suspicion:
     handed: int = 0
     #: where the owner resumed the partition (carried in its markers; not part of the count)
     resumed_at: int = field(default=-1, compare=False)
+    #: an offset answered as poison_suspected (-1: none), with its crashes: answered so again, not run
+    poison: int = -1
+    poison_crashes: int = 0
 
     def suspect(self, offset: int) -> bool:
         """True when ``offset`` must run alone."""
@@ -98,7 +112,15 @@ class Suspicion:
         A record that ran alone through a crash and was then answered was not the killer: the next
         record starts from its range's count, so crashes with other causes do not pile up on it.
         """
-        return offset == self.named and self.charged(offset) >= max_crashes
+        return offset == self.poison or (offset == self.named and self.charged(offset) >= max_crashes)
+
+    def crashes_of(self, offset: int) -> int:
+        """The crashes to report for ``offset`` answered as poison."""
+        return self.poison_crashes if offset == self.poison else self.charged(offset)
+
+    def whole_rounds(self) -> Suspicion:
+        """Past the records read one at a time: whole rounds again, an offset answered as poison still so."""
+        return Suspicion(poison=self.poison, poison_crashes=self.poison_crashes)
 
 
 def recover(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
@@ -109,8 +131,18 @@ def recover(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
     Unless it was ``revoked`` (its writer let go alive): no crash, only the hand-over counted, until
     HANDOVERS_PER_CRASH of them in a row at this resume offset count as one.
     Otherwise the count goes on only while the one-at-a-time range lasts.
+    An offset the marker says was answered as poison, at or after ``resume_at`` (the commit past it
+    failed), is answered so again: the records up to it are read one at a time, so it comes up alone.
     """
-    return replace(_recovered(marker, resume_at, me), resumed_at=resume_at)
+    suspicion = _recovered(marker, resume_at, me)
+    if marker is not None and resume_at <= marker.poison:
+        suspicion = replace(
+            suspicion,
+            suspect_to=max(suspicion.suspect_to, marker.poison),
+            poison=marker.poison,
+            poison_crashes=marker.poison_crashes,
+        )
+    return replace(suspicion, resumed_at=resume_at)
 
 
 def _recovered(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
@@ -119,12 +151,23 @@ def _recovered(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
     if marker.armed and resume_at <= marker.upto and marker.writer != me:
         handed = (marker.handed if resume_at == marker.resumed_at else 0) + 1
         if marker.revoked and handed < HANDOVERS_PER_CRASH:
-            named = marker.upto if marker.alone and marker.named else None
-            return Suspicion(marker.crashes, marker.suspect_to, named, marker.named, handed=handed)
+            return Suspicion(marker.crashes, marker.suspect_to, *_named(marker, resume_at), handed=handed)
         suspect_to = max(marker.suspect_to, marker.upto)
         if marker.alone:
-            return Suspicion(marker.crashes, suspect_to, marker.upto, marker.named + 1, crashed=True)
+            # A crash while another record ran alone names this one afresh.
+            named, count = _named(marker, resume_at)
+            before = count if named == marker.upto else 0
+            return Suspicion(marker.crashes, suspect_to, marker.upto, before + 1, crashed=True)
         return Suspicion(marker.crashes + 1, suspect_to, crashed=True)
     if resume_at <= marker.suspect_to:
-        return Suspicion(marker.crashes, marker.suspect_to)
+        return Suspicion(marker.crashes, marker.suspect_to, *_named(marker, resume_at))
     return Suspicion()
+
+
+def _named(marker: Marker, resume_at: int) -> tuple[int | None, int]:
+    """The offset the marker's named crashes belong to, and their count, unless the group resumes past it
+    (it was answered: not the killer). Innocent records read alone before it, and hand-overs, keep it."""
+    at = marker.named_at if marker.named_at >= 0 else marker.upto
+    if not marker.named or at < resume_at:
+        return None, 0
+    return at, marker.named

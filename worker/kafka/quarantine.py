@@ -43,7 +43,7 @@ from schemas.topics import quarantine_topic
 from worker.errors import PoisonSuspected
 from worker.kafka.clients import KafkaClients
 from worker.kafka.crash_counting import CrashCounting
-from worker.kafka.crash_markers import Marker, Suspicion
+from worker.kafka.crash_markers import Marker
 from worker.kafka.fetching import Fetched
 from worker.kafka.held_records import HeldRecords, PartitionState
 from worker.kafka.marker_log import COMPACTED, MarkerLog
@@ -152,7 +152,7 @@ class Quarantine(HeldRecords, CrashCounting):
             else:
                 if state.suspicion.suspect_to >= 0:
                     log.info("%s: past the records read one at a time; whole rounds again", tp)
-                    state.suspicion = Suspicion()
+                    state.suspicion = state.suspicion.whole_rounds()
                 records += taken
                 last = taken[-1].offset
                 written = state.written
