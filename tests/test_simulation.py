@@ -65,6 +65,12 @@ FIXED_DEFECTS = {
     # /readyz stayed false (publish_failing) for good: the last reply gave up during an outage with no
     # success after its first failure, and an idle worker had nothing left to publish
     "D8c": 16282,
+    # a poison request answered as poison_suspected, then the commit past it failed (a rebalance): the next
+    # owner ran it again, three more deaths (its markers now carry the verdict)
+    "D11": 117,
+    # the poison request's named crash count was not in the markers of the innocent records read alone
+    # before it, nor through a hand-over (a hung run, a revoke): five deaths instead of three
+    "D11b": 106,
 }
 
 

@@ -71,7 +71,9 @@ class SimRecord:
     value: bytes
     key: bytes | None
     headers: list[tuple[str, bytes]]
-    kind: str  # good | invalid (a reply + DLQ) | bad_header (DLQ) | corrupt (its batch does not inflate)
+    #: good | invalid (a reply + DLQ) | bad_header (DLQ) | corrupt (its batch does not inflate) | poison
+    #: (kills its worker: answered poison_suspected, with a DLQ record, after max_crash_attempts crashes)
+    kind: str
     request_id: str | None
     reply_to: str | None = None
 
@@ -130,6 +132,10 @@ class Cluster:
         self.outputs: list[Published] = []
         self.topics: set[str] = set()
         self.refused_for_good: set[str] = set()
+        #: times the poison request killed the worker (tests.sim.faults.FaultyPreprocessor)
+        self.poison_kills = 0
+        #: crashes with other causes (the plan's crash windows)
+        self.other_crashes = 0
         #: topic -> time until which its acks fail with a retriable error (a leader moving)
         self.refused_until: dict[str, float] = {}
         self.connected = True

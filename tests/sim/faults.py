@@ -21,6 +21,10 @@ from worker.answers import run_batch
 
 #: Reply topics a request may name: one that exists and takes records, one the broker refuses for good.
 REPLIES, BLOCKED = "team.replies", "team.blocked"
+#: The text of the poison request: preparing it kills the process, every time (``FaultyPreprocessor``).
+POISON = "this request kills whoever prepares it"
+#: Seeds with one poison request among their good ones.
+POISON_P = 0.15
 #: Outage lengths (s): within publish_retry_s, past it, past the 10 s session, past the 40 s producer timeouts.
 OUTAGE_LENGTHS = (2.0, 6.0, 15.0, 30.0, 45.0, 70.0)
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "answer")
@@ -185,7 +189,12 @@ class Scheduler:
         self.plan = draw_plan(random.Random(seed), topic)
         if not faults:
             self.plan = self.plan.without_faults()
+        if faults:
+            # Its own stream: drawing the poison leaves every other draw of the seed as it was.
+            _poison_one(self.plan, random.Random(seed * 7919 + 5))
         self.rng = random.Random(seed * 1_000_003 + 17)
+        #: kills the worker process at once and restarts it later (the run sets it)
+        self.kill: Callable[[], None] | None = None
         self.faulty = True
         #: times at which a model run returned the wrong number of outputs
         self.wrong_outputs: list[float] = []
@@ -227,6 +236,37 @@ class Scheduler:
         if not self.faulty or self.rng.random() >= self.plan.engine_fault_p:
             return None
         return self.rng.choice(["raise", "wrong_outputs"])
+
+
+def _poison_one(plan: Plan, rng: random.Random) -> None:
+    """In POISON_P of the seeds, one good request becomes poison: its preparation kills the process."""
+    good = [
+        r for _, _, batch in plan.batches for r in batch.records if r.kind == "good" and batch.codec is None
+    ]
+    if not good or rng.random() >= POISON_P:
+        return
+    record = rng.choice(good)
+    record.kind = "poison"
+    assert record.request_id is not None
+    record.value = request_bytes(record.request_id, "bert", {"text": POISON})
+
+
+class FaultyPreprocessor:
+    """The real preprocessor behind a seam: preparing the poison request kills the process, as a crash in
+    native decoder code (or an OOM kill) would; faults stopping does not stop it (it is the request's)."""
+
+    def __init__(self, preprocessor: Any, sched: Scheduler) -> None:
+        self._preprocessor = preprocessor
+        self._sched = sched
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._preprocessor, name)
+
+    def prepare(self, item: Any) -> Any:
+        if getattr(item, "text", None) == POISON and self._sched.kill is not None:
+            self._sched.kill()
+            raise RuntimeError("simulated: the process died preparing this request")
+        return self._preprocessor.prepare(item)
 
 
 class FaultyEngine:

@@ -42,6 +42,7 @@ DEFECTS = {
     "D8": "readiness does not turn false / true again",
     "D9": "a failure mark never cleared: an idle worker polls ~50/s for ever",
     "D10": "the revoke callback's commit has no time bound",
+    "D11": "a poison request kills its worker over max_crash_attempts times, or is not answered as poison",
     "other": "not one of the known defects",
 }
 #: After the broker has been away this long, /readyz must say no.
@@ -278,6 +279,8 @@ class Checker:
             return False
         if record.kind in ("bad_header", "corrupt"):
             return bool(got.dlq)
+        if record.kind == "poison":
+            return any(p.headers.get("error_code") == "poison_suspected" for p in got.dlq)
         return bool(got.replies) or (record.reply_to == BLOCKED and bool(got.dlq))
 
     def all_answered(self) -> bool:
@@ -312,9 +315,18 @@ class Checker:
             # A batch lost with its counts holds backpressure for good (D6).
             self.flag("I2", "D6" if wrong_outputs else "other", "paused", f"at the end: paused {sorted(consumer.paused())}, "
                       f"assigned {sorted(consumer.assignment())}")  # fmt: skip
+        # A crash with another cause while another record runs alone names that record afresh (the
+        # quarantine keeps one named record per partition): each may cost the poison one death more.
+        bound = self.settings.max_crash_attempts + cluster.other_crashes
+        if cluster.poison_kills > bound:
+            self.flag("I2", "D11", "poison kills",
+                      f"the poison request killed its worker {cluster.poison_kills} times (max_crash_attempts "
+                      f"{self.settings.max_crash_attempts}, {cluster.other_crashes} crashes with other causes)")  # fmt: skip
         self._duplicates()
 
     def _unanswered_cause(self, tp: TopicPartition, record: SimRecord, wrong_outputs: list[float]) -> str:
+        if record.kind == "poison":
+            return "D11"
         got = self.answers.get((tp.partition, record.offset))
         if got is not None and any(p.headers.get("error_code") == "undecodable_input" for p in got.dlq):
             return "D2"

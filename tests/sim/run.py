@@ -29,7 +29,7 @@ import worker.kafka.fetching
 from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeBatches, FakeClients
-from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, Scheduler, Window
+from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, FaultyPreprocessor, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
 from worker.serving.registry import ServedModel
@@ -54,6 +54,10 @@ def tiny_bert() -> dict[str, ServedModel]:
     return _MODELS
 
 
+#: How long a process killed by the poison request takes to come back.
+POISON_RESTART_S = 5.0
+
+
 def sim_settings() -> Settings:
     """Small bounds so that backpressure, give-ups and decode skips happen within a few records."""
     settings = Settings(
@@ -68,6 +72,9 @@ def sim_settings() -> Settings:
         max_decode_attempts=3,
         metrics_port=None,
         executor_threads=2,
+        # The reply topics a request may name (faults.REPLIES, faults.BLOCKED): allowed by the policy, so
+        # the broker's answer decides (the default pattern, <prefix>.replies.*, refused both unasked).
+        reply_to_pattern=r"team\..+",
     )
     # Below the validated minimum (1 MiB): the simulated requests are ~1 KiB each.
     return settings.model_copy(update={"max_in_flight_bytes": 12 * 1024})
@@ -129,7 +136,11 @@ class _Run:
         self.cluster = Cluster(loop, self.sched, self.plan.partitions)
         self.cluster.session_timeout_s = self.plan.session_timeout_ms / 1000
         self.models = {
-            name: dataclasses.replace(m, engine=FaultyEngine(m.engine, self.sched))
+            name: dataclasses.replace(
+                m,
+                engine=FaultyEngine(m.engine, self.sched),
+                preprocessor=FaultyPreprocessor(m.preprocessor, self.sched),
+            )
             for name, m in models.items()
         }
         self.checker = Checker(
@@ -145,6 +156,7 @@ class _Run:
         else:
             self.cluster.topics.discard(BLOCKED)  # a reply_to topic that does not exist
         self.worker: Worker | None = None
+        self.sched.kill = self._killed
         self._starting: asyncio.Task[None] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
@@ -186,6 +198,8 @@ class _Run:
         )
 
     def _boot(self) -> None:
+        if self.worker is not None:
+            return  # up already (restarted after a poison request, during a crash window)
         self.worker = Worker(self.settings, self.models)
         self._starting = asyncio.create_task(self.worker.start())
 
@@ -214,6 +228,17 @@ class _Run:
                 task.cancel()
         self.worker = None
 
+    def _killed(self) -> None:
+        """A poison request killed the process (from inside its preparation): restart it later."""
+        self.cluster.note("killed by the poison request")
+        self.cluster.poison_kills += 1
+        self._crash_now()
+        self.tasks.append(asyncio.ensure_future(self._restart(POISON_RESTART_S)))
+
+    async def _restart(self, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        self._boot()
+
     async def _produce(self) -> None:
         for at, tp, batch in self.plan.batches:
             await asyncio.sleep(max(0.0, at - self.loop.now))
@@ -241,6 +266,8 @@ class _Run:
 
     async def _crash(self, w: Window) -> None:
         await asyncio.sleep(w.at)
+        if self.worker is not None:
+            self.cluster.other_crashes += 1
         self._crash_now()
         await asyncio.sleep(w.length)
         self._boot()
