@@ -146,3 +146,22 @@ async def test_a_round_fetched_past_the_held_records_goes_back_whole_and_its_par
     assert alone is not None and not alone.fetched.undecodable
     assert consumer.seeks[-1] == (TP, 6)
     assert TP in consumer.paused_set, "held, not fetching the same batch every round"
+
+
+async def test_a_round_a_rewind_overtook_does_not_end_the_one_at_a_time_reading() -> None:
+    """Offsets 0..9 are read one at a time; 0 runs alone and its reply gives up, so the partition is
+    rewound to 0. A round fetched in the epoch before, from past that range, is not taken: 0 comes back
+    alone, not in a whole round. (Simulation seed 10227: the stale round ended the one-at-a-time
+    reading, and the poison request behind 0 then ran in a whole round, its crash count lost.)"""
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    q, _ = quarantine(tracker, [0])
+    admitted = await q.admit(Fetched(records(0, 5), []), {}, 0)
+    assert admitted is not None and [r.offset for r in admitted.fetched.records] == [0]
+    assert tracker.track(TP, 0, 2, 0)
+    before = tracker.epochs()
+    assert tracker.rewind(TP, 0, 0)
+    assert await q.held_back() is None  # the held 1..5 go back to the broker
+    stale = await q.admit(Fetched(records(10, 11), []), before, 0)
+    assert stale is not None and not stale.fetched.records
+    again = await q.admit(Fetched(records(0, 5), []), tracker.epochs(), 0)
+    assert again is not None and [r.offset for r in again.fetched.records] == [0]

@@ -126,6 +126,11 @@ class Quarantine(HeldRecords, CrashCounting):
             state = self._partitions.get(tp)
             if state is None:
                 continue  # revoked while this round waited: the next owner reads it from the commit
+            if epochs.get(tp, 0) != self.tracker.epoch(tp):
+                # A rewind overtook the round (a give-up while it was fetched): none of it is tracked, and
+                # the flow seeks the partition back. Taken for the next records, it would end the
+                # one-at-a-time reading before the rewound ones come back (simulation seed 10227).
+                continue
             if state.backlog:
                 # A resume of every partition (backpressure) let it fetch past records still waiting
                 # here: those are read again later, so what waits here stays within one fetch.
