@@ -187,12 +187,6 @@ async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_run
 ) -> None:
     """A dead worker's marker, written by hand: offset 2 armed alone, one crash over its round and one
     while it ran alone behind it."""
-    models = tiny_models(tmp_path, "bert")
-    stream = Stream(kafka_bootstrap, partitions=1)
-    await stream.start()
-    ids = await stream.send(5)  # offsets 0..4, nothing committed
-    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
-    key = f"{stream.group_id}/{stream.requests_topic}/0"
     dead = {
         "upto": 2,
         "armed": True,
@@ -202,17 +196,7 @@ async def test_a_record_its_last_crashes_named_is_answered_as_poison_without_run
         "named": 1,
         "writer": "dead",
     }
-    await write_marker(kafka_bootstrap, stream, key, dead)
-    settings = stream_settings(kafka_bootstrap, stream)
-    worker = Worker(settings, models)
-    try:
-        await worker.start()
-        await stream.wait_answered(ids, 60)
-        await until_committed(stream, 30)
-        await worker.drain()
-    finally:
-        await worker.stop()
-        await stream.stop()
+    stream, ids = await five_answered_under(kafka_bootstrap, tmp_path, dead)
     # The group resumed at 0, under the marker: its writer died with offset 2 running alone, its
     # third crash (one over the round, two alone). 0 and 1 ran alone first (each armed with the
     # round's count and none of their own, carrying 2's), 2 was not run, 3 and 4 ran as a whole round
@@ -238,15 +222,27 @@ async def test_a_poison_verdict_whose_commit_failed_is_answered_again_without_ru
 ) -> None:
     """A marker written by hand: its writer answered offset 2 as poison (3 crashes), then let the
     partition go cleanly before the commit past it landed (disarmed; the group resumes at 0)."""
-    models = tiny_models(tmp_path, "bert")
-    stream = Stream(kafka_bootstrap, partitions=1)
-    await stream.start()
-    ids = await stream.send(5)  # offsets 0..4, nothing committed
-    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
-    key = f"{stream.group_id}/{stream.requests_topic}/0"
     let_go = {"upto": 4, "armed": False, "writer": "gone", "poison": 2, "poison_crashes": 3}
-    await write_marker(kafka_bootstrap, stream, key, let_go)
-    worker = Worker(stream_settings(kafka_bootstrap, stream), models)
+    stream, ids = await five_answered_under(kafka_bootstrap, tmp_path, let_go)
+    codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
+    assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
+    # 0 and 1 ran alone (so 2 came up alone), 2 never ran; 3 and 4 as a whole round.
+    armed = [m for m in await all_markers(kafka_bootstrap, stream.prefix) if m["armed"]]
+    assert [(m["upto"], m["alone"]) for m in armed] == [(0, True), (1, True), (4, False)], armed
+
+
+async def five_answered_under(
+    bootstrap: str, tmp_path: Path, marker: dict[str, Any]
+) -> tuple[Stream, list[str]]:
+    """Five requests (offsets 0..4 of one partition, nothing committed) under a marker written by hand,
+    served by a fresh worker until all are answered and committed; the stream (stopped) and their ids."""
+    models = tiny_models(tmp_path, "bert")
+    stream = Stream(bootstrap, partitions=1)
+    await stream.start()
+    ids = await stream.send(5)
+    await create_topics(bootstrap, [quarantine_topic(stream.prefix)], 1)
+    await write_marker(bootstrap, stream, f"{stream.group_id}/{stream.requests_topic}/0", marker)
+    worker = Worker(stream_settings(bootstrap, stream), models)
     try:
         await worker.start()
         await stream.wait_answered(ids, 60)
@@ -255,11 +251,7 @@ async def test_a_poison_verdict_whose_commit_failed_is_answered_again_without_ru
     finally:
         await worker.stop()
         await stream.stop()
-    codes = {i: stream.replies[i][0].body.get("error", {}).get("code") for i in ids}
-    assert codes == {ids[0]: None, ids[1]: None, ids[2]: "poison_suspected", ids[3]: None, ids[4]: None}
-    # 0 and 1 ran alone (so 2 came up alone), 2 never ran; 3 and 4 as a whole round.
-    armed = [m for m in await all_markers(kafka_bootstrap, stream.prefix) if m["armed"]]
-    assert [(m["upto"], m["alone"]) for m in armed] == [(0, True), (1, True), (4, False)], armed
+    return stream, ids
 
 
 async def all_markers(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
@@ -320,25 +312,9 @@ async def test_a_marker_its_live_writer_revoked_costs_no_crash_and_no_one_at_a_t
 ) -> None:
     """The reader's half: the next owner of a partition whose last owner let go alive with offsets 0..4
     running counts no crash and runs them as one round (before: one crash, then one at a time)."""
-    models = tiny_models(tmp_path, "bert")
-    stream = Stream(kafka_bootstrap, partitions=1)
-    await stream.start()
-    ids = await stream.send(5)  # offsets 0..4, nothing committed
-    await create_topics(kafka_bootstrap, [quarantine_topic(stream.prefix)], 1)
-    key = f"{stream.group_id}/{stream.requests_topic}/0"
     handed = {"upto": 4, "armed": True, "crashes": 0, "revoked": True, "resumed_at": 0, "writer": "alive"}
-    await write_marker(kafka_bootstrap, stream, key, handed)
-    settings = stream_settings(kafka_bootstrap, stream)
-    worker = Worker(settings, models)
     caplog.set_level(logging.INFO, logger="worker.kafka.quarantine")
-    try:
-        await worker.start()
-        await stream.wait_answered(ids, 60)
-        await until_committed(stream, 30)
-        await worker.drain()
-    finally:
-        await worker.stop()
-        await stream.stop()
+    stream, _ = await five_answered_under(kafka_bootstrap, tmp_path, handed)
     assert [r.getMessage() for r in caplog.records if "died with" in r.getMessage()] == []
     assert stream.missing() == [] and stream.duplicates() == 0
     # What it armed: the five as one round, no crash, the one hand-over carried; then its drain disarmed.
