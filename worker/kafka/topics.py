@@ -168,10 +168,19 @@ async def _missing(admin: AIOKafkaAdminClient, names: Iterable[str]) -> list[str
 
 async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[str]:
     try:
-        return _created(await admin.create_topics(topics))
+        created = _created(await admin.create_topics(topics))
     except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as exc:
         # Not a broker that is away: retrying cannot help, so the worker stops with the names.
         raise MissingTopics([t.name for t in topics], refused=repr(exc)) from exc
+    # Apache Kafka serves a new topic in its metadata a moment after CreateTopics returns. A consumer
+    # that joined its group before then was assigned none of its partitions (the assignor logged "No
+    # partition metadata"), and learnt of them only at its next metadata refresh (CI: not ready in 30 s).
+    deadline = time.monotonic() + MISSING_GRACE_S
+    missing = await _missing(admin, created)
+    while missing and time.monotonic() < deadline:
+        await asyncio.sleep(MISSING_RECHECK_S)
+        missing = await _missing(admin, missing)
+    return created
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
