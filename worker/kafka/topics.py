@@ -137,10 +137,7 @@ async def ensure_topics(
     if missing and not create:
         # A topic the operator just created reaches each broker's metadata a moment after CreateTopics
         # returns (the controller has it then), and the check asks any one broker.
-        deadline = time.monotonic() + MISSING_GRACE_S
-        while missing and time.monotonic() < deadline:
-            await asyncio.sleep(MISSING_RECHECK_S)
-            missing = await _missing(admin, missing)
+        missing = await _until_listed(admin, missing)
         if missing:
             raise MissingTopics(missing)
     if not missing:
@@ -175,12 +172,18 @@ async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> list[st
     # Apache Kafka serves a new topic in its metadata a moment after CreateTopics returns. A consumer
     # that joined its group before then was assigned none of its partitions (the assignor logged "No
     # partition metadata"), and learnt of them only at its next metadata refresh (CI: not ready in 30 s).
+    await _until_listed(admin, await _missing(admin, created))
+    return created
+
+
+async def _until_listed(admin: AIOKafkaAdminClient, missing: list[str]) -> list[str]:
+    """Ask again every MISSING_RECHECK_S, for up to MISSING_GRACE_S, until the broker lists ``missing``;
+    returns those still missing then."""
     deadline = time.monotonic() + MISSING_GRACE_S
-    missing = await _missing(admin, created)
     while missing and time.monotonic() < deadline:
         await asyncio.sleep(MISSING_RECHECK_S)
         missing = await _missing(admin, missing)
-    return created
+    return missing
 
 
 async def max_message_bytes(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> int | None:
