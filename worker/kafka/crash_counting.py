@@ -72,7 +72,7 @@ class CrashCounting:
 
     def _armed(self, state: PartitionState, upto: int, *, alone: bool) -> Marker:
         s = state.suspicion
-        # The named record's count rides along in every marker (innocent records before it run alone
+        # Each named record's count rides along in every marker (innocent records before it run alone
         # first; a hand-over may come between): a crash then names whichever record runs alone.
         return Marker(
             upto,
@@ -81,12 +81,11 @@ class CrashCounting:
             alone,
             s.suspect_to,
             self.me,
-            s.named_crashes if s.named is not None else 0,
             handed=s.handed,
             resumed_at=s.resumed_at,
             poison=s.poison,
             poison_crashes=s.poison_crashes,
-            named_at=s.named if s.named is not None else -1,
+            alone_crashes=s.named,
         )
 
     def _poison(self, tp: TopicPartition, state: PartitionState, offset: int) -> int:

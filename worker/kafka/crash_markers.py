@@ -6,6 +6,7 @@ The pure rules of the quarantine (worker/kafka/quarantine.py): no I/O, no clock.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 #: Live hand-overs with records running (``Marker.revoked``), in a row at one resume offset, that count
@@ -31,7 +32,7 @@ class Marker:
     suspect_to: int = -1
     #: the process that wrote it (a process never counts its own live marker as a crash)
     writer: str = ""
-    #: crashes so far while the offset ``named_at`` ran alone
+    #: crashes so far while the offset ``named_at`` ran alone (markers from before ``alone_crashes``)
     named: int = 0
     #: armed, but its writer let the partition go alive (a revoke or drain ran out with records running)
     revoked: bool = False
@@ -47,10 +48,23 @@ class Marker:
     #: the offset ``named`` counts the crashes of (-1: ``upto``, as in markers written before it was
     #: carried past the named record's own marker)
     named_at: int = -1
+    #: crashes per offset while that record ran alone: each record keeps its own count, so a crash with
+    #: another cause, while an innocent record runs alone, costs the killer none of its count
+    alone_crashes: Mapping[int, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        """The marker as the quarantine topic stores it."""
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        """The marker as the quarantine topic stores it; ``named``/``named_at`` say the record with the most
+        of ``alone_crashes``, as a worker from before them reads it (a rolling upgrade)."""
+        data = dict(self.__dict__, alone_crashes={str(k): v for k, v in self.alone_crashes.items()})
+        if self.alone_crashes:
+            data["named_at"], data["named"] = max(self.alone_crashes.items(), key=lambda kv: (kv[1], kv[0]))
+        return json.dumps(data, sort_keys=True).encode()
+
+    def crashes_alone(self) -> dict[int, int]:
+        """Crashes per offset while it ran alone; from ``named``/``named_at`` in a marker that predates them."""
+        if self.alone_crashes:
+            return dict(self.alone_crashes)
+        return {self.named_at if self.named_at >= 0 else self.upto: self.named} if self.named else {}
 
     @classmethod
     def from_json(cls, raw: bytes) -> Marker | None:
@@ -71,8 +85,9 @@ class Marker:
                 poison=int(data.get("poison", -1)),
                 poison_crashes=int(data.get("poison_crashes", 0)),
                 named_at=int(data.get("named_at", -1)),
+                alone_crashes={int(k): int(v) for k, v in data.get("alone_crashes", {}).items()},
             )
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
 
@@ -84,10 +99,8 @@ class Suspicion:
     crashes: int = 0
     #: last offset read one record at a time (-1: none, whole rounds run)
     suspect_to: int = -1
-    #: the offset the last crashes named (it ran alone), if any
-    named: int | None = None
-    #: crashes while ``named`` ran alone
-    named_crashes: int = 0
+    #: crashes per offset while that record ran alone (each named by its crashes)
+    named: Mapping[int, int] = field(default_factory=dict)
     #: this reading counted a crash (the last owner died with records running)
     crashed: bool = False
     #: live hand-overs with records running in a row (``Marker.revoked``), none counted as a crash
@@ -104,7 +117,7 @@ class Suspicion:
 
     def charged(self, offset: int) -> int:
         """The crashes charged to ``offset``: those of its range, and those while it ran alone."""
-        return self.crashes + (self.named_crashes if offset == self.named else 0)
+        return self.crashes + self.named.get(offset, 0)
 
     def poisoned(self, offset: int, max_crashes: int) -> bool:
         """True when ``offset`` was named by a crash and has used up its crashes.
@@ -112,7 +125,7 @@ class Suspicion:
         A record that ran alone through a crash and was then answered was not the killer: the next
         record starts from its range's count, so crashes with other causes do not pile up on it.
         """
-        return offset == self.poison or (offset == self.named and self.charged(offset) >= max_crashes)
+        return offset == self.poison or (offset in self.named and self.charged(offset) >= max_crashes)
 
     def crashes_of(self, offset: int) -> int:
         """The crashes to report for ``offset`` answered as poison."""
@@ -151,23 +164,20 @@ def _recovered(marker: Marker | None, resume_at: int, me: str) -> Suspicion:
     if marker.armed and resume_at <= marker.upto and marker.writer != me:
         handed = (marker.handed if resume_at == marker.resumed_at else 0) + 1
         if marker.revoked and handed < HANDOVERS_PER_CRASH:
-            return Suspicion(marker.crashes, marker.suspect_to, *_named(marker, resume_at), handed=handed)
+            return Suspicion(marker.crashes, marker.suspect_to, _named(marker, resume_at), handed=handed)
         suspect_to = max(marker.suspect_to, marker.upto)
         if marker.alone:
-            # A crash while another record ran alone names this one afresh.
-            named, count = _named(marker, resume_at)
-            before = count if named == marker.upto else 0
-            return Suspicion(marker.crashes, suspect_to, marker.upto, before + 1, crashed=True)
-        return Suspicion(marker.crashes + 1, suspect_to, crashed=True)
+            # A crash while one record ran alone names it; every other record keeps its own count.
+            named = _named(marker, resume_at)
+            named[marker.upto] = named.get(marker.upto, 0) + 1
+            return Suspicion(marker.crashes, suspect_to, named, crashed=True)
+        return Suspicion(marker.crashes + 1, suspect_to, _named(marker, resume_at), crashed=True)
     if resume_at <= marker.suspect_to:
-        return Suspicion(marker.crashes, marker.suspect_to, *_named(marker, resume_at))
+        return Suspicion(marker.crashes, marker.suspect_to, _named(marker, resume_at))
     return Suspicion()
 
 
-def _named(marker: Marker, resume_at: int) -> tuple[int | None, int]:
-    """The offset the marker's named crashes belong to, and their count, unless the group resumes past it
-    (it was answered: not the killer). Innocent records read alone before it, and hand-overs, keep it."""
-    at = marker.named_at if marker.named_at >= 0 else marker.upto
-    if not marker.named or at < resume_at:
-        return None, 0
-    return at, marker.named
+def _named(marker: Marker, resume_at: int) -> dict[int, int]:
+    """The marker's crashes per record that ran alone, but those the group resumes past (answered: not the
+    killer). Innocent records read alone before one, crashes with other causes, and hand-overs keep it."""
+    return {offset: count for offset, count in marker.crashes_alone().items() if offset >= resume_at}
