@@ -165,3 +165,17 @@ async def test_a_round_a_rewind_overtook_does_not_end_the_one_at_a_time_reading(
     assert stale is not None and not stale.fetched.records
     again = await q.admit(Fetched(records(0, 5), []), tracker.epochs(), 0)
     assert again is not None and [r.offset for r in again.fetched.records] == [0]
+
+
+async def test_a_partition_assigned_back_runs_its_round_under_a_live_marker_not_its_revoked_one() -> None:
+    """This process let the partition go alive with 0..5 running (its marker revoked: a hand-over, no crash
+    if the next owner finds it) and got it back. A round it runs now is its own: were it to die with it
+    running, that is a crash, so the round is armed afresh, not left under the revoked marker."""
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    q, _ = quarantine(tracker, [0])
+    let_go = Marker(upto=5, armed=True, writer=q.me, revoked=True, resumed_at=0)
+    q.markers.preset[TP] = let_go  # type: ignore[attr-defined]
+    admitted = await q.admit(Fetched(records(0, 5), []), {}, 0)
+    assert admitted is not None and [r.offset for r in admitted.fetched.records] == [0, 1, 2, 3, 4, 5]
+    [(tp, marker)] = q.markers.written  # type: ignore[attr-defined]
+    assert tp == TP and marker.armed and not marker.revoked and marker.upto == 5

@@ -134,6 +134,9 @@ class Cluster:
         self.refused_for_good: set[str] = set()
         #: times the poison request killed the worker (tests.sim.faults.FaultyPreprocessor)
         self.poison_kills = 0
+        #: of those, kills of a process whose last marker of the poison's partition said it had let the
+        #: partition go alive (revoked, its records still running): the next owner counts a hand-over
+        self.handover_kills = 0
         #: crashes with other causes (the plan's crash windows)
         self.other_crashes = 0
         #: topic -> time until which its acks fail with a retriable error (a leader moving)

@@ -32,6 +32,7 @@ from tests.sim.cluster import Cluster, FakeBatches, FakeClients
 from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, FaultyPreprocessor, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
 from worker.app import Worker
+from worker.kafka.crash_markers import Marker
 from worker.serving.registry import ServedModel
 from worker.settings import Settings
 
@@ -232,8 +233,20 @@ class _Run:
         """A poison request killed the process (from inside its preparation): restart it later."""
         self.cluster.note("killed by the poison request")
         self.cluster.poison_kills += 1
+        if self._let_go_alive():
+            self.cluster.handover_kills += 1
         self._crash_now()
         self.tasks.append(asyncio.ensure_future(self._restart(POISON_RESTART_S)))
+
+    def _let_go_alive(self) -> bool:
+        """Whether the dying process's last marker of the poison's partition is its own, revoked: it let the
+        partition go with the poison running (its revoke's wait ran out), and the kill came after."""
+        w = self.worker
+        quarantine = w.fetch_loop.quarantine if w is not None else None
+        tp = next(tp for _, tp, batch in self.plan.batches for r in batch.records if r.kind == "poison")
+        key = f"{self.settings.group_id}/{tp.topic}/{tp.partition}".encode()
+        last = next((Marker.from_json(v) for k, v in reversed(self.cluster.markers) if k == key), None)
+        return quarantine is not None and last is not None and last.revoked and last.writer == quarantine.me
 
     async def _restart(self, after_s: float) -> None:
         await asyncio.sleep(after_s)

@@ -161,10 +161,13 @@ class Quarantine(HeldRecords, CrashCounting):
                 records += taken
                 last = taken[-1].offset
                 written = state.written
-                # Only a marker of this process covers the round: another's (a revoked one) says nothing of it.
+                # Only a live marker of this process covers the round: another's says nothing of it, and
+                # under one it left revoked (a hand-over, assigned back since) its death with the round
+                # running would count as a hand-over, not a crash.
                 covered = (
                     written is not None
                     and written.armed
+                    and not written.revoked
                     and written.writer == self.me
                     and last <= written.upto
                 )
