@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.metadata import MetadataRequest
@@ -46,6 +47,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 REQUESTS = 1_200
 RATE = 100.0
 PARTITIONS = 4
+#: DescribeConfigs' config source of a setting made on the topic itself (DYNAMIC_TOPIC_CONFIG).
+TOPIC_CONFIG = 1
 TEXT = {"text": "a request through a failing cluster"}
 
 
@@ -296,3 +299,31 @@ async def test_the_topics_a_worker_creates_are_replicated(
     assert await replica_counts(cluster.bootstrap_servers, created) == {
         topic: {replicas} for topic in created
     }
+    # Three replicas: each topic itself asks two in sync for an acknowledged write. Two: the cluster's own
+    # setting (2 here as well, from the brokers' configuration), not one the worker set on the topic.
+    assert await in_sync_settings(cluster.bootstrap_servers, created) == {
+        topic: ("2", replicas == 3) for topic in created
+    }
+
+
+async def in_sync_settings(bootstrap_servers: str, topics: list[str]) -> dict[str, tuple[str, bool]]:
+    """Each topic's ``min.insync.replicas`` and whether the topic itself sets it (DescribeConfigs v1+:
+    config source 1, a topic's own setting) rather than inheriting the brokers'."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, topic, {"min.insync.replicas": None})
+                for topic in topics
+            ]
+        )
+    finally:
+        await admin.close()
+    assert response.API_VERSION >= 1, "config sources need DescribeConfigs v1"
+    found = {}
+    for error_code, message, _type, name, entries, *_ in response.resources:
+        assert error_code == 0, message
+        [(_, value, _read_only, source, *_)] = entries
+        found[name] = (value, source == TOPIC_CONFIG)
+    return found

@@ -37,7 +37,10 @@ class KafkaConnection(BaseModel):
         None,
         ge=1,
         description="Replicas of each topic the worker creates. Unset: as many as the cluster has brokers, "
-        "up to 3 (one on a single broker). More than the brokers alive: creation waits for them.",
+        "up to 3 (one on a single broker). More than the brokers alive: creation waits for them. With 3 or "
+        "more, each topic it creates also sets min.insync.replicas 2, so an acknowledged reply, DLQ record or "
+        "marker survives the loss of any one broker (with 2, the broker's default: 2 in sync would stop "
+        "writes while one is down).",
     )
     create_topics: bool = Field(
         True,

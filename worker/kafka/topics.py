@@ -28,6 +28,10 @@ MISSING_RECHECK_S = 0.5
 #: The most replicas a created topic gets unless told otherwise: Kafka's own default for its internal
 #: topics (offsets, transactions), so losing one broker of three loses no reply, DLQ record or marker.
 MAX_DEFAULT_REPLICAS = 3
+#: From this many replicas up, a topic the worker creates asks for two in sync before a write (acks=all)
+#: is acknowledged: an acknowledged reply, DLQ record or marker then survives the loss of any one broker.
+#: With two replicas it stays at the broker's default: two in sync would stop every write while one is down.
+IN_SYNC_FROM_REPLICAS = 3
 
 
 async def replicas(admin: AIOKafkaAdminClient, wanted: int | None) -> int:
@@ -130,8 +134,9 @@ async def ensure_topics(
     """Check the worker's own topics exist; create the missing ones only when ``create``. Returns the created.
 
     Not allowed to create them, it looks for missing ones for MISSING_GRACE_S before it gives up.
-    Created with ``replication_factor`` replicas (None: ``replicas``). ``configs`` (topic settings
-    such as cleanup.policy) are asked for; a broker that refuses them gets the topics without.
+    Created with ``replication_factor`` replicas (None: ``replicas``) and ``durability``'s settings for them.
+    ``configs`` (topic settings such as cleanup.policy) are asked for too; a broker that refuses them gets
+    the topics without.
     """
     missing = await _missing(admin, names)
     if missing and not create:
@@ -143,6 +148,7 @@ async def ensure_topics(
     if not missing:
         return []
     copies = await replicas(admin, replication_factor)
+    configs = durability(copies) | (configs or {})
     if configs:
         try:
             return await _create(
@@ -155,6 +161,12 @@ async def ensure_topics(
                 "the broker refused topic settings %s (%r); creating %s without", configs, exc, missing
             )
     return await _create(admin, [NewTopic(name, partitions, copies) for name in missing])
+
+
+def durability(copies: int) -> dict[str, str]:
+    """The settings of a created topic with ``copies`` replicas that keep an acknowledged write: two replicas
+    in sync (``min.insync.replicas``) from IN_SYNC_FROM_REPLICAS up, else the broker's default."""
+    return {"min.insync.replicas": "2"} if copies >= IN_SYNC_FROM_REPLICAS else {}
 
 
 async def _missing(admin: AIOKafkaAdminClient, names: Iterable[str]) -> list[str]:
