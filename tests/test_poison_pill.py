@@ -279,12 +279,24 @@ async def test_a_revoke_that_runs_out_with_records_running_marks_the_marker_revo
 ) -> None:
     """The chaos soak's false crashes, the writer's half: a live worker whose revoke's bounded wait runs
     out with records still running (a member joined) leaves the marker armed but revoked (before:
-    plainly armed, so the next owner counted a crash)."""
+    plainly armed, so the next owner counted a crash). Assigned the partition back (the member left), the
+    round it fetches again runs under a marker armed afresh: a death now would be a crash, not a
+    hand-over (before: under its own revoked marker, as simulation seed 6110's first kill was)."""
     models = tiny_models(tmp_path, "bert")
     stream = Stream(kafka_bootstrap, partitions=1)
     await stream.start()
     settings = stream_settings(kafka_bootstrap, stream, executor_threads=2)  # the revoke waits 1.5 s
-    first, second = Worker(settings, models), Worker(settings, models)
+    first = Worker(settings, models)
+    # A member that joins and leaves and runs nothing: the partition comes back to the first with the
+    # first's own revoked marker the last one written.
+    member = AIOKafkaConsumer(
+        stream.requests_topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=stream.group_id,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        enable_auto_commit=False,
+    )
     gate = threading.Event()
     try:
         await first.start()
@@ -296,17 +308,32 @@ async def test_a_revoke_that_runs_out_with_records_running_marks_the_marker_revo
         await stream.send(4)
         await until(lambda: first.tracker.pending() == 4, 30)
         generation = first.flow.generation
-        await second.start()  # a rebalance: the first's revoke runs out with the 4 running
+        await member.start()  # a rebalance: the first's revoke runs out with the 4 running
         await until(lambda: first.flow.generation > generation, 60)
         markers = await all_markers(kafka_bootstrap, stream.prefix)
+        await member.stop()  # the partition goes back to the first, its 4 still running there
+        me = first.fetch_loop.quarantine.me if first.fetch_loop.quarantine is not None else ""
+        deadline = time.monotonic() + 30
+        while True:
+            again = [
+                m
+                for m in (await all_markers(kafka_bootstrap, stream.prefix))[len(markers) :]
+                if m["writer"] == me
+            ]
+            if any(not m["revoked"] for m in again) or time.monotonic() > deadline:
+                break
     finally:
         gate.set()
+        await member.stop()
         await first.stop()
-        await second.stop()
         await stream.stop()
     # Armed over offsets 3..6 (0..2 were answered and committed) by the first, then let go alive.
     revoked = [(m["armed"], m["upto"], m["crashes"]) for m in markers if m.get("revoked")]
     assert revoked == [(True, 6, 0)], markers
+    # Back with the first (after, it may be, one more revoke of its own as the member left): 3..6 fetched
+    # again and armed by it afresh, not revoked, no crash counted.
+    armed = [(m["armed"], m["revoked"], m["upto"], m["crashes"]) for m in again]
+    assert armed[-1:] == [(True, False, 6, 0)] and set(armed[:-1]) <= {(True, True, 6, 0)}, again
 
 
 @pytest.mark.kafka
