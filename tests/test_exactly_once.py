@@ -24,12 +24,14 @@ from pathlib import Path
 import aiokafka.producer.sender
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 import worker.kafka.transactions
 from schemas import Modality
-from tests.kafka_support import TopicReader
+from tests.kafka_support import TopicReader, tiny_models
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
 from tests.tcp_proxy import TcpProxy
+from worker.app import Worker
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.broker_processes import free_port
 from worker.kafka.commits import Flow, Rebalance
@@ -38,7 +40,7 @@ from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.held_answers import HeldAnswers
 from worker.kafka.messages import Origin, Outgoing
 from worker.kafka.offsets import OffsetTracker
-from worker.kafka.partition_producers import transactional_id
+from worker.kafka.partition_producers import PartitionProducers, transactional_id
 from worker.kafka.routing import TopicDirectory
 from worker.kafka.transactional_rebalance import TransactionalRebalance
 from worker.kafka.transactions import Transactions
@@ -525,6 +527,48 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
     assert reset > 0, "the cut reset no connection: the traffic did not go through the proxy"
     assert_exactly_once(stream)
     assert committed == stream.committed_end()
+
+
+@pytest.mark.kafka
+async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_again_then_read(
+    committed_stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # InitProducerId can fail on assignment (the transaction coordinator moving, a broker restarting): the
+    # partition stays paused until its producer is open. Nothing opened it again, so it stayed paused until
+    # the next rebalance, which a stable group never has; a backpressure resume let its records be read and
+    # answered with no producer to publish them, held in flight for good.
+    stream = committed_stream
+    refused: list[TopicPartition] = []
+    opens = PartitionProducers._open
+
+    async def first_open_of_partition_0_fails(self: PartitionProducers, tp: TopicPartition) -> None:
+        if tp.partition == 0 and not refused:
+            refused.append(tp)
+            raise KafkaConnectionError("the transaction coordinator is away (this test)")
+        await opens(self, tp)
+
+    monkeypatch.setattr(PartitionProducers, "_open", first_open_of_partition_0_fails)
+    ids = await stream.send(40)
+    settings = Settings(
+        bootstrap_servers=stream.bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        delivery="exactly-once",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        drain_timeout_s=10,
+    )
+    worker = Worker(settings, tiny_models(tmp_path, "bert"))
+    await worker.start()
+    try:
+        await stream.wait_answered(ids, 30)
+    finally:
+        await worker.drain()
+        await worker.stop()
+    assert refused, "no producer open failed: not the case under test"
+    await stream.settle(60)
+    assert_exactly_once(stream)
+    assert await stream.committed() == stream.committed_end()
 
 
 @pytest.mark.kafka

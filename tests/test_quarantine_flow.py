@@ -12,11 +12,13 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
+from worker.kafka.commits import Flow
 from worker.kafka.crash_markers import Marker
 from worker.kafka.decode_failures import Undecodable
 from worker.kafka.fetching import Fetched
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.quarantine import Quarantine
+from worker.settings import Settings
 
 TP = TopicPartition("inference.text.requests", 0)
 
@@ -103,6 +105,29 @@ async def test_a_rewind_sends_the_held_records_back_to_the_broker() -> None:
     assert held is not None and [r.offset for r in held.records] == [1, 2, 3, 4, 5]
     nxt = await q.admit(held, tracker.epochs(), 0)
     assert nxt is not None and [r.offset for r in nxt.fetched.records] == [1]
+
+
+async def test_a_backpressure_resume_leaves_a_partition_held_while_its_record_runs_alone() -> None:
+    flow = Flow(Settings(bootstrap_servers="unused:9092", max_in_flight=2))
+    tracker = flow.tracker
+    q, consumer = quarantine(tracker, [0])
+    other = TopicPartition(TP.topic, 1)
+    consumer.assigned.add(other)
+    flow.consumer = consumer  # type: ignore[assignment]
+    flow.kept_paused["quarantine"] = q.held_partitions
+    admitted = await q.admit(Fetched(records(0, 5), []), {}, 0)
+    assert admitted is not None and [r.offset for r in admitted.fetched.records] == [0]
+    assert tracker.track(TP, 0, 2, 0)
+    assert tracker.track(other, 0, 2, 0)
+    flow.apply_backpressure()
+    assert flow.paused and consumer.paused_set == {TP, other}
+    tracker.done(other, 0, 0)
+    flow.apply_backpressure()  # below half of max_in_flight: every partition resumed but the held one
+    assert not flow.paused
+    assert consumer.paused_set == {TP}, "the held partition was resumed while its record runs alone"
+    tracker.done(TP, 0, 0)
+    held = await q.held_back()
+    assert held is not None and [r.offset for r in held.records] == [1, 2, 3, 4, 5]
 
 
 async def test_a_revoke_forgets_the_held_records_and_a_round_it_overtook_is_not_admitted() -> None:

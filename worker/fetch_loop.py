@@ -74,6 +74,7 @@ class FetchLoop:
             s, self.clients, self.tracker, self.flow.wait_until, lambda: self.flow.generation
         )
         self.flow.on_revoking = self.quarantine.release
+        self.flow.kept_paused["quarantine"] = self.quarantine.held_partitions
 
     async def supervise(self) -> None:
         """Keep the fetch loop running: a loop that dies is logged, reported not-ready, and restarted

@@ -58,6 +58,7 @@ class Publisher:
         if self.transactions is not None:
             flow.before_seek_to_committed = self.transactions.settled
             flow.own_commit = self.transactions.own_commit
+            flow.kept_paused["transactions"] = lambda: self.transactions.unready if self.transactions else ()
 
     async def publish(self, replies: list[Outgoing]) -> None:
         """Deliver replies (and DLQ copies), mark each done once acknowledged, commit.

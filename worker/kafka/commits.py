@@ -65,6 +65,9 @@ class Flow:
         #: exactly-once: the offset this worker's own last transaction committed for a partition, which the
         #: group's committed offsets may not show yet (a transaction's markers are written after its commit)
         self.own_commit: Callable[[TopicPartition], int | None] | None = None
+        #: by owner (the quarantine, the transactions), the partitions it keeps paused whatever backpressure
+        #: does: a resume of every partition would let them be read before their turn
+        self.kept_paused: dict[str, Callable[[], Collection[TopicPartition]]] = {}
         #: partition -> lowest offset given up since the fetch loop last sought
         self._seeks: dict[TopicPartition, int] = {}
         #: moved by every revoke: a fetch round that a revoke overtook cannot tell the records of the
@@ -128,7 +131,8 @@ class Flow:
         ):
             self.paused = False
             if self.consumer is not None:
-                self.consumer.resume(*self.consumer.assignment())
+                kept = set().union(*(partitions() for partitions in self.kept_paused.values()))
+                self.consumer.resume(*(self.consumer.assignment() - kept))
             log.info("backpressure: %d requests (%d bytes) in flight, partitions resumed", count, held)
 
     def pause_all(self) -> None:

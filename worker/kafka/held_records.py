@@ -50,6 +50,10 @@ class HeldRecords:
     wait_until: Callable[[Callable[[], bool]], Awaitable[None]]
     _partitions: dict[TopicPartition, PartitionState]
 
+    def held_partitions(self) -> set[TopicPartition]:
+        """The partitions paused here while a record of theirs runs alone (a backpressure resume skips them)."""
+        return {tp for tp, state in self._partitions.items() if state.held}
+
     def pending(self, tp: TopicPartition) -> int:
         """Unanswered tracked records of ``tp``."""
         return self.tracker.pending([tp])
@@ -102,7 +106,6 @@ class HeldRecords:
         return state is not None and state.held and self.pending(tp) > 0
 
     def _hold(self, tp: TopicPartition, state: PartitionState) -> None:
-        # Paused again each time: a resume of every partition (backpressure) may have let it go.
         state.held = True
         self.consumer.pause(tp)
 

@@ -20,7 +20,8 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -65,6 +66,10 @@ class PartitionProducers(abc.ABC):
     _locks: dict[TopicPartition, asyncio.Lock]
     _committed: dict[TopicPartition, int]
     _replacing: dict[TopicPartition, asyncio.Task[None]]
+    #: assigned partitions kept paused until their producer is open and they are positioned
+    unready: set[TopicPartition]
+    #: called with a partition that was unready once it is (the flow resumes it)
+    on_ready: Callable[[TopicPartition], None]
 
     @abc.abstractmethod
     def _producer(self, transactional: str) -> AIOKafkaProducer:
@@ -106,10 +111,13 @@ class PartitionProducers(abc.ABC):
         log.warning("%s: the commit of offsets %d-%d got no answer in time; awaiting its outcome", tp, run[0][0],
                     run[-1][0])  # fmt: skip
         del self._producers[tp]
-        task = asyncio.create_task(
-            self._await_outcome(producer, tp, run, unanswered.ending, started_ns),
-            name=f"await-commit:{tp.topic}:{tp.partition}",
+        self._bring_back(
+            tp, self._await_outcome(producer, tp, run, unanswered.ending, started_ns), "await-commit"
         )
+
+    def _bring_back(self, tp: TopicPartition, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work``, which brings the partition's producer back into service, as its ``_replacing`` task."""
+        task = asyncio.create_task(work, name=f"{name}:{tp.topic}:{tp.partition}")
         self._replacing[tp] = task
         task.add_done_callback(
             lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
@@ -150,13 +158,8 @@ class PartitionProducers(abc.ABC):
 
     def _replace_later(self, tp: TopicPartition, why: BaseException) -> None:
         """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
-        if tp in self._replacing:
-            return
-        task = asyncio.create_task(self._replace(tp, why), name=f"replace-producer:{tp.topic}:{tp.partition}")
-        self._replacing[tp] = task
-        task.add_done_callback(
-            lambda done: self._replacing.pop(tp) if self._replacing.get(tp) is done else None
-        )
+        if tp not in self._replacing:
+            self._bring_back(tp, self._replace(tp, why), "replace-producer")
 
     async def _replace(self, tp: TopicPartition, why: BaseException) -> None:
         """Until a new producer is open and the partition read from its committed offset (then publish what
@@ -221,8 +224,9 @@ class PartitionProducers(abc.ABC):
         ready = []
         for tp, outcome in zip(partitions, opened, strict=True):
             if isinstance(outcome, BaseException):
-                log.error("%s: its transactional producer did not open (%r); the partition stays paused", tp,
-                          outcome)  # fmt: skip
+                log.error("%s: its transactional producer did not open (%r); the partition stays paused until "
+                          "one does", tp, outcome)  # fmt: skip
+                self._open_later(tp)
                 continue
             ready.append(tp)
         if not ready:
@@ -230,11 +234,42 @@ class PartitionProducers(abc.ABC):
         try:
             await consumer.seek_to_committed(*ready)
         except (KafkaError, AssertionError) as exc:
-            # Reassigned meanwhile (IllegalStateError), or the coordinator away: stay paused; the next
-            # assignment opens and positions the partitions again.
-            log.error("reading the committed offsets of %s failed (%r); they stay paused", ready, exc)
+            # Reassigned meanwhile (IllegalStateError), or the coordinator away: paused until it answers.
+            log.error("reading the committed offsets of %s failed (%r); they stay paused until it answers",
+                      ready, exc)  # fmt: skip
+            for tp in ready:
+                self._open_later(tp)
             return []
         return ready
+
+    def _open_later(self, tp: TopicPartition) -> None:
+        """Keep ``tp`` paused and open its producer, then position it, in a task of its own."""
+        self.unready.add(tp)
+        if tp not in self._replacing:
+            self._bring_back(tp, self._open_until_ready(tp), "open-producer")
+
+    async def _open_until_ready(self, tp: TopicPartition) -> None:
+        """Until the partition's producer is open (fencing its previous owner) and the partition sought to its
+        committed offset, then read; or until the partition is no longer ours."""
+        delay = 0.5
+        while (consumer := self.consumer) is not None and tp in consumer.assignment():
+            await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
+            delay = min(delay * 2, 10.0)
+            if not await self._still_owned(tp):
+                continue
+            try:
+                if tp not in self._producers:
+                    await self._open(tp)
+                await consumer.seek_to_committed(tp)
+            except (KafkaError, AssertionError, TimeoutError) as exc:
+                log.warning("%s: still not ready to be read (%r); trying again", tp, exc)
+                continue
+            log.info(
+                "%s: its transactional producer is open; the partition is read from its committed offset", tp
+            )
+            self.unready.discard(tp)
+            self.on_ready(tp)
+            return
 
     async def _open(self, tp: TopicPartition) -> None:
         producer = self._producer(transactional_id(self.settings.group_id, tp))
@@ -263,6 +298,7 @@ class PartitionProducers(abc.ABC):
                 await stop_producer(producer)
 
         await asyncio.gather(*(close(tp) for tp in partitions))
+        self.unready.difference_update(partitions)
         for tp in partitions:
             self._committed.pop(
                 tp, None

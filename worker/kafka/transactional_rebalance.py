@@ -21,6 +21,7 @@ class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.flow: Flow = inner.flow
         self.transactions = transactions
         self.consumer = consumer
+        transactions.on_ready = self._resume
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         await self.inner.on_partitions_revoked(revoked)
@@ -34,5 +35,10 @@ class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer.pause(*assigned)
         await self.inner.on_partitions_assigned(assigned)
         ready = await self.transactions.assigned(consumer, assigned)
-        if ready and not (self.flow.paused or self.flow.draining):
-            consumer.resume(*ready)
+        self._resume(*ready)  # the others once their producers open (``Transactions.on_ready``)
+
+    def _resume(self, *partitions: TopicPartition) -> None:
+        """Read ``partitions`` (those still assigned), unless backpressure or a drain holds every partition."""
+        consumer = self.consumer()
+        if consumer is not None and not (self.flow.paused or self.flow.draining):
+            consumer.resume(*(set(partitions) & consumer.assignment()))

@@ -98,6 +98,8 @@ class Transactions(PartitionProducers):
         #: partitions without a producer in service, each with the task that brings one back (it awaits a
         #: late commit's outcome, or opens a new producer)
         self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
+        self.unready: set[TopicPartition] = set()
+        self.on_ready: Callable[[TopicPartition], None] = lambda tp: None
 
     def _producer(self, transactional: str) -> AIOKafkaProducer:
         s = self.settings
@@ -239,7 +241,7 @@ class Transactions(PartitionProducers):
         worker began for them."""
         for tp in partitions:
             replacing = self._replacing.get(tp)
-            if replacing is not None:
+            if replacing is not None and tp not in self.unready:  # an unready one has begun no transaction
                 await asyncio.wait([replacing])  # not cancelled by the caller's bound
             async with self._locks.setdefault(tp, asyncio.Lock()):
                 pass
