@@ -255,9 +255,15 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Partitions assigned, fetching and publishing working, every model loop alive."""
+        """Started (the fetch loop running), partitions assigned, fetching and publishing working, every model
+        loop alive."""
         consumer = self.consumer
-        return consumer is not None and bool(consumer.assignment()) and not self.not_ready_reasons()
+        return (
+            self._fetching is not None
+            and consumer is not None
+            and bool(consumer.assignment())
+            and not self.not_ready_reasons()
+        )
 
     def not_ready_reasons(self) -> frozenset[str]:
         """Why /readyz says no, beyond "no partitions yet" (worker/readiness.py's NOT_READY_REASONS)."""

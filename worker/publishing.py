@@ -51,6 +51,7 @@ class Publisher:
                 on_published=self.published,
                 on_redelivered=self.redelivered,
                 max_request_size=max_request_size,
+                on_settled=self._settled,
             )
             if settings.delivery == "exactly-once"
             else None
@@ -80,9 +81,8 @@ class Publisher:
                 self.redelivered(reply)
         replies = current
         if self.transactions is not None:
-            await self.transactions.publish(replies)
-            self.flow.progressed()
-            self.flow.apply_backpressure()
+            await self.transactions.publish(replies)  # each run committed or given up calls _settled
+            self._settled()  # stale replies released above
             return
         outcomes = await asyncio.gather(*(self.delivery.deliver(r) for r in replies), return_exceptions=True)
         for reply, outcome in zip(replies, outcomes, strict=True):
@@ -101,6 +101,11 @@ class Publisher:
                 raise outcome  # CancelledError and friends end the task
         self.flow.progressed()
         await self.flow.commit()
+        self.flow.apply_backpressure()
+
+    def _settled(self) -> None:
+        """Requests left the flight: wake whoever waits for answers, and resume fetching below the bounds."""
+        self.flow.progressed()
         self.flow.apply_backpressure()
 
     def published(self, reply: Outgoing, started_ns: int) -> None:

@@ -3,6 +3,7 @@
     python -m tests.sim --seeds 0:2000 --workers 2   # a range of seeds, a per-defect summary
     python -m tests.sim --minutes 30 --workers 2     # random seeds for 30 minutes (the long run)
     python -m tests.sim --seed 42 --trace            # replay one seed: its plan, trace and violations
+    python -m tests.sim --seeds 0:2000 --workers 2 --delivery exactly-once   # the worker's transactions
 
 Every violation is printed as it comes, with the command that replays its seed (each defect the
 simulation found is fixed: none is expected). Exit status 1 when any invariant was violated.
@@ -17,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 
 from tests.sim.invariants import DEFECTS
-from tests.sim.run import REPLAY, SeedResult, run_seed, timed
+from tests.sim.run import DELIVERIES, SeedResult, replay, run_seed, timed
 
 #: Seeds per round of the timed run (--minutes): the clock is read between rounds.
 ROUND = 200
@@ -47,7 +48,7 @@ def summary(results: list[SeedResult], wall_s: float) -> str:
 def _report(results: list[SeedResult]) -> None:
     for r in results:
         for v in r.violations:
-            print(f"seed {r.seed}: {v}\n    replay: {REPLAY.format(seed=r.seed)}", flush=True)
+            print(f"seed {r.seed}: {v}\n    replay: {replay(r.seed, r.delivery)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--minutes", type=float, help="random seeds for this long")
     parser.add_argument("--trace", action="store_true", help="with --seed: print the whole trace")
     parser.add_argument("--workers", type=int, default=1, help="processes running seeds (default 1)")
+    parser.add_argument(
+        "--delivery",
+        choices=DELIVERIES,
+        default=DELIVERIES[0],
+        help="the worker's delivery mode (WORKER_DELIVERY)",
+    )
     args = parser.parse_args(argv)
     if args.seed is not None:
-        result = run_seed(args.seed, keep_trace=args.trace)
+        result = run_seed(args.seed, keep_trace=args.trace, delivery=args.delivery)
         print(f"seed {result.seed}: {result.plan}")
         for line in result.trace:
             print(line)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if result.violations else 0
     if args.seeds:
         first, last = (int(x) for x in args.seeds.split(":"))
-        results, wall_s = timed(range(first, last), args.workers)
+        results, wall_s = timed(range(first, last), args.workers, args.delivery)
         _report(results)
     else:
         began = time.perf_counter()
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         try:
             while time.perf_counter() - began < args.minutes * 60:
-                chunk, _ = timed([rng.randrange(2**32) for _ in range(ROUND)], args.workers)
+                chunk, _ = timed([rng.randrange(2**32) for _ in range(ROUND)], args.workers, args.delivery)
                 _report(chunk)
                 results += chunk
                 seen = Counter(d for r in results for d in r.defects)

@@ -53,6 +53,7 @@ from worker.kafka.record_batches import BatchRead
 
 if TYPE_CHECKING:
     from tests.sim.faults import Scheduler
+    from tests.sim.transactions import TxnCoordinator
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Cluster:
         #: the partitions the group gives this worker now (all, or fewer while another member holds some)
         self.share: set[TopicPartition] = set(partitions)
         self._waiters: list[asyncio.Future[None]] = []
+        self._graves: list[asyncio.Future[None]] = []
         #: (time, cause, partition or None): crash, rebalance, rewind; what may explain a duplicate
         self.causes: list[tuple[float, str, TopicPartition | None]] = []
         #: (time, partition, offset) of every record getmany returned
@@ -159,12 +161,21 @@ class Cluster:
         #: the quarantine topic's one partition: (key, value) in offset order; it outlives every worker
         self.markers: list[tuple[bytes | None, bytes]] = []
         self.session_timeout_s = 10.0
+        #: exactly-once seeds: transactional ids, their epochs and open transactions (tests/sim/transactions.py)
+        self.transactions: TxnCoordinator | None = None
 
     # --- time and change -----------------------------------------------------------------
 
     def note(self, text: str) -> None:
         """One line of the replayable trace."""
         self.trace.append(f"{self.loop.now:10.4f} {text}")
+
+    async def forever(self) -> None:
+        """What a crashed process's calls wait on: a future kept here, so that the garbage collector does not
+        destroy the waiting task (and say so) while the run goes on."""
+        waiter = self.loop.create_future()
+        self._graves.append(waiter)
+        await waiter
 
     def changed(self) -> None:
         """Wake every fetch waiting for records or for the broker to come back."""
@@ -374,7 +385,7 @@ class FakeConsumer:
 
     async def _alive(self) -> None:
         if self.dead:
-            await asyncio.Future()  # a crashed process: nothing it started comes back
+            await self.cluster.forever()  # a crashed process: nothing it started comes back
         if self.stopped:
             raise ConsumerStoppedError()
 
@@ -410,6 +421,12 @@ class FakeConsumer:
             if offset and offset > 0 and tp in self._assigned:
                 self.seek(tp, offset)
         return committed
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The log start of each partition (0 here), from its leader."""
+        await self._alive()
+        await self._coordinator()
+        return dict.fromkeys(partitions, 0)
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
         """aiokafka 0.14 ``seek_to_beginning``: an offset reset to the log start (0 here), waited for up
@@ -601,23 +618,31 @@ class FakeClients:
     ) -> asyncio.Future[None]:
         await self._alive()
         cluster = self.cluster
+        if cluster.transactions is not None and cluster.checker is not None:
+            cluster.checker.flag("I5", "D12", f"outside {topic}", f"exactly-once: {correlation_id} published to "
+                                 f"{topic} outside a transaction")  # fmt: skip
+        await self.metadata(topic, correlation_id)
+        ack: asyncio.Future[None] = cluster.loop.create_future()
+        task = asyncio.create_task(self._deliver(ack, topic, key, value, dict(headers), correlation_id))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+        return ack
+
+    async def metadata(self, topic: str, correlation_id: str) -> None:
+        """A record is sent (it may meet a cut): the producer's metadata wait for a topic it has not written
+        to yet, up to the request timeout."""
+        cluster = self.cluster
         cluster.note(f"publish {topic} {correlation_id}")
         cut = cluster.sched.cut_now()
         if cut is not None:
             cluster.cut_for(cut)  # the connection drops as this record is sent
         if topic not in self._known:
-            # The producer's metadata wait for a topic it has not written to yet.
             if not await cluster.wait_connected(REQUEST_TIMEOUT_S) or topic not in cluster.topics:
                 await self._alive()
                 cluster.unknown_topic.append((cluster.loop.now, topic, correlation_id))
                 raise UnknownTopicOrPartitionError(f"topic {topic} not in metadata after 40 s")
             await self._alive()
             self._known.add(topic)
-        ack: asyncio.Future[None] = cluster.loop.create_future()
-        task = asyncio.create_task(self._deliver(ack, topic, key, value, dict(headers), correlation_id))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
-        return ack
 
     async def _deliver(
         self,
@@ -661,7 +686,7 @@ class FakeClients:
 
     async def _alive(self) -> None:
         if self.dead:
-            await asyncio.Future()
+            await self.cluster.forever()
 
     async def close(self, budget_s: float = 10.0) -> None:
         if self._acks:

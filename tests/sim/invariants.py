@@ -9,7 +9,8 @@ I2  once faults stop, every record gets its answer within a bound (a good record
 I3  bytes (and requests) held stay under max_in_flight_bytes (max_in_flight) plus one fetch;
 I4  /readyz false within a bound while the broker stays away, true again after recovery; /healthz
     false while the fetch loop is dead;
-I5  a duplicate reply only after a crash, a rebalance or a rewind (give-up), counted per cause.
+I5  a duplicate reply only after a crash, a rebalance or a rewind (give-up), counted per cause; under
+    exactly-once none at all (the checker sees what a read_committed reader sees: committed transactions).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ DEFECTS = {
     "D9": "a failure mark never cleared: an idle worker polls ~50/s for ever",
     "D10": "the revoke callback's commit has no time bound",
     "D11": "a poison request kills its worker over max_crash_attempts times, or is not answered as poison",
+    "D12": "exactly-once: a request answered more than once to a read_committed reader",
     "other": "not one of the known defects",
 }
 #: After the broker has been away this long, /readyz must say no.
@@ -362,6 +364,10 @@ class Checker:
             copies = got.replies or got.dlq
             if len(copies) < 2:
                 continue
+            if self.settings.delivery == "exactly-once":
+                self.flag("I5", "D12", f"dup {coord}",
+                          f"partition {coord[0]} offset {coord[1]} answered {len(copies)} times in committed "
+                          f"transactions, at {', '.join(f'{c.at:.3f}' for c in copies)}")  # fmt: skip
             times = fetched.get(coord, [])
             lo, hi = (times[0], times[-1]) if len(times) >= 2 else (copies[0].at - 60.0, copies[-1].at)
             causes = [

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import multiprocessing
@@ -26,11 +27,13 @@ from typing import Any
 import worker.app
 import worker.intake
 import worker.kafka.fetching
+import worker.kafka.transactions
 from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeBatches, FakeClients
 from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, FaultyPreprocessor, Scheduler, Window
 from tests.sim.invariants import Checker, Violation
+from tests.sim.transactions import FakeTxnProducer, TxnCoordinator
 from worker.app import Worker
 from worker.kafka.crash_markers import Marker
 from worker.serving.registry import ServedModel
@@ -42,6 +45,15 @@ ANSWER_BOUND_S = 150.0
 #: After everything is answered: how long the idle worker is watched (fetch rate, readiness).
 IDLE_WATCH_S = 70.0
 REPLAY = "python -m tests.sim --seed {seed} --trace"
+#: The delivery modes a seed runs in (``--delivery``): each draws the same world from a seed.
+DELIVERIES = ("at-least-once", "exactly-once")
+
+
+def replay(seed: int, delivery: str = "at-least-once") -> str:
+    """The command that replays ``seed`` (in ``delivery``)."""
+    command = REPLAY.format(seed=seed)
+    return command if delivery == "at-least-once" else f"{command} --delivery {delivery}"
+
 
 _MODELS: dict[str, ServedModel] = {}
 
@@ -59,10 +71,11 @@ def tiny_bert() -> dict[str, ServedModel]:
 POISON_RESTART_S = 5.0
 
 
-def sim_settings() -> Settings:
+def sim_settings(delivery: str = "at-least-once") -> Settings:
     """Small bounds so that backpressure, give-ups and decode skips happen within a few records."""
     settings = Settings(
         bootstrap_servers="sim:9092",
+        delivery=delivery,
         group_id="sim",
         max_batch_size=4,
         max_wait_ms=10,
@@ -92,6 +105,7 @@ class SeedResult:
     virtual_s: float
     plan: str
     trace: list[str] = field(default_factory=list)
+    delivery: str = "at-least-once"
 
     @property
     def defects(self) -> set[str]:
@@ -105,11 +119,16 @@ def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator
         worker.app.ThreadPoolExecutor,
         worker.intake.ThreadPoolExecutor,
         worker.kafka.fetching.LeaderBatches,
+        worker.kafka.transactions.Transactions._producer,
     )
     worker.app.KafkaClients = lambda settings: FakeClients(cluster, settings)  # type: ignore[assignment,misc]
     worker.app.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
     worker.intake.ThreadPoolExecutor = lambda *a, **k: SimExecutor(loop, sched.delay_of)  # type: ignore[assignment,misc]
     worker.kafka.fetching.LeaderBatches = FakeBatches  # type: ignore[assignment,misc]
+    # Each worker's transactional producers belong to its process (``_Run._boot`` says which clients).
+    worker.kafka.transactions.Transactions._producer = (  # type: ignore[method-assign]
+        lambda self, transactional: FakeTxnProducer(self.sim_clients, transactional)  # type: ignore[attr-defined]
+    )
     try:
         yield
     finally:
@@ -118,6 +137,7 @@ def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator
             worker.app.ThreadPoolExecutor,
             worker.intake.ThreadPoolExecutor,
             worker.kafka.fetching.LeaderBatches,
+            worker.kafka.transactions.Transactions._producer,
         ) = saved  # type: ignore[misc]
 
 
@@ -136,6 +156,11 @@ class _Run:
         self.settings = settings
         self.cluster = Cluster(loop, self.sched, self.plan.partitions)
         self.cluster.session_timeout_s = self.plan.session_timeout_ms / 1000
+        if settings.delivery == "exactly-once":
+            self.cluster.transactions = TxnCoordinator(self.cluster)
+            # A reply_to topic the broker refuses fails the whole transaction: its request is read again and
+            # again (README, exactly-once's limits), so no seed of this mode has one.
+            self.plan.blocked_for_good = False
         self.models = {
             name: dataclasses.replace(
                 m,
@@ -202,6 +227,8 @@ class _Run:
         if self.worker is not None:
             return  # up already (restarted after a poison request, during a crash window)
         self.worker = Worker(self.settings, self.models)
+        if self.worker.transactions is not None:
+            self.worker.transactions.sim_clients = self.worker.clients  # type: ignore[attr-defined]
         self._starting = asyncio.create_task(self.worker.start())
 
     async def _stop(self) -> None:
@@ -296,14 +323,17 @@ class _Run:
         self.cluster.note(f"acks of {topic} fail until {w.end:.1f}")
 
 
-def run_seed(seed: int, *, keep_trace: bool = False, faults: bool = True) -> SeedResult:
+def run_seed(
+    seed: int, *, keep_trace: bool = False, faults: bool = True, delivery: str = "at-least-once"
+) -> SeedResult:
     """Run one seed to its end; the same seed gives the same trace (digest) every time.
 
-    ``faults=False``: the seed's records only (all decodable), no fault: the control run.
+    ``faults=False``: the seed's records only (all decodable), no fault: the control run. ``delivery``: the
+    worker's delivery mode (exactly-once: its transactions over tests/sim/transactions.py).
     """
     models = tiny_bert()
     loop = SimLoop()
-    run = _Run(seed, models, sim_settings(), loop, faults=faults)
+    run = _Run(seed, models, sim_settings(delivery), loop, faults=faults)
     run.checker.index(run.plan.batches)
     quiet = logging.getLogger("worker")
     level = quiet.level
@@ -329,6 +359,7 @@ def run_seed(seed: int, *, keep_trace: bool = False, faults: bool = True) -> See
         loop.now,
         run.plan.describe(),
         run.cluster.trace if keep_trace else [],
+        delivery,
     )
 
 
@@ -344,13 +375,16 @@ def _cancel_all(loop: SimLoop) -> None:
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
-def timed(seeds: Iterable[int], workers: int = 1) -> tuple[list[SeedResult], float]:
+def timed(
+    seeds: Iterable[int], workers: int = 1, delivery: str = "at-least-once"
+) -> tuple[list[SeedResult], float]:
     """Run ``seeds`` (over ``workers`` processes); returns their results and the wall seconds taken."""
     began = time.perf_counter()
+    one = functools.partial(run_seed, delivery=delivery)
     if workers <= 1:
-        return [run_seed(s) for s in seeds], time.perf_counter() - began
+        return [one(s) for s in seeds], time.perf_counter() - began
     # spawn: a fork would copy ONNX Runtime's threads' state; each child loads the tiny model once.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = list(pool.map(run_seed, seeds, chunksize=25))
+        results = list(pool.map(one, seeds, chunksize=25))
     return results, time.perf_counter() - began

@@ -66,10 +66,14 @@ class PartitionProducers(abc.ABC):
     _locks: dict[TopicPartition, asyncio.Lock]
     _committed: dict[TopicPartition, int]
     _replacing: dict[TopicPartition, asyncio.Task[None]]
+    #: revoked partitions' producers being closed
+    _stopping: set[asyncio.Task[None]]
     #: assigned partitions kept paused until their producer is open and they are positioned
     unready: set[TopicPartition]
     #: called with a partition that was unready once it is (the flow resumes it)
     on_ready: Callable[[TopicPartition], None]
+    #: called once requests left the flight (``Transactions``)
+    on_settled: Callable[[], None]
 
     @abc.abstractmethod
     def _producer(self, transactional: str) -> AIOKafkaProducer:
@@ -152,9 +156,24 @@ class PartitionProducers(abc.ABC):
             await self._replace(tp, exc)
             return
         log.info("%s: the late commit of offsets %d-%d went through", tp, run[0][0], run[-1][0])
-        self._producers[tp] = producer
         self._done(tp, run, started_ns)
+        if not self._bringing_back(tp):
+            await stop_producer(producer)  # let go meanwhile (revoked, or closing)
+            return
+        self._producers[tp] = producer
+        await self._back_in_service(tp)
+
+    async def _back_in_service(self, tp: TopicPartition) -> None:
+        """The partition's producer is back: publish what waited, no longer as the task that brought it back, so
+        that a failure of these transactions can take it out of service again (``_replace_later``)."""
+        if self._bringing_back(tp):
+            del self._replacing[tp]
         await self._flush(tp)
+
+    def _bringing_back(self, tp: TopicPartition) -> bool:
+        """Whether the running task is still the one bringing the partition's producer back: a revoke or a close
+        lets it go (its cancellation can be lost: Python 3.11's wait_for returns a result that came with it)."""
+        return self._replacing.get(tp) is asyncio.current_task()
 
     def _replace_later(self, tp: TopicPartition, why: BaseException) -> None:
         """Open the partition's producer again in a task of its own, retrying while the partition is ours."""
@@ -165,17 +184,31 @@ class PartitionProducers(abc.ABC):
         """Until a new producer is open and the partition read from its committed offset (then publish what
         waited), or the partition is no longer ours."""
         delay = 0.5
-        while (consumer := self.consumer) is not None and tp in consumer.assignment():
+        while (
+            (consumer := self.consumer) is not None
+            and tp in consumer.assignment()
+            and self._bringing_back(tp)
+        ):
             if await self._still_owned(tp):
                 try:
-                    await self._open(tp)
-                    committed = await consumer.committed(tp)
+                    producer = await self._started(tp)
+                    try:
+                        committed = await consumer.committed(tp)
+                    except BaseException:
+                        await stop_producer(producer)
+                        raise
                 except Exception as exc:
                     log.warning("%s: opening a new transactional producer failed (%r)", tp, exc)
                 else:
+                    if not self._bringing_back(tp):
+                        await stop_producer(producer)  # let go meanwhile
+                        return
                     log.info("%s: a new transactional producer took over at offset %s", tp, committed)
+                    # In service only now: a transaction begun before the partition is read from its committed
+                    # offset would commit answers that _read_from then sends to be read again (answered twice).
                     self._read_from(tp, committed, why)
-                    await self._flush(tp)
+                    self._producers[tp] = producer
+                    await self._back_in_service(tp)
                     return
             await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
             delay = min(delay * 2, 10.0)
@@ -189,6 +222,7 @@ class PartitionProducers(abc.ABC):
             self.tracker.done(tp, offset, epoch)  # answered by the transaction whose commit the failure hid
         self.redeliver(tp, committed, epoch, why)
         self._drop_stale(tp)
+        self.on_settled()
 
     async def _still_owned(self, tp: TopicPartition) -> bool:
         """Whether the group still gives ``tp`` to this worker, asked before its id is initialised anew.
@@ -252,18 +286,28 @@ class PartitionProducers(abc.ABC):
         """Until the partition's producer is open (fencing its previous owner) and the partition sought to its
         committed offset, then read; or until the partition is no longer ours."""
         delay = 0.5
-        while (consumer := self.consumer) is not None and tp in consumer.assignment():
+        while (
+            (consumer := self.consumer) is not None
+            and tp in consumer.assignment()
+            and self._bringing_back(tp)
+        ):
             await asyncio.sleep(delay)  # the broker is away, or the group is moving the partition
             delay = min(delay * 2, 10.0)
-            if not await self._still_owned(tp):
-                continue
             try:
+                if not await self._still_owned(tp):
+                    continue
                 if tp not in self._producers:
-                    await self._open(tp)
+                    producer = await self._started(tp)
+                    if not self._bringing_back(tp):
+                        await stop_producer(producer)  # let go meanwhile
+                        return
+                    self._producers[tp] = producer
                 await consumer.seek_to_committed(tp)
-            except (KafkaError, AssertionError, TimeoutError) as exc:
+            except Exception as exc:  # whatever it is, the partition must not stay paused for good
                 log.warning("%s: still not ready to be read (%r); trying again", tp, exc)
                 continue
+            if not self._bringing_back(tp):
+                return
             log.info(
                 "%s: its transactional producer is open; the partition is read from its committed offset", tp
             )
@@ -272,6 +316,11 @@ class PartitionProducers(abc.ABC):
             return
 
     async def _open(self, tp: TopicPartition) -> None:
+        """Start the partition's producer and put it in service."""
+        self._producers[tp] = await self._started(tp)
+
+    async def _started(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's producer, started (bounded), not yet in service."""
         producer = self._producer(transactional_id(self.settings.group_id, tp))
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
@@ -279,23 +328,30 @@ class PartitionProducers(abc.ABC):
         except BaseException:
             await stop_producer(producer)
             raise
-        self._producers[tp] = producer
+        return producer
 
-    async def revoked(self, partitions: Collection[TopicPartition]) -> None:
-        """Let a transaction in progress end (bounded), drop held answers, close the partitions' producers."""
+    async def revoked(self, partitions: Collection[TopicPartition], wait_s: float | None = None) -> None:
+        """Let a transaction in progress end (for ``wait_s``, default half the session), drop held answers, take
+        the partitions' producers out of service (each closed in the background: the rebalance need not wait
+        for a broker that is away; the partition's next producer fences it anyway)."""
+        wait_s = self.settings.session_timeout_ms / 2000 if wait_s is None else wait_s
 
         async def close(tp: TopicPartition) -> None:
             replacing = self._replacing.pop(tp, None)
             if replacing is not None:
-                replacing.cancel()
-                await asyncio.gather(replacing, return_exceptions=True)
+                replacing.cancel()  # a lost cancellation ends it at its next step (_bringing_back)
+                await asyncio.wait([replacing], timeout=wait_s)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.session_timeout_ms / 2000):
+                async with asyncio.timeout(wait_s):
                     async with self._locks.setdefault(tp, asyncio.Lock()):
                         pass
             producer = self._producers.pop(tp, None)
             if producer is not None:
-                await stop_producer(producer)
+                stopping = asyncio.create_task(
+                    stop_producer(producer), name=f"stop-producer:{tp.topic}:{tp.partition}"
+                )
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
 
         await asyncio.gather(*(close(tp) for tp in partitions))
         self.unready.difference_update(partitions)
@@ -310,9 +366,10 @@ class PartitionProducers(abc.ABC):
         replacing, self._replacing = list(self._replacing.values()), {}
         for task in replacing:
             task.cancel()
-        await asyncio.gather(*replacing, return_exceptions=True)
+        if replacing:
+            await asyncio.wait(replacing, timeout=CLOSE_TIMEOUT_S)
         producers, self._producers = list(self._producers.values()), {}
-        await asyncio.gather(*(stop_producer(p) for p in producers))
+        await asyncio.gather(*(stop_producer(p) for p in producers), *self._stopping)
 
 
 async def stop_producer(producer: AIOKafkaProducer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,8 +25,13 @@ class TransactionalRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         transactions.on_ready = self._resume
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         await self.inner.on_partitions_revoked(revoked)
-        await self.transactions.revoked(revoked)
+        # A transaction still in progress ends within the flow's wait for answers (half the session), what is
+        # left of it: the whole revoke stays within the at-least-once one's bound (simulation seed 814).
+        left = max(0.0, began + self.flow.settings.session_timeout_ms / 2000 - loop.time())
+        await self.transactions.revoked(revoked, left)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         consumer = self.consumer()

@@ -22,7 +22,14 @@ from typing import Any
 
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    ProducerFenced,
+    RequestTimedOutError,
+)
 
 from worker.kafka.delivery import Delivery
 from worker.kafka.held_answers import HeldAnswers
@@ -52,6 +59,17 @@ COMMIT_SLACK_S = 15.0
 CONCURRENT_RETRY_S = 0.005
 
 
+#: Failures of a broker that could not be reached, as opposed to one that answered with a refusal.
+UNREACHABLE = (
+    KafkaConnectionError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    KafkaTimeoutError,
+    TimeoutError,
+    OSError,
+)
+
+
 class TransactionsRefused(RuntimeError):
     """The broker will not run transactions: exactly-once delivery cannot start on it."""
 
@@ -75,6 +93,7 @@ class Transactions(PartitionProducers):
         on_published: Callable[[Outgoing, int], None],
         on_redelivered: Callable[[Outgoing], None],
         max_request_size: int,
+        on_settled: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.tracker = tracker
@@ -85,6 +104,9 @@ class Transactions(PartitionProducers):
         self.on_published = on_published
         #: called with each reply of a transaction given up on
         self.on_redelivered = on_redelivered
+        #: called once a run is committed or given up on (fewer requests in flight): from ``publish``, or later
+        #: from a task of its own (a late commit's outcome, a producer replaced), which nothing else follows
+        self.on_settled = on_settled
         self.max_request_size = max_request_size
         self.held: HeldAnswers[TopicPartition, Outgoing] = HeldAnswers()
         # Process-wide, but only transactional producers read it.
@@ -99,6 +121,7 @@ class Transactions(PartitionProducers):
         #: late commit's outcome, or opens a new producer)
         self._replacing: dict[TopicPartition, asyncio.Task[None]] = {}
         self.unready: set[TopicPartition] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
         self.on_ready: Callable[[TopicPartition], None] = lambda tp: None
 
     def _producer(self, transactional: str) -> AIOKafkaProducer:
@@ -120,20 +143,33 @@ class Transactions(PartitionProducers):
     # --- start-up ----------------------------------------------------------------------
 
     async def probe(self) -> None:
-        """Get a transactional producer id once, bounded: TransactionsRefused if the broker will not."""
-        producer = self._producer(f"{self.settings.group_id}.probe")
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await producer.start()
-        except (KafkaError, TimeoutError, OSError) as exc:
-            raise TransactionsRefused(
-                f"the broker at {self.settings.bootstrap_servers} refuses transactions (InitProducerId: "
-                f"{exc!r}); WORKER_DELIVERY=exactly-once (--delivery exactly-once) needs them: use a broker "
-                "that runs transactions (Apache Kafka; the embedded broker does not), or "
-                "WORKER_DELIVERY=at-least-once"
-            ) from exc
-        finally:
-            await stop_producer(producer)
+        """Get a transactional producer id once: TransactionsRefused if the broker answers that it will not.
+
+        A broker that cannot be reached (no connection, no answer within PROBE_TIMEOUT_S) is tried again, as
+        ``KafkaClients.connect`` does: an outage at start is not a refusal (simulation seed 4584, exactly-once:
+        the worker exited at start naming the setting, a broker restart away from working).
+        """
+        delay = 0.5
+        while True:
+            producer = self._producer(f"{self.settings.group_id}.probe")
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    await producer.start()
+                return
+            except UNREACHABLE as exc:
+                log.warning("the broker at %s did not answer InitProducerId (%r); trying again in %.1f s",
+                            self.settings.bootstrap_servers, exc, delay)  # fmt: skip
+            except KafkaError as exc:
+                raise TransactionsRefused(
+                    f"the broker at {self.settings.bootstrap_servers} refuses transactions (InitProducerId: "
+                    f"{exc!r}); WORKER_DELIVERY=exactly-once (--delivery exactly-once) needs them: use a broker "
+                    "that runs transactions (Apache Kafka; the embedded broker does not), or "
+                    "WORKER_DELIVERY=at-least-once"
+                ) from exc
+            finally:
+                await stop_producer(producer)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     # --- answers -----------------------------------------------------------------------
 
@@ -168,6 +204,7 @@ class Transactions(PartitionProducers):
         for offset, reply in run:
             self.tracker.done(tp, offset, reply.origin.epoch)
             self.on_published(reply, started_ns)
+        self.on_settled()
 
     async def _commit(
         self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]]
@@ -213,7 +250,7 @@ class Transactions(PartitionProducers):
             # Another worker initialised this partition's id: it owns the partition now. Never re-open
             # the id here, which would fence the new owner in turn; the rebalance revokes the partition.
             log.error("%s: fenced by its new owner; offsets %d-%d are left to it", tp, first, last)
-            self._producers.pop(tp, None)
+            self._out_of_service(tp, producer)
             await stop_producer(producer)
         else:
             log.warning("%s: the transaction of offsets %d-%d failed (%r); aborting it", tp, first, last, exc)
@@ -226,10 +263,18 @@ class Transactions(PartitionProducers):
                 # ends what the old one left (commits or aborts it), and then the committed offset says
                 # where to read again.
                 log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
-                self._producers.pop(tp, None)
+                if self._out_of_service(tp, producer):
+                    self._replace_later(tp, exc)
                 await stop_producer(producer)
-                self._replace_later(tp, exc)
         self._give_up(tp, run, exc)
+
+    def _out_of_service(self, tp: TopicPartition, producer: AIOKafkaProducer) -> bool:
+        """Take ``producer`` out of service if it still serves ``tp`` (a revoke and a new assignment may have put
+        another in its place meanwhile, which stays); whether it did."""
+        if self._producers.get(tp) is not producer:
+            return False
+        del self._producers[tp]
+        return True
 
     def own_commit(self, tp: TopicPartition) -> int | None:
         """The offset this worker's last transaction for ``tp`` committed, while ``tp`` is ours."""
@@ -257,15 +302,19 @@ class Transactions(PartitionProducers):
             self.tracker.release(tp, offset, reply.origin.epoch)
             self.on_redelivered(reply)
         self._drop_stale(tp)
+        self.on_settled()
 
     def _drop_stale(self, tp: TopicPartition) -> None:
         """Held answers whose message was rewound or revoked since: let go (the message is read again)."""
         tracker = self.tracker
-        for offset, reply in self.held.drop(
+        dropped = self.held.drop(
             tp, lambda offset, reply: not tracker.current(tp, offset, reply.origin.epoch)
-        ):
+        )
+        for offset, reply in dropped:
             tracker.release(tp, offset, reply.origin.epoch)
             self.on_redelivered(reply)
+        if dropped:
+            self.on_settled()
 
 
 async def _send(

@@ -1,0 +1,241 @@
+"""Kafka transactions for the simulation: the transaction coordinator's state, and a fake of the transactional
+AIOKafkaProducer as worker/kafka/transactions.py uses it (exactly-once delivery).
+
+Semantics copied from aiokafka 0.14 and Apache Kafka (KIP-98), only as far as the worker can see them:
+- ``start`` bootstraps (raises ``KafkaConnectionError`` when no broker answers) and then gets the producer id
+  (InitProducerId), retried with no time bound while the coordinator is away. InitProducerId bumps the id's
+  epoch: a transaction the previous epoch left open is aborted, one whose commit the coordinator had
+  taken is completed. Every later call of an older epoch's producer raises ``ProducerFenced``.
+- A transaction's records and offsets become visible together when its commit (EndTxn) reaches the
+  coordinator; read_committed readers see nothing of an aborted one. Outputs are recorded on the cluster
+  (and so checked) only then: the checker is the read_committed reader.
+- ``send`` waits for a topic's metadata as the plain producer does; its acknowledgement fails like the plain
+  producer's (outage past the request timeout, a leader moving, a topic refused).
+- AddOffsetsToTxn, EndTxn (commit or abort) are retried with no time bound while the broker is away; an
+  EndTxn that reached the coordinator completes even if its answer is lost (the call returns once the
+  broker is back).
+Not modelled: the broker's own transaction timeout (a transaction left open by a dead process is ended by
+the next InitProducerId of its id, which the next owner of the partition sends), and the last stable offset
+an open transaction holds read_committed readers at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NotLeaderForPartitionError,
+    ProducerFenced,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+)
+
+from tests.sim.cluster import REQUEST_TIMEOUT_S, _offset_of
+
+if TYPE_CHECKING:
+    from tests.sim.cluster import Cluster, FakeClients
+
+
+@dataclass
+class OpenTxn:
+    """One transaction as the coordinator holds it."""
+
+    epoch: int
+    #: (topic, key, value, headers, correlation id) of each record the broker acknowledged in it
+    outputs: list[tuple[str, bytes | None, bytes, dict[str, str], str]] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    #: EndTxn(commit) reached the coordinator: nothing stops it any more
+    committing: bool = False
+
+
+class TxnCoordinator:
+    """Epochs and open transactions per transactional id; outlives every worker process."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.epochs: dict[str, int] = {}
+        self.open: dict[str, OpenTxn] = {}
+
+    def init_producer_id(self, tid: str) -> int:
+        left = self.open.pop(tid, None)
+        if left is not None and left.committing:
+            self._complete(tid, left)
+        elif left is not None:
+            self.cluster.note(f"txn {tid} epoch {left.epoch} aborted by a new producer")
+        self.epochs[tid] = self.epochs.get(tid, -1) + 1
+        self.cluster.note(f"txn {tid} init epoch {self.epochs[tid]}")
+        return self.epochs[tid]
+
+    def fenced(self, tid: str, epoch: int | None) -> bool:
+        return epoch is None or self.epochs.get(tid) != epoch
+
+    def begin(self, tid: str, epoch: int) -> OpenTxn:
+        txn = OpenTxn(epoch)
+        self.open[tid] = txn
+        return txn
+
+    def commit(self, tid: str, txn: OpenTxn) -> None:
+        txn.committing = True
+        if self.open.get(tid) is txn:
+            del self.open[tid]
+            self._complete(tid, txn)
+
+    def abort(self, tid: str, txn: OpenTxn) -> None:
+        if self.open.get(tid) is txn:
+            del self.open[tid]
+            self.cluster.note(f"txn {tid} epoch {txn.epoch} aborted ({len(txn.outputs)} records)")
+
+    def _complete(self, tid: str, txn: OpenTxn) -> None:
+        cluster = self.cluster
+        cluster.note(f"txn {tid} epoch {txn.epoch} commits {len(txn.outputs)} records, offsets "
+                     f"{sorted((tp.partition, o) for tp, o in txn.offsets.items())}")  # fmt: skip
+        for topic, key, value, headers, correlation_id in txn.outputs:
+            cluster.record_output(topic, key, value, headers, correlation_id)
+        if txn.offsets:
+            if cluster.checker is not None:
+                cluster.checker.on_commit(txn.offsets)
+            cluster.committed.update(txn.offsets)
+
+
+class FakeTxnProducer:
+    """AIOKafkaProducer with a transactional id, as worker/kafka/transactions.py uses it."""
+
+    def __init__(self, clients: FakeClients, transactional_id: str) -> None:
+        self.clients = clients
+        self.cluster = clients.cluster
+        self.coordinator = clients.cluster.transactions
+        self.tid = transactional_id
+        self.epoch: int | None = None
+        self.txn: OpenTxn | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    async def _round_trip(self) -> None:
+        """One request the client retries with no time bound while the broker is away."""
+        while True:
+            await self.cluster.wait_connected()
+            await asyncio.sleep(self.cluster.sched.ack_latency())
+            await self.clients._alive()
+            if self.cluster.connected:
+                return
+
+    def _check(self) -> None:
+        if self.coordinator.fenced(self.tid, self.epoch):
+            raise ProducerFenced()
+
+    async def start(self) -> None:
+        await self.clients._alive()
+        if not self.cluster.connected:
+            await asyncio.sleep(1.0)
+            raise KafkaConnectionError("Unable to bootstrap from [('sim', 9092)]")
+        await self._round_trip()  # InitProducerId
+        self.epoch = self.coordinator.init_producer_id(self.tid)
+
+    async def begin_transaction(self) -> None:
+        await self.clients._alive()
+        self._check()
+        self.txn = self.coordinator.begin(self.tid, self.epoch or 0)
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[None]:
+        await self.clients._alive()
+        self._check()
+        pairs = {name: raw.decode() for name, raw in headers or []}
+        correlation_id = pairs.pop("correlation_id", "")
+        await self.clients.metadata(topic, correlation_id)
+        txn = self.txn
+        assert txn is not None, "a send outside a transaction"
+        ack: asyncio.Future[None] = self.cluster.loop.create_future()
+        task = asyncio.create_task(self._deliver(ack, txn, (topic, key, value, pairs, correlation_id)))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+        return ack
+
+    async def _deliver(
+        self,
+        ack: asyncio.Future[None],
+        txn: OpenTxn,
+        record: tuple[str, bytes | None, bytes, dict[str, str], str],
+    ) -> None:
+        cluster, topic = self.cluster, record[0]
+        began = cluster.loop.now
+        while True:
+            if not cluster.connected:
+                left = began + REQUEST_TIMEOUT_S - cluster.loop.now
+                if left <= 0 or not await cluster.wait_connected(left):
+                    _fail(ack, KafkaTimeoutError())
+                    return
+                continue
+            await asyncio.sleep(cluster.sched.ack_latency())
+            if self.clients.dead:
+                return
+            if not cluster.connected:
+                continue
+            if (
+                self.coordinator.fenced(self.tid, self.epoch)
+                or self.coordinator.open.get(self.tid) is not txn
+            ):
+                _fail(ack, ProducerFenced())
+            elif topic in cluster.refused_for_good:
+                _fail(ack, TopicAuthorizationFailedError(topic))
+            elif cluster.refused_until.get(topic, -1.0) > cluster.loop.now:
+                _fail(ack, cluster.sched.rng.choice([NotLeaderForPartitionError, RequestTimedOutError])())
+            else:
+                txn.outputs.append(record)
+                if not ack.done():
+                    ack.set_result(None)
+            return
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, Any], group_id: str) -> None:
+        await self.clients._alive()
+        self._check()
+        txn = self.txn
+        assert txn is not None, "offsets outside a transaction"
+        await self._round_trip()  # AddOffsetsToTxn, then TxnOffsetCommit
+        self._check()
+        txn.offsets.update({tp: _offset_of(value) for tp, value in offsets.items()})
+
+    async def commit_transaction(self) -> None:
+        await self.clients._alive()
+        self._check()
+        txn = self.txn
+        assert txn is not None, "a commit outside a transaction"
+        if (cut := self.cluster.sched.cut_now()) is not None:
+            self.cluster.cut_for(cut)  # the connection drops before EndTxn reaches the coordinator
+        await self._round_trip()
+        self._check()
+        self.coordinator.commit(self.tid, txn)
+        if (cut := self.cluster.sched.cut_now()) is not None:
+            self.cluster.cut_for(cut)  # committed, its answer lost: the client retries until it hears
+            await self._round_trip()
+        self.txn = None
+
+    async def abort_transaction(self) -> None:
+        await self.clients._alive()
+        txn = self.txn
+        await self._round_trip()
+        self._check()
+        if txn is not None:
+            self.coordinator.abort(self.tid, txn)
+        self.txn = None
+
+    async def stop(self) -> None:
+        """Close: a transaction left open stays open at the coordinator (the next epoch ends it)."""
+        self._stopped = True
+        for task in list(self._sends):
+            task.cancel()
+
+
+def _fail(ack: asyncio.Future[None], error: BaseException) -> None:
+    if not ack.done():
+        ack.set_exception(error)
