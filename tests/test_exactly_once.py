@@ -593,6 +593,49 @@ async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_a
 
 
 @pytest.mark.kafka
+async def test_a_broker_unreachable_during_the_start_up_probe_is_waited_for_not_taken_for_a_refusal(
+    committed_stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe's InitProducerId met a broker gone away (a restart between the worker's connect and its probe):
+    # the worker exited at start saying the broker refuses transactions (simulation seed 4584, exactly-once).
+    stream = committed_stream
+    cut: list[str] = []
+    make = Transactions._producer
+
+    def probe_meets_a_cut_once(self: Transactions, transactional: str) -> AIOKafkaProducer:
+        producer = make(self, transactional)
+        if transactional.endswith(".probe") and not cut:
+            cut.append(transactional)
+
+            async def unreachable() -> None:
+                raise KafkaConnectionError("Unable to bootstrap (this test)")
+
+            producer.start = unreachable
+        return producer
+
+    monkeypatch.setattr(Transactions, "_producer", probe_meets_a_cut_once)
+    ids = await stream.send(8)
+    settings = Settings(
+        bootstrap_servers=stream.bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        delivery="exactly-once",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    worker = Worker(settings, tiny_models(tmp_path, "bert"))
+    await worker.start()  # raised TransactionsRefused
+    try:
+        await stream.wait_answered(ids, 30)
+    finally:
+        await worker.drain()
+        await worker.stop()
+    assert cut, "the probe met no cut: not the case under test"
+    await stream.settle(60)
+    assert_exactly_once(stream)
+
+
+@pytest.mark.kafka
 async def test_a_broker_without_transactions_stops_the_worker_at_start_naming_the_setting(
     bert_only: Path, tmp_path: Path
 ) -> None:
