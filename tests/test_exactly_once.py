@@ -538,6 +538,27 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
     assert committed == stream.committed_end()
 
 
+@contextlib.asynccontextmanager
+async def in_process_worker(stream: Stream, folder: Path) -> AsyncIterator[Worker]:
+    """An exactly-once worker in this process on the stream's topics and group, drained and stopped after."""
+    settings = Settings(
+        bootstrap_servers=stream.bootstrap,
+        topic_prefix=stream.prefix,
+        group_id=stream.group_id,
+        delivery="exactly-once",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        drain_timeout_s=10,
+    )
+    worker = Worker(settings, tiny_models(folder, "bert"))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.drain()
+        await worker.stop()
+
+
 @pytest.mark.kafka
 async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_again_then_read(
     committed_stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -563,18 +584,7 @@ async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_a
         PartitionProducers, "_started", partition_0_fails_to_open_until_the_coordinator_is_back
     )
     ids = await stream.send(40)
-    settings = Settings(
-        bootstrap_servers=stream.bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        delivery="exactly-once",
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-        drain_timeout_s=10,
-    )
-    worker = Worker(settings, tiny_models(tmp_path, "bert"))
-    await worker.start()
-    try:
+    async with in_process_worker(stream, tmp_path) as worker:
         await wait_until(lambda: len(refused) >= 2, 30, "a second try to open partition 0's producer")
         assert worker.consumer is not None
         [tp] = set(refused)
@@ -584,9 +594,6 @@ async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_a
         assert not worker.flow.paused and tp in worker.consumer.paused(), "resumed without its producer"
         coordinator_back.set()
         await stream.wait_answered(ids, 30)
-    finally:
-        await worker.drain()
-        await worker.stop()
     await stream.settle(60)
     assert_exactly_once(stream)
     assert await stream.committed() == stream.committed_end()
@@ -615,21 +622,8 @@ async def test_a_broker_unreachable_during_the_start_up_probe_is_waited_for_not_
 
     monkeypatch.setattr(Transactions, "_producer", probe_meets_a_cut_once)
     ids = await stream.send(8)
-    settings = Settings(
-        bootstrap_servers=stream.bootstrap,
-        topic_prefix=stream.prefix,
-        group_id=stream.group_id,
-        delivery="exactly-once",
-        session_timeout_ms=3000,
-        heartbeat_interval_ms=500,
-    )
-    worker = Worker(settings, tiny_models(tmp_path, "bert"))
-    await worker.start()  # raised TransactionsRefused
-    try:
+    async with in_process_worker(stream, tmp_path):  # its start raised TransactionsRefused
         await stream.wait_answered(ids, 30)
-    finally:
-        await worker.drain()
-        await worker.stop()
     assert cut, "the probe met no cut: not the case under test"
     await stream.settle(60)
     assert_exactly_once(stream)
