@@ -17,14 +17,15 @@ import json
 import logging
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiokafka.producer.sender
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, ProducerFenced
 
 import worker.kafka.transactions
 from schemas import Modality
@@ -151,6 +152,146 @@ def test_exactly_once_retries_a_transaction_refused_behind_a_commit_sooner_than_
     Transactions(settings, tracker, delivery, lambda *_: None, on_published=lambda *_: None,
                  on_redelivered=lambda _: None, max_request_size=2**20)  # fmt: skip
     assert aiokafka.producer.sender.BACKOFF_OVERRIDE == 0.005
+
+
+class ScriptedProducer:
+    """A transactional producer's calls as Transactions makes them, with no broker; ``on_commit`` runs in the
+    commit (to raise, or to change the world meanwhile)."""
+
+    def __init__(
+        self, on_commit: Callable[[], None] = lambda: None, on_abort: Callable[[], None] = lambda: None
+    ) -> None:
+        self.on_commit = on_commit
+        self.on_abort = on_abort
+        self.sent: list[bytes] = []
+        self.commits = 0
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def begin_transaction(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Any:
+        self.sent.append(value)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
+        pass
+
+    async def commit_transaction(self) -> None:
+        self.on_commit()
+        self.commits += 1
+
+    async def abort_transaction(self) -> None:
+        self.on_abort()
+
+    async def stop(self) -> None:
+        pass
+
+
+def scripted_transactions() -> tuple[Transactions, Flow, list[str]]:
+    """Transactions over no broker (its producers are ScriptedProducers put in place by the test), the flow
+    whose tracker and redeliver they use, and the ids of the answers they committed."""
+    settings = Settings(bootstrap_servers="unused:9092", delivery="exactly-once")
+    flow = Flow(settings)
+
+    async def reply_topic() -> set[str]:
+        return {"p.replies.x"}
+
+    async def never(*_: object) -> None:
+        raise AssertionError("a transaction sends through its partition's producer")
+
+    delivery = Delivery(never, TopicDirectory(reply_topic), WorkerMetrics(), prefix="p", limit_bytes=2**20)
+    published: list[str] = []
+    transactions = Transactions(settings, flow.tracker, delivery, flow.redeliver,
+                                on_published=lambda reply, _: published.append(reply.request_id or ""),
+                                on_redelivered=lambda _: None, max_request_size=2**20)  # fmt: skip
+    return transactions, flow, published
+
+
+def answer(tracker: OffsetTracker[TopicPartition], offset: int) -> Outgoing:
+    """An answer to ``offset`` of TP as fetched in its partition's current epoch."""
+    origin = Origin(Modality.TEXT, TP, offset, "p.replies.x", f"r{offset}", b"{}", 0, epoch=tracker.epoch(TP))
+    return Outgoing(origin, f"r{offset}", "bert", b'{"outputs": []}')
+
+
+async def test_a_fenced_transaction_of_a_revoked_partition_leaves_its_new_producer_in_service() -> None:
+    # Revoked while its transaction commits, the partition is assigned here again (a new producer, fencing
+    # the old one); the old commit then fails with ProducerFenced. It took the new producer out of service:
+    # nothing of the partition was published again (simulation seed 332, exactly-once).
+    transactions, flow, published = scripted_transactions()
+    tracker = flow.tracker
+    new = ScriptedProducer()
+
+    def reassigned_then_fenced() -> None:
+        tracker.forget([TP])  # the revoke: the old epoch's offsets are no longer ours
+        tracker.track(TP, 0)  # assigned again, offset 0 read again
+        transactions._producers[TP] = new  # type: ignore[assignment]  # what the assignment opened
+        raise ProducerFenced()
+
+    transactions._producers[TP] = ScriptedProducer(reassigned_then_fenced)  # type: ignore[assignment]
+
+    tracker.track(TP, 0)
+    await transactions.publish([answer(tracker, 0)])  # its commit is fenced
+    assert published == []
+    await transactions.publish([answer(tracker, 0)])  # the new assignment's answer to offset 0
+    assert new.commits == 1 and published == ["r0"], "the new producer was taken out of service"
+
+
+class GatedConsumer:
+    """The consumer calls a producer's replacement makes; once the new producer has started, the committed
+    offset is given only when the test opens the gate."""
+
+    def __init__(self, committed: int, started: Callable[[], bool]) -> None:
+        self.offset, self.started = committed, started
+        self.asked, self.gate = asyncio.Event(), asyncio.Event()
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
+    async def committed(self, tp: TopicPartition) -> int:
+        if self.started():
+            self.asked.set()
+            await self.gate.wait()
+        return self.offset
+
+    async def commit(self, offsets: Any) -> None:
+        pass
+
+
+async def test_a_replaced_producer_commits_nothing_before_its_partition_is_read_from_the_committed_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A transaction failed and could not be aborted: a new producer replaces the old one, then the partition is
+    # read again from its committed offset. Put in service before that offset was read, the new producer
+    # committed an answer that the read then sent to be read again: answered twice (simulation seed 3).
+    transactions, flow, published = scripted_transactions()
+    tracker = flow.tracker
+
+    def fails() -> None:
+        raise KafkaConnectionError("the broker went away (this test)")
+
+    transactions._producers[TP] = ScriptedProducer(on_commit=fails, on_abort=fails)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    consumer = GatedConsumer(5, lambda: new.started)
+    transactions.consumer = consumer  # type: ignore[assignment]
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])  # fails, the abort too: a new producer is on its way
+    tracker.track(TP, 5)  # offset 5 read again (its run given up)
+    await asyncio.wait_for(consumer.asked.wait(), 5)  # the new producer started, the committed offset asked
+    await transactions.publish([answer(tracker, 5)])  # its answer comes meanwhile
+    consumer.gate.set()
+    await asyncio.wait_for(transactions.settled([TP]), 5)
+    assert new.commits == 0, "committed before the partition was read from its committed offset"
+    assert flow._seeks == {TP: 5}  # read again from there, in a new epoch
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])
+    assert new.commits == 1 and published == ["r5"]
 
 
 def test_one_transactional_id_per_input_partition_the_same_on_every_worker() -> None:
