@@ -364,9 +364,10 @@ async def test_sigkill_mid_stream_then_restart_answers_each_request_once(
     eos_workers: WorkerLauncher, committed_stream: Stream
 ) -> None:
     stream = committed_stream
-    ids = await stream.send(2000)
+    ids = await stream.send(500)
     first = start_eos(eos_workers, stream, "first")
     await wait_until(lambda: stream.answered() >= 300, START_TIMEOUT_S, "300 committed replies", [first])
+    ids += await stream.send(1500)  # the rest just before the kill, so that it comes mid-stream (as below)
     first.send(signal.SIGKILL)
     assert await first.wait_exit(10) == -signal.SIGKILL
     assert stream.answered() < len(ids), "everything was answered before SIGKILL: not mid-stream"
