@@ -160,25 +160,19 @@ def test_open_defect_is_still_found(defect: str) -> None:
     )
 
 
-@pytest.mark.parametrize("defect", sorted(FIXED_DEFECTS))
-def test_a_seed_that_found_a_fixed_defect_now_holds(defect: str) -> None:
-    """The seed that showed a defect before its fix violates no invariant now."""
-    seed = FIXED_DEFECTS[defect]
-    result = run_seed(seed)
+@pytest.mark.parametrize(
+    ("delivery", "defect"),
+    [("at-least-once", d) for d in sorted(FIXED_DEFECTS)]
+    + [("exactly-once", d) for d in sorted(FIXED_EXACTLY_ONCE_DEFECTS)],
+)
+def test_a_seed_that_found_a_fixed_defect_now_holds(delivery: str, defect: str) -> None:
+    """The seed that showed a defect before its fix violates no invariant now (in the delivery mode it
+    was found in)."""
+    seed = (FIXED_DEFECTS if delivery == "at-least-once" else FIXED_EXACTLY_ONCE_DEFECTS)[defect]
+    result = run_seed(seed, delivery=delivery)
     assert not result.violations, (
         f"seed {seed} (it found {defect}): {[str(v) for v in result.violations]}; "
-        f"replay: {REPLAY.format(seed=seed)}"
-    )
-
-
-@pytest.mark.parametrize("defect", sorted(FIXED_EXACTLY_ONCE_DEFECTS))
-def test_a_seed_that_found_an_exactly_once_defect_now_holds(defect: str) -> None:
-    """The same, for the defects found with exactly-once delivery."""
-    seed = FIXED_EXACTLY_ONCE_DEFECTS[defect]
-    result = run_seed(seed, delivery="exactly-once")
-    assert not result.violations, (
-        f"seed {seed} (it found {defect}): {[str(v) for v in result.violations]}; "
-        f"replay: {replay(seed, 'exactly-once')}"
+        f"replay: {replay(seed, delivery)}"
     )
 
 

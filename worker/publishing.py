@@ -56,10 +56,10 @@ class Publisher:
             if settings.delivery == "exactly-once"
             else None
         )
-        if self.transactions is not None:
-            flow.before_seek_to_committed = self.transactions.settled
-            flow.own_commit = self.transactions.own_commit
-            flow.kept_paused["transactions"] = lambda: self.transactions.unready if self.transactions else ()
+        if (transactions := self.transactions) is not None:
+            flow.before_seek_to_committed = transactions.settled
+            flow.own_commit = transactions.own_commit
+            flow.kept_paused["transactions"] = lambda: transactions.unready
 
     async def publish(self, replies: list[Outgoing]) -> None:
         """Deliver replies (and DLQ copies), mark each done once acknowledged, commit.

@@ -106,7 +106,7 @@ class PartitionProducers(abc.ABC):
         started_ns: int,
     ) -> None:
         """Take the partition's producer out of service until its late commit's outcome is known."""
-        if self._producers.get(tp) is not producer:
+        if not self._out_of_service(tp, producer):
             # Revoked meanwhile, its producer closed (its commit will never answer here): the partition's
             # next producer ends the transaction, and its next owner reads from what it committed.
             unanswered.ending.cancel()
@@ -114,10 +114,17 @@ class PartitionProducers(abc.ABC):
             return
         log.warning("%s: the commit of offsets %d-%d got no answer in time; awaiting its outcome", tp, run[0][0],
                     run[-1][0])  # fmt: skip
-        del self._producers[tp]
         self._bring_back(
             tp, self._await_outcome(producer, tp, run, unanswered.ending, started_ns), "await-commit"
         )
+
+    def _out_of_service(self, tp: TopicPartition, producer: AIOKafkaProducer) -> bool:
+        """Take ``producer`` out of service if it still serves ``tp`` (a revoke and a new assignment may have put
+        another in its place meanwhile, which stays); whether it did."""
+        if self._producers.get(tp) is not producer:
+            return False
+        del self._producers[tp]
+        return True
 
     def _bring_back(self, tp: TopicPartition, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work``, which brings the partition's producer back into service, as its ``_replacing`` task."""

@@ -268,14 +268,6 @@ class Transactions(PartitionProducers):
                 await stop_producer(producer)
         self._give_up(tp, run, exc)
 
-    def _out_of_service(self, tp: TopicPartition, producer: AIOKafkaProducer) -> bool:
-        """Take ``producer`` out of service if it still serves ``tp`` (a revoke and a new assignment may have put
-        another in its place meanwhile, which stays); whether it did."""
-        if self._producers.get(tp) is not producer:
-            return False
-        del self._producers[tp]
-        return True
-
     def own_commit(self, tp: TopicPartition) -> int | None:
         """The offset this worker's last transaction for ``tp`` committed, while ``tp`` is ours."""
         return self._committed.get(tp)
