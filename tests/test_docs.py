@@ -85,6 +85,7 @@ SETTINGS_DEFAULTS: dict[str, object] = {
     # Apache Kafka's default max.message.bytes: 1 MiB plus a record batch's overhead.
     "max_publish_bytes": 1_048_588,
     "delivery": "at-least-once",
+    "transaction_timeout_ms": 60_000,
     "compression_type": "none",
     "publish_retry_s": 60.0,
     "skip_bad_models": False,

@@ -25,7 +25,7 @@ from typing import Any
 import aiokafka.producer.sender
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError, ProducerFenced
+from aiokafka.errors import IllegalGenerationError, KafkaConnectionError, ProducerFenced
 
 import worker.kafka.transactions
 from schemas import Modality
@@ -292,6 +292,74 @@ async def test_a_replaced_producer_commits_nothing_before_its_partition_is_read_
     tracker.track(TP, 5)
     await transactions.publish([answer(tracker, 5)])
     assert new.commits == 1 and published == ["r5"]
+
+
+class GroupView:
+    """The consumer calls a producer's replacement makes: the partition is assigned here, and committing its
+    committed offset again passes the group's generation check only if ``owner`` (``_still_owned``)."""
+
+    def __init__(self, committed: int, *, owner: bool) -> None:
+        self.offset, self.owner = committed, owner
+        self.assigned = {TP}
+        self.checked = asyncio.Event()
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    async def committed(self, tp: TopicPartition) -> int:
+        return self.offset
+
+    async def commit(self, offsets: Any) -> None:
+        self.checked.set()
+        if not self.owner:
+            raise IllegalGenerationError()  # the group moved on: another worker owns the partition
+
+
+def fenced() -> None:
+    raise ProducerFenced()
+
+
+async def test_a_producer_fenced_while_the_group_still_gives_its_partition_here_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The broker aborted a transaction open past transaction_timeout_ms and moved its id's epoch on: fenced, though
+    # no other worker took the partition. No new producer was opened: the partition stayed paused for good
+    # (simulation seed 566, exactly-once).
+    transactions, flow, published = scripted_transactions()
+    tracker = flow.tracker
+    transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    transactions.consumer = GroupView(5, owner=True)  # type: ignore[assignment]
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])  # fenced
+    await asyncio.wait_for(transactions.settled([TP]), 5)
+    assert transactions._producers.get(TP) is new, "no new producer for a partition still ours"
+    assert flow._seeks == {TP: 5}  # read again from the committed offset
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])
+    assert new.commits == 1 and published == ["r5"]
+
+
+async def test_a_producer_fenced_by_the_partitions_new_owner_is_not_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # This worker's view is stale (cut off from the group past its session): opening the id again would fence
+    # the partition's real owner in turn.
+    transactions, flow, _ = scripted_transactions()
+    tracker = flow.tracker
+    transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    group = GroupView(5, owner=False)
+    transactions.consumer = group  # type: ignore[assignment]
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])  # fenced
+    await asyncio.wait_for(group.checked.wait(), 5)  # asked the group whether the partition is still here
+    await asyncio.sleep(0.1)
+    assert not new.started and TP not in transactions._producers
+    await transactions.revoked([TP], wait_s=1.0)  # the rebalance comes: the replacement is let go
+    assert not new.started and not transactions._replacing
 
 
 def test_one_transactional_id_per_input_partition_the_same_on_every_worker() -> None:
@@ -684,8 +752,9 @@ async def test_a_network_cut_mid_stream_answers_each_request_once(
 
 
 @contextlib.asynccontextmanager
-async def in_process_worker(stream: Stream, folder: Path) -> AsyncIterator[Worker]:
-    """An exactly-once worker in this process on the stream's topics and group, drained and stopped after."""
+async def in_process_worker(stream: Stream, folder: Path, **overrides: Any) -> AsyncIterator[Worker]:
+    """An exactly-once worker in this process on the stream's topics and group (settings ``overrides``),
+    drained and stopped after."""
     settings = Settings(
         bootstrap_servers=stream.bootstrap,
         topic_prefix=stream.prefix,
@@ -694,6 +763,7 @@ async def in_process_worker(stream: Stream, folder: Path) -> AsyncIterator[Worke
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
         drain_timeout_s=10,
+        **overrides,
     )
     worker = Worker(settings, tiny_models(folder, "bert"))
     await worker.start()
@@ -739,6 +809,42 @@ async def test_a_partition_whose_producer_did_not_open_on_assignment_is_opened_a
         assert not worker.flow.paused and tp in worker.consumer.paused(), "resumed without its producer"
         coordinator_back.set()
         await stream.wait_answered(ids, 30)
+    await stream.settle(60)
+    assert_exactly_once(stream)
+    assert await stream.committed() == stream.committed_end()
+
+
+#: Past a 1 s transaction timeout and the broker's next look for such (every 10 s by default).
+TIMED_OUT_S = 12.0
+
+
+@pytest.mark.kafka
+async def test_a_transaction_the_broker_timed_out_is_followed_by_a_new_producer_and_answered_once(
+    committed_stream: Stream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The broker aborts a transaction open past transaction_timeout_ms and moves its id's epoch on: the producer
+    # is fenced though the partition is still this worker's. Taken for a new owner's fence, the producer was not
+    # replaced: the partition stayed paused for good (simulation seed 566, exactly-once).
+    stream = committed_stream
+    held: list[float] = []
+    add_offsets = AIOKafkaProducer.send_offsets_to_transaction
+
+    async def the_first_waits_past_the_timeout(self: AIOKafkaProducer, offsets: Any, group_id: str) -> None:
+        if not held:  # its replies are sent: the transaction is open at the coordinator
+            held.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(TIMED_OUT_S)
+        await add_offsets(self, offsets, group_id)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", the_first_waits_past_the_timeout)
+    ids = await stream.send(20)
+    # The worker's own bound on a transaction (publish_retry_s + 15 s) is longer than the hold.
+    async with in_process_worker(stream, tmp_path, transaction_timeout_ms=1000, publish_retry_s=5.0):
+        await stream.wait_answered(ids, TIMED_OUT_S + 30)
+    assert held, "no transaction was held: not the case under test"
+    assert "fenced" in caplog.text, "the held transaction was not fenced: not the case under test"
     await stream.settle(60)
     assert_exactly_once(stream)
     assert await stream.committed() == stream.committed_end()

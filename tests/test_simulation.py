@@ -104,6 +104,9 @@ FIXED_EXACTLY_ONCE_DEFECTS = {
     # an outage during the start-up probe (InitProducerId) was taken for a broker refusing transactions: the
     # worker never started
     "E8": 4584,
+    # a transaction the broker aborted, open past transaction_timeout_ms, fenced its producer while the group
+    # still gave the partition here: taken for a new owner's fence, it was not replaced (paused for good)
+    "E9": 566,
 }
 
 

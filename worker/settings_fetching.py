@@ -101,6 +101,14 @@ class FetchingAndDelivery(BaseModel):
         "of answered offsets, so read_committed readers see each reply once; needs a broker with "
         "transactions (Apache Kafka; the embedded broker refuses them).",
     )
+    transaction_timeout_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="exactly-once: the broker aborts a transaction open longer than this and fences its "
+        "producer (the worker then opens another and reads the partition again from its committed offset). "
+        "Also the longest a transaction left open by a dead worker holds read_committed readers back, unless "
+        "the partition's next owner ends it first. At most the broker's transaction.max.timeout.ms.",
+    )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of replies and DLQ copies (requests of every codec are read)."
     )

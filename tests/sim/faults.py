@@ -64,6 +64,9 @@ class Plan:
     faults_end: float = 0.0
     #: the worker's session_timeout_ms: the default, or one longer than most outages
     session_timeout_ms: int = 10_000
+    #: exactly-once: the worker's transaction_timeout_ms (the broker aborts a transaction open longer and
+    #: fences its producer): the default, or one shorter than most outages
+    transaction_timeout_ms: int = 60_000
 
     def without_faults(self) -> Plan:
         """The same records and arrivals, every record decodable, and no fault at all (a control run)."""
@@ -92,6 +95,8 @@ class Plan:
             if windows:
                 parts.append(f"{name} " + ", ".join(f"{w.at:.0f}+{w.length:.0f}s" for w in windows))
         parts.append(f"session {self.session_timeout_ms // 1000}s")
+        if self.transaction_timeout_ms != Plan.transaction_timeout_ms:
+            parts.append(f"transaction timeout {self.transaction_timeout_ms // 1000}s")
         if self.hang is not None:
             parts.append(f"hang {self.hang.at:.0f}+{self.hang.length:.0f}s")
         return "; ".join(parts)
@@ -236,6 +241,13 @@ class Scheduler:
         if not self.faulty or self.rng.random() >= self.plan.engine_fault_p:
             return None
         return self.rng.choice(["raise", "wrong_outputs"])
+
+
+def transaction_timeout_ms(seed: int) -> int:
+    """Exactly-once seeds: the worker's transaction timeout, from a stream of its own (every other draw of the
+    seed stays as it was). Either the default, above the simulated worker's own bound on a transaction
+    (publish_retry_s 4 s + 15 s), or one below it, as the defaults are in production (60 s against 75 s)."""
+    return random.Random(seed * 104_729 + 11).choice([60_000, 60_000, 10_000])
 
 
 def _poison_one(plan: Plan, rng: random.Random) -> None:

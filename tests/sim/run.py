@@ -31,7 +31,16 @@ import worker.kafka.transactions
 from schemas.topics import dlq_topic, requests_topic, results_topic
 from tests.sim.clock import SimExecutor, SimLoop, Stuck, virtual_time
 from tests.sim.cluster import Cluster, FakeBatches, FakeClients
-from tests.sim.faults import BLOCKED, REPLIES, FaultyEngine, FaultyPreprocessor, Scheduler, Window
+from tests.sim.faults import (
+    BLOCKED,
+    REPLIES,
+    FaultyEngine,
+    FaultyPreprocessor,
+    Plan,
+    Scheduler,
+    Window,
+    transaction_timeout_ms,
+)
 from tests.sim.invariants import Checker, Violation
 from tests.sim.transactions import FakeTxnProducer, TxnCoordinator
 from worker.app import Worker
@@ -127,7 +136,9 @@ def _worker_seams(cluster: Cluster, loop: SimLoop, sched: Scheduler) -> Iterator
     worker.kafka.fetching.LeaderBatches = FakeBatches  # type: ignore[assignment,misc]
     # Each worker's transactional producers belong to its process (``_Run._boot`` says which clients).
     worker.kafka.transactions.Transactions._producer = (  # type: ignore[method-assign]
-        lambda self, transactional: FakeTxnProducer(self.sim_clients, transactional)  # type: ignore[attr-defined]
+        lambda self, transactional: FakeTxnProducer(  # type: ignore[attr-defined]
+            self.sim_clients, transactional, self.settings.transaction_timeout_ms
+        )
     )
     try:
         yield
@@ -157,6 +168,13 @@ class _Run:
         self.cluster = Cluster(loop, self.sched, self.plan.partitions)
         self.cluster.session_timeout_s = self.plan.session_timeout_ms / 1000
         if settings.delivery == "exactly-once":
+            self.plan.transaction_timeout_ms = (
+                transaction_timeout_ms(seed) if faults else Plan.transaction_timeout_ms
+            )
+            settings = settings.model_copy(
+                update={"transaction_timeout_ms": self.plan.transaction_timeout_ms}
+            )
+            self.settings = settings
             self.cluster.transactions = TxnCoordinator(self.cluster)
             # A reply_to topic the broker refuses fails the whole transaction: its request is read again and
             # again (README, exactly-once's limits), so no seed of this mode has one.

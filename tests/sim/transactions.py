@@ -14,14 +14,18 @@ Semantics copied from aiokafka 0.14 and Apache Kafka (KIP-98), only as far as th
 - AddOffsetsToTxn, EndTxn (commit or abort) are retried with no time bound while the broker is away; an
   EndTxn that reached the coordinator completes even if its answer is lost (the call returns once the
   broker is back).
-Not modelled: the broker's own transaction timeout (a transaction left open by a dead process is ended by
-the next InitProducerId of its id, which the next owner of the partition sends), and the last stable offset
-an open transaction holds read_committed readers at.
+- The broker's transaction timeout: a transaction open longer than its producer's
+  ``transaction_timeout_ms`` (from its first record or offsets, while no commit has reached the coordinator) is
+  aborted at the coordinator's next check for such (every 10 s), and the id's epoch moves on, so the producer is
+  fenced (aiokafka raises ``ProducerFenced`` for the broker's INVALID_PRODUCER_EPOCH) though no other producer
+  took its id. Worked out lazily, whenever the coordinator is asked anything.
+Not modelled: the last stable offset an open transaction holds read_committed readers at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +44,10 @@ from tests.sim.cluster import REQUEST_TIMEOUT_S, _offset_of
 if TYPE_CHECKING:
     from tests.sim.cluster import Cluster, FakeClients
 
+#: Apache Kafka's transaction.abort.timed.out.transaction.cleanup.interval.ms: how often the coordinator
+#: looks for transactions open past their timeout.
+TIMEOUT_CHECK_S = 10.0
+
 
 @dataclass
 class OpenTxn:
@@ -51,6 +59,8 @@ class OpenTxn:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     #: EndTxn(commit) reached the coordinator: nothing stops it any more
     committing: bool = False
+    #: when its first record or offsets reached the coordinator (its timeout counts from there)
+    began: float | None = None
 
 
 class TxnCoordinator:
@@ -60,8 +70,12 @@ class TxnCoordinator:
         self.cluster = cluster
         self.epochs: dict[str, int] = {}
         self.open: dict[str, OpenTxn] = {}
+        #: each id's transaction timeout (s), as its last InitProducerId gave it
+        self.timeouts: dict[str, float] = {}
 
-    def init_producer_id(self, tid: str) -> int:
+    def init_producer_id(self, tid: str, timeout_s: float) -> int:
+        self.expire()
+        self.timeouts[tid] = timeout_s
         left = self.open.pop(tid, None)
         if left is not None and left.committing:
             self._complete(tid, left)
@@ -71,7 +85,20 @@ class TxnCoordinator:
         self.cluster.note(f"txn {tid} init epoch {self.epochs[tid]}")
         return self.epochs[tid]
 
+    def expire(self) -> None:
+        """Abort, and fence, every transaction open past its timeout at the last check for such."""
+        checked = math.floor(self.cluster.loop.now / TIMEOUT_CHECK_S) * TIMEOUT_CHECK_S
+        for tid, txn in list(self.open.items()):
+            if txn.began is None or txn.committing:
+                continue
+            if txn.began + self.timeouts[tid] < checked:
+                del self.open[tid]
+                self.epochs[tid] += 1
+                self.cluster.note(f"txn {tid} epoch {txn.epoch} timed out (open since {txn.began:.1f}): aborted, "
+                                  f"epoch {self.epochs[tid]}")  # fmt: skip
+
     def fenced(self, tid: str, epoch: int | None) -> bool:
+        self.expire()
         return epoch is None or self.epochs.get(tid) != epoch
 
     def begin(self, tid: str, epoch: int) -> OpenTxn:
@@ -79,13 +106,20 @@ class TxnCoordinator:
         self.open[tid] = txn
         return txn
 
+    def started(self, txn: OpenTxn) -> None:
+        """A record or the offsets of ``txn`` reached the coordinator: its timeout runs from the first."""
+        if txn.began is None:
+            txn.began = self.cluster.loop.now
+
     def commit(self, tid: str, txn: OpenTxn) -> None:
+        self.expire()
         txn.committing = True
         if self.open.get(tid) is txn:
             del self.open[tid]
             self._complete(tid, txn)
 
     def abort(self, tid: str, txn: OpenTxn) -> None:
+        self.expire()
         if self.open.get(tid) is txn:
             del self.open[tid]
             self.cluster.note(f"txn {tid} epoch {txn.epoch} aborted ({len(txn.outputs)} records)")
@@ -105,8 +139,9 @@ class TxnCoordinator:
 class FakeTxnProducer:
     """AIOKafkaProducer with a transactional id, as worker/kafka/transactions.py uses it."""
 
-    def __init__(self, clients: FakeClients, transactional_id: str) -> None:
+    def __init__(self, clients: FakeClients, transactional_id: str, transaction_timeout_ms: int) -> None:
         self.clients = clients
+        self.timeout_s = transaction_timeout_ms / 1000
         self.cluster = clients.cluster
         self.coordinator = clients.cluster.transactions
         self.tid = transactional_id
@@ -134,7 +169,7 @@ class FakeTxnProducer:
             await asyncio.sleep(1.0)
             raise KafkaConnectionError("Unable to bootstrap from [('sim', 9092)]")
         await self._round_trip()  # InitProducerId
-        self.epoch = self.coordinator.init_producer_id(self.tid)
+        self.epoch = self.coordinator.init_producer_id(self.tid, self.timeout_s)
 
     async def begin_transaction(self) -> None:
         await self.clients._alive()
@@ -191,6 +226,7 @@ class FakeTxnProducer:
             elif cluster.refused_until.get(topic, -1.0) > cluster.loop.now:
                 _fail(ack, cluster.sched.rng.choice([NotLeaderForPartitionError, RequestTimedOutError])())
             else:
+                self.coordinator.started(txn)
                 txn.outputs.append(record)
                 if not ack.done():
                     ack.set_result(None)
@@ -203,6 +239,7 @@ class FakeTxnProducer:
         assert txn is not None, "offsets outside a transaction"
         await self._round_trip()  # AddOffsetsToTxn, then TxnOffsetCommit
         self._check()
+        self.coordinator.started(txn)
         txn.offsets.update({tp: _offset_of(value) for tp, value in offsets.items()})
 
     async def commit_transaction(self) -> None:
