@@ -44,7 +44,7 @@ from worker.kafka.offsets import OffsetTracker
 from worker.kafka.partition_producers import PartitionProducers, transactional_id
 from worker.kafka.routing import TopicDirectory
 from worker.kafka.transactional_rebalance import TransactionalRebalance
-from worker.kafka.transactions import Transactions
+from worker.kafka.transactions import Transactions, TransactionsRefused
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings
 
@@ -193,10 +193,13 @@ class ScriptedProducer:
         pass
 
 
-def scripted_transactions() -> tuple[Transactions, Flow, list[str]]:
-    """Transactions over no broker (its producers are ScriptedProducers put in place by the test), the flow
-    whose tracker and redeliver they use, and the ids of the answers they committed."""
-    settings = Settings(bootstrap_servers="unused:9092", delivery="exactly-once")
+def scripted_transactions(
+    bootstrap: str = "unused:9092", **overrides: Any
+) -> tuple[Transactions, Flow, list[str]]:
+    """Transactions over no broker (its producers are ScriptedProducers put in place by the test; with
+    ``bootstrap``, real ones), the flow whose tracker and redeliver they use, and the ids of the answers they
+    committed."""
+    settings = Settings(bootstrap_servers=bootstrap, delivery="exactly-once", **overrides)
     flow = Flow(settings)
 
     async def reply_topic() -> set[str]:
@@ -878,6 +881,18 @@ async def test_a_broker_unreachable_during_the_start_up_probe_is_waited_for_not_
     assert cut, "the probe met no cut: not the case under test"
     await stream.settle(60)
     assert_exactly_once(stream)
+
+
+@pytest.mark.kafka
+async def test_a_transaction_timeout_above_the_brokers_maximum_is_refused_at_start_naming_the_setting(
+    apache_bootstrap: str,
+) -> None:
+    # Apache Kafka's transaction.max.timeout.ms is 15 min by default: InitProducerId asking more is refused
+    # (INVALID_TRANSACTION_TIMEOUT), which the worker reported as a broker without transactions.
+    transactions, _, _ = scripted_transactions(apache_bootstrap, transaction_timeout_ms=15 * 60_000 + 1)
+    with pytest.raises(TransactionsRefused, match="WORKER_TRANSACTION_TIMEOUT_MS") as refused:
+        await asyncio.wait_for(transactions.probe(), START_TIMEOUT_S)
+    assert "transaction.max.timeout.ms" in str(refused.value)
 
 
 @pytest.mark.kafka

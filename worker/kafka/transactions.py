@@ -23,6 +23,7 @@ from typing import Any
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    InvalidTransactionTimeout,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -160,6 +161,12 @@ class Transactions(PartitionProducers):
             except UNREACHABLE as exc:
                 log.warning("the broker at %s did not answer InitProducerId (%r); trying again in %.1f s",
                             self.settings.bootstrap_servers, exc, delay)  # fmt: skip
+            except InvalidTransactionTimeout as exc:
+                raise TransactionsRefused(
+                    f"the broker at {self.settings.bootstrap_servers} refuses a transaction timeout of "
+                    f"{self.settings.transaction_timeout_ms} ms, above its transaction.max.timeout.ms: lower "
+                    "WORKER_TRANSACTION_TIMEOUT_MS (--transaction-timeout-ms)"
+                ) from exc
             except KafkaError as exc:
                 raise TransactionsRefused(
                     f"the broker at {self.settings.bootstrap_servers} refuses transactions (InitProducerId: "
