@@ -166,6 +166,7 @@ class ScriptedProducer:
         self.sent: list[bytes] = []
         self.commits = 0
         self.started = False
+        self.stopped = False
 
     async def start(self) -> None:
         self.started = True
@@ -190,7 +191,7 @@ class ScriptedProducer:
         self.on_abort()
 
     async def stop(self) -> None:
-        pass
+        self.stopped = True
 
 
 def scripted_transactions(
@@ -363,6 +364,125 @@ async def test_a_producer_fenced_by_the_partitions_new_owner_is_not_replaced(
     assert not new.started and TP not in transactions._producers
     await transactions.revoked([TP], wait_s=1.0)  # the rebalance comes: the replacement is let go
     assert not new.started and not transactions._replacing
+
+
+def broken() -> None:
+    raise KafkaConnectionError("the broker went away (this test)")
+
+
+def producers_in_turn(monkeypatch: pytest.MonkeyPatch, *producers: ScriptedProducer) -> None:
+    """Each new producer the transactions open is the next of ``producers``."""
+    queue = list(producers)
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: queue.pop(0))
+
+
+async def test_a_producer_back_from_a_late_commit_whose_next_transaction_fails_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A commit answered late brings its producer back, and the task that brought it back published what waited.
+    # That transaction failed and could not be aborted: no replacement started, since that task was still the
+    # partition's registered one, and the partition had no producer for good (simulation seed 2814,
+    # exactly-once).
+    monkeypatch.setattr(worker.kafka.transactions, "COMMIT_SLACK_S", 0.05)
+    transactions, flow, published = scripted_transactions(publish_retry_s=0.05)
+    tracker = flow.tracker
+    commit_heard = asyncio.Event()
+    commits = 0
+
+    class LateThenBroken(ScriptedProducer):
+        async def commit_transaction(self) -> None:
+            nonlocal commits
+            commits += 1
+            if commits == 1:
+                await commit_heard.wait()  # answered only after the transaction's bound
+                self.commits += 1
+            else:
+                broken()
+
+    transactions._producers[TP] = LateThenBroken(on_abort=broken)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    producers_in_turn(monkeypatch, new)
+    transactions.consumer = GroupView(7, owner=True)  # type: ignore[assignment]
+    for offset in (5, 6):
+        tracker.track(TP, offset)
+    await transactions.publish([answer(tracker, 5)])  # its commit gets no answer in time: awaited apart
+    await transactions.publish([answer(tracker, 6)])  # held meanwhile
+    commit_heard.set()  # 5 committed late; 6 published by the task that brought the producer back: broken
+    await wait_until(lambda: transactions._producers.get(TP) is new, 5, "a new producer in service")
+    assert published == ["r5"] and flow._seeks == {TP: 6}
+
+
+async def test_a_revoke_lets_go_a_producer_opening_whose_cancellation_is_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The revoke cancelled a task opening a producer just as that task's wait ended: Python 3.11's wait_for
+    # returned the result and lost the cancellation, the task ran on, and the revoke waited for it for good
+    # (simulation seed 1476, exactly-once).
+    transactions, flow, _ = scripted_transactions()
+    opening = asyncio.Event()
+
+    class LosesItsCancellation(ScriptedProducer):
+        async def start(self) -> None:
+            opening.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()  # the cancellation arrives with the result, and is dropped
+            self.started = True
+
+    transactions._producers[TP] = ScriptedProducer(on_commit=broken, on_abort=broken)  # type: ignore[assignment]
+    new = LosesItsCancellation()
+    producers_in_turn(monkeypatch, new)
+    consumer = GatedConsumer(5, lambda: new.started)  # then the committed offset comes only through the gate
+    transactions.consumer = consumer  # type: ignore[assignment]
+    flow.tracker.track(TP, 5)
+    await transactions.publish([answer(flow.tracker, 5)])  # fails, the abort too: a new producer is opening
+    await asyncio.wait_for(opening.wait(), 5)
+    await asyncio.wait_for(transactions.revoked([TP], wait_s=0.5), 2)  # bounded though the task runs on
+    consumer.gate.set()  # the task, run on, gets the committed offset after the revoke
+    await wait_until(lambda: new.stopped, 5, "the producer opened after the revoke closed")
+    assert TP not in transactions._producers and not transactions._replacing
+
+
+async def test_a_revoke_does_not_wait_for_its_producers_to_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Closing a producer waits for the broker (up to CLOSE_TIMEOUT_S): in an outage the revoke went over its
+    # bound, half the session (simulation seed 814, exactly-once). The partition's next producer fences it.
+    transactions, _, _ = scripted_transactions()
+    closing = asyncio.Event()
+
+    class ClosesForGood(ScriptedProducer):
+        async def stop(self) -> None:
+            closing.set()
+            await asyncio.Event().wait()
+
+    transactions._producers[TP] = ClosesForGood()  # type: ignore[assignment]
+    await asyncio.wait_for(transactions.revoked([TP], wait_s=0.1), 1)
+    assert TP not in transactions._producers
+    await asyncio.wait_for(closing.wait(), 1)  # closing, in the background
+
+
+async def test_held_answers_a_new_producer_lets_go_are_followed_by_on_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new producer read the partition from its committed offset and let go the answers held meanwhile:
+    # nothing re-evaluated backpressure after, and every partition stayed paused (simulation seed 410).
+    transactions, flow, _ = scripted_transactions()
+    tracker = flow.tracker
+    held_when_settled: list[int] = []
+    transactions.on_settled = lambda: held_when_settled.append(transactions.held.count())
+    transactions._producers[TP] = ScriptedProducer(on_commit=broken, on_abort=broken)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    producers_in_turn(monkeypatch, new)
+    consumer = GatedConsumer(5, lambda: new.started)
+    transactions.consumer = consumer  # type: ignore[assignment]
+    tracker.track(TP, 5)
+    await transactions.publish([answer(tracker, 5)])  # fails, the abort too: a new producer is on its way
+    for offset in (5, 6):
+        tracker.track(TP, offset)  # read again
+    await asyncio.wait_for(consumer.asked.wait(), 5)
+    await transactions.publish([answer(tracker, 6)])  # held: 5 is not answered
+    before = len(held_when_settled)
+    consumer.gate.set()  # read from 5 again: the answer to 6 is let go
+    await asyncio.wait_for(transactions.settled([TP]), 5)
+    assert held_when_settled[before:] and held_when_settled[-1] == 0, held_when_settled
 
 
 def test_one_transactional_id_per_input_partition_the_same_on_every_worker() -> None:
