@@ -64,11 +64,19 @@ async def raw_producer(bootstrap_servers: str, **config: Any) -> AsyncIterator[A
 
 
 async def replica_counts(bootstrap_servers: str, topics: list[str]) -> dict[str, set[int]]:
-    """The number of replicas of each partition of each topic, as the cluster's metadata lists them."""
+    """The number of replicas of each partition of each topic, as the cluster's metadata lists them.
+
+    A topic just created may be described with no partitions yet (one CI run: the broker answering from
+    metadata the controller had not yet sent it): described again until each has some, for up to 10 s.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        described = await admin.describe_topics(topics)
+        async with asyncio.timeout(10):
+            described = await admin.describe_topics(topics)
+            while not all(t["partitions"] for t in described):
+                await asyncio.sleep(0.05)
+                described = await admin.describe_topics(topics)
     finally:
         await admin.close()
     return {t["topic"]: {len(p["replicas"]) for p in t["partitions"]} for t in described}
