@@ -17,6 +17,9 @@ Semantics copied from aiokafka 0.14 (read in its sources), only as far as the wo
 - A member that has not called ``getmany`` for ``max_poll_interval_ms`` (300 s, aiokafka's default;
   the worker does not set it) leaves the group; it rejoins on its next ``getmany``. A member whose
   session expired during an outage (``session_timeout_ms``) is dropped and rejoins likewise.
+- Exactly-once: a partition the group gives another member is fenced there (that member's InitProducerId of
+  the partition's transactional id), after this worker's revoke. A member dropped during an outage finds its
+  partitions fenced likewise if the seed has another member to take them over (``Cluster.taken_over_when_dropped``).
 - The producer waits up to ``request_timeout_ms`` (40 s) for the metadata of a topic it has not written
   to yet and then raises ``UnknownTopicOrPartitionError``; a record of a known topic that the broker
   does not acknowledge within 40 s fails its delivery future with ``KafkaTimeoutError``.
@@ -49,6 +52,7 @@ from aiokafka.errors import (
 )
 
 from tests.sim.clock import EPOCH_S, SimLoop
+from worker.kafka.partition_producers import transactional_id
 from worker.kafka.record_batches import BatchRead
 
 if TYPE_CHECKING:
@@ -145,6 +149,8 @@ class Cluster:
         self.connected = True
         self.outage_began = 0.0
         self.member: FakeConsumer | None = None
+        #: exactly-once: whether another member takes over the partitions of this one when it is dropped
+        self.taken_over_when_dropped = False
         #: the partitions the group gives this worker now (all, or fewer while another member holds some)
         self.share: set[TopicPartition] = set(partitions)
         self._waiters: list[asyncio.Future[None]] = []
@@ -265,6 +271,7 @@ class FakeConsumer:
     def __init__(self, cluster: Cluster, settings: Settings) -> None:
         self.cluster = cluster
         self.loop = cluster.loop
+        self.group_id = settings.group_id
         self.session_timeout_s = settings.session_timeout_ms / 1000
         self.max_poll_interval_s = getattr(settings, "max_poll_interval_ms", None)
         self.max_poll_interval_s = (
@@ -312,6 +319,7 @@ class FakeConsumer:
             return
         self.dropped = False
         share = set(self.cluster.share)
+        self._taken_over(previous - share)
         self._assigned = share
         self._paused = set()
         self._positions = {tp: self.cluster.committed.get(tp, 0) for tp in share}
@@ -334,6 +342,18 @@ class FakeConsumer:
         self.cluster.note(f"member dropped: {why}")
         if self.cluster.checker is not None:
             self.cluster.checker.on_member_dropped(why)
+        if self.cluster.taken_over_when_dropped:
+            self._taken_over(self._assigned)
+
+    def _taken_over(self, partitions: Collection[TopicPartition]) -> None:
+        """Exactly-once: another member was given ``partitions`` and opened their producers, fencing ours."""
+        transactions = self.cluster.transactions
+        if transactions is None:
+            return
+        for tp in sorted(partitions, key=lambda tp: tp.partition):
+            tid = transactional_id(self.group_id, tp)
+            self.cluster.note(f"another member opens {tid}")
+            transactions.init_producer_id(tid, 60.0)
 
     async def _watch_polls(self) -> None:
         """aiokafka's heartbeat routine: leave the group after max_poll_interval without a getmany."""

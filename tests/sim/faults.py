@@ -250,6 +250,12 @@ def transaction_timeout_ms(seed: int) -> int:
     return random.Random(seed * 104_729 + 11).choice([60_000, 60_000, 10_000])
 
 
+def taken_over_when_dropped(seed: int) -> bool:
+    """Exactly-once seeds: whether the group has another member that takes over this worker's partitions when
+    it is dropped (its session expiring in an outage), fencing their producers; from a stream of its own."""
+    return random.Random(seed * 7_727 + 1).random() < 0.5
+
+
 def _poison_one(plan: Plan, rng: random.Random) -> None:
     """In POISON_P of the seeds, one good request becomes poison: its preparation kills the process."""
     good = [

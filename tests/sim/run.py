@@ -39,6 +39,7 @@ from tests.sim.faults import (
     Plan,
     Scheduler,
     Window,
+    taken_over_when_dropped,
     transaction_timeout_ms,
 )
 from tests.sim.invariants import Checker, Violation
@@ -176,6 +177,7 @@ class _Run:
             )
             self.settings = settings
             self.cluster.transactions = TxnCoordinator(self.cluster)
+            self.cluster.taken_over_when_dropped = faults and taken_over_when_dropped(seed)
             # A reply_to topic the broker refuses fails the whole transaction: its request is read again and
             # again (README, exactly-once's limits), so no seed of this mode has one.
             self.plan.blocked_for_good = False
