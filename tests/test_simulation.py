@@ -189,6 +189,16 @@ def test_exactly_once_seeds_run_transactions() -> None:
     assert not control.violations and not control.duplicates
 
 
+def test_exactly_once_seeds_time_transactions_out_and_give_partitions_to_other_members() -> None:
+    """The fake coordinator's transaction timeout and the other members' fencing are exercised: seed 566 (E9)
+    has a transaction timed out, a producer opened again after it, and partitions another member opened."""
+    trace = run_seed(566, keep_trace=True, delivery="exactly-once").trace
+    timed_out = next((i for i, line in enumerate(trace) if " timed out " in line), None)
+    assert timed_out is not None, "no transaction timed out"
+    assert any(" init epoch " in line for line in trace[timed_out:]), "no producer opened after the timeout"
+    assert any("another member opens" in line for line in trace), "no partition was fenced by another member"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(("delivery", "variable", "default"), [
