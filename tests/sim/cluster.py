@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     NodeNotReadyError,
     NotLeaderForPartitionError,
+    ProducerFenced,
     RequestTimedOutError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
@@ -673,6 +674,20 @@ class FakeClients:
         headers: dict[str, str],
         correlation_id: str,
     ) -> None:
+        await self.acknowledge(
+            ack, topic, lambda: self.cluster.record_output(topic, key, value, headers, correlation_id)
+        )
+
+    async def acknowledge(
+        self,
+        ack: asyncio.Future[None],
+        topic: str,
+        land: Callable[[], None],
+        fenced: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """The broker's answer to one record of ``topic``: ``land`` keeps the record, then ``ack`` is set; it fails
+        past the request timeout while the broker is away, with ``ProducerFenced`` when ``fenced()`` (a
+        transactional producer's), or as the broker refuses the topic."""
         cluster = self.cluster
         began = cluster.loop.now
         while True:
@@ -687,14 +702,16 @@ class FakeClients:
                 return
             if not cluster.connected:
                 continue
-            if topic in cluster.refused_for_good:
+            if fenced():
+                self._fail(ack, topic, ProducerFenced())
+            elif topic in cluster.refused_for_good:
                 self._fail(ack, topic, TopicAuthorizationFailedError(topic))
             elif cluster.refused_until.get(topic, -1.0) > cluster.loop.now:
                 self._fail(
                     ack, topic, cluster.sched.rng.choice([NotLeaderForPartitionError, RequestTimedOutError])()
                 )
             else:
-                cluster.record_output(topic, key, value, headers, correlation_id)
+                land()
                 if not ack.done():
                     ack.set_result(None)
             return

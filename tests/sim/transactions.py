@@ -25,21 +25,15 @@ Not modelled: the last stable offset an open transaction holds read_committed re
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import TopicPartition
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    NotLeaderForPartitionError,
-    ProducerFenced,
-    RequestTimedOutError,
-    TopicAuthorizationFailedError,
-)
+from aiokafka.errors import KafkaConnectionError, ProducerFenced
 
-from tests.sim.cluster import REQUEST_TIMEOUT_S, _offset_of
+from tests.sim.cluster import _offset_of
 
 if TYPE_CHECKING:
     from tests.sim.cluster import Cluster, FakeClients
@@ -191,46 +185,26 @@ class FakeTxnProducer:
         txn = self.txn
         assert txn is not None, "a send outside a transaction"
         ack: asyncio.Future[None] = self.cluster.loop.create_future()
-        task = asyncio.create_task(self._deliver(ack, txn, (topic, key, value, pairs, correlation_id)))
+        record = (topic, key, value, pairs, correlation_id)
+        task = asyncio.create_task(
+            self.clients.acknowledge(
+                ack,
+                topic,
+                functools.partial(self._land, txn, record),
+                fenced=lambda: (
+                    self.coordinator.fenced(self.tid, self.epoch)
+                    or self.coordinator.open.get(self.tid) is not txn
+                ),
+            )
+        )
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
         return ack
 
-    async def _deliver(
-        self,
-        ack: asyncio.Future[None],
-        txn: OpenTxn,
-        record: tuple[str, bytes | None, bytes, dict[str, str], str],
-    ) -> None:
-        cluster, topic = self.cluster, record[0]
-        began = cluster.loop.now
-        while True:
-            if not cluster.connected:
-                left = began + REQUEST_TIMEOUT_S - cluster.loop.now
-                if left <= 0 or not await cluster.wait_connected(left):
-                    _fail(ack, KafkaTimeoutError())
-                    return
-                continue
-            await asyncio.sleep(cluster.sched.ack_latency())
-            if self.clients.dead:
-                return
-            if not cluster.connected:
-                continue
-            if (
-                self.coordinator.fenced(self.tid, self.epoch)
-                or self.coordinator.open.get(self.tid) is not txn
-            ):
-                _fail(ack, ProducerFenced())
-            elif topic in cluster.refused_for_good:
-                _fail(ack, TopicAuthorizationFailedError(topic))
-            elif cluster.refused_until.get(topic, -1.0) > cluster.loop.now:
-                _fail(ack, cluster.sched.rng.choice([NotLeaderForPartitionError, RequestTimedOutError])())
-            else:
-                self.coordinator.started(txn)
-                txn.outputs.append(record)
-                if not ack.done():
-                    ack.set_result(None)
-            return
+    def _land(self, txn: OpenTxn, record: tuple[str, bytes | None, bytes, dict[str, str], str]) -> None:
+        """The broker acknowledged a record of ``txn``: it is in the transaction (seen at its commit)."""
+        self.coordinator.started(txn)
+        txn.outputs.append(record)
 
     async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, Any], group_id: str) -> None:
         await self.clients._alive()
@@ -271,8 +245,3 @@ class FakeTxnProducer:
         self._stopped = True
         for task in list(self._sends):
             task.cancel()
-
-
-def _fail(ack: asyncio.Future[None], error: BaseException) -> None:
-    if not ack.done():
-        ack.set_exception(error)
