@@ -3,9 +3,11 @@
 Replication 3 and min.insync.replicas 2 on every topic (the operator's topics, created before the
 workers start), two workers in one group, requests at a steady rate. Faults: kill -9 of the node
 leading request partition 0; kill -9 of the group coordinator's node; a rolling restart (SIGTERM,
-start again, wait for every replica to be back in sync) of all three. Each scenario must answer
-every request, commit the group's offsets to the end of every partition, and print the longest
-wait for an answer (the time to recover). tansu runs one node only: this is Apache Kafka alone.
+start again, wait for every replica to be back in sync) of all three; and, with the workers in
+exactly-once delivery, kill -9 of the node coordinating request partition 0's transactions. Each
+scenario must answer every request (exactly-once: once, as a read_committed reader sees the replies),
+commit the group's offsets to the end of every partition, and print the longest wait for an answer
+(the time to recover). tansu runs one node only: this is Apache Kafka alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tests.kafka_support import (
     tiny_models,
 )
 from worker.kafka.apache_broker import ApacheKafka
+from worker.kafka.partition_producers import transactional_id
 from worker.kafka.topics import create_topics
 from worker.serving.registry import ServedModel
 
@@ -150,12 +153,12 @@ async def leader_of(kafka: ApacheKafka, topic: str, partition: int) -> int:
     return leader
 
 
-async def coordinator_of(kafka: ApacheKafka, group: str) -> int:
-    """The node id coordinating a consumer group."""
+async def coordinator_of(kafka: ApacheKafka, key: str, kind: int = 0) -> int:
+    """The node id coordinating a consumer group (``kind`` 0) or a transactional id (1)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:
-        return await admin.find_coordinator(group)
+        return await admin.find_coordinator(key, kind)
     finally:
         await admin.close()
 
@@ -174,12 +177,16 @@ async def group_is_at_the_end(bootstrap: str, group: str, topic: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def two_workers(kafka: ApacheKafka, models: dict[str, ServedModel], prefix: str) -> AsyncIterator[None]:
+async def two_workers(
+    kafka: ApacheKafka, models: dict[str, ServedModel], prefix: str, delivery: str
+) -> AsyncIterator[None]:
     """Two workers in one group on the cluster's replicated topics; drained and stopped after."""
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(2):
             await stack.enter_async_context(
-                serving(kafka.bootstrap_servers, models, prefix=prefix, create_topics=False)
+                serving(
+                    kafka.bootstrap_servers, models, prefix=prefix, create_topics=False, delivery=delivery
+                )
             )
         yield
 
@@ -187,9 +194,12 @@ async def two_workers(kafka: ApacheKafka, models: dict[str, ServedModel], prefix
 Fault = Callable[[ApacheKafka, str], Awaitable[str]]
 
 
-async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fault) -> None:
-    """Flood two workers, apply `fault` a third of the way in, check every request answered and
-    the offsets committed to the end, and print the figures."""
+async def survive(
+    kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fault, delivery: str = "at-least-once"
+) -> None:
+    """Flood two workers, apply `fault` a third of the way in, check every request answered (exactly-once:
+    once, as a read_committed reader sees the replies) and the offsets committed to the end, and print the
+    figures."""
     prefix = new_prefix()
     topics = [requests_topic("text", prefix), results_topic("text", prefix), dlq_topic(prefix)]
     await create_topics(kafka.bootstrap_servers, topics, PARTITIONS, replication_factor=3)
@@ -198,7 +208,11 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
     await known_everywhere(kafka, [*topics, quarantine_topic(prefix)])
     group = f"{prefix}.workers"
     flood = Flood(kafka.bootstrap_servers, topics[0])
-    async with two_workers(kafka, models, prefix), TopicReader(kafka.bootstrap_servers, topics[1]) as answers:
+    client = {"isolation_level": "read_committed"} if delivery == "exactly-once" else None
+    async with (
+        two_workers(kafka, models, prefix, delivery),
+        TopicReader(kafka.bootstrap_servers, topics[1], client=client) as answers,
+    ):
         sending = asyncio.create_task(flood.run(REQUESTS))
         await asyncio.sleep(REQUESTS / RATE / 3)
         fault_at = time.time()
@@ -214,6 +228,8 @@ async def survive(kafka: ApacheKafka, models: dict[str, ServedModel], fault: Fau
     assert all("error" not in body_of(r) for r in records), next(
         body_of(r) for r in records if "error" in body_of(r)
     )
+    if delivery == "exactly-once":
+        assert len(records) == len(answered), f"{len(records) - len(answered)} requests answered twice"
     latency = {}
     for record in records:
         request_id = body_of(record)["id"]
@@ -250,6 +266,17 @@ async def kill_the_coordinator(kafka: ApacheKafka, group: str) -> str:
     return f"kill -9 of node {node} (the group's coordinator), restarted after 5 s"
 
 
+async def kill_a_transaction_coordinator(kafka: ApacheKafka, group: str) -> str:
+    """kill -9 the node coordinating the transactions of request partition 0; start it again 5 s later."""
+    topic = requests_topic("text", group.removesuffix(".workers"))
+    transactional = transactional_id(group, TopicPartition(topic, 0))
+    node = await coordinator_of(kafka, transactional, kind=1)
+    kafka.kill(node)
+    await asyncio.sleep(5)
+    await kafka.restart_node(node)
+    return f"kill -9 of node {node} (the transaction coordinator of {transactional}), restarted after 5 s"
+
+
 async def rolling_restart(kafka: ApacheKafka, group: str) -> str:
     """Stop (SIGTERM) and start each node in turn, the next once every replica is in sync again."""
     prefix = group.removesuffix(".workers")
@@ -269,6 +296,12 @@ async def test_a_cluster_fault_loses_no_request(
     cluster: ApacheKafka, models: dict[str, ServedModel], fault: Fault, tmp_path: Path
 ) -> None:
     await survive(cluster, models, fault)
+
+
+async def test_exactly_once_through_a_transaction_coordinator_killed_mid_stream(
+    cluster: ApacheKafka, models: dict[str, ServedModel], tmp_path: Path
+) -> None:
+    await survive(cluster, models, kill_a_transaction_coordinator, delivery="exactly-once")
 
 
 @pytest.mark.parametrize(("replication_factor", "replicas"), [(None, 3), (2, 2)])

@@ -1,7 +1,7 @@
 """The deterministic simulation of the Kafka path (tests/sim): the real Worker over fake aiokafka
 surfaces, a virtual clock and a seeded fault scheduler, checked against the Kafka path's invariants.
 
-The invariants test runs ``SIM_SEEDS`` seeds (default 1500) at-least-once and ``SIM_EOS_SEEDS`` (default 500)
+The invariants test runs ``SIM_SEEDS`` seeds (default 1000) at-least-once and ``SIM_EOS_SEEDS`` (default 500)
 exactly-once over ``SIM_WORKERS`` processes (default 2): about 40 s of wall time per 1000 seeds on the 2-core
 project machine (more beside other jobs). The long run is ``python -m tests.sim --minutes 30 --workers 2``
 (``--delivery exactly-once`` for the worker's transactions); a failing seed replays, trace and all, with
@@ -202,7 +202,7 @@ def test_exactly_once_seeds_time_transactions_out_and_give_partitions_to_other_m
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(("delivery", "variable", "default"), [
-    ("at-least-once", "SIM_SEEDS", "1500"), ("exactly-once", "SIM_EOS_SEEDS", "500"),
+    ("at-least-once", "SIM_SEEDS", "1000"), ("exactly-once", "SIM_EOS_SEEDS", "500"),
 ])  # fmt: skip
 def test_invariants_hold_over_many_seeds(delivery: str, variable: str, default: str) -> None:
     """I1-I5 over SIM_SEEDS (SIM_EOS_SEEDS) seeds; a violation outside OPEN_DEFECTS fails with its replay command."""
