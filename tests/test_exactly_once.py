@@ -323,19 +323,29 @@ def fenced() -> None:
     raise ProducerFenced()
 
 
+def fenced_in_a_group(
+    monkeypatch: pytest.MonkeyPatch, *, owner: bool
+) -> tuple[Transactions, Flow, list[str], ScriptedProducer, GroupView]:
+    """Transactions whose producer's next commit is fenced (offset 5 read), their flow and what they
+    committed, the producer a replacement would open, and the group (``owner``: it still gives TP here)."""
+    transactions, flow, published = scripted_transactions()
+    transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
+    new = ScriptedProducer()
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    group = GroupView(5, owner=owner)
+    transactions.consumer = group  # type: ignore[assignment]
+    flow.tracker.track(TP, 5)
+    return transactions, flow, published, new, group
+
+
 async def test_a_producer_fenced_while_the_group_still_gives_its_partition_here_is_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The broker aborted a transaction open past transaction_timeout_ms and moved its id's epoch on: fenced, though
     # no other worker took the partition. No new producer was opened: the partition stayed paused for good
     # (simulation seed 566, exactly-once).
-    transactions, flow, published = scripted_transactions()
+    transactions, flow, published, new, _ = fenced_in_a_group(monkeypatch, owner=True)
     tracker = flow.tracker
-    transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
-    new = ScriptedProducer()
-    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
-    transactions.consumer = GroupView(5, owner=True)  # type: ignore[assignment]
-    tracker.track(TP, 5)
     await transactions.publish([answer(tracker, 5)])  # fenced
     await asyncio.wait_for(transactions.settled([TP]), 5)
     assert transactions._producers.get(TP) is new, "no new producer for a partition still ours"
@@ -350,15 +360,8 @@ async def test_a_producer_fenced_by_the_partitions_new_owner_is_not_replaced(
 ) -> None:
     # This worker's view is stale (cut off from the group past its session): opening the id again would fence
     # the partition's real owner in turn.
-    transactions, flow, _ = scripted_transactions()
-    tracker = flow.tracker
-    transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
-    new = ScriptedProducer()
-    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
-    group = GroupView(5, owner=False)
-    transactions.consumer = group  # type: ignore[assignment]
-    tracker.track(TP, 5)
-    await transactions.publish([answer(tracker, 5)])  # fenced
+    transactions, flow, _, new, group = fenced_in_a_group(monkeypatch, owner=False)
+    await transactions.publish([answer(flow.tracker, 5)])  # fenced
     await asyncio.wait_for(group.checked.wait(), 5)  # asked the group whether the partition is still here
     await asyncio.sleep(0.1)
     assert not new.started and TP not in transactions._producers
