@@ -252,7 +252,8 @@ class Transactions(PartitionProducers):
     async def _failed(
         self, producer: AIOKafkaProducer, tp: TopicPartition, run: list[tuple[int, Outgoing]], exc: Exception
     ) -> None:
-        """Abort (or, fenced or broken, drop the producer) and read the run again: a give-up, a redelivery."""
+        """Abort (or, fenced or broken, replace the producer while the partition is ours) and read the run again:
+        a give-up, a redelivery."""
         first, last = run[0][0], run[-1][0]
         if isinstance(exc, ProducerFenced):
             # Either another worker initialised this partition's id (it owns the partition now; the rebalance
