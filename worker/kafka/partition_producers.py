@@ -126,6 +126,13 @@ class PartitionProducers(abc.ABC):
         del self._producers[tp]
         return True
 
+    async def _retire(self, tp: TopicPartition, producer: AIOKafkaProducer, why: BaseException) -> None:
+        """``producer`` cannot go on: out of service and another opened in its place while the partition is ours
+        (``_replace_later``), if it still served ``tp``; closed either way."""
+        if self._out_of_service(tp, producer):
+            self._replace_later(tp, why)
+        await stop_producer(producer)
+
     def _bring_back(self, tp: TopicPartition, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work``, which brings the partition's producer back into service, as its ``_replacing`` task."""
         task = asyncio.create_task(work, name=f"{name}:{tp.topic}:{tp.partition}")

@@ -263,9 +263,7 @@ class Transactions(PartitionProducers):
             # (``_still_owned``), so the new owner of the first case is not fenced in turn.
             log.warning("%s: fenced (a new owner, or the transaction timed out); offsets %d-%d are read "
                         "again by whoever owns the partition", tp, first, last)  # fmt: skip
-            if self._out_of_service(tp, producer):
-                self._replace_later(tp, exc)
-            await stop_producer(producer)
+            await self._retire(tp, producer, exc)
         else:
             log.warning("%s: the transaction of offsets %d-%d failed (%r); aborting it", tp, first, last, exc)
             try:
@@ -277,9 +275,7 @@ class Transactions(PartitionProducers):
                 # ends what the old one left (commits or aborts it), and then the committed offset says
                 # where to read again.
                 log.warning("%s: aborting failed (%r); the producer is replaced", tp, abort_exc)
-                if self._out_of_service(tp, producer):
-                    self._replace_later(tp, exc)
-                await stop_producer(producer)
+                await self._retire(tp, producer, exc)
         self._give_up(tp, run, exc)
 
     def own_commit(self, tp: TopicPartition) -> int | None:
