@@ -19,7 +19,7 @@ Semantics copied from aiokafka 0.14 (read in its sources), only as far as the wo
   session expired during an outage (``session_timeout_ms``) is dropped and rejoins likewise.
 - Exactly-once: a partition the group gives another member is fenced there (that member's InitProducerId of
   the partition's transactional id), after this worker's revoke. A member dropped during an outage finds its
-  partitions fenced likewise if the seed has another member to take them over (``Cluster.taken_over_when_dropped``).
+  partitions fenced likewise if the seed has another member to take them over (``Plan.taken_over_when_dropped``).
 - The producer waits up to ``request_timeout_ms`` (40 s) for the metadata of a topic it has not written
   to yet and then raises ``UnknownTopicOrPartitionError``; a record of a known topic that the broker
   does not acknowledge within 40 s fails its delivery future with ``KafkaTimeoutError``.
@@ -150,8 +150,6 @@ class Cluster:
         self.connected = True
         self.outage_began = 0.0
         self.member: FakeConsumer | None = None
-        #: exactly-once: whether another member takes over the partitions of this one when it is dropped
-        self.taken_over_when_dropped = False
         #: the partitions the group gives this worker now (all, or fewer while another member holds some)
         self.share: set[TopicPartition] = set(partitions)
         self._waiters: list[asyncio.Future[None]] = []
@@ -343,7 +341,7 @@ class FakeConsumer:
         self.cluster.note(f"member dropped: {why}")
         if self.cluster.checker is not None:
             self.cluster.checker.on_member_dropped(why)
-        if self.cluster.taken_over_when_dropped:
+        if self.cluster.sched.plan.taken_over_when_dropped:
             self._taken_over(self._assigned)
 
     def _taken_over(self, partitions: Collection[TopicPartition]) -> None:

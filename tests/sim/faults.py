@@ -67,6 +67,9 @@ class Plan:
     #: exactly-once: the worker's transaction_timeout_ms (the broker aborts a transaction open longer and
     #: fences its producer): the default, or one shorter than most outages
     transaction_timeout_ms: int = 60_000
+    #: exactly-once: another member takes over this worker's partitions when it is dropped (its session
+    #: expiring in an outage), fencing their producers
+    taken_over_when_dropped: bool = False
 
     def without_faults(self) -> Plan:
         """The same records and arrivals, every record decodable, and no fault at all (a control run)."""
@@ -97,6 +100,8 @@ class Plan:
         parts.append(f"session {self.session_timeout_ms // 1000}s")
         if self.transaction_timeout_ms != Plan.transaction_timeout_ms:
             parts.append(f"transaction timeout {self.transaction_timeout_ms // 1000}s")
+        if self.taken_over_when_dropped:
+            parts.append("taken over when dropped")
         if self.hang is not None:
             parts.append(f"hang {self.hang.at:.0f}+{self.hang.length:.0f}s")
         return "; ".join(parts)
@@ -243,17 +248,14 @@ class Scheduler:
         return self.rng.choice(["raise", "wrong_outputs"])
 
 
-def transaction_timeout_ms(seed: int) -> int:
-    """Exactly-once seeds: the worker's transaction timeout, from a stream of its own (every other draw of the
-    seed stays as it was). Either the default, above the simulated worker's own bound on a transaction
-    (publish_retry_s 4 s + 15 s), or one below it, as the defaults are in production (60 s against 75 s)."""
-    return random.Random(seed * 104_729 + 11).choice([60_000, 60_000, 10_000])
-
-
-def taken_over_when_dropped(seed: int) -> bool:
-    """Exactly-once seeds: whether the group has another member that takes over this worker's partitions when
-    it is dropped (its session expiring in an outage), fencing their producers; from a stream of its own."""
-    return random.Random(seed * 7_727 + 1).random() < 0.5
+def draw_exactly_once(plan: Plan, seed: int) -> None:
+    """Exactly-once seeds: the worker's transaction timeout and whether another member takes over a dropped
+    member's partitions, each from a stream of its own (every other draw of the seed stays as it was). The
+    timeout is the default, above the simulated worker's own bound on a transaction (publish_retry_s 4 s + 15 s),
+    or one below it, as the defaults are in production (60 s against 75 s); half the seeds have the other member.
+    """
+    plan.transaction_timeout_ms = random.Random(seed * 104_729 + 11).choice([60_000, 60_000, 10_000])
+    plan.taken_over_when_dropped = random.Random(seed * 7_727 + 1).random() < 0.5
 
 
 def _poison_one(plan: Plan, rng: random.Random) -> None:

@@ -36,11 +36,9 @@ from tests.sim.faults import (
     REPLIES,
     FaultyEngine,
     FaultyPreprocessor,
-    Plan,
     Scheduler,
     Window,
-    taken_over_when_dropped,
-    transaction_timeout_ms,
+    draw_exactly_once,
 )
 from tests.sim.invariants import Checker, Violation
 from tests.sim.transactions import FakeTxnProducer, TxnCoordinator
@@ -169,15 +167,13 @@ class _Run:
         self.cluster = Cluster(loop, self.sched, self.plan.partitions)
         self.cluster.session_timeout_s = self.plan.session_timeout_ms / 1000
         if settings.delivery == "exactly-once":
-            self.plan.transaction_timeout_ms = (
-                transaction_timeout_ms(seed) if faults else Plan.transaction_timeout_ms
-            )
+            if faults:
+                draw_exactly_once(self.plan, seed)
             settings = settings.model_copy(
                 update={"transaction_timeout_ms": self.plan.transaction_timeout_ms}
             )
             self.settings = settings
             self.cluster.transactions = TxnCoordinator(self.cluster)
-            self.cluster.taken_over_when_dropped = faults and taken_over_when_dropped(seed)
             # A reply_to topic the broker refuses fails the whole transaction: its request is read again and
             # again (README, exactly-once's limits), so no seed of this mode has one.
             self.plan.blocked_for_good = False
