@@ -223,6 +223,16 @@ def answer(tracker: OffsetTracker[TopicPartition], offset: int) -> Outgoing:
     return Outgoing(origin, f"r{offset}", "bert", b'{"outputs": []}')
 
 
+def broken() -> None:
+    raise KafkaConnectionError("the broker went away (this test)")
+
+
+def producers_in_turn(monkeypatch: pytest.MonkeyPatch, *producers: ScriptedProducer) -> None:
+    """Each new producer the transactions open is the next of ``producers``."""
+    queue = list(producers)
+    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: queue.pop(0))
+
+
 async def test_a_fenced_transaction_of_a_revoked_partition_leaves_its_new_producer_in_service() -> None:
     # Revoked while its transaction commits, the partition is assigned here again (a new producer, fencing
     # the old one); the old commit then fails with ProducerFenced. It took the new producer out of service:
@@ -275,13 +285,9 @@ async def test_a_replaced_producer_commits_nothing_before_its_partition_is_read_
     # committed an answer that the read then sent to be read again: answered twice (simulation seed 3).
     transactions, flow, published = scripted_transactions()
     tracker = flow.tracker
-
-    def fails() -> None:
-        raise KafkaConnectionError("the broker went away (this test)")
-
-    transactions._producers[TP] = ScriptedProducer(on_commit=fails, on_abort=fails)  # type: ignore[assignment]
+    transactions._producers[TP] = ScriptedProducer(on_commit=broken, on_abort=broken)  # type: ignore[assignment]
     new = ScriptedProducer()
-    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    producers_in_turn(monkeypatch, new)
     consumer = GatedConsumer(5, lambda: new.started)
     transactions.consumer = consumer  # type: ignore[assignment]
     tracker.track(TP, 5)
@@ -331,7 +337,7 @@ def fenced_in_a_group(
     transactions, flow, published = scripted_transactions()
     transactions._producers[TP] = ScriptedProducer(on_commit=fenced)  # type: ignore[assignment]
     new = ScriptedProducer()
-    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: new)
+    producers_in_turn(monkeypatch, new)
     group = GroupView(5, owner=owner)
     transactions.consumer = group  # type: ignore[assignment]
     flow.tracker.track(TP, 5)
@@ -367,16 +373,6 @@ async def test_a_producer_fenced_by_the_partitions_new_owner_is_not_replaced(
     assert not new.started and TP not in transactions._producers
     await transactions.revoked([TP], wait_s=1.0)  # the rebalance comes: the replacement is let go
     assert not new.started and not transactions._replacing
-
-
-def broken() -> None:
-    raise KafkaConnectionError("the broker went away (this test)")
-
-
-def producers_in_turn(monkeypatch: pytest.MonkeyPatch, *producers: ScriptedProducer) -> None:
-    """Each new producer the transactions open is the next of ``producers``."""
-    queue = list(producers)
-    monkeypatch.setattr(Transactions, "_producer", lambda self, transactional: queue.pop(0))
 
 
 async def test_a_producer_back_from_a_late_commit_whose_next_transaction_fails_is_replaced(
