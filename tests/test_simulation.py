@@ -120,12 +120,16 @@ def test_a_seed_replays_exactly() -> None:
 
 
 # 557: rich (a stalled model, rebalances, undecodable records); 65: its worker seeks a set of partitions
-# to their committed offsets, whose order follows the interpreter's hash seed.
-@pytest.mark.parametrize("seed", [557, 65])
-def test_a_seed_replays_in_another_process(seed: int) -> None:
+# to their committed offsets, whose order follows the interpreter's hash seed; exactly-once 12 and 2814: the
+# worker opened, flushed and closed partitions' producers in a set's order (replayed differently before).
+@pytest.mark.parametrize(
+    ("seed", "delivery"),
+    [(557, "at-least-once"), (65, "at-least-once"), (12, "exactly-once"), (2814, "exactly-once")],
+)
+def test_a_seed_replays_in_another_process(seed: int, delivery: str) -> None:
     """The printed replay command gives the same trace in a fresh interpreter, whatever its hash seed."""
     replay = subprocess.run(
-        [sys.executable, "-m", "tests.sim", "--seed", str(seed)],
+        [sys.executable, "-m", "tests.sim", "--seed", str(seed), "--delivery", delivery],
         cwd=ROOT,
         env={**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -135,7 +139,7 @@ def test_a_seed_replays_in_another_process(seed: int) -> None:
     )
     digest = re.search(r"trace digest ([0-9a-f]+)", replay.stdout)
     assert digest is not None, replay.stdout[-2000:] + replay.stderr[-2000:]
-    assert digest.group(1) == run_seed(seed).digest
+    assert digest.group(1) == run_seed(seed, delivery=delivery).digest
 
 
 def test_seeds_differ() -> None:

@@ -268,9 +268,12 @@ class PartitionProducers(abc.ABC):
         """Open each new partition's producer (fencing its previous owner), then read the partition from
         its committed offset, final only now; returns the partitions ready (the others stay paused)."""
         self.consumer = consumer
-        opened = await asyncio.gather(*(self._open(tp) for tp in partitions), return_exceptions=True)
+        # In partition order, not a set's (which follows str hashing): the simulation replays a seed in any
+        # interpreter only if the producers open in the same order.
+        in_order = sorted(partitions)
+        opened = await asyncio.gather(*(self._open(tp) for tp in in_order), return_exceptions=True)
         ready = []
-        for tp, outcome in zip(partitions, opened, strict=True):
+        for tp, outcome in zip(in_order, opened, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("%s: its transactional producer did not open (%r); the partition stays paused until "
                           "one does", tp, outcome)  # fmt: skip
@@ -367,7 +370,7 @@ class PartitionProducers(abc.ABC):
                 self._stopping.add(stopping)
                 stopping.add_done_callback(self._stopping.discard)
 
-        await asyncio.gather(*(close(tp) for tp in partitions))
+        await asyncio.gather(*(close(tp) for tp in sorted(partitions)))  # in partition order, as in assigned
         self.unready.difference_update(partitions)
         for tp in partitions:
             self._committed.pop(

@@ -185,7 +185,8 @@ class Transactions(PartitionProducers):
         """Hold each answer; publish every run that became ready, one transaction per run."""
         for reply in replies:
             self.held.hold(reply.origin.tp, reply.origin.offset, reply)
-        await asyncio.gather(*(self._flush(tp) for tp in {r.origin.tp for r in replies}))
+        # In partition order, as in assigned: a set's follows str hashing.
+        await asyncio.gather(*(self._flush(tp) for tp in sorted({r.origin.tp for r in replies})))
 
     async def _flush(self, tp: TopicPartition) -> None:
         """Publish the partition's ready runs until none is left (answers held meanwhile join the next)."""
