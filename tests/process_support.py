@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -161,12 +161,42 @@ class Stream:
     ) -> None:
         """Until every one of ``ids`` (all sent when None) has a reply."""
         wanted = list(self.sent if ids is None else ids)
-        await wait_until(
-            lambda: self.answered(wanted) == len(wanted),
-            within,
-            f"replies to all {len(wanted)} requests (missing {len(self.missing(wanted))})",
-            watch,
+        try:
+            await wait_until(lambda: self.answered(wanted) == len(wanted), within, "replies", watch)
+        except TimeoutError as timeout:
+            missing = self.missing(wanted)
+            where = ", ".join(f"{i} at {self.sent.get(i)}" for i in missing[:20])
+            raise TimeoutError(
+                f"replies to all {len(wanted)} requests: {len(missing)} missing "
+                f"(id at (partition, offset): {where}); the group's committed offsets "
+                f"{await self.committed()}, the ends {self.committed_end()}; "
+                f"{await self.reread_replies(missing)} of the missing found by reading the reply topic "
+                f"again\n{timeout}"
+            ) from None
+
+    async def reread_replies(self, ids: Collection[str]) -> int:
+        """How many of ``ids`` a fresh consumer finds replies to on the reply topic (a collector that
+        missed records, against replies never written)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level=self.isolation_level,
         )
+        await consumer.start()
+        try:
+            tp = TopicPartition(self.reply_topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            found: set[str] = set()
+            async with asyncio.timeout(30):
+                while await consumer.position(tp) < end:
+                    for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                        found.update(r.key.decode() for r in records if r.key is not None)
+            return len(found & set(ids))
+        finally:
+            await consumer.stop()
 
     async def settle(self, within: float = 30.0) -> None:
         """Until every reply written before now has been collected (a sentinel went round)."""
