@@ -93,7 +93,14 @@ class WorkerProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
-        return f"--- {self.name} (pid {self.pid}) log tail ---\n{self.log()[-chars:]}"
+        """The log's last ``chars`` without its DEBUG lines (a verbose worker's per-batch lines hide the
+        assignments, warnings and errors a failure is read from), then its last raw lines."""
+        raw = self.log()
+        notable = "\n".join(line for line in raw.splitlines() if " DEBUG " not in line)
+        return (
+            f"--- {self.name} (pid {self.pid}) log tail, DEBUG lines left out ---\n{notable[-chars:]}\n"
+            f"--- {self.name} last lines ---\n{raw[-chars // 4 :]}"
+        )
 
     def lines(self, process: str | None = None) -> list[LogLine]:
         """Parsed log lines, optionally only those of one process name (``MainProcess``, ``worker-0``)."""
