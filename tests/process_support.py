@@ -171,8 +171,14 @@ class Stream:
                 f"(id at (partition, offset): {where}); the group's committed offsets "
                 f"{await self.committed()}, the ends {self.committed_end()}; "
                 f"{await self.reread_replies(missing)} of the missing found by reading the reply topic "
-                f"again\n{timeout}"
+                f"again; the reply collector {self._collector_state()}\n{timeout}"
             ) from None
+
+    def _collector_state(self) -> str:
+        reader = self._reader
+        if reader is None or not reader.done():
+            return "is running"
+        return f"ended: {reader.exception()!r}" if not reader.cancelled() else "was cancelled"
 
     async def reread_replies(self, ids: Collection[str]) -> int:
         """How many of ``ids`` a fresh consumer finds replies to on the reply topic (a collector that
