@@ -20,7 +20,7 @@ from bench.worker_processes import FAST_GROUP_FLAGS as FAST_GROUP_FLAGS
 from bench.worker_processes import Reply, WorkerProcess, wait_until
 from bench.worker_processes import WorkerLauncher as WorkerLauncher
 from bench.worker_processes import replies_agree as replies_agree
-from schemas.topics import requests_topic
+from schemas.topics import requests_topic, results_topic
 from worker.kafka.topics import create_topics
 
 
@@ -48,6 +48,7 @@ class Stream:
         self.group_id = f"{self.prefix}-group"
         self.requests_topic = requests_topic("text", self.prefix)
         self.reply_topic = f"{self.prefix}.replies.stream"
+        self.results_topic = results_topic("text", self.prefix)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -171,7 +172,8 @@ class Stream:
                 f"(id at (partition, offset): {where}); the group's committed offsets "
                 f"{await self.committed()}, the ends {self.committed_end()}; "
                 f"{await self.reread_replies(missing)} of the missing found by reading the reply topic "
-                f"again; the reply collector {self._collector_state()}\n{timeout}"
+                f"again and {await self.reread_replies(missing, self.results_topic)} on the results topic; "
+                f"the reply collector {self._collector_state()}\n{timeout}"
             ) from None
 
     def _collector_state(self) -> str:
@@ -180,9 +182,10 @@ class Stream:
             return "is running"
         return f"ended: {reader.exception()!r}" if not reader.cancelled() else "was cancelled"
 
-    async def reread_replies(self, ids: Collection[str]) -> int:
+    async def reread_replies(self, ids: Collection[str], topic: str | None = None) -> str:
         """How many of ``ids`` a fresh consumer finds replies to on the reply topic (a collector that
-        missed records, against replies never written)."""
+        missed records, against replies never written), or on ``topic``; a failure to look, said."""
+        topic = topic or self.reply_topic
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
@@ -191,16 +194,20 @@ class Stream:
         )
         await consumer.start()
         try:
-            tp = TopicPartition(self.reply_topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            if topic not in await consumer.topics():
+                return "none (no such topic)"
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
             found: set[str] = set()
             # To the first fetch that finds nothing: tansu's end_offsets() can be short (docs/kafka-notes.md).
             async with asyncio.timeout(60):
-                while taken := await consumer.getmany(tp, timeout_ms=2000):
+                while taken := await consumer.getmany(*tps, timeout_ms=2000):
                     for records in taken.values():
                         found.update(r.key.decode() for r in records if r.key is not None)
-            return len(found & set(ids))
+            return str(len(found & set(ids)))
+        except Exception as exc:  # a diagnostic: never hide the failure it explains
+            return f"? ({exc!r})"
         finally:
             await consumer.stop()
 

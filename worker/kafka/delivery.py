@@ -104,6 +104,7 @@ class Delivery(PublishRetries):
         if origin.reply_topic != default:
             exists = await self._retrying("reply", lambda: self.directory.exists(origin.reply_topic))
             if not exists:
+                log.info("reply_to %r does not exist; answering on %s", origin.reply_topic, default)
                 self._reroute(out, Refusal.MISSING)
         assert out.body is not None
         if len(out.body) > self.limit_bytes - RECORD_OVERHEAD and out.error is None:
