@@ -25,6 +25,11 @@ REPLIES, BLOCKED = "team.replies", "team.blocked"
 POISON = "this request kills whoever prepares it"
 #: Seeds with one poison request among their good ones.
 POISON_P = 0.15
+#: Seeds in which the worker is sent SIGTERM mid-stream: it drains and exits, and a successor starts later.
+TERMINATION_P = 0.2
+#: The salt of the termination's own stream: one under which no seed pinned in tests/test_simulation.py
+#: draws a termination, so the worlds those seeds were pinned for stay as they were found (checked there).
+TERMINATION_SALT = 880
 #: Outage lengths (s): within publish_retry_s, past it, past the 10 s session, past the 40 s producer timeouts.
 OUTAGE_LENGTHS = (2.0, 6.0, 15.0, 30.0, 45.0, 70.0)
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "answer")
@@ -52,6 +57,8 @@ class Plan:
     outages: list[Window] = field(default_factory=list)
     rebalances: list[Window] = field(default_factory=list)  # arg: the partitions this worker keeps
     crashes: list[Window] = field(default_factory=list)  # length: until the restart
+    #: SIGTERM: the worker drains what it holds and exits (Worker.serve's path); length: until a successor starts
+    terminations: list[Window] = field(default_factory=list)
     refusals: list[Window] = field(default_factory=list)  # arg: the topic whose acks fail meanwhile
     hang: Window | None = None  # one model run takes ``length`` seconds
     blocked_for_good: bool = False
@@ -93,7 +100,7 @@ class Plan:
             for r in batch.records:
                 kinds[r.kind] = kinds.get(r.kind, 0) + 1
         parts.append(str(kinds))
-        for name in ("outages", "rebalances", "crashes", "refusals"):
+        for name in ("outages", "rebalances", "crashes", "terminations", "refusals"):
             windows = getattr(self, name)
             if windows:
                 parts.append(f"{name} " + ", ".join(f"{w.at:.0f}+{w.length:.0f}s" for w in windows))
@@ -202,6 +209,7 @@ class Scheduler:
         if faults:
             # Its own stream: drawing the poison leaves every other draw of the seed as it was.
             _poison_one(self.plan, random.Random(seed * 7919 + 5))
+            draw_termination(self.plan, seed)
         self.rng = random.Random(seed * 1_000_003 + 17)
         #: kills the worker process at once and restarts it later (the run sets it)
         self.kill: Callable[[], None] | None = None
@@ -256,6 +264,18 @@ def draw_exactly_once(plan: Plan, seed: int) -> None:
     """
     plan.transaction_timeout_ms = random.Random(seed * 104_729 + 11).choice([60_000, 60_000, 10_000])
     plan.taken_over_when_dropped = random.Random(seed * 7_727 + 1).random() < 0.5
+
+
+def draw_termination(plan: Plan, seed: int) -> None:
+    """In TERMINATION_P of the seeds, a SIGTERM mid-stream (half the time just after records arrive, while
+    their answers are in flight), from a stream of its own: every other draw of the seed stays as it was."""
+    rng = random.Random(seed * 15_485_863 + TERMINATION_SALT)
+    if rng.random() >= TERMINATION_P:
+        return
+    arrivals = [at for at, _, _ in plan.batches]
+    window = Window(_when(rng, arrivals, max(arrivals, default=60.0) + 5.0), rng.uniform(0.5, 15.0))
+    plan.terminations.append(window)
+    plan.faults_end = max(plan.faults_end, window.end)
 
 
 def _poison_one(plan: Plan, rng: random.Random) -> None:

@@ -216,7 +216,9 @@ class Checker:
                           "/healthz true with the fetch loop dead for 10 s")  # fmt: skip
         else:
             self._fetch_dead_since = None
-        dead_loops = [t for t in worker._loops if t.done()] if not worker._state.stopping else []
+        # A drain ends the model loops on purpose too (its batchers closed): /healthz stays true meanwhile.
+        ending = worker._state.stopping or worker.flow.draining
+        dead_loops = [t for t in worker._loops if t.done()] if not ending else []
         if dead_loops and self._loop_dead_since is None:
             self._loop_dead_since = now
         elif not dead_loops:

@@ -207,6 +207,7 @@ class _Run:
         self.tasks += [asyncio.create_task(self._outage(w)) for w in self.plan.outages]
         self.tasks += [asyncio.create_task(self._rebalance(w)) for w in self.plan.rebalances]
         self.tasks += [asyncio.create_task(self._crash(w)) for w in self.plan.crashes]
+        self.tasks += [asyncio.create_task(self._terminate(w)) for w in self.plan.terminations]
         self.tasks += [asyncio.create_task(self._refuse(w)) for w in self.plan.refusals]
         self._boot()
         await asyncio.sleep(self.plan.faults_end)
@@ -325,6 +326,30 @@ class _Run:
         if self.worker is not None:
             self.cluster.other_crashes += 1
         self._crash_now()
+        await asyncio.sleep(w.length)
+        self._boot()
+
+    async def _terminate(self, w: Window) -> None:
+        """SIGTERM: as ``Worker.serve`` does, the worker drains what it holds (or, still starting, is stopped
+        without one) and exits; a successor starts ``w.length`` s later. A crash or a poison kill during the
+        drain ends it there, as it would end the process."""
+        await asyncio.sleep(w.at)
+        worker, starting = self.worker, self._starting
+        if worker is None:
+            return  # down already (a crash window, a poison kill): its restart brings the successor
+        self.cluster.note("SIGTERM")
+        self.cluster.causes.append((self.loop.now, "termination", None))
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        else:
+            with contextlib.suppress(Exception):
+                await worker.drain()
+        with contextlib.suppress(Exception):
+            await worker.stop()
+        if self.worker is worker:
+            self.worker = None
+            self.cluster.note("exited after its drain")
         await asyncio.sleep(w.length)
         self._boot()
 
