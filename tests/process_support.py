@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 # The process helpers live in bench/worker_processes.py (the soak and chaos runs use them too).
 from bench.worker_processes import FAST_GROUP_FLAGS as FAST_GROUP_FLAGS
@@ -31,6 +31,10 @@ class Stream:
     Requests go out with a raw producer, round-robin over the partitions; a group-less
     consumer collects every reply by request id. A sentinel record on the reply topic
     (``settle()``) marks the point up to which every earlier reply has been collected.
+
+    tansu can skip a batch for a reader at the end of a partition that several producers write at
+    once (the workers' replies; docs/kafka-notes.md): a wait that would fail reads the reply topic
+    again from its start first, taking only the offsets the collector has not seen (``catch_up``).
     """
 
     bootstrap: str
@@ -53,6 +57,10 @@ class Stream:
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
         self._sentinels: set[str] = set()
+        #: reply-topic offsets taken (by the collector or a catch-up), each once
+        self._taken: set[int] = set()
+        #: records a catch-up found that the collector had skipped
+        self.caught_up = 0
         self._next = 0
 
     async def start(self) -> None:
@@ -85,14 +93,57 @@ class Stream:
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         async for record in consumer:
-            headers = {k: bytes(v).decode() for k, v in record.headers or () if v is not None}
-            if "sentinel" in headers:
-                self._sentinels.add(headers["sentinel"])
-                continue
-            body = json.loads(record.value)
-            key = record.key.decode() if record.key is not None else None
-            reply = Reply(body["id"], key, headers.get("correlation_id"), body)
-            self.replies.setdefault(reply.id, []).append(reply)
+            self._take(record)
+
+    def _take(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """Collect one reply-topic record, once per offset; whether it was new."""
+        if record.offset in self._taken:
+            return False
+        self._taken.add(record.offset)
+        headers = {k: bytes(v).decode() for k, v in record.headers or () if v is not None}
+        if "sentinel" in headers:
+            self._sentinels.add(headers["sentinel"])
+            return True
+        body = json.loads(record.value)
+        key = record.key.decode() if record.key is not None else None
+        reply = Reply(body["id"], key, headers.get("correlation_id"), body)
+        self.replies.setdefault(reply.id, []).append(reply)
+        return True
+
+    async def catch_up(self) -> int:
+        """Read the reply topic again from its start, collecting what the collector skipped; how many."""
+        found = 0
+        for record in await self._read_all(self.reply_topic):
+            found += self._take(record)
+        if found:
+            self.caught_up += found
+            print(f"the reply collector had skipped {found} records; a read from the start found them")
+        return found
+
+    async def _read_all(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+        """Every record of ``topic`` (each partition from its start to the first fetch that finds nothing:
+        tansu's end_offsets() can be short, docs/kafka-notes.md)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level=self.isolation_level,
+        )
+        await consumer.start()
+        try:
+            if topic not in await consumer.topics():
+                return []
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            records: list[ConsumerRecord[bytes, bytes]] = []
+            async with asyncio.timeout(60):
+                while taken := await consumer.getmany(*tps, timeout_ms=2000):
+                    for part in taken.values():
+                        records += part
+            return records
+        finally:
+            await consumer.stop()
 
     def body(self, request_id: str, text: str = "the weather is fine") -> bytes:
         return json.dumps(
@@ -160,19 +211,21 @@ class Stream:
     async def wait_answered(
         self, ids: Sequence[str] | None, within: float, watch: Iterable[WorkerProcess] = ()
     ) -> None:
-        """Until every one of ``ids`` (all sent when None) has a reply."""
+        """Until every one of ``ids`` (all sent when None) has a reply (after a catch-up, at worst)."""
         wanted = list(self.sent if ids is None else ids)
         try:
             await wait_until(lambda: self.answered(wanted) == len(wanted), within, "replies", watch)
         except TimeoutError as timeout:
+            await self.catch_up()
             missing = self.missing(wanted)
+            if not missing:
+                return
             where = ", ".join(f"{i} at {self.sent.get(i)}" for i in missing[:20])
             raise TimeoutError(
-                f"replies to all {len(wanted)} requests: {len(missing)} missing "
+                f"replies to all {len(wanted)} requests: {len(missing)} missing, the reply topic read again "
                 f"(id at (partition, offset): {where}); the group's committed offsets "
                 f"{await self.committed()}, the ends {self.committed_end()}; "
-                f"{await self.reread_replies(missing)} of the missing found by reading the reply topic "
-                f"again and {await self.reread_replies(missing, self.results_topic)} on the results topic; "
+                f"{await self.found_on(self.results_topic, missing)} of them on the results topic; "
                 f"the reply collector {self._collector_state()}\n{timeout}"
             ) from None
 
@@ -182,41 +235,25 @@ class Stream:
             return "is running"
         return f"ended: {reader.exception()!r}" if not reader.cancelled() else "was cancelled"
 
-    async def reread_replies(self, ids: Collection[str], topic: str | None = None) -> str:
-        """How many of ``ids`` a fresh consumer finds replies to on the reply topic (a collector that
-        missed records, against replies never written), or on ``topic``; a failure to look, said."""
-        topic = topic or self.reply_topic
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level=self.isolation_level,
-        )
-        await consumer.start()
+    async def found_on(self, topic: str, ids: Collection[str]) -> str:
+        """How many of ``ids`` have a record keyed by them on ``topic``; a failure to look, said."""
         try:
-            if topic not in await consumer.topics():
-                return "none (no such topic)"
-            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            found: set[str] = set()
-            # To the first fetch that finds nothing: tansu's end_offsets() can be short (docs/kafka-notes.md).
-            async with asyncio.timeout(60):
-                while taken := await consumer.getmany(*tps, timeout_ms=2000):
-                    for records in taken.values():
-                        found.update(r.key.decode() for r in records if r.key is not None)
-            return str(len(found & set(ids)))
+            keys = {r.key.decode() for r in await self._read_all(topic) if r.key is not None}
         except Exception as exc:  # a diagnostic: never hide the failure it explains
             return f"? ({exc!r})"
-        finally:
-            await consumer.stop()
+        return str(len(keys & set(ids)))
 
     async def settle(self, within: float = 30.0) -> None:
         """Until every reply written before now has been collected (a sentinel went round)."""
         assert self._producer is not None
         token = uuid.uuid4().hex
         await self._producer.send_and_wait(self.reply_topic, b"{}", headers=[("sentinel", token.encode())])
-        await wait_until(lambda: token in self._sentinels, within, "the reply-topic sentinel")
+        try:
+            await wait_until(lambda: token in self._sentinels, within, "the reply-topic sentinel")
+        except TimeoutError:
+            await self.catch_up()
+            if token not in self._sentinels:
+                raise
 
     def duplicates(self) -> int:
         """Replies beyond the first, over all requests."""
