@@ -26,8 +26,9 @@ import asyncio
 import multiprocessing
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.worker_processes import read_from_start
 from worker.kafka.apache_broker import ApacheKafka
 from worker.kafka.embedded_broker import EmbeddedBroker
 from worker.kafka.topics import create_topics
@@ -54,21 +55,6 @@ async def _produce(bootstrap: str, producer: int, records: int) -> None:
             await asyncio.gather(*sends)
     finally:
         await client.stop()
-
-
-async def _read_from_start(bootstrap: str) -> set[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        tp = TopicPartition(TOPIC, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        keys: set[bytes] = set()
-        while taken := await consumer.getmany(tp, timeout_ms=2000):
-            keys.update(r.key for part in taken.values() for r in part if r.key is not None)
-        return keys
-    finally:
-        await consumer.stop()
 
 
 async def one_round(producers: int, records: int, apache: bool = False) -> tuple[int, list[int], int]:
@@ -105,7 +91,7 @@ async def one_round(producers: int, records: int, apache: bool = False) -> tuple
             await asyncio.gather(*tails, return_exceptions=True)
             for reader in readers:
                 await reader.stop()
-        again = await _read_from_start(bootstrap)
+        again = {r.key for r in await read_from_start(bootstrap, TOPIC)}
     return producers * (records // BATCH) * BATCH, [len(k) for k in seen], len(again)
 
 

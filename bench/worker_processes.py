@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
 from bench.plan import ROOT
 
 _POLL_S = 0.05
@@ -245,6 +247,31 @@ class Reply:
     key: str | None
     correlation_id: str | None
     body: dict[str, Any]
+
+
+async def read_from_start(
+    bootstrap: str, topic: str, isolation_level: str = "read_uncommitted"
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic``: each partition from its start to the first fetch that finds nothing (tansu's
+    end_offsets() can be short, docs/kafka-notes.md); none when the topic does not exist. Bounded: 60 s."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level=isolation_level
+    )
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return []
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        async with asyncio.timeout(60):
+            while taken := await consumer.getmany(*tps, timeout_ms=2000):
+                for part in taken.values():
+                    records += part
+        return records
+    finally:
+        await consumer.stop()
 
 
 def replies_agree(replies: Sequence[Reply], rel: float = 1e-5) -> bool:

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 # The process helpers live in bench/worker_processes.py (the soak and chaos runs use them too).
 from bench.worker_processes import FAST_GROUP_FLAGS as FAST_GROUP_FLAGS
-from bench.worker_processes import Reply, WorkerProcess, wait_until
+from bench.worker_processes import Reply, WorkerProcess, read_from_start, wait_until
 from bench.worker_processes import WorkerLauncher as WorkerLauncher
 from bench.worker_processes import replies_agree as replies_agree
 from schemas.topics import requests_topic, results_topic
@@ -59,8 +59,6 @@ class Stream:
         self._sentinels: set[str] = set()
         #: reply-topic offsets taken (by the collector or a catch-up), each once
         self._taken: set[int] = set()
-        #: records a catch-up found that the collector had skipped
-        self.caught_up = 0
         self._next = 0
 
     async def start(self) -> None:
@@ -113,37 +111,11 @@ class Stream:
     async def catch_up(self) -> int:
         """Read the reply topic again from its start, collecting what the collector skipped; how many."""
         found = 0
-        for record in await self._read_all(self.reply_topic):
+        for record in await read_from_start(self.bootstrap, self.reply_topic, self.isolation_level):
             found += self._take(record)
         if found:
-            self.caught_up += found
             print(f"the reply collector had skipped {found} records; a read from the start found them")
         return found
-
-    async def _read_all(self, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-        """Every record of ``topic`` (each partition from its start to the first fetch that finds nothing:
-        tansu's end_offsets() can be short, docs/kafka-notes.md)."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level=self.isolation_level,
-        )
-        await consumer.start()
-        try:
-            if topic not in await consumer.topics():
-                return []
-            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            records: list[ConsumerRecord[bytes, bytes]] = []
-            async with asyncio.timeout(60):
-                while taken := await consumer.getmany(*tps, timeout_ms=2000):
-                    for part in taken.values():
-                        records += part
-            return records
-        finally:
-            await consumer.stop()
 
     def body(self, request_id: str, text: str = "the weather is fine") -> bytes:
         return json.dumps(
@@ -238,7 +210,8 @@ class Stream:
     async def found_on(self, topic: str, ids: Collection[str]) -> str:
         """How many of ``ids`` have a record keyed by them on ``topic``; a failure to look, said."""
         try:
-            keys = {r.key.decode() for r in await self._read_all(topic) if r.key is not None}
+            records = await read_from_start(self.bootstrap, topic, self.isolation_level)
+            keys = {r.key.decode() for r in records if r.key is not None}
         except Exception as exc:  # a diagnostic: never hide the failure it explains
             return f"? ({exc!r})"
         return str(len(keys & set(ids)))
