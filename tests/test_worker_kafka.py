@@ -33,6 +33,7 @@ from tests.kafka_support import (
     b64_file,
     body_of,
     headers_of,
+    new_prefix,
     raw_producer,
     request_bytes,
     serving,
@@ -244,10 +245,10 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
                 key=b"bad-reply-to",
                 headers=[("reply_to", b"no such topic!")],
             )
-            # A bound, not a target. In about one full suite run in three (CI and here, both brokers,
-            # two test processes), one or two of the results-topic replies stayed unanswered for over
-            # 30 s: not reproduced alone or beside a CPU hog. A slow answer is reported (where the
-            # worker holds it) instead of failing this test of routing.
+            # A bound, not a target. In about one full suite run in three, one results-topic reply took 40 s:
+            # the first reply to the new reply_to topic narrowed the producer's metadata to that topic, and
+            # a reply queued meanwhile for the results topic waited out request_timeout_ms (the test below
+            # pins the fix; docs/kafka-notes.md). A slow answer is still reported, where the worker holds it.
             started = time.monotonic()
             await mine.wait_for(1, timeout=60)
             await shared.wait_for(2, timeout=60)
@@ -264,6 +265,42 @@ async def test_reply_goes_to_reply_to_with_the_callers_correlation_id(
     assert set(by_id) == {"no-reply-to", "bad-reply-to"}
     # Without a correlation_id header the request id (the record key) correlates.
     assert headers_of(by_id["no-reply-to"])["correlation_id"] == b"no-reply-to"
+
+
+async def test_a_reply_to_topic_created_after_the_worker_started_leaves_its_other_topics_known(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """aiokafka replaces a producer's metadata with that of the topics it tracks (every topic while it tracks
+    none), and tracks a topic only once a send misses it. A first reply to a topic created after the worker
+    started made it the only one: the replies queued meanwhile for the results topic had no leader and waited
+    out request_timeout_ms (40 s; docs/kafka-notes.md). Every topic the worker writes stays in its producer's
+    metadata."""
+    prefix = new_prefix()
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}, prefix):
+        pass  # the topics exist before the next worker starts (as a restarted worker finds them)
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}, prefix) as worker:
+        results = results_topic("text", prefix)
+        late = f"{prefix}.replies.late"
+        # The producer's view of the cluster as metadata_max_age_ms (5 min) of quiet leaves it: every topic, as
+        # it refreshes while it tracks none (tansu's answer to its bootstrap is that view already).
+        await worker.clients.producer.client.force_metadata_update()
+        await create_topics(kafka_bootstrap, [late])  # after its producer read the cluster's metadata
+        text = {"text": "hello there"}
+        async with (
+            TopicReader(kafka_bootstrap, results) as shared,
+            TopicReader(kafka_bootstrap, late) as mine,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            topic = requests_topic("text", prefix)
+            await producer.send_and_wait(topic, request_bytes("first", "bert", text), key=b"first")
+            await shared.wait_for(1)
+            await producer.send_and_wait(
+                topic, request_bytes("late", "bert", text), key=b"late", headers=[("reply_to", late.encode())]
+            )
+            await mine.wait_for(1)
+            metadata = worker.clients.producer.client.cluster
+            assert metadata.partitions_for_topic(late)
+            assert metadata.partitions_for_topic(results), "the results topic left the producer's metadata"
 
 
 async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_topic(

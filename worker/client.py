@@ -21,7 +21,7 @@ from aiokafka.structs import RecordMetadata
 
 from schemas.requests import Modality
 from schemas.topics import DEFAULT_PREFIX, private_reply_topic, requests_topic
-from worker.kafka.topics import create_topics, delete_topics
+from worker.kafka.topics import create_topics, delete_topics, track_topic
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,11 @@ class InferenceClient:
         # Registered before producing: a fast worker may answer before send() returns.
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
+        topic = requests_topic(modality, self.topic_prefix)
         try:
+            track_topic(self._producer, topic)
             delivered = await self._producer.send(
-                requests_topic(modality, self.topic_prefix),
+                topic,
                 json.dumps(body, separators=(",", ":")).encode(),
                 key=request_id.encode(),
                 headers=[

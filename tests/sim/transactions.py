@@ -130,6 +130,17 @@ class TxnCoordinator:
             cluster.committed.update(txn.offsets)
 
 
+class TrackedTopics:
+    """aiokafka's client as ``worker.kafka.topics.track_topic`` uses it: the topics the producer keeps in its
+    metadata (the simulation has no metadata to lose: ``FakeClients.metadata`` stands for it)."""
+
+    def __init__(self) -> None:
+        self.topics: set[str] = set()
+
+    def add_topic(self, topic: str) -> None:
+        self.topics.add(topic)
+
+
 class FakeTxnProducer:
     """AIOKafkaProducer with a transactional id, as worker/kafka/transactions.py uses it."""
 
@@ -143,6 +154,7 @@ class FakeTxnProducer:
         self.txn: OpenTxn | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.client = TrackedTopics()
 
     async def _round_trip(self) -> None:
         """One request the client retries with no time bound while the broker is away."""

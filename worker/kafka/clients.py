@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from faststream.kafka import KafkaBroker
 
-from worker.kafka.topics import MissingTopics, ensure_topics, max_message_bytes
+from worker.kafka.topics import MissingTopics, ensure_topics, max_message_bytes, track_topic
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,20 @@ class KafkaClients:
         )
         return producer, reader
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        """The aiokafka producer under the FastStream broker (``connect()`` started it)."""
+        producer = self._started_producer()
+        if producer is None:
+            raise RuntimeError("the FastStream broker has no started aiokafka producer where 0.7 keeps it")
+        return producer
+
+    def _started_producer(self) -> AIOKafkaProducer | None:
+        # FastStream 0.7 keeps it in its publisher's state and offers no accessor (a test pins the path).
+        state = getattr(self.broker.config.producer, "_producer", None)
+        producer = getattr(state, "producer", None)
+        return producer if isinstance(producer, AIOKafkaProducer) else None
+
     async def list_topics(self) -> set[str]:
         """Every topic of the cluster (a metadata request naming none, so creating none)."""
         if self.admin is None:
@@ -160,6 +174,9 @@ class KafkaClients:
         self, value: bytes, topic: str, key: bytes | None, headers: dict[str, str], correlation_id: str
     ) -> Awaitable[Any]:
         """Queue one record in the producer; returns its delivery future (the broker's ack)."""
+        producer = self._started_producer()
+        if producer is not None:  # else FastStream's publish says what is wrong
+            track_topic(producer, topic)
         ack: Awaitable[Any] = await self.broker.publish(
             value, topic, key=key, headers=headers, correlation_id=correlation_id, no_confirm=True
         )

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -32,6 +33,18 @@ MAX_DEFAULT_REPLICAS = 3
 #: is acknowledged: an acknowledged reply, DLQ record or marker then survives the loss of any one broker.
 #: With two replicas it stays at the broker's default: two in sync would stop every write while one is down.
 IN_SYNC_FROM_REPLICAS = 3
+
+
+def track_topic(producer: AIOKafkaProducer, topic: str) -> None:
+    """Keep ``topic`` in ``producer``'s metadata for good; call it before each send to ``topic``.
+
+    aiokafka (0.14) replaces a producer's metadata with that of the topics it tracks (every topic while it
+    tracks none), and tracks a topic only once a send finds it missing. So the first send to a topic the
+    metadata lacks (one created since) made that topic the only one: records already queued for the others
+    lost their leader and waited out ``request_timeout_ms`` (40 s), re-asking for metadata in a tight loop.
+    With every written topic tracked before its first send, a refresh keeps them all (docs/kafka-notes.md).
+    """
+    producer.client.add_topic(topic)  # a no-op once tracked; else it starts a refresh (nothing to wait for)
 
 
 async def replicas(admin: AIOKafkaAdminClient, wanted: int | None) -> int:

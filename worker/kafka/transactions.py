@@ -42,6 +42,7 @@ from worker.kafka.partition_producers import (
     PartitionProducers,
     stop_producer,
 )
+from worker.kafka.topics import track_topic
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -331,5 +332,6 @@ async def _send(
     """delivery.Publish over a transactional producer: queue the record, return its acknowledgement."""
     pairs = [("correlation_id", correlation_id.encode())] if correlation_id else []
     pairs += [(name, text.encode()) for name, text in headers.items()]
+    track_topic(producer, topic)
     ack: Awaitable[Any] = await producer.send(topic, value, key=key, headers=pairs)
     return ack
