@@ -157,3 +157,23 @@ async def test_the_private_reply_topic_lives_as_long_as_the_client(kafka_bootstr
                 await asyncio.sleep(0.1)
     finally:
         await admin.close()
+
+
+async def test_a_request_topic_created_after_the_client_started_leaves_the_others_known(
+    kafka_bootstrap: str, prefix: str
+) -> None:
+    """The client's producer keeps every topic it wrote in its metadata (worker.kafka.topics.track_topic): a first
+    request to a topic created since it started no longer narrows the metadata to that topic, which left the
+    requests queued meanwhile for the others without a leader for request_timeout_ms (40 s)."""
+    text, vision = requests_topic("text", prefix), requests_topic("vision", prefix)
+    await create_topics(kafka_bootstrap, [text])
+    async with InferenceClient(kafka_bootstrap, topic_prefix=prefix) as client:
+        metadata = client._producer.client
+        await metadata.force_metadata_update()  # every topic, as a producer tracking none refreshes its view
+        with pytest.raises(TimeoutError):  # no worker: the request is sent, its reply never comes
+            await client.request("text", "tiny", {"text": "hi"}, timeout=0.3)
+        await create_topics(kafka_bootstrap, [vision])
+        with pytest.raises(TimeoutError):
+            await client.request("vision", "tiny", {"image": "aGk="}, timeout=0.3)
+        assert metadata.cluster.partitions_for_topic(vision)
+        assert metadata.cluster.partitions_for_topic(text), "the text requests topic left the metadata"
