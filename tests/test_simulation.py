@@ -27,7 +27,7 @@ import pytest
 from tests.sim.__main__ import summary
 from tests.sim.faults import Scheduler
 from tests.sim.invariants import DEFECTS
-from tests.sim.run import REPLAY, replay, run_seed, timed
+from tests.sim.run import DELIVERIES, REPLAY, replay, run_seed, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,13 +185,17 @@ def test_a_seed_that_found_a_fixed_defect_now_holds(delivery: str, defect: str) 
 
 
 def test_the_pinned_seeds_keep_the_worlds_they_were_pinned_for() -> None:
-    """Faults added to the simulation since (a SIGTERM mid-stream) are drawn from streams of their own, salted so
-    that no seed named in this file draws one: each still runs the world it showed its defect or property in."""
+    """Faults added to the simulation since (a SIGTERM mid-stream, a second worker) are drawn from streams of their
+    own, salted so that no seed named in this file draws one: each still runs the world it showed its defect or
+    property in."""
     # 155: test_a_seed_replays_exactly's (3 and 566, of the tests below, are in the defect tables)
     pinned = {*FIXED_DEFECTS.values(), *FIXED_EXACTLY_ONCE_DEFECTS.values(), *(s for s, _ in REPLAYED), 155}
     drawn = {seed for seed in pinned if Scheduler(seed, "t").plan.terminations}
     assert not drawn, f"seeds {sorted(drawn)} now draw a SIGTERM: pick another TERMINATION_SALT"
     assert Scheduler(9, "t").plan.terminations, "seed 9 is the SIGTERM example below"
+    joined = {seed for seed in pinned | {9} if Scheduler(seed, "t").plan.peer is not None}
+    assert not joined, f"seeds {sorted(joined)} now draw a second worker: pick another PEER_SALT"
+    assert Scheduler(SECOND_WORKER_SEED, "t").plan.peer is not None, "the second-worker example below"
 
 
 def test_a_worker_sent_sigterm_mid_stream_drains_and_its_successor_repeats_nothing() -> None:
@@ -208,6 +212,33 @@ def test_a_worker_sent_sigterm_mid_stream_drains_and_its_successor_repeats_nothi
     assert any(" fetched " in line for line in trace[exited:]), "the successor read nothing"
     assert not result.violations, [str(v) for v in result.violations]
     assert not result.duplicates, result.duplicates
+
+
+#: 4 partitions; a second worker joins 1 s in (the first keeps partition 0), answers 1-3 and leaves by SIGTERM 32 s
+#: later; an outage after it left
+SECOND_WORKER_SEED = 315
+
+
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_a_second_worker_answers_its_share_and_hands_it_back(delivery: str) -> None:
+    """Seed 315: while the second worker is in the group, each answers only the partitions the group gave it
+    (no partition is assigned before every member's revoke returned); after its SIGTERM the first gets every
+    partition back and answers the rest. Nothing is lost, no invariant breaks; exactly-once answers each request
+    once, the second's producers fencing the first's on the partitions that moved."""
+    result = run_seed(SECOND_WORKER_SEED, keep_trace=True, delivery=delivery)
+    trace = result.trace
+    joined = next(i for i, line in enumerate(trace) if "a second worker joins" in line)
+    left = next(i for i, line in enumerate(trace) if "the second worker leaves" in line)
+    window = [line for line in trace[joined:left] if " fetched " in line]
+    second = {line.split(" fetched ")[1].split()[0] for line in window if "[second]" in line}
+    first = {line.split(" fetched ")[1].split()[0] for line in window if "[second]" not in line}
+    assert second and first, f"both should answer while both are in the group: first {first}, second {second}"
+    assert "0" not in second and first == {"0"}, f"the split was not kept: first {first}, second {second}"
+    back = [line for line in trace[left:] if " fetched " in line and "[second]" not in line]
+    assert back, "the first answered nothing after the second left"
+    assert not result.violations, [str(v) for v in result.violations]
+    if delivery == "exactly-once":
+        assert not result.duplicates, result.duplicates
 
 
 def test_exactly_once_seeds_run_transactions() -> None:

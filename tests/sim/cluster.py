@@ -14,6 +14,9 @@ Semantics copied from aiokafka 0.14 (read in its sources), only as far as the wo
   ``CommitFailedError`` once the member was dropped from the group.
 - Rebalances are eager: every partition is revoked (the listener's coroutine awaited, fetching held),
   then the new ones assigned, unpaused, at their committed offsets (``auto_offset_reset=earliest``).
+  With a second worker in the group (``Plan.peer``), a member joining or leaving rebalances both, and no
+  member is assigned before every live member's revoke returned; a crashed member's partitions stay
+  unowned until its session expires (or its successor joins).
 - A member that has not called ``getmany`` for ``max_poll_interval_ms`` (300 s, aiokafka's default;
   the worker does not set it) leaves the group; it rejoins on its next ``getmany``. A member whose
   session expired during an outage (``session_timeout_ms``) is dropped and rejoins likewise.
@@ -150,6 +153,16 @@ class Cluster:
         self.connected = True
         self.outage_began = 0.0
         self.member: FakeConsumer | None = None
+        #: the second worker's consumer while it is in the group (``Plan.peer``); it gets what ``share`` leaves
+        self.peer: FakeConsumer | None = None
+        #: what the first worker keeps of ``share`` while the second is in the group
+        self.peer_keep: set[TopicPartition] = set(partitions)
+        #: the first worker crashed with the second in the group: its session has not expired yet
+        self.member_lingers = False
+        self._crashed_at = 0.0
+        #: members whose revoke (of the rebalance under way) has not returned yet: no member is assigned before
+        self.revoking: set[FakeConsumer] = set()
+        self._sync_waiters: list[asyncio.Future[None]] = []
         #: the partitions the group gives this worker now (all, or fewer while another member holds some)
         self.share: set[TopicPartition] = set(partitions)
         self._waiters: list[asyncio.Future[None]] = []
@@ -243,17 +256,88 @@ class Cluster:
     def restore(self) -> None:
         self.connected = True
         self.note("outage ends")
-        if self.loop.now - self.outage_began > self.session_timeout_s and self.member is not None:
-            # No heartbeat reached the coordinator for a whole session: the member was dropped.
-            self.member.drop("session expired during the outage")
+        if self.loop.now - self.outage_began > self.session_timeout_s:
+            # No heartbeat reached the coordinator for a whole session: the members were dropped.
+            for member in self.members():
+                member.drop("session expired during the outage")
         self.changed()
 
     def rebalance(self, share: set[TopicPartition]) -> None:
         """Another member joins or leaves: the group moves partitions, this worker keeps ``share``."""
         self.share = set(share)
         self.note(f"rebalance share={sorted(tp.partition for tp in share)}")
-        if self.member is not None:
-            self.member.reassign()
+        self._reassign_all()
+
+    # --- the group's members ---------------------------------------------------------------
+
+    def members(self) -> list[FakeConsumer]:
+        """The consumers in the group now: the first worker's, then the second's."""
+        return [m for m in (self.member, self.peer) if m is not None]
+
+    def share_of(self, consumer: FakeConsumer) -> set[TopicPartition]:
+        """What the group assigns ``consumer``. An imaginary member holds what ``share`` leaves; with the second
+        worker in the group the first keeps ``peer_keep`` of the rest (while it is alive, or crashed within its
+        session) and the second takes the others."""
+        if consumer is not self.peer:
+            return self.share & self.peer_keep if self.peer is not None else set(self.share)
+        first = self.peer_keep if self.member is not None or self.member_lingers else set()
+        return self.share - first
+
+    def join(self, consumer: FakeConsumer) -> None:
+        """A member subscribes: the group rebalances every member (only itself when it is alone)."""
+        if consumer.is_peer:
+            self.peer = consumer
+            kept = sorted(tp.partition for tp in self.peer_keep)
+            self.note(f"a second worker joins; the first keeps {kept}")
+        else:
+            self.member = consumer
+            self.member_lingers = False
+        self._reassign_all()
+
+    def leave(self, consumer: FakeConsumer, *, crashed: bool) -> None:
+        """A member is gone: stopped (it leaves the group at once) or crashed (its partitions stay its own until
+        its session expires, when another member is in the group to take them)."""
+        if self.member is consumer:
+            self.member = None
+        elif self.peer is consumer:
+            self.peer = None
+            self.note("the second worker leaves")
+        else:
+            return
+        self.revoking.discard(consumer)
+        self.synced()
+        if not self.members():
+            return
+        if crashed and not consumer.is_peer:
+            self.member_lingers = True
+            self._crashed_at = self.loop.now
+            self.loop.call_later(self.session_timeout_s, self._expire_lingering, self.loop.now)
+        else:
+            self._reassign_all()
+
+    def _expire_lingering(self, crashed_at: float) -> None:
+        if self.member_lingers and self._crashed_at == crashed_at:
+            self.member_lingers = False
+            self.note("the crashed worker's session expires")
+            self._reassign_all()
+
+    def _reassign_all(self) -> None:
+        for member in self.members():
+            member.reassign()
+
+    def synced(self) -> None:
+        """A member's revoke returned (or the member is gone): wake the members waiting to be assigned."""
+        waiters, self._sync_waiters = self._sync_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def all_revoked(self) -> None:
+        """Wait until no live member is still revoking (at once, without yielding, when none is)."""
+        while any(not m.dead for m in self.revoking if m in self.members()):
+            waiter = self.loop.create_future()
+            self._sync_waiters.append(waiter)
+            await waiter
 
     def record_output(
         self, topic: str, key: bytes | None, value: bytes, headers: dict[str, str], correlation_id: str
@@ -288,13 +372,17 @@ class FakeConsumer:
         self.dead = False
         self._fetching = 0
         self._last_fetch_ended = self.loop.now
+        #: the second worker's consumer (``Plan.peer``): its trace lines say so
+        self.is_peer = False
+
+    def note(self, text: str) -> None:
+        self.cluster.note(f"[second] {text}" if self.is_peer else text)
 
     # --- membership ----------------------------------------------------------------------
 
     def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None:
         self.listener = listener
-        self.cluster.member = self
-        self.reassign()
+        self.cluster.join(self)
         self._watch = asyncio.create_task(self._watch_polls())
 
     def reassign(self) -> None:
@@ -302,6 +390,7 @@ class FakeConsumer:
         if self._rebalancing is not None and not self._rebalancing.done():
             self._rebalancing.cancel()
         self._stable.clear()
+        self.cluster.revoking.add(self)
         self._rebalancing = asyncio.create_task(self._rebalance())
 
     async def _rebalance(self) -> None:
@@ -314,17 +403,21 @@ class FakeConsumer:
                 log.exception("on_partitions_revoked failed (aiokafka logs and goes on)")
         if self.cluster.checker is not None:
             self.cluster.checker.on_revoke_done(began, previous)
+        self.cluster.revoking.discard(self)
+        self.cluster.synced()
+        await self.cluster.all_revoked()
         if self.dead or self.stopped:
             return
         self.dropped = False
-        share = set(self.cluster.share)
-        self._taken_over(previous - share)
+        share = self.cluster.share_of(self)
+        others = {tp for m in self.cluster.members() if m is not self for tp in self.cluster.share_of(m)}
+        self._taken_over(previous - share - others)  # a live member's own InitProducerId fences them there
         self._assigned = share
         self._paused = set()
         self._positions = {tp: self.cluster.committed.get(tp, 0) for tp in share}
         self.cluster.causes.append((self.loop.now, "rebalance", None))
         positions = sorted((tp.partition, offset) for tp, offset in self._positions.items())
-        self.cluster.note(f"assigned (partition, offset) {positions}")
+        self.note(f"assigned (partition, offset) {positions}")
         if self.listener is not None:
             try:
                 await self.listener.on_partitions_assigned(set(share))
@@ -338,7 +431,7 @@ class FakeConsumer:
         if self.dropped or self.dead or self.stopped:
             return
         self.dropped = True
-        self.cluster.note(f"member dropped: {why}")
+        self.note(f"member dropped: {why}")
         if self.cluster.checker is not None:
             self.cluster.checker.on_member_dropped(why)
         if self.cluster.sched.plan.taken_over_when_dropped:
@@ -379,20 +472,20 @@ class FakeConsumer:
             self._owned(tp)
             self._paused.add(tp)
         # One line, sorted: a set of partitions (the whole assignment) comes in the hash seed's order.
-        self.cluster.note(f"pause {sorted(tp.partition for tp in partitions)}")
+        self.note(f"pause {sorted(tp.partition for tp in partitions)}")
 
     def resume(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
             self._owned(tp)
             self._paused.discard(tp)
-        self.cluster.note(f"resume {sorted(tp.partition for tp in partitions)}")
+        self.note(f"resume {sorted(tp.partition for tp in partitions)}")
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._owned(tp)
         if offset < self._positions.get(tp, 0):
             self.cluster.causes.append((self.loop.now, "rewind", tp))
         self._positions[tp] = offset
-        self.cluster.note(f"seek {tp.partition} {offset}")
+        self.note(f"seek {tp.partition} {offset}")
 
     async def position(self, tp: TopicPartition) -> int:
         await self._alive()
@@ -477,7 +570,7 @@ class FakeConsumer:
         await self._coordinator()  # aiokafka retries a coordinator away with no time bound
         if self.dropped:
             raise CommitFailedError("the group has already rebalanced")
-        self.cluster.note(f"commit {sorted((tp.partition, o) for tp, o in offsets.items())}")
+        self.note(f"commit {sorted((tp.partition, o) for tp, o in offsets.items())}")
         if self.cluster.checker is not None:
             self.cluster.checker.on_commit(offsets)
         self.cluster.committed.update(offsets)
@@ -559,7 +652,7 @@ class FakeConsumer:
             self._positions[tp] = taken[-1].offset + 1
             for r in taken:
                 self.cluster.fetches.append((self.loop.now, tp, r.offset))
-            self.cluster.note(f"fetched {tp.partition} {taken[0].offset}..{taken[-1].offset}")
+            self.note(f"fetched {tp.partition} {taken[0].offset}..{taken[-1].offset}")
         return taken
 
     def _consumer_record(self, tp: TopicPartition, r: SimRecord) -> ConsumerRecord[bytes, bytes]:
@@ -580,8 +673,7 @@ class FakeConsumer:
     async def stop(self) -> None:
         self.stopped = True
         self._stable.set()
-        if self.cluster.member is self:
-            self.cluster.member = None
+        self.cluster.leave(self, crashed=False)
         for task in (self._watch, self._rebalancing):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -597,6 +689,8 @@ class FakeClients:
     broker: Any = None
     admin: Any = None
     dead: bool = False
+    #: the second worker's clients (``Plan.peer``)
+    peer: bool = False
     _known: set[str] = field(default_factory=set)
     _acks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -614,6 +708,7 @@ class FakeClients:
             delay = min(delay * 2, 10.0)
         self.cluster.topics.update(own_topics)
         self.consumer = FakeConsumer(self.cluster, self.settings)
+        self.consumer.is_peer = self.peer
         self.consumer.subscribe(subscribe, listener)
 
     async def record_limit(self, written: list[str]) -> int:
@@ -741,8 +836,7 @@ class FakeClients:
         if consumer is not None:
             consumer.dead = True
             consumer._stable.set()
-            if self.cluster.member is consumer:
-                self.cluster.member = None
+            self.cluster.leave(consumer, crashed=True)
             for task in (consumer._watch, consumer._rebalancing):
                 if task is not None:
                     task.cancel()

@@ -30,6 +30,11 @@ TERMINATION_P = 0.2
 #: The salt of the termination's own stream: one under which no seed pinned in tests/test_simulation.py
 #: draws a termination, so the worlds those seeds were pinned for stay as they were found (checked there).
 TERMINATION_SALT = 880
+#: Seeds in which a second worker joins the group mid-stream, answers its share of the partitions, and leaves
+#: by SIGTERM (its drain) later; seeds with a poison request have none (the kill would have to pick a process).
+PEER_P = 0.25
+#: The salt of the second worker's own stream, chosen as TERMINATION_SALT was (checked in tests/test_simulation.py).
+PEER_SALT = 3322
 #: Outage lengths (s): within publish_retry_s, past it, past the 10 s session, past the 40 s producer timeouts.
 OUTAGE_LENGTHS = (2.0, 6.0, 15.0, 30.0, 45.0, 70.0)
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "answer")
@@ -59,6 +64,8 @@ class Plan:
     crashes: list[Window] = field(default_factory=list)  # length: until the restart
     #: SIGTERM: the worker drains what it holds and exits (Worker.serve's path); length: until a successor starts
     terminations: list[Window] = field(default_factory=list)
+    #: a second worker in the group from ``at`` until its SIGTERM at ``end``; arg: the partitions the first keeps
+    peer: Window | None = None
     refusals: list[Window] = field(default_factory=list)  # arg: the topic whose acks fail meanwhile
     hang: Window | None = None  # one model run takes ``length`` seconds
     blocked_for_good: bool = False
@@ -109,6 +116,9 @@ class Plan:
             parts.append(f"transaction timeout {self.transaction_timeout_ms // 1000}s")
         if self.taken_over_when_dropped:
             parts.append("taken over when dropped")
+        if self.peer is not None:
+            kept = sorted(tp.partition for tp in self.peer.arg)
+            parts.append(f"second worker {self.peer.at:.0f}+{self.peer.length:.0f}s (the first keeps {kept})")
         if self.hang is not None:
             parts.append(f"hang {self.hang.at:.0f}+{self.hang.length:.0f}s")
         return "; ".join(parts)
@@ -210,6 +220,7 @@ class Scheduler:
             # Its own stream: drawing the poison leaves every other draw of the seed as it was.
             _poison_one(self.plan, random.Random(seed * 7919 + 5))
             draw_termination(self.plan, seed)
+            draw_peer(self.plan, seed)
         self.rng = random.Random(seed * 1_000_003 + 17)
         #: kills the worker process at once and restarts it later (the run sets it)
         self.kill: Callable[[], None] | None = None
@@ -276,6 +287,21 @@ def draw_termination(plan: Plan, seed: int) -> None:
     window = Window(_when(rng, arrivals, max(arrivals, default=60.0) + 5.0), rng.uniform(0.5, 15.0))
     plan.terminations.append(window)
     plan.faults_end = max(plan.faults_end, window.end)
+
+
+def draw_peer(plan: Plan, seed: int) -> None:
+    """In PEER_P of the seeds without a poison request, a second worker joins the group mid-stream (half the time
+    just after records arrive) and leaves by SIGTERM 5-90 s later, from a stream of its own: every other draw of
+    the seed stays as it was. Meanwhile the first keeps a drawn part of the partitions (maybe none), the second
+    the rest."""
+    rng = random.Random(seed * 32_452_843 + PEER_SALT)
+    if rng.random() >= PEER_P or any(r.kind == "poison" for _, _, b in plan.batches for r in b.records):
+        return
+    arrivals = [at for at, _, _ in plan.batches]
+    keep = {tp for tp in plan.partitions if rng.random() < 0.5}
+    keep.discard(rng.choice(plan.partitions))  # the second worker gets one partition at least
+    plan.peer = Window(_when(rng, arrivals, max(arrivals, default=60.0)), rng.uniform(5.0, 90.0), keep)
+    plan.faults_end = max(plan.faults_end, plan.peer.end)
 
 
 def _poison_one(plan: Plan, rng: random.Random) -> None:

@@ -198,6 +198,8 @@ class _Run:
         else:
             self.cluster.topics.discard(BLOCKED)  # a reply_to topic that does not exist
         self.worker: Worker | None = None
+        #: the second worker while it runs (``Plan.peer``): it shares the models, the settings and the scheduler
+        self.peer: Worker | None = None
         self.sched.kill = self._killed
         self._starting: asyncio.Task[None] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -209,6 +211,8 @@ class _Run:
         self.tasks += [asyncio.create_task(self._crash(w)) for w in self.plan.crashes]
         self.tasks += [asyncio.create_task(self._terminate(w)) for w in self.plan.terminations]
         self.tasks += [asyncio.create_task(self._refuse(w)) for w in self.plan.refusals]
+        if self.plan.peer is not None:
+            self.tasks.append(asyncio.create_task(self._second_worker(self.plan.peer)))
         self._boot()
         await asyncio.sleep(self.plan.faults_end)
         self.sched.faulty = False
@@ -249,11 +253,11 @@ class _Run:
         self._starting = asyncio.create_task(self.worker.start())
 
     async def _stop(self) -> None:
-        w = self.worker
-        if w is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(w.drain(), 30)
-                await asyncio.wait_for(w.stop(), 30)
+        for w in (self.worker, self.peer):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.drain(), 30)
+                    await asyncio.wait_for(w.stop(), 30)
         for task in self.tasks:
             task.cancel()
 
@@ -352,6 +356,34 @@ class _Run:
             self.cluster.note("exited after its drain")
         await asyncio.sleep(w.length)
         self._boot()
+
+    async def _second_worker(self, w: Window) -> None:
+        """A second worker joins the group at ``w.at`` (the first keeps ``w.arg``), answers its share through
+        every fault of the plan, and is sent SIGTERM at ``w.end``: it drains (or, still starting, stops) and
+        leaves, and the first is given every partition again."""
+        await asyncio.sleep(w.at)
+        self.cluster.peer_keep = set(w.arg)
+        peer = Worker(self.settings, self.models)
+        assert isinstance(peer.clients, FakeClients)
+        peer.clients.peer = True
+        if peer.transactions is not None:
+            peer.transactions.sim_clients = peer.clients  # type: ignore[attr-defined]
+        self.peer = peer
+        self.cluster.note("a second worker starts")
+        starting = asyncio.create_task(peer.start())
+        await asyncio.sleep(w.length)
+        self.cluster.note("the second worker is sent SIGTERM")
+        self.cluster.causes.append((self.loop.now, "termination", None))
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        else:
+            with contextlib.suppress(Exception):
+                await peer.drain()
+        with contextlib.suppress(Exception):
+            await peer.stop()
+        self.peer = None
+        self.cluster.note("the second worker exited")
 
     async def _refuse(self, w: Window) -> None:
         await asyncio.sleep(w.at)
