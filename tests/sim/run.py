@@ -342,6 +342,16 @@ class _Run:
         if worker is None:
             return  # down already (a crash window, a poison kill): its restart brings the successor
         self.cluster.note("SIGTERM")
+        await self._sigterm(worker, starting)
+        if self.worker is worker:
+            self.worker = None
+            self.cluster.note("exited after its drain")
+        await asyncio.sleep(w.length)
+        self._boot()
+
+    async def _sigterm(self, worker: Worker, starting: asyncio.Task[None] | None) -> None:
+        """What ``Worker.serve`` does on SIGTERM: drain what ``worker`` holds (or, still starting, stop it
+        without a drain), then stop it."""
         self.cluster.causes.append((self.loop.now, "termination", None))
         if starting is not None and not starting.done():
             starting.cancel()
@@ -351,11 +361,6 @@ class _Run:
                 await worker.drain()
         with contextlib.suppress(Exception):
             await worker.stop()
-        if self.worker is worker:
-            self.worker = None
-            self.cluster.note("exited after its drain")
-        await asyncio.sleep(w.length)
-        self._boot()
 
     async def _second_worker(self, w: Window) -> None:
         """A second worker joins the group at ``w.at`` (the first keeps ``w.arg``), answers its share through
@@ -373,15 +378,7 @@ class _Run:
         starting = asyncio.create_task(peer.start())
         await asyncio.sleep(w.length)
         self.cluster.note("the second worker is sent SIGTERM")
-        self.cluster.causes.append((self.loop.now, "termination", None))
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-        else:
-            with contextlib.suppress(Exception):
-                await peer.drain()
-        with contextlib.suppress(Exception):
-            await peer.stop()
+        await self._sigterm(peer, starting)
         self.peer = None
         self.cluster.note("the second worker exited")
 
