@@ -31,6 +31,7 @@ import worker.kafka.transactions
 from schemas import Modality
 from tests.kafka_support import TopicReader, tiny_models
 from tests.process_support import FAST_GROUP_FLAGS, Stream, WorkerLauncher, WorkerProcess, wait_until
+from tests.sim.transactions import TrackedTopics
 from tests.tcp_proxy import TcpProxy
 from worker.app import Worker
 from worker.kafka.apache_broker import ApacheKafka
@@ -167,6 +168,7 @@ class ScriptedProducer:
         self.commits = 0
         self.started = False
         self.stopped = False
+        self.client = TrackedTopics()
 
     async def start(self) -> None:
         self.started = True
