@@ -44,6 +44,7 @@ from worker.kafka.messages import Origin, Outgoing
 from worker.kafka.offsets import OffsetTracker
 from worker.kafka.partition_producers import PartitionProducers, transactional_id
 from worker.kafka.routing import TopicDirectory
+from worker.kafka.topics import create_topics
 from worker.kafka.transactional_rebalance import TransactionalRebalance
 from worker.kafka.transactions import Transactions, TransactionsRefused
 from worker.metrics import WorkerMetrics
@@ -1031,3 +1032,32 @@ async def test_a_broker_without_transactions_stops_the_worker_at_start_naming_th
     assert code == 2, worker.log_tail()
     assert "WORKER_DELIVERY=exactly-once" in worker.log() and "refuses transactions" in worker.log()
     assert worker.count("worker started") == 0  # at start, before serving a single request
+
+
+@pytest.mark.kafka
+async def test_a_partitions_producer_keeps_its_reply_topic_after_a_reply_to_a_topic_created_since(
+    apache_bootstrap: str, tmp_path: Path
+) -> None:
+    # aiokafka replaces a producer's metadata with that of the topics it tracks, and tracks a topic only once a
+    # send misses it: a first reply to a reply_to topic created since narrowed a partition producer's metadata to
+    # it, and a reply queued meanwhile for another topic waited out request_timeout_ms (docs/kafka-notes.md).
+    # worker.kafka.topics.track_topic keeps every topic written.
+    stream = Stream(apache_bootstrap, partitions=1, isolation_level="read_committed", idempotent=True)
+    await stream.start()
+    late = f"{stream.prefix}.replies.late"
+    try:
+        async with in_process_worker(stream, tmp_path) as worker:
+            tp = TopicPartition(stream.requests_topic, 0)
+            await wait_until(lambda: tp in worker.transactions._producers, 30, "the partition's producer")
+            # Every topic, as a producer that tracks none refreshes its view (every 5 minutes).
+            await worker.transactions._producers[tp].client.force_metadata_update()
+            await create_topics(apache_bootstrap, [late])  # since; listed by the worker's first routing below
+            await stream.wait_answered(await stream.send(1), 30)
+            async with TopicReader(apache_bootstrap, late) as mine:
+                await stream.send(1, reply_to=late)
+                await mine.wait_for(1, timeout=30)
+            metadata = worker.transactions._producers[tp].client.cluster
+            assert metadata.partitions_for_topic(late)
+            assert metadata.partitions_for_topic(stream.reply_topic), "the reply topic left its metadata"
+    finally:
+        await stream.stop()
