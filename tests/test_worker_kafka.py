@@ -303,6 +303,35 @@ async def test_a_reply_to_topic_created_after_the_worker_started_leaves_its_othe
             assert metadata.partitions_for_topic(results), "the results topic left the producer's metadata"
 
 
+async def test_a_reply_to_topic_created_just_after_the_workers_topic_listing_gets_its_reply(
+    kafka_bootstrap: str, models: Models
+) -> None:
+    """The worker lists the cluster's topics at most once per 2 s (TopicDirectory). A reply topic created just
+    after a listing, its first request sent at once (as a new InferenceClient does), was taken as missing and
+    its reply sent to the results topic, where the client does not read."""
+    async with serving(kafka_bootstrap, {"bert": models["bert"]}) as worker:
+        prefix = prefix_of(worker)
+        known, fresh = f"{prefix}.replies.known", f"{prefix}.replies.fresh"
+        await create_topics(kafka_bootstrap, [known])
+        text = {"text": "hello there"}
+        async with (
+            TopicReader(kafka_bootstrap, known) as first,
+            raw_producer(kafka_bootstrap) as producer,
+        ):
+            topic = requests_topic("text", prefix)
+            headers = [("reply_to", known.encode())]
+            await producer.send_and_wait(topic, request_bytes("k", "bert", text), key=b"k", headers=headers)
+            await first.wait_for(1)  # the worker listed the topics to route it
+            await create_topics(kafka_bootstrap, [fresh])
+            async with TopicReader(kafka_bootstrap, fresh) as second:
+                headers = [("reply_to", fresh.encode())]
+                await producer.send_and_wait(
+                    topic, request_bytes("f", "bert", text), key=b"f", headers=headers
+                )
+                [reply] = await second.wait_for(1, timeout=30)
+    assert body_of(reply)["id"] == "f"
+
+
 async def test_a_legal_reply_to_the_broker_refuses_is_answered_on_the_results_topic(
     kafka_bootstrap: str, models: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from schemas import Modality
 from tests.references import TINY
 from worker.intake import Intake
 from worker.kafka.offsets import OffsetTracker
-from worker.kafka.routing import Refusal, ReplyPolicy, legal_topic
+from worker.kafka.routing import Refusal, ReplyPolicy, TopicDirectory, legal_topic
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings
 
@@ -182,3 +183,26 @@ print(json.dumps({{"imported": imported, "frozen": gc.get_freeze_count(), "after
     # all it had before loading, and transformers, tokenizers and ONNX Runtime on top; nothing left over
     assert counts["frozen"] > counts["imported"] and counts["after"] < 1_000, counts
     assert counts["collected"] >= 1, counts  # a cycle made after the freeze is still collected
+
+
+async def test_a_topic_created_just_after_the_directorys_last_listing_is_found() -> None:
+    """The directory lists the cluster at most once per min_refresh_s. A topic created just after a listing, and
+    asked about within that time (an InferenceClient creates its reply topic and sends at once), was taken as
+    missing: the reply went to the results topic and the client waited for it in vain. A miss is now answered
+    from a listing that began after the question, waited for where the rate asks it."""
+    cluster = {"a"}
+    listings: list[set[str]] = []
+
+    async def list_topics() -> set[str]:
+        listings.append(set(cluster))
+        return set(cluster)
+
+    directory = TopicDirectory(list_topics, min_refresh_s=0.2)
+    assert await directory.exists("a")
+    cluster.add("b")  # created after that listing, asked about at once
+    assert await directory.exists("b")
+    assert len(listings) == 2
+    assert await directory.exists("a") and len(listings) == 2  # known: no listing
+    # Missing for good: one listing later than the question, then no; asked together, they share it.
+    assert await asyncio.gather(directory.exists("c"), directory.exists("d")) == [False, False]
+    assert len(listings) == 3

@@ -73,7 +73,10 @@ class TopicDirectory:
 
     Kafka auto-creates a topic that a metadata or produce request names when the broker allows
     it; listing every topic creates nothing. The list is cached for ``ttl_s`` and refreshed on a
-    miss at most once per ``min_refresh_s``, each refresh bounded by ``timeout_s``.
+    miss at most once per ``min_refresh_s``, each refresh bounded by ``timeout_s``. A topic is
+    called missing only by a listing that began after the question: one created just after the
+    last listing (a client's new reply topic, its first request at once) is found, at the cost of
+    waiting up to ``min_refresh_s`` for that listing when the rate asks it.
     """
 
     def __init__(
@@ -90,6 +93,8 @@ class TopicDirectory:
         self.timeout_s = timeout_s
         self._topics: set[str] = set()
         self._listed_at = -float("inf")
+        #: when the listing the list comes from began
+        self._began_at = -float("inf")
         self._tried_at = -float("inf")
         self._failed = False
         self._lock = asyncio.Lock()
@@ -101,11 +106,19 @@ class TopicDirectory:
         a broker that is away is waited for, not taken as an answer. A topic seen before is
         believed to exist while the cluster cannot be asked.
         """
-        now = time.monotonic()
-        if topic in self._topics and now - self._listed_at < self.ttl_s:
+        asked = time.monotonic()
+        if topic in self._topics and asked - self._listed_at < self.ttl_s:
             return True
-        if now - self._tried_at >= self.min_refresh_s:
+        if asked - self._tried_at >= self.min_refresh_s:
             await self.refresh()
+        if topic not in self._topics and not self._failed and self._began_at < asked:
+            # The list may predate the topic: list again, once the rate allows, before calling it missing.
+            wait = self._tried_at + self.min_refresh_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            async with self._lock:
+                if self._began_at < asked:  # else a listing begun since answers (waiters share one)
+                    await self._list()
         if topic in self._topics:
             return True
         if self._failed:
@@ -122,17 +135,23 @@ class TopicDirectory:
         async with self._lock:
             if time.monotonic() - self._tried_at < self.min_refresh_s:
                 return  # someone else tried while we waited for the lock
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    self._topics = await self._list_topics()
-            except (TimeoutError, KafkaError, OSError) as exc:
-                log.warning("listing the cluster's topics failed: %r", exc)
-                self._failed = True
-            else:
-                self._failed = False
-                self._listed_at = time.monotonic()
-            finally:
-                self._tried_at = time.monotonic()
+            await self._list()
+
+    async def _list(self) -> None:
+        """One listing (the lock held): the topics and when the listing began, or the failure."""
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                self._topics = await self._list_topics()
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("listing the cluster's topics failed: %r", exc)
+            self._failed = True
+        else:
+            self._failed = False
+            self._began_at = began
+            self._listed_at = time.monotonic()
+        finally:
+            self._tried_at = time.monotonic()
 
 
 class TopicsUnknown(Exception):
