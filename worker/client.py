@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 Inputs = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Named inputs of a modality (e.g. `{"text": ...}`) or a list of OIP tensors."""
+T = TypeVar("T")
 
 
 class ClientClosed(RuntimeError):
@@ -51,6 +52,8 @@ class InferenceClient:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._failure: BaseException | None = None
+        #: set by stop(): what a request still waits on in the producer ends with ClientClosed
+        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Create the reply topic, connect, and start the reply reader task."""
@@ -84,10 +87,12 @@ class InferenceClient:
             raise
         self._producer, self._consumer = producer, consumer
         self._failure = None
+        self._stopped.clear()
         self._reader = asyncio.create_task(self._read_replies(consumer), name="reply-reader")
 
     async def stop(self) -> None:
         """Cancel the reader, fail waiting requests with ClientClosed, disconnect."""
+        self._stopped.set()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -137,7 +142,7 @@ class InferenceClient:
         """
         request_id, delivered, reply = await self._send(modality, model, inputs, parameters, id, deadline_ms)
         try:
-            await delivered
+            await self._unless_stopped(delivered)
             return await asyncio.wait_for(reply, timeout)
         finally:
             self._pending.pop(request_id, None)
@@ -158,7 +163,7 @@ class InferenceClient:
         try:
             for item in inputs:
                 sent.append(await self._send(modality, model, item, parameters))
-            await asyncio.gather(*(delivered for _, delivered, _ in sent))
+            await self._unless_stopped(asyncio.gather(*(delivered for _, delivered, _ in sent)))
             return await asyncio.wait_for(asyncio.gather(*(reply for *_, reply in sent)), timeout)
         finally:
             for request_id, *_ in sent:
@@ -192,20 +197,39 @@ class InferenceClient:
         topic = requests_topic(modality, self.topic_prefix)
         try:
             track_topic(self._producer, topic)
-            delivered = await self._producer.send(
-                topic,
-                json.dumps(body, separators=(",", ":")).encode(),
-                key=request_id.encode(),
-                headers=[
-                    ("correlation_id", request_id.encode()),
-                    ("reply_to", self.reply_topic.encode()),
-                    ("content-type", b"application/json"),
-                ],
+            delivered = await self._unless_stopped(
+                self._producer.send(
+                    topic,
+                    json.dumps(body, separators=(",", ":")).encode(),
+                    key=request_id.encode(),
+                    headers=[
+                        ("correlation_id", request_id.encode()),
+                        ("reply_to", self.reply_topic.encode()),
+                        ("content-type", b"application/json"),
+                    ],
+                )
             )
         except BaseException:
             self._pending.pop(request_id, None)
             raise
         return request_id, delivered, reply
+
+    async def _unless_stopped(self, step: Awaitable[T]) -> T:
+        """``step``, or ClientClosed once stop() is called: aiokafka leaves what a stopped producer was waiting
+        for (a topic's metadata, a record's delivery) pending for good, and the request with it."""
+        task = asyncio.ensure_future(step)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if task not in done:
+            task.cancel()
+            raise ClientClosed("InferenceClient stopped")
+        return task.result()
 
     async def _read_replies(self, consumer: AIOKafkaConsumer) -> None:
         try:
