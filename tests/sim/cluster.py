@@ -157,9 +157,8 @@ class Cluster:
         self.peer: FakeConsumer | None = None
         #: what the first worker keeps of ``share`` while the second is in the group
         self.peer_keep: set[TopicPartition] = set(partitions)
-        #: the first worker crashed with the second in the group: its session has not expired yet
-        self.member_lingers = False
-        self._crashed_at = 0.0
+        #: when the first worker crashed with the second in the group, while its session has not expired yet
+        self.lingering_since: float | None = None
         #: members whose revoke (of the rebalance under way) has not returned yet: no member is assigned before
         self.revoking: set[FakeConsumer] = set()
         self._sync_waiters: list[asyncio.Future[None]] = []
@@ -280,7 +279,7 @@ class Cluster:
         session) and the second takes the others."""
         if consumer is not self.peer:
             return self.share & self.peer_keep if self.peer is not None else set(self.share)
-        first = self.peer_keep if self.member is not None or self.member_lingers else set()
+        first = self.peer_keep if self.member is not None or self.lingering_since is not None else set()
         return self.share - first
 
     def join(self, consumer: FakeConsumer) -> None:
@@ -291,7 +290,7 @@ class Cluster:
             self.note(f"a second worker joins; the first keeps {kept}")
         else:
             self.member = consumer
-            self.member_lingers = False
+            self.lingering_since = None
         self._reassign_all()
 
     def leave(self, consumer: FakeConsumer, *, crashed: bool) -> None:
@@ -309,15 +308,14 @@ class Cluster:
         if not self.members():
             return
         if crashed and not consumer.is_peer:
-            self.member_lingers = True
-            self._crashed_at = self.loop.now
+            self.lingering_since = self.loop.now
             self.loop.call_later(self.session_timeout_s, self._expire_lingering, self.loop.now)
         else:
             self._reassign_all()
 
     def _expire_lingering(self, crashed_at: float) -> None:
-        if self.member_lingers and self._crashed_at == crashed_at:
-            self.member_lingers = False
+        if self.lingering_since == crashed_at:  # not since replaced by a successor, or by a later crash
+            self.lingering_since = None
             self.note("the crashed worker's session expires")
             self._reassign_all()
 
